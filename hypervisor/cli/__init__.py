@@ -1,0 +1,3 @@
+"""
+Command-line programs: ``hypervisor``, ``vm-control`` and ``hyper-control``.
+"""

@@ -1,0 +1,93 @@
+# -*- test-case-name: tests.test_logs -*-
+"""
+Logging: human-readable lines to stderr in the foreground, JSON lines to a file.
+
+The daemon logs with L{twisted.logger}. L{LogFileService} adds a JSON-lines observer
+writing C{<logDir>/hypervisor.log} (rotated at 10 MiB, 10 files kept) while it runs;
+L{stderr_observer} is the foreground observer C{hypervisor run} gives twistd.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import IO, Optional
+
+from twisted.application.service import Service
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    Logger,
+    formatEventAsClassicLogText,
+    globalLogPublisher,
+    jsonFileLogObserver,
+)
+from twisted.python.logfile import LogFile
+
+LOG_FILE_NAME = "hypervisor.log"
+ROTATE_LENGTH = 10 * 1024 * 1024
+MAX_ROTATED_FILES = 10
+
+
+def stderr_observer() -> ILogObserver:
+    """
+    A human-readable observer on stderr (twistd's C{--logger} takes this factory).
+    """
+    return FileLogObserver(sys.stderr, lambda event: formatEventAsClassicLogText(event))
+
+
+class LogFileService(Service):
+    """
+    Writes every log event as one JSON line to C{<logDir>/hypervisor.log} while running.
+    """
+
+    name = "logging"
+    log = Logger()
+
+    def __init__(self, directory: str, publisher: object = globalLogPublisher) -> None:
+        self.directory = directory
+        self.publisher = publisher
+        self.path = os.path.join(directory, LOG_FILE_NAME)
+        self._file: Optional[LogFile] = None
+        self._observer: Optional[ILogObserver] = None
+
+    def privilegedStartService(self) -> None:
+        """
+        Open the log file (creating the directory) before privileges are dropped.
+        """
+        if self._file is None:
+            try:
+                os.makedirs(self.directory, mode=0o755, exist_ok=True)
+                self._file = LogFile(
+                    LOG_FILE_NAME, self.directory, rotateLength=ROTATE_LENGTH,
+                    maxRotatedFiles=MAX_ROTATED_FILES,
+                )
+            except OSError as e:
+                self.log.error(
+                    "cannot write logs to {path}: {why}; logging to stderr only "
+                    "(fix -logDir)", path=self.path, why=e,
+                )
+                return
+            self._observer = jsonFileLogObserver(self._file)  # type: ignore[arg-type]
+            self.publisher.addObserver(self._observer)  # type: ignore[attr-defined]
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        """
+        Start writing (opens the file if privilegedStartService did not run).
+        """
+        if self._file is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self) -> None:
+        """
+        Stop writing and close the file.
+        """
+        super().stopService()
+        if self._observer is not None:
+            self.publisher.removeObserver(self._observer)  # type: ignore[attr-defined]
+            self._observer = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,3 @@
+"""
+The VM manager: owns the state directory and every mutation of VMs.
+"""

@@ -1,0 +1,3 @@
+"""
+libvirt: the connection service, its event thread and thread pool, domain helpers.
+"""

@@ -1,0 +1,208 @@
+# -*- test-case-name: tests.test_virt_domains -*-
+"""
+Blocking helpers over a libvirt connection: which domains are ours, their states,
+shutting them down, and deciding the domain type (KVM or TCG) by a real probe.
+
+Every function here blocks on libvirtd: call them through
+L{hypervisor.virt.connection.LibvirtService.call}, never on the reactor thread.
+
+A domain is ours when it carries our element in its C{<metadata>}::
+
+    <metadata>
+      <hv:vm xmlns:hv="https://smallstack-hypervisor.org/xmlns/vm/1">
+        <hv:ipAddress>10.2.3.4</hv:ipAddress>
+      </hv:vm>
+    </metadata>
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+from xml.etree import ElementTree
+
+METADATA_NAMESPACE = "https://smallstack-hypervisor.org/xmlns/vm/1"
+METADATA_PREFIX = "hv"
+
+# virDomainState -> our words (libvirt's own names, lower case)
+DOMAIN_STATES = {
+    0: "no state",
+    1: "running",
+    2: "blocked",
+    3: "paused",
+    4: "shutting down",
+    5: "shut off",
+    6: "crashed",
+    7: "suspended",
+}
+
+
+@dataclass(frozen=True)
+class DomainSummary:
+    """
+    What the daemon keeps in memory about one libvirt domain.
+    """
+
+    name: str
+    uuid: str
+    state: str
+    active: bool
+    ours: bool
+    ip_address: Optional[str]
+
+
+def our_metadata(dom: Any) -> Optional[ElementTree.Element]:
+    """
+    Return our metadata element of C{dom}, or None if the domain is not ours.
+    """
+    import libvirt
+
+    try:
+        text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NAMESPACE, 0)
+    except libvirt.libvirtError:
+        return None
+    try:
+        return ElementTree.fromstring(text)
+    except ElementTree.ParseError:
+        return None
+
+
+def summarize(dom: Any) -> DomainSummary:
+    """
+    Read one domain's name, UUID, state and our metadata.
+    """
+    state, _ = dom.state()
+    element = our_metadata(dom)
+    ip = None
+    if element is not None:
+        ip_element = element.find("ipAddress")
+        if ip_element is None:
+            ip_element = element.find(f"{{{METADATA_NAMESPACE}}}ipAddress")
+        ip = ip_element.text if ip_element is not None else None
+    return DomainSummary(
+        name=dom.name(),
+        uuid=dom.UUIDString(),
+        state=DOMAIN_STATES.get(state, f"state {state}"),
+        active=bool(dom.isActive()),
+        ours=element is not None,
+        ip_address=ip,
+    )
+
+
+def list_domains(conn: Any) -> list[DomainSummary]:
+    """
+    Summarize every domain (running or defined) on the connection.
+    """
+    import libvirt
+
+    out = []
+    for dom in conn.listAllDomains(0):
+        try:
+            out.append(summarize(dom))
+        except libvirt.libvirtError as e:
+            # The domain vanished between the list and the look: skip it.
+            if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise
+    return out
+
+
+def request_shutdown(conn: Any, uuid: str) -> bool:
+    """
+    Ask a domain to power down (ACPI); return False if it is not running any more.
+    """
+    import libvirt
+
+    try:
+        dom = conn.lookupByUUIDString(uuid)
+        if not dom.isActive():
+            return False
+        dom.shutdown()
+        return True
+    except libvirt.libvirtError as e:
+        if e.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+            return False
+        raise
+
+
+def is_active(conn: Any, uuid: str) -> bool:
+    """
+    Whether the domain exists and runs.
+    """
+    import libvirt
+
+    try:
+        return bool(conn.lookupByUUIDString(uuid).isActive())
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return False
+        raise
+
+
+def force_off(conn: Any, uuid: str) -> bool:
+    """
+    Force a domain off (libvirt's destroy: pull the plug; the definition stays).
+
+    @return: whether it was running.
+    """
+    import libvirt
+
+    try:
+        dom = conn.lookupByUUIDString(uuid)
+        if not dom.isActive():
+            return False
+        dom.destroy()
+        return True
+    except libvirt.libvirtError as e:
+        if e.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+            return False
+        raise
+
+
+KVM_PROBE_XML = """<domain type='kvm'>
+  <name>{name}</name>
+  <memory unit='MiB'>32</memory>
+  <os><type arch='x86_64'>hvm</type></os>
+  <cpu mode='host-passthrough'/>
+  <devices><serial type='null'/></devices>
+</domain>"""
+
+
+def probe_kvm(conn: Any, settle: float = 1.0) -> tuple[bool, str]:
+    """
+    Decide whether KVM guests really run here: start a tiny transient KVM domain with
+    the host's CPU (as our KVM guests use) and see that it is still running after
+    C{settle} seconds.
+
+    Hosts with a paravirtual (PVM) KVM expose C{/dev/kvm}, but QEMU aborts there with
+    the host CPU model; a capability check alone would say yes.
+
+    @return: C{(usable, reason)}.
+    """
+    import libvirt
+
+    try:
+        conn.getDomainCapabilities(None, "x86_64", None, "kvm", 0)
+    except libvirt.libvirtError as e:
+        return False, f"libvirt reports no KVM support: {e.get_error_message()}"
+    name = f"smallstack-hypervisor-kvm-probe-{os.getpid()}"
+    try:
+        dom = conn.createXML(KVM_PROBE_XML.format(name=name), 0)
+    except libvirt.libvirtError as e:
+        message = (e.get_error_message() or str(e)).strip().splitlines()
+        return False, f"a KVM guest failed to start: {message[-1] if message else e}"
+    try:
+        time.sleep(settle)
+        running = bool(dom.isActive()) and dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    except libvirt.libvirtError as e:
+        running = False
+        return False, f"the KVM probe guest died: {e.get_error_message()}"
+    finally:
+        try:
+            dom.destroy()
+        except libvirt.libvirtError:
+            pass
+    if not running:
+        return False, "the KVM probe guest did not stay running"
+    return True, "a KVM guest with the host CPU started and kept running"

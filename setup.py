@@ -1,0 +1,53 @@
+"""
+Packaging for smallstack-hypervisor: a SmallStack-compatible VM hypervisor agent on
+Twisted and libvirt.
+"""
+
+from setuptools import setup
+
+setup(
+    name="smallstack-hypervisor",
+    version="0.1.0",
+    description="SmallStack-compatible VM hypervisor agent (Twisted + libvirt)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=[
+        "hypervisor",
+        "hypervisor.cli",
+        "hypervisor.manager",
+        "hypervisor.virt",
+        "tap",
+        "web",
+        # Twisted finds plugins in every twisted/plugins directory; this one has
+        # no __init__.py on purpose (Twisted's plugin how-to).
+        "twisted.plugins",
+    ],
+    package_data={
+        "twisted.plugins": ["hypervisor_plugin.py"],
+        "web": ["templates/*.html", "static/*"],
+    },
+    include_package_data=True,
+    install_requires=[
+        "twisted[tls]>=23.10",
+        "klein>=23.5",
+        "pyopenssl>=23.2",
+        "service-identity>=23.1",
+        "libvirt-python>=9.0,<13",
+        "txtorcon>=23.5",
+        "jinja2>=3.1",
+        "treq>=23.11",
+        "prometheus-client>=0.17",
+    ],
+    extras_require={
+        "test": ["hypothesis>=6.80", "cryptography>=41"],
+    },
+    entry_points={
+        "console_scripts": [
+            "hypervisor = hypervisor.cli.hypervisor:main",
+            "vm-control = hypervisor.cli.vm_control:main",
+            "hyper-control = hypervisor.cli.hyper_control:main",
+        ],
+    },
+)

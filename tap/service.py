@@ -1,0 +1,88 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+The daemon's service tree: L{makeService} builds a C{MultiService} of named children,
+each from a small factory so a test can build one alone.
+
+Children, in start order (stop runs in reverse): C{logging}, C{libvirt}, C{manager},
+C{web}, C{control}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.application import internet, service
+from twisted.web.server import Site
+
+from hypervisor.control import ControlFactory, DaemonControl
+from hypervisor.logs import LogFileService
+from hypervisor.manager.manager import Manager
+from hypervisor.store import StateDirectory
+from hypervisor.virt.connection import LibvirtService
+from tap.options import Options
+
+
+def _make_logging_service(options: Options) -> service.IService:
+    return LogFileService(options["logDir"])
+
+
+def _make_libvirt_service(options: Options, reactor: Any) -> LibvirtService:
+    return LibvirtService(options["libvirtUri"], reactor)
+
+
+def _make_manager_service(
+    options: Options, libvirt: LibvirtService, reactor: Any
+) -> Manager:
+    return Manager(
+        StateDirectory(options["stateDir"]),
+        libvirt,
+        reactor,
+        domain_type=options["domainType"],
+        vm_shutdown_timeout=options["vmShutdownTimeout"],
+    )
+
+
+def _make_web_service(
+    options: Options, manager: Manager, libvirt: LibvirtService, reactor: Any
+) -> internet.TCPServer:
+    from web.status import StatusPages
+
+    pages = StatusPages(manager, libvirt)
+    site = Site(pages.resource())
+    site.displayTracebacks = False
+    return internet.TCPServer(options["portNum"], site, reactor=reactor)
+
+
+def _make_control_service(
+    options: Options, manager: Manager, reactor: Any
+) -> internet.UNIXServer:
+    return internet.UNIXServer(
+        manager.state.control_path,
+        ControlFactory(DaemonControl(manager, reactor)),
+        mode=0o600,
+        wantPID=False,
+        reactor=reactor,
+    )
+
+
+def makeService(options: Options, reactor: Optional[Any] = None) -> service.MultiService:
+    """
+    Build the daemon's service tree from parsed L{Options}.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    top = service.MultiService()
+    named: list[tuple[str, service.IService]] = []
+    named.append(("logging", _make_logging_service(options)))
+    libvirt = _make_libvirt_service(options, reactor)
+    named.append(("libvirt", libvirt))
+    manager = _make_manager_service(options, libvirt, reactor)
+    named.append(("manager", manager))
+    named.append(("web", _make_web_service(options, manager, libvirt, reactor)))
+    named.append(("control", _make_control_service(options, manager, reactor)))
+    for name, child in named:
+        child.setName(name)
+        child.setServiceParent(top)
+    return top

@@ -1,0 +1,3 @@
+"""
+Tests for smallstack-hypervisor (trial; also runnable by pytest).
+"""

@@ -1,0 +1,3 @@
+"""
+HTTP presentation: status pages (Klein + Jinja2). No logic lives here.
+"""
