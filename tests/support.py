@@ -1,0 +1,221 @@
+"""
+Helpers for tests that use real parts: libvirtd, a daemon subprocess, free ports.
+
+A test needing a real part that is missing is skipped with the reason, except when
+C{HYPERVISOR_REQUIRE_REAL_PARTS=1} (set by C{.ci/run}): then it fails, because CI
+installs every part and nothing may be skipped there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from typing import Optional
+
+from twisted.trial.unittest import SkipTest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QEMU_URI = "qemu:///system"
+LIBVIRTD_PIDFILE = "/run/libvirtd.pid"
+
+
+def require(available: bool, reason: str) -> None:
+    """
+    Skip the test with C{reason} unless C{available}; in CI, fail instead.
+    """
+    if available:
+        return
+    if os.environ.get("HYPERVISOR_REQUIRE_REAL_PARTS") == "1":
+        raise AssertionError(f"real part missing in CI: {reason}")
+    raise SkipTest(reason)
+
+
+def libvirtd_answers(uri: str = QEMU_URI) -> bool:
+    """
+    Whether libvirtd answers on C{uri} (checked with virsh, not in this process).
+    """
+    if shutil.which("virsh") is None:
+        return False
+    return (
+        subprocess.run(
+            ["virsh", "-c", uri, "version"], capture_output=True, timeout=30
+        ).returncode
+        == 0
+    )
+
+
+def require_libvirtd() -> None:
+    """
+    Skip (or fail in CI) unless a real libvirtd answers on qemu:///system as root.
+    """
+    require(os.geteuid() == 0, "needs root to use qemu:///system")
+    require(libvirtd_answers(), "libvirtd does not answer on qemu:///system "
+            "(tools/start-libvirtd.sh starts it)")
+
+
+def libvirtd_pid() -> Optional[int]:
+    """
+    The running libvirtd's PID, from its pidfile.
+    """
+    try:
+        with open(LIBVIRTD_PIDFILE) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def kill_libvirtd(timeout: float = 30.0) -> None:
+    """
+    Stop libvirtd (SIGTERM) and wait until it is gone. Running guests stay up.
+    """
+    pid = libvirtd_pid()
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"libvirtd (pid {pid}) did not exit within {timeout}s")
+
+
+def start_libvirtd(timeout: float = 60.0) -> None:
+    """
+    Start libvirtd daemonized (it outlives the test) and wait until it answers.
+    """
+    subprocess.run([os.path.join(REPO, "tools", "start-libvirtd.sh")], check=True,
+                   capture_output=True, timeout=timeout)
+
+
+def free_port() -> int:
+    """
+    A TCP port free on 127.0.0.1 right now.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    """
+    GET C{url}; return (status, body) for any HTTP status.
+    """
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode("utf-8")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode("utf-8")
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):  # type: ignore[no-untyped-def]
+    """
+    Poll C{predicate} until it returns a true value; fail with C{what} after C{timeout}.
+    """
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except Exception as e:  # noqa: BLE001 - reported below if it never passes
+            last = e
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class Daemon:
+    """
+    The real daemon (C{python -m hypervisor ... run}) as a subprocess, for one test.
+    """
+
+    def __init__(self, testcase, *flags: str) -> None:  # type: ignore[no-untyped-def]
+        self.dir = tempfile.mkdtemp(prefix="hv-daemon-")
+        self.state_dir = os.path.join(self.dir, "state")
+        self.log_dir = os.path.join(self.dir, "log")
+        self.port = free_port()
+        self.flags = [
+            f"-stateDir={self.state_dir}", f"-logDir={self.log_dir}",
+            f"-portNum={self.port}", *flags,
+        ]
+        self.output_path = os.path.join(self.dir, "output.log")
+        self.process: Optional[subprocess.Popen[bytes]] = None
+        testcase.addCleanup(self.cleanup)
+
+    @property
+    def url(self) -> str:
+        """
+        Base URL of the status pages.
+        """
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """
+        Run C{python -m hypervisor <flags> <args>} and return its result.
+        """
+        env = dict(os.environ, PYTHONPATH=REPO, HYPERVISOR_FLAGS_DIRECTORY=self.dir)
+        return subprocess.run(
+            [sys.executable, "-m", "hypervisor", *self.flags, *args],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+        )
+
+    def start(self) -> None:
+        """
+        Start the daemon and wait until its pages answer.
+        """
+        env = dict(os.environ, PYTHONPATH=REPO, HYPERVISOR_FLAGS_DIRECTORY=self.dir)
+        self._output = open(self.output_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "hypervisor", *self.flags, "run"],
+            cwd=REPO, env=env, stdout=self._output, stderr=subprocess.STDOUT,
+        )
+
+        def up() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"daemon exited early:\n{self.output()}")
+            return http_get(self.url + "/healthz", timeout=2)[0] in (200, 503)
+
+        try:
+            wait_for(up, 60, "the daemon's pages")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n--- daemon output ---\n{self.output()}") from None
+
+    def output(self) -> str:
+        """
+        What the daemon printed so far.
+        """
+        with open(self.output_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def wait(self, timeout: float = 60.0) -> int:
+        """
+        Wait for the daemon to exit; return its exit status.
+        """
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def cleanup(self) -> None:
+        """
+        Kill the daemon if still running; remove its files.
+        """
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
+        if getattr(self, "_output", None) is not None:
+            self._output.close()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,33 @@
+#!/bin/sh
+# Install what smallstack-hypervisor needs on Debian 12, as root: Debian packages and a
+# Python virtual environment in .venv with the project installed in it.
+#   tools/setup.sh          the daemon's needs
+#   tools/setup.sh --test   also what the test suite needs (its real peers included)
+set -eu
+cd "$(dirname "$0")/.."
+
+packages="libvirt-daemon-system libvirt-clients qemu-system-x86 libvirt-dev pkg-config
+gcc python3-dev python3-venv curl"
+extra=""
+if [ "${1:-}" = "--test" ]; then
+  # openssl: real TLS client in tests; procps: pgrep/pkill for libvirtd restarts.
+  packages="$packages openssl procps"
+  extra="[test]"
+fi
+
+missing=""
+for p in $packages; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+  echo "setup: installing Debian packages:$missing"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  python3 -m venv .venv
+fi
+echo "setup: installing smallstack-hypervisor$extra into .venv"
+.venv/bin/pip install -q --disable-pip-version-check ".$extra"
