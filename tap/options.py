@@ -194,6 +194,12 @@ class Options(usage.Options):
         for name in BOOLEAN_NAMES:
             self[name] = False
 
+    def opt_h(self) -> None:
+        """
+        Display this help and exit.
+        """
+        self.opt_help()
+
     def _settings_from_files(self) -> list[tuple[str, str, str]]:
         """
         Read the flags files; validate each line on its own so errors name the line.

@@ -17,7 +17,6 @@ from typing import Any
 import jinja2
 from klein import Klein
 from twisted.web.iweb import IRequest
-from twisted.web.static import File
 
 import hypervisor
 from hypervisor.manager.manager import Manager
@@ -46,6 +45,23 @@ def make_environment() -> jinja2.Environment:
     )
     env.filters["duration"] = format_uptime
     return env
+
+
+CONTENT_TYPES = {".css": b"text/css; charset=utf-8", ".js": b"text/javascript",
+                 ".png": b"image/png", ".svg": b"image/svg+xml"}
+
+
+def load_assets() -> dict[str, tuple[bytes, bytes]]:
+    """
+    Read the files of C{web/static} once: name -> (content type, bytes).
+    """
+    assets = {}
+    for name in os.listdir(STATIC):
+        content_type = CONTENT_TYPES.get(os.path.splitext(name)[1])
+        if content_type is not None:
+            with open(os.path.join(STATIC, name), "rb") as f:
+                assets[name] = (content_type, f.read())
+    return assets
 
 
 def format_uptime(seconds: float) -> str:
@@ -79,6 +95,7 @@ class StatusPages:
         self.libvirt = libvirt
         self.hostname = hostname or socket.gethostname()
         self.templates = make_environment()
+        self.assets = load_assets()
 
     def resource(self) -> Any:
         """
@@ -134,11 +151,18 @@ class StatusPages:
         request.setResponseCode(503)
         return (self.libvirt.describe() + "\n").encode("utf-8")
 
-    @app.route("/static/", branch=True)
-    def static(self, request: IRequest) -> File:
+    @app.route("/static/<name>", branch=False)
+    def static(self, request: IRequest, name: str) -> bytes:
         """
-        Our CSS (no external assets: hosts may have no internet).
+        Our CSS and other assets, from memory (no external assets: hosts may have no
+        internet).
         """
-        for name, value in SECURITY_HEADERS.items():
-            request.setHeader(name, value)
-        return File(STATIC)
+        asset = self.assets.get(name)
+        if asset is None:
+            request.setResponseCode(404)
+            self._headers(request, b"text/plain; charset=utf-8")
+            return b"no such file\n"
+        content_type, body = asset
+        self._headers(request, content_type)
+        request.setHeader(b"Cache-Control", b"max-age=3600")
+        return body
