@@ -50,12 +50,14 @@ class LogFileService(Service):
         self.path = os.path.join(directory, LOG_FILE_NAME)
         self._file: Optional[LogFile] = None
         self._observer: Optional[ILogObserver] = None
+        self._opened = False
 
     def privilegedStartService(self) -> None:
         """
         Open the log file (creating the directory) before privileges are dropped.
         """
-        if self._file is None:
+        if not self._opened:
+            self._opened = True
             try:
                 os.makedirs(self.directory, mode=0o755, exist_ok=True)
                 self._file = LogFile(
@@ -68,7 +70,7 @@ class LogFileService(Service):
                     "(fix -logDir)", path=self.path, why=e,
                 )
                 return
-            self._observer = jsonFileLogObserver(self._file)  # type: ignore[arg-type]
+            self._observer = jsonFileLogObserver(self._file, recordSeparator="")  # type: ignore[arg-type]
             self.publisher.addObserver(self._observer)  # type: ignore[attr-defined]
         super().privilegedStartService()
 
@@ -76,7 +78,7 @@ class LogFileService(Service):
         """
         Start writing (opens the file if privilegedStartService did not run).
         """
-        if self._file is None:
+        if not self._opened:
             self.privilegedStartService()
         super().startService()
 
@@ -91,3 +93,4 @@ class LogFileService(Service):
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._opened = False

@@ -200,4 +200,4 @@ class TestDriverTests(TestCase):
         self.addCleanup(service.stopService)
         await deferLater(reactor, 0.5, lambda: None)
         self.assertFalse(service.connected)
-        self.assertIn("cannot connect", service.describe())
+        self.assertIn("last attempt failed", service.describe())

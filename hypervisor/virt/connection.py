@@ -143,6 +143,8 @@ class LibvirtService(Service):
         self.connects = 0
         self.disconnects = 0
         self.connected_since: Optional[float] = None
+        self.lost_reason = ""
+        self.lost_at: Optional[float] = None
 
     # Listeners ---------------------------------------------------------------
 
@@ -188,13 +190,17 @@ class LibvirtService(Service):
             return f"connected to libvirt at {self.uri}"
         if not self.running:
             return f"not connected to libvirt at {self.uri}: the service is stopped"
+        lost = ""
+        if self.lost_reason and self.lost_at is not None:
+            ago = self.reactor.seconds() - self.lost_at
+            lost = f"{self.lost_reason} {ago:.0f}s ago; "
         retry = ""
         if self._retry is not None and self._retry.active():
             delay = max(0.0, self._retry.getTime() - self.reactor.seconds())
             retry = f"; reconnect attempt {self._attempts + 1} in {delay:.1f}s"
         elif self._connecting:
             retry = f"; connecting (attempt {self._attempts})"
-        return f"not connected to libvirt at {self.uri}: {self.reason}{retry}"
+        return f"not connected to libvirt at {self.uri}: {lost}{self.reason}{retry}"
 
     # Service -----------------------------------------------------------------
 
@@ -311,6 +317,8 @@ class LibvirtService(Service):
         self.connected_since = self.reactor.seconds()
         self._backoff = self._min_backoff
         self._attempts = 0
+        self.lost_reason = ""
+        self.lost_at = None
         if self.connects > 1:
             self.log.info("reconnected to libvirt at {uri}", uri=self.uri)
         else:
@@ -319,7 +327,7 @@ class LibvirtService(Service):
 
     def _open_failed(self, failure: Failure) -> None:
         self._connecting = False
-        self.reason = f"cannot connect: {failure.getErrorMessage()}"
+        self.reason = f"last attempt failed: {failure.getErrorMessage()}"
         if self._attempts == 1 or self._attempts % 10 == 0:
             self.log.warn(
                 "libvirt at {uri} unreachable (attempt {n}): {why}; is libvirtd "
@@ -372,11 +380,13 @@ class LibvirtService(Service):
         self.connected = False
         self.connected_since = None
         self.disconnects += 1
-        self.reason = f"connection lost ({why})"
+        self.reason = "reconnecting"
+        self.lost_reason = f"connection lost ({why})"
+        self.lost_at = self.reactor.seconds()
         self.log.error(
             "lost the connection to libvirt at {uri} ({why}); VMs keep running, "
             "reconnecting", uri=self.uri, why=why,
         )
         self.run_blocking(self._close_blocking, conn, ids)
-        self._notify("libvirt_disconnected", self.reason)
+        self._notify("libvirt_disconnected", self.lost_reason)
         self._schedule_reconnect()
