@@ -4,6 +4,7 @@ Tests for L{hypervisor.virt.connection.LibvirtService}.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from typing import Any
 
@@ -155,6 +156,25 @@ class ReconnectTests(TestCase):
         await with_timeout(stopped)
         self.assertTrue(opener.connections[0].closed)
         self.assertIn("stopped", service.describe())
+
+    async def test_stop_waits_for_calls_in_flight(self) -> None:
+        """
+        A call still running when the service stops keeps the connection open until
+        it returns (closing under it makes libvirt misbehave).
+        """
+        opener = FakeOpener()
+        service, listener = self.make(opener)
+        service.startService()
+        await with_timeout(listener.wait("connected"))
+        release = threading.Event()
+        call = service.call(lambda conn: release.wait(10) and not conn.closed)
+        stopped = service.stopService()
+        await deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(opener.connections[0].closed)
+        release.set()
+        self.assertTrue(await with_timeout(call), "the call saw a closed connection")
+        await with_timeout(stopped)
+        self.assertTrue(opener.connections[0].closed)
 
 
 class TestDriverTests(TestCase):

@@ -134,6 +134,7 @@ class LibvirtService(Service):
         self._callback_ids: list[int] = []
         self._listeners: list[IConnectionListener] = []
         self._holds: list[Deferred[Any]] = []
+        self._in_flight: set[Deferred[None]] = set()
         self._retry: Optional[IDelayedCall] = None
         self._backoff = min_backoff
         self._attempts = 0
@@ -174,7 +175,17 @@ class LibvirtService(Service):
         conn = self._conn
         if conn is None:
             return fail(NotConnected(self.describe()))
-        return deferToThreadPool(self.reactor, self.pool, fn, conn, *args, **kwargs)
+        d = deferToThreadPool(self.reactor, self.pool, fn, conn, *args, **kwargs)
+        # The connection is closed at stop only once calls using it have returned.
+        done: Deferred[None] = Deferred()
+        self._in_flight.add(done)
+
+        def finished(result: Any) -> Any:
+            self._in_flight.discard(done)
+            done.callback(None)
+            return result
+
+        return d.addBoth(finished)
 
     def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]":
         """
@@ -222,8 +233,8 @@ class LibvirtService(Service):
 
     def stopService(self) -> "Deferred[None]":
         """
-        Stop reconnecting; once every L{keep_open_until} Deferred has fired, close the
-        connection and stop the thread pool.
+        Stop reconnecting; once every L{keep_open_until} Deferred has fired and every
+        call in flight has returned, close the connection and stop the thread pool.
         """
         super().stopService()
         if self._retry is not None and self._retry.active():
@@ -231,6 +242,12 @@ class LibvirtService(Service):
         self._retry = None
         holds = DeferredList(self._holds, consumeErrors=True)
         self._holds = []
+
+        def drain(_: object) -> "Deferred[Any]":
+            # Calls made while holds ran (e.g. powering VMs down) are waited for too.
+            return DeferredList(list(self._in_flight), consumeErrors=True)
+
+        holds.addCallback(drain)
 
         def close(_: object) -> "Deferred[Any]":
             conn, ids = self._conn, self._callback_ids

@@ -190,13 +190,14 @@ def probe_kvm(conn: Any, settle: float = 1.0) -> tuple[bool, str]:
     try:
         dom = conn.createXML(KVM_PROBE_XML.format(name=name), 0)
     except libvirt.libvirtError as e:
-        message = (e.get_error_message() or str(e)).strip().splitlines()
-        return False, f"a KVM guest failed to start: {message[-1] if message else e}"
+        lines = (e.get_error_message() or str(e)).strip().splitlines() or [str(e)]
+        # QEMU's own "error:" line says most (e.g. "failed to set MSR 0x10a").
+        line = next((x for x in lines if "error:" in x), lines[-1])
+        return False, f"a KVM guest failed to start: {line.split('error:', 1)[-1].strip()}"
     try:
         time.sleep(settle)
         running = bool(dom.isActive()) and dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     except libvirt.libvirtError as e:
-        running = False
         return False, f"the KVM probe guest died: {e.get_error_message()}"
     finally:
         try:
