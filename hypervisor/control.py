@@ -62,7 +62,7 @@ class ControlProtocol(protocol.Protocol):
         """
         Buffer until a newline; refuse requests longer than L{MAX_REQUEST}.
         """
-        if self._done:
+        if self._done or self.transport is None:
             return
         self._buffer += data
         line, newline, _ = self._buffer.partition(b"\n")
@@ -90,6 +90,7 @@ class ControlProtocol(protocol.Protocol):
             self._answer_bad(f"unknown command {command[:64]!r}")
 
     def _answer_bad(self, why: str) -> None:
+        assert self.transport is not None
         self._done = True
         self.log.warn("control socket: bad request ({why})", why=why)
         self.transport.write(BAD_REQUEST)

@@ -162,13 +162,13 @@ class Manager(Service):
 
     def refresh_domains(self) -> "Deferred[None]":
         """
-        Re-read libvirt's domains (one call on the pool); coalesces bursts of events.
+        Re-read libvirt's domains (one call on the pool); coalesces bursts of events:
+        while a read is running, further requests make one more read after it.
         """
         if self._refreshing is not None:
             self._refresh_again = True
             return self._refreshing
         self._refresh_again = False
-        d = self.libvirt.call(domains.list_domains)
 
         def got(summaries: list[domains.DomainSummary]) -> None:
             self.domains = {s.uuid: s for s in summaries}
@@ -182,10 +182,12 @@ class Manager(Service):
             if self._refresh_again:
                 self.refresh_domains()
 
-        d.addCallbacks(got, failed)
-        d.addBoth(done)
-        if self._refreshing is None and not d.called:
+        d: Deferred[None] = self.libvirt.call(domains.list_domains).addCallbacks(
+            got, failed
+        )
+        if not d.called:
             self._refreshing = d
+        d.addBoth(done)
         return d
 
     def _probe_domain_type(self) -> None:
