@@ -1,0 +1,1 @@
+"""The tiny test guest (see build.py)."""
