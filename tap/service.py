@@ -39,6 +39,8 @@ def _make_manager_service(
         reactor,
         domain_type=options["domainType"],
         vm_shutdown_timeout=options["vmShutdownTimeout"],
+        volume_directories=options["volumeDirectories"] or None,
+        images_directory=options["localImagesDirectory"],
     )
 
 

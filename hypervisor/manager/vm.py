@@ -1,0 +1,160 @@
+# -*- test-case-name: tests.test_manager_vms -*-
+"""
+One VM as the manager holds it, the reference's state machine rules, filters, and the
+update stream of GetUpdates.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Optional
+
+from twisted.internet.defer import Deferred, DeferredLock, DeferredQueue
+from twisted.internet.interfaces import IDelayedCall
+
+from hypervisor.errors import WrongState
+from hypervisor.model import LocalVmInfo, State, Update, VmFilter, VmInfo
+
+# Which operation may start from which state (reference §2.2).
+START_FROM = {State.STOPPED, State.FAILED_TO_START, State.EXPORTING, State.CRASHED}
+STOP_FROM_RUNNING = {State.RUNNING, State.DEBUGGING}
+STOP_FROM_IDLE = {State.FAILED_TO_START, State.CRASHED}
+DESTROY_RUNNING = {State.RUNNING, State.DEBUGGING}
+DESTROY_IDLE = {State.STOPPED, State.FAILED_TO_START, State.MIGRATING, State.EXPORTING,
+                State.CRASHED}
+SHOULD_RUN = {State.STARTING, State.RUNNING, State.DEBUGGING}
+
+
+class Vm:
+    """
+    A VM: its persisted info, its lock, and transient bookkeeping.
+
+    @ivar local: what C{info.json} holds.
+    @ivar directory: C{<stateDir>/VMs/<IP>}.
+    @ivar lock: serialises this VM's mutations (other VMs are not blocked).
+    @ivar ack_timer: the 15 s auto-destroy after CreateVm, until AcknowledgeVm.
+    @ivar expecting_stop: we asked libvirt to stop the domain (events are expected).
+    @ivar deleted: the VM is gone; late events and waiters ignore it.
+    """
+
+    def __init__(self, local: LocalVmInfo, directory: str) -> None:
+        self.local = local
+        self.directory = directory
+        self.lock = DeferredLock()
+        self.ack_timer: Optional[IDelayedCall] = None
+        self.expecting_stop = False
+        self.deleted = False
+        self._stop_waiters: list[Deferred[bool]] = []
+
+    @property
+    def info(self) -> VmInfo:
+        """
+        The VM's VmInfo.
+        """
+        return self.local.VmInfo
+
+    @property
+    def ip(self) -> str:
+        """
+        The VM's primary IP (its key).
+        """
+        return self.local.VmInfo.Address.IpAddress
+
+    def require_state(self, allowed: set[State], operation: str) -> None:
+        """
+        Refuse C{operation} unless the VM is in one of C{allowed}.
+        """
+        if self.info.State not in allowed:
+            wanted = ", ".join(sorted(s.value for s in allowed))
+            raise WrongState(
+                f"cannot {operation} VM {self.ip}: it is {self.info.State.value} "
+                f"(needs: {wanted})"
+            )
+
+    def wait_stopped(self, reactor: Any, timeout: float) -> "Deferred[bool]":
+        """
+        Fire with True when the domain stops, or False after C{timeout} seconds.
+        """
+        d: Deferred[bool] = Deferred()
+        self._stop_waiters.append(d)
+        call = reactor.callLater(timeout, self._time_out, d)
+
+        def cancel_timer(result: bool) -> bool:
+            if call.active():
+                call.cancel()
+            return result
+
+        return d.addBoth(cancel_timer)
+
+    def _time_out(self, d: "Deferred[bool]") -> None:
+        if d in self._stop_waiters:
+            self._stop_waiters.remove(d)
+            d.callback(False)
+
+    def domain_stopped(self) -> None:
+        """
+        The domain stopped: wake everyone waiting for it.
+        """
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for d in waiters:
+            d.callback(True)
+
+
+def matches(info: VmInfo, f: VmFilter) -> bool:
+    """
+    The reference's ListVMs/GetVmInfos filters.
+    """
+    if f.IgnoreStateMask & (1 << info.State.number):
+        return False
+    if f.OwnerGroups and not set(f.OwnerGroups) & set(info.OwnerGroups):
+        return False
+    if f.OwnerUsers and not set(f.OwnerUsers) & set(info.OwnerUsers):
+        return False
+    for key, values in f.VmTagsToMatch.items():
+        if key not in info.Tags:
+            return False
+        if values and info.Tags[key] not in values:
+            return False
+    return True
+
+
+def ip_sort_key(ip: str) -> tuple[int, int]:
+    """
+    Numeric order of IPv4 addresses (unparsable ones last).
+    """
+    try:
+        return (0, int(ipaddress.IPv4Address(ip)))
+    except ValueError:
+        return (1, 0)
+
+
+class UpdateStream:
+    """
+    One GetUpdates subscriber: a queue of L{Update}s, the first one full.
+    """
+
+    def __init__(self, close: Any) -> None:
+        self.queue: DeferredQueue[Update] = DeferredQueue()
+        self._close = close
+        self.closed = False
+
+    def get(self) -> "Deferred[Update]":
+        """
+        The next update (waits until there is one).
+        """
+        return self.queue.get()
+
+    def put(self, update: Update) -> None:
+        """
+        Queue an update for this subscriber.
+        """
+        if not self.closed:
+            self.queue.put(update)
+
+    def close(self) -> None:
+        """
+        Stop receiving updates.
+        """
+        if not self.closed:
+            self.closed = True
+            self._close(self)
