@@ -78,3 +78,44 @@ class FakeOpener:
         conn = FakeLibvirtConnection()
         self.connections.append(conn)
         return conn
+
+
+class FakeHost:
+    """
+    A host for capacity checks: fixed CPUs and memory; real statvfs unless storage
+    is given.
+    """
+
+    def __init__(self, cpus: int = 4, memory_mib: int = 8192,
+                 available_mib: Optional[int] = None,
+                 storage: Optional[tuple[int, int]] = None) -> None:
+        self.cpus = cpus
+        self.memory_mib = memory_mib
+        self.available_mib = memory_mib if available_mib is None else available_mib
+        self.storage_override = storage
+
+    def num_cpus(self) -> int:
+        return self.cpus
+
+    def memory(self) -> tuple[int, int]:
+        return self.memory_mib, self.available_mib
+
+    def storage(self, directory: str) -> tuple[int, int]:
+        if self.storage_override is not None:
+            return self.storage_override
+        import os
+
+        st = os.statvfs(directory)
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+
+def synchronous(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """
+    A C{run_blocking} that runs the function at once (for tests with a fake clock).
+    """
+    from twisted.internet.defer import fail, succeed
+
+    try:
+        return succeed(fn(*args, **kwargs))
+    except Exception:
+        return fail()

@@ -67,6 +67,7 @@ from hypervisor.model import (
     CloudInitDatasource,
     CreateVmRequest,
     CreateVmResponse,
+    GetCapacityResponse,
     LocalVmInfo,
     State,
     Subnet,
@@ -390,14 +391,14 @@ class Manager(Service):
             total += self.host.storage(directory)[0]
         return total
 
-    def get_capacity(self) -> dict[str, int]:
+    def get_capacity(self) -> GetCapacityResponse:
         """
         GetCapacity's numbers.
         """
         total, available = self.host.memory()
-        return {"AvailableMemoryInMiB": available, "MemoryInMiB": total,
-                "NumCPUs": self.host.num_cpus(),
-                "TotalVolumeBytes": self.total_volume_bytes()}
+        return GetCapacityResponse(AvailableMemoryInMiB=available, MemoryInMiB=total,
+                                   NumCPUs=self.host.num_cpus(),
+                                   TotalVolumeBytes=self.total_volume_bytes())
 
     def _pick_volume_directory(self, needed: int) -> str:
         """

@@ -1,0 +1,297 @@
+# -*- test-case-name: tests.test_api -*-
+"""
+The service layer: one method per C{Hypervisor.<Method>} of the reference, each
+taking the caller's L{Identity} and a request object and returning a response object
+(L{hypervisor.model}). Every transport (JSON over HTTPS, SRPC, Perspective Broker)
+calls these and only translates.
+
+Errors are raised as L{hypervisor.errors.HypervisorError}s; a transport puts the
+message in the response's C{Error} field and picks its status from the class.
+
+L{ACCESS} gives each method its access class (reference §1): C{public} (any
+authenticated caller; VM methods then check ownership), C{admin} (method power or
+hypervisor ownership) and, among public ones, the reads allowed without a certificate
+when C{-allowUnauthenticatedReads} is set.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+
+from hypervisor.auth import Identity
+from hypervisor.errors import AccessDenied
+from hypervisor.manager.manager import Manager
+from hypervisor.manager.vm import UpdateStream
+from hypervisor.model import (
+    AccessRequest,
+    ChangeAddressPoolRequest,
+    ChangeVmDestroyProtectionRequest,
+    ChangeVmHostnameRequest,
+    ChangeVmOwnerGroupsRequest,
+    ChangeVmOwnerUsersRequest,
+    ChangeVmSizeRequest,
+    ChangeVmTagsRequest,
+    CreateVmRequest,
+    CreateVmResponse,
+    DhcpResponse,
+    ErrorResponse,
+    GetCapacityResponse,
+    GetVmCreateRequestResponse,
+    GetVmInfoResponse,
+    GetVmInfosRequest,
+    GetVmInfosResponse,
+    IpRequest,
+    ListSubnetsRequest,
+    ListSubnetsResponse,
+    ListVMsRequest,
+    ListVMsResponse,
+    RebootVmRequest,
+    SetDisabledStateRequest,
+    StartVmRequest,
+    UpdateSubnetsRequest,
+)
+
+PUBLIC = "public"
+ADMIN = "admin"
+
+ACCESS: dict[str, str] = {
+    "AcknowledgeVm": PUBLIC,
+    "BecomePrimaryVmOwner": PUBLIC,
+    "ChangeAddressPool": ADMIN,
+    "ChangeVmDestroyProtection": PUBLIC,
+    "ChangeVmHostname": PUBLIC,
+    "ChangeVmOwnerGroups": PUBLIC,
+    "ChangeVmOwnerUsers": PUBLIC,
+    "ChangeVmSize": PUBLIC,
+    "ChangeVmTags": PUBLIC,
+    "CreateVm": PUBLIC,
+    "DestroyVm": PUBLIC,
+    "GetCapacity": PUBLIC,
+    "GetUpdates": PUBLIC,
+    "GetVmCreateRequest": PUBLIC,
+    "GetVmInfo": PUBLIC,
+    "GetVmInfos": PUBLIC,
+    "ListSubnets": PUBLIC,
+    "ListVMs": PUBLIC,
+    "RebootVm": PUBLIC,
+    "SetDisabledState": ADMIN,
+    "StartVm": PUBLIC,
+    "StopVm": PUBLIC,
+    "UpdateSubnets": ADMIN,
+}
+
+UNAUTHENTICATED_READS = frozenset(
+    {"GetCapacity", "GetVmInfo", "GetVmInfos", "GetVmLastPatchLog", "ListSubnets",
+     "ListVMs"}
+)
+
+
+class HypervisorApi:
+    """
+    The RPC methods, over one L{Manager}.
+    """
+
+    def __init__(self, manager: Manager) -> None:
+        self.manager = manager
+
+    @staticmethod
+    def _require_admin(identity: Identity, method: str) -> None:
+        if not identity.has_method_power(method):
+            raise AccessDenied(f"access to method Hypervisor.{method} denied")
+
+    # VM lifecycle ----------------------------------------------------------------
+
+    @inlineCallbacks
+    def CreateVm(self, identity: Identity, request: CreateVmRequest,
+                 send: Callable[[CreateVmResponse], None] = lambda r: None) -> Any:
+        """
+        Create a VM; progress messages go to C{send}; return the final response.
+        """
+        def progress(message: str) -> None:
+            send(CreateVmResponse(ProgressMessage=message))
+
+        response = yield self.manager.create_vm(identity, request, progress)
+        return response
+
+    def AcknowledgeVm(self, identity: Identity, request: IpRequest) -> ErrorResponse:
+        """
+        Keep a newly created VM.
+        """
+        self.manager.acknowledge_vm(identity, request.IpAddress)
+        return ErrorResponse()
+
+    @inlineCallbacks
+    def StartVm(self, identity: Identity, request: StartVmRequest) -> Any:
+        """
+        Start a stopped VM.
+        """
+        timed_out = yield self.manager.start_vm(identity, request.IpAddress,
+                                                float(request.DhcpTimeout))
+        return DhcpResponse(DhcpTimedOut=timed_out)
+
+    @inlineCallbacks
+    def StopVm(self, identity: Identity, request: AccessRequest) -> Any:
+        """
+        Stop a running VM (ACPI, forced after a timeout).
+        """
+        yield self.manager.stop_vm(identity, request.IpAddress)
+        return ErrorResponse()
+
+    @inlineCallbacks
+    def RebootVm(self, identity: Identity, request: RebootVmRequest) -> Any:
+        """
+        Reboot a running VM.
+        """
+        timed_out = yield self.manager.reboot_vm(identity, request.IpAddress,
+                                                 float(request.DhcpTimeout))
+        return DhcpResponse(DhcpTimedOut=timed_out)
+
+    @inlineCallbacks
+    def DestroyVm(self, identity: Identity, request: AccessRequest) -> Any:
+        """
+        Destroy a VM and its volumes.
+        """
+        yield self.manager.destroy_vm(identity, request.IpAddress)
+        return ErrorResponse()
+
+    # Reads ------------------------------------------------------------------------
+
+    def GetVmInfo(self, identity: Identity, request: IpRequest) -> GetVmInfoResponse:
+        """
+        One VM's info.
+        """
+        return GetVmInfoResponse(VmInfo=self.manager.get_vm_info(request.IpAddress))
+
+    def GetVmInfos(self, identity: Identity, request: GetVmInfosRequest) -> GetVmInfosResponse:
+        """
+        Infos of the VMs matching the filters.
+        """
+        return GetVmInfosResponse(VmInfos=self.manager.get_vm_infos(request.Filter))
+
+    def ListVMs(self, identity: Identity, request: ListVMsRequest) -> ListVMsResponse:
+        """
+        IPs of the VMs matching the filters.
+        """
+        return ListVMsResponse(
+            IpAddresses=self.manager.list_vms(request.Filter, sort=request.Sort))
+
+    def GetVmCreateRequest(self, identity: Identity,
+                           request: IpRequest) -> GetVmCreateRequestResponse:
+        """
+        The request a VM was created with.
+        """
+        return GetVmCreateRequestResponse(
+            CreateRequest=self.manager.get_vm_create_request(identity, request.IpAddress))
+
+    def GetCapacity(self, identity: Identity, request: object) -> GetCapacityResponse:
+        """
+        Host capacity.
+        """
+        return self.manager.get_capacity()
+
+    def ListSubnets(self, identity: Identity,
+                    request: ListSubnetsRequest) -> ListSubnetsResponse:
+        """
+        The subnets.
+        """
+        return ListSubnetsResponse(Subnets=self.manager.subnets.list(sort=request.Sort))
+
+    def GetUpdates(self, identity: Identity, request: object) -> UpdateStream:
+        """
+        A stream of updates: the first full, then what changes.
+        """
+        return self.manager.subscribe_updates()
+
+    # Changes ----------------------------------------------------------------------
+
+    def _done(self, d: "Deferred[None]") -> "Deferred[ErrorResponse]":
+        return d.addCallback(lambda _: ErrorResponse())
+
+    def ChangeVmSize(self, identity: Identity,
+                     request: ChangeVmSizeRequest) -> "Deferred[ErrorResponse]":
+        """
+        Change memory, milliCPUs or vCPUs.
+        """
+        return self._done(self.manager.change_vm_size(
+            identity, request.IpAddress, request.MemoryInMiB, request.MilliCPUs,
+            request.VirtualCPUs))
+
+    def ChangeVmTags(self, identity: Identity,
+                     request: ChangeVmTagsRequest) -> "Deferred[ErrorResponse]":
+        """
+        Replace a VM's tags.
+        """
+        return self._done(self.manager.change_vm_tags(identity, request.IpAddress,
+                                                      request.Tags))
+
+    def ChangeVmOwnerUsers(self, identity: Identity,
+                           request: ChangeVmOwnerUsersRequest) -> "Deferred[ErrorResponse]":
+        """
+        Replace a VM's extra owners.
+        """
+        return self._done(self.manager.change_vm_owner_users(
+            identity, request.IpAddress, request.OwnerUsers))
+
+    def ChangeVmOwnerGroups(self, identity: Identity,
+                            request: ChangeVmOwnerGroupsRequest) -> "Deferred[ErrorResponse]":
+        """
+        Replace a VM's owner groups.
+        """
+        return self._done(self.manager.change_vm_owner_groups(
+            identity, request.IpAddress, request.OwnerGroups))
+
+    def BecomePrimaryVmOwner(self, identity: Identity,
+                             request: IpRequest) -> "Deferred[ErrorResponse]":
+        """
+        Become a VM's primary owner.
+        """
+        return self._done(self.manager.become_primary_vm_owner(identity, request.IpAddress))
+
+    def ChangeVmDestroyProtection(
+        self, identity: Identity, request: ChangeVmDestroyProtectionRequest
+    ) -> "Deferred[ErrorResponse]":
+        """
+        Set or clear destroy protection.
+        """
+        return self._done(self.manager.change_vm_destroy_protection(
+            identity, request.IpAddress, request.DestroyProtection))
+
+    def ChangeVmHostname(self, identity: Identity,
+                         request: ChangeVmHostnameRequest) -> "Deferred[ErrorResponse]":
+        """
+        Change a VM's hostname.
+        """
+        return self._done(self.manager.change_vm_hostname(identity, request.IpAddress,
+                                                          request.Hostname))
+
+    # Host administration ------------------------------------------------------------
+
+    def SetDisabledState(self, identity: Identity,
+                         request: SetDisabledStateRequest) -> ErrorResponse:
+        """
+        Disable or enable the hypervisor (admin).
+        """
+        self._require_admin(identity, "SetDisabledState")
+        self.manager.set_disabled_state(request.Disable)
+        return ErrorResponse()
+
+    def ChangeAddressPool(self, identity: Identity,
+                          request: ChangeAddressPoolRequest) -> ErrorResponse:
+        """
+        Add, remove or trim addresses (admin).
+        """
+        self._require_admin(identity, "ChangeAddressPool")
+        self.manager.change_address_pool(request.AddressesToAdd, request.AddressesToRemove,
+                                         request.MaximumFreeAddresses)
+        return ErrorResponse()
+
+    def UpdateSubnets(self, identity: Identity,
+                      request: UpdateSubnetsRequest) -> ErrorResponse:
+        """
+        Add, change or delete subnets (admin).
+        """
+        self._require_admin(identity, "UpdateSubnets")
+        self.manager.update_subnets(request.Add, request.Change, request.Delete)
+        return ErrorResponse()
