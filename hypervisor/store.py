@@ -171,10 +171,11 @@ class StateDirectory:
 
     def prepare(self) -> list[str]:
         """
-        Create the directory (0755), take its lock, remove leftover temporary files,
-        create C{uuid} once and write a new C{root-cookie}.
+        Create the directory (0755), take its lock, remove leftover temporary files
+        and a stale control socket, create C{uuid} once and write a new
+        C{root-cookie}.
 
-        @return: the leftover temporary files that were removed.
+        @return: the leftover files that were removed.
         @raise StateDirectoryError: the directory cannot be used; the message says
             why and what to do.
         """
@@ -188,6 +189,10 @@ class StateDirectory:
             ) from e
         self.lock()
         removed = clean_temp_files(self.path)
+        # We hold the lock, so a control socket here is a dead daemon's (SIGKILL).
+        if os.path.exists(self.control_path) or os.path.islink(self.control_path):
+            os.unlink(self.control_path)
+            removed.append(self.control_path)
         self.uuid = self._ensure_uuid()
         atomic_write(self.root_cookie_path, secrets.token_bytes(32), mode=0o600)
         return removed

@@ -219,3 +219,40 @@ class Daemon:
         if getattr(self, "_output", None) is not None:
             self._output.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+TEST_BRIDGE = "br@hvtest"
+
+
+def tiny_guest() -> str:
+    """
+    The tiny guest's directory (built once, cached); skip/fail if it cannot be built.
+    """
+    from tests.guest import build
+
+    try:
+        return build.build(build.DEFAULT_CACHE)
+    except Exception as e:  # noqa: BLE001 - reported as the reason
+        require(False, f"cannot build the tiny guest: {e}")
+        raise
+
+
+def ensure_bridge(name: str = TEST_BRIDGE) -> str:
+    """
+    A bridge with no host address for test VMs (its traffic stays inside it).
+    """
+    if not os.path.exists(f"/sys/class/net/{name}"):
+        subprocess.run(["ip", "link", "add", name, "type", "bridge"], check=True)
+        subprocess.run(["ip", "link", "set", name, "address", "02:00:00:00:7e:57"],
+                       check=True)
+    subprocess.run(["ip", "link", "set", name, "up"], check=True)
+    return name
+
+
+def public_tempdir(prefix: str) -> str:
+    """
+    A temporary directory QEMU (user libvirt-qemu) can traverse.
+    """
+    path = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(path, 0o755)
+    return path

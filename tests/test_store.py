@@ -152,6 +152,21 @@ class StateDirectoryTests(SynchronousTestCase):
         self.assertEqual(self.make().prepare(), [leftover])
         self.assertFalse(os.path.exists(leftover))
 
+    def test_stale_control_socket_removed(self) -> None:
+        """
+        A control socket left by a killed daemon is removed at start (the lock proves
+        no daemon owns it).
+        """
+        import socket
+
+        os.makedirs(self.path)
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(os.path.join(self.path, "control"))
+        stale.close()
+        removed = self.make().prepare()
+        self.assertIn(os.path.join(self.path, "control"), removed)
+        self.assertFalse(os.path.exists(os.path.join(self.path, "control")))
+
     def test_second_daemon_refused(self) -> None:
         """
         A second user of the same state directory is refused with a clear message.

@@ -213,7 +213,8 @@ class Manager(Service):
         if not self._loaded:
             removed = self.state.prepare()
             for path in removed:
-                self.log.warn("removed {path}, left by an interrupted write", path=path)
+                self.log.warn("removed {path}, left by a daemon that did not stop "
+                              "cleanly", path=path)
             self.load()
             self._loaded = True
         super().privilegedStartService()
