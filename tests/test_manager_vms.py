@@ -438,6 +438,24 @@ class LifecycleTests(ManagerTestCase):
         self.assertIn("MiB short", str(e))
         self.assertEqual(m.vms[ip].info.MemoryInMiB, 256)
 
+    async def test_per_vm_locking(self) -> None:
+        """
+        While one VM's lock is held (a long operation), changes to another VM go
+        through at once and changes to the busy VM wait their turn.
+        """
+        await self.prepare()
+        a = await self.create(DoNotStart=True)
+        b = await self.create(DoNotStart=True)
+        await self.manager.vms[a].lock.acquire()
+        on_a = self.manager.change_vm_tags(ALICE, a, {"x": "1"})
+        on_b = self.manager.change_vm_tags(ALICE, b, {"y": "2"})
+        self.assertTrue(on_b.called)
+        self.assertFalse(on_a.called)
+        self.assertEqual(self.manager.vms[a].info.Tags, {})
+        self.manager.vms[a].lock.release()
+        await on_a
+        self.assertEqual(self.manager.vms[a].info.Tags, {"x": "1"})
+
     async def test_list_filters(self) -> None:
         """
         ListVMs and GetVmInfos filter by state mask, owners, groups and tags; Sort
