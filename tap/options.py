@@ -21,6 +21,7 @@ from hypervisor import flags
 SECTION_OURS = "(ours)"
 
 DOMAIN_TYPES = ("auto", "kvm", "qemu")
+DATASOURCES = ("openstack", "nocloud", "none")
 
 
 def _port(text: str) -> int:
@@ -36,6 +37,12 @@ def _port(text: str) -> int:
 def _domain_type(text: str) -> str:
     if text not in DOMAIN_TYPES:
         raise ValueError(f"{text!r} is not one of {', '.join(DOMAIN_TYPES)}")
+    return text
+
+
+def _datasource(text: str) -> str:
+    if text not in DATASOURCES:
+        raise ValueError(f"{text!r} is not one of {', '.join(DATASOURCES)}")
     return text
 
 
@@ -124,6 +131,13 @@ PARAMETERS: list[tuple[str, str, Callable[[str], Any], str]] = [
         _domain_type,
         f"{SECTION_OURS} libvirt domain type: kvm, qemu (TCG), or auto "
         "(kvm only if a KVM guest really starts on this host)",
+    ),
+    (
+        "cloudInitDatasource",
+        "openstack",
+        _datasource,
+        f"{SECTION_OURS} cloud-init datasource VMs advertise in SMBIOS unless their "
+        "CloudInitDatasource says otherwise: openstack, nocloud or none",
     ),
     (
         "vmShutdownTimeout",

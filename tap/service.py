@@ -17,6 +17,7 @@ from twisted.web.server import Site
 from hypervisor.control import ControlFactory, DaemonControl
 from hypervisor.logs import LogFileService
 from hypervisor.manager.manager import Manager
+from hypervisor.model import CloudInitDatasource
 from hypervisor.store import StateDirectory
 from hypervisor.virt.connection import LibvirtService
 from tap.options import Options
@@ -41,6 +42,7 @@ def _make_manager_service(
         vm_shutdown_timeout=options["vmShutdownTimeout"],
         volume_directories=options["volumeDirectories"] or None,
         images_directory=options["localImagesDirectory"],
+        datasource=CloudInitDatasource(options["cloudInitDatasource"]),
     )
 
 

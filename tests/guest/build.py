@@ -106,7 +106,14 @@ def kernel_package() -> str:
     """
     The versioned kernel package that C{linux-image-amd64} depends on.
     """
-    out = run("apt-cache", "depends", "linux-image-amd64")
+    try:
+        out = run("apt-cache", "depends", "linux-image-amd64")
+    except RuntimeError:
+        out = ""
+    if "Depends: linux-image-" not in out:
+        # a fresh machine may have no package lists yet
+        run("apt-get", "update", "-qq")
+        out = run("apt-cache", "depends", "linux-image-amd64")
     m = re.search(r"Depends: (linux-image-[0-9][^\s]*-amd64)", out)
     if not m:
         raise RuntimeError(f"cannot find the kernel package in:\n{out}")

@@ -1,0 +1,1 @@
+"""Benchmarks against real peers; they print tables and never run in CI."""
