@@ -16,7 +16,8 @@ when C{-allowUnauthenticatedReads} is set.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import IO, Any, Callable, Optional
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 
@@ -27,6 +28,7 @@ from hypervisor.manager.vm import UpdateStream
 from hypervisor.model import (
     AccessRequest,
     ChangeAddressPoolRequest,
+    ChangeOwnersRequest,
     ChangeVmDestroyProtectionRequest,
     ChangeVmHostnameRequest,
     ChangeVmOwnerGroupsRequest,
@@ -56,31 +58,58 @@ from hypervisor.model import (
 PUBLIC = "public"
 ADMIN = "admin"
 
-ACCESS: dict[str, str] = {
-    "AcknowledgeVm": PUBLIC,
-    "BecomePrimaryVmOwner": PUBLIC,
-    "ChangeAddressPool": ADMIN,
-    "ChangeVmDestroyProtection": PUBLIC,
-    "ChangeVmHostname": PUBLIC,
-    "ChangeVmOwnerGroups": PUBLIC,
-    "ChangeVmOwnerUsers": PUBLIC,
-    "ChangeVmSize": PUBLIC,
-    "ChangeVmTags": PUBLIC,
-    "CreateVm": PUBLIC,
-    "DestroyVm": PUBLIC,
-    "GetCapacity": PUBLIC,
-    "GetUpdates": PUBLIC,
-    "GetVmCreateRequest": PUBLIC,
-    "GetVmInfo": PUBLIC,
-    "GetVmInfos": PUBLIC,
-    "ListSubnets": PUBLIC,
-    "ListVMs": PUBLIC,
-    "RebootVm": PUBLIC,
-    "SetDisabledState": ADMIN,
-    "StartVm": PUBLIC,
-    "StopVm": PUBLIC,
-    "UpdateSubnets": ADMIN,
+RR = "request-reply"
+PROGRESS = "progress-stream"
+UPDATES = "update-stream"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """
+    How a method is called: its request type, access class and reply kind.
+    """
+
+    request: type
+    access: str
+    kind: str = RR
+    upload: bool = False
+
+
+@dataclass
+class Empty:
+    """
+    A request with no fields (GetCapacity, GetUpdates).
+    """
+
+
+METHODS: dict[str, MethodSpec] = {
+    "AcknowledgeVm": MethodSpec(IpRequest, PUBLIC),
+    "BecomePrimaryVmOwner": MethodSpec(IpRequest, PUBLIC),
+    "ChangeAddressPool": MethodSpec(ChangeAddressPoolRequest, ADMIN),
+    "ChangeOwners": MethodSpec(ChangeOwnersRequest, ADMIN),
+    "ChangeVmDestroyProtection": MethodSpec(ChangeVmDestroyProtectionRequest, PUBLIC),
+    "ChangeVmHostname": MethodSpec(ChangeVmHostnameRequest, PUBLIC),
+    "ChangeVmOwnerGroups": MethodSpec(ChangeVmOwnerGroupsRequest, PUBLIC),
+    "ChangeVmOwnerUsers": MethodSpec(ChangeVmOwnerUsersRequest, PUBLIC),
+    "ChangeVmSize": MethodSpec(ChangeVmSizeRequest, PUBLIC),
+    "ChangeVmTags": MethodSpec(ChangeVmTagsRequest, PUBLIC),
+    "CreateVm": MethodSpec(CreateVmRequest, PUBLIC, PROGRESS, upload=True),
+    "DestroyVm": MethodSpec(AccessRequest, PUBLIC),
+    "GetCapacity": MethodSpec(Empty, PUBLIC),
+    "GetUpdates": MethodSpec(Empty, PUBLIC, UPDATES),
+    "GetVmCreateRequest": MethodSpec(IpRequest, PUBLIC),
+    "GetVmInfo": MethodSpec(IpRequest, PUBLIC),
+    "GetVmInfos": MethodSpec(GetVmInfosRequest, PUBLIC),
+    "ListSubnets": MethodSpec(ListSubnetsRequest, PUBLIC),
+    "ListVMs": MethodSpec(ListVMsRequest, PUBLIC),
+    "RebootVm": MethodSpec(RebootVmRequest, PUBLIC),
+    "SetDisabledState": MethodSpec(SetDisabledStateRequest, ADMIN),
+    "StartVm": MethodSpec(StartVmRequest, PUBLIC),
+    "StopVm": MethodSpec(AccessRequest, PUBLIC),
+    "UpdateSubnets": MethodSpec(UpdateSubnetsRequest, ADMIN),
 }
+
+ACCESS: dict[str, str] = {name: spec.access for name, spec in METHODS.items()}
 
 UNAUTHENTICATED_READS = frozenset(
     {"GetCapacity", "GetVmInfo", "GetVmInfos", "GetVmLastPatchLog", "ListSubnets",
@@ -105,14 +134,18 @@ class HypervisorApi:
 
     @inlineCallbacks
     def CreateVm(self, identity: Identity, request: CreateVmRequest,
-                 send: Callable[[CreateVmResponse], None] = lambda r: None) -> Any:
+                 send: Callable[[CreateVmResponse], None] = lambda r: None,
+                 upload: Optional[tuple[IO[bytes], int, int]] = None) -> Any:
         """
         Create a VM; progress messages go to C{send}; return the final response.
+
+        @param upload: where the raw image and user data sent after the request are:
+            (file, offset, length), length = ImageDataSize + UserDataSize.
         """
         def progress(message: str) -> None:
             send(CreateVmResponse(ProgressMessage=message))
 
-        response = yield self.manager.create_vm(identity, request, progress)
+        response = yield self.manager.create_vm(identity, request, progress, upload)
         return response
 
     def AcknowledgeVm(self, identity: Identity, request: IpRequest) -> ErrorResponse:
@@ -285,6 +318,15 @@ class HypervisorApi:
         self._require_admin(identity, "ChangeAddressPool")
         self.manager.change_address_pool(request.AddressesToAdd, request.AddressesToRemove,
                                          request.MaximumFreeAddresses)
+        return ErrorResponse()
+
+    def ChangeOwners(self, identity: Identity,
+                     request: ChangeOwnersRequest) -> ErrorResponse:
+        """
+        Set the hypervisor's owners (admin; in memory, as the Go hypervisor).
+        """
+        self._require_admin(identity, "ChangeOwners")
+        self.manager.change_owners(request.OwnerUsers, request.OwnerGroups)
         return ErrorResponse()
 
     def UpdateSubnets(self, identity: Identity,

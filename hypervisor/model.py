@@ -587,6 +587,16 @@ class UpdateSubnetsRequest:
 
 
 @dataclass
+class ChangeOwnersRequest:
+    """
+    ChangeOwners: the hypervisor's owners (they get every method).
+    """
+
+    OwnerGroups: list[str] = field(omitempty=True, default_factory=list)
+    OwnerUsers: list[str] = field(omitempty=True, default_factory=list)
+
+
+@dataclass
 class ListSubnetsRequest:
     """
     ListSubnets.

@@ -12,15 +12,20 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from twisted.application import internet, service
+from twisted.logger import Logger
 from twisted.web.server import Site
 
+from hypervisor.auth import TrustStore
 from hypervisor.control import ControlFactory, DaemonControl
 from hypervisor.logs import LogFileService
 from hypervisor.manager.manager import Manager
+from hypervisor.metrics import Metrics
 from hypervisor.model import CloudInitDatasource
 from hypervisor.store import StateDirectory
 from hypervisor.virt.connection import LibvirtService
 from tap.options import Options
+
+log = Logger()
 
 
 def _make_logging_service(options: Options) -> service.IService:
@@ -46,15 +51,45 @@ def _make_manager_service(
     )
 
 
+def _tls_options(options: Options, trust: TrustStore) -> Optional[Any]:
+    """
+    The server TLS options, or None (with a warning saying why) when HTTPS is off.
+    """
+    from hypervisor.tls import server_tls_options
+
+    if trust.empty:
+        log.warn(
+            "neither {ca} nor {ica} holds a certificate: RPC over HTTPS is refused "
+            "(create them with 'hypervisor make-certs')",
+            ca=options["CAfile"], ica=options["identityCAfile"])
+    try:
+        return server_tls_options(options["certFile"], options["keyFile"], trust)
+    except (OSError, ValueError) as e:
+        log.warn("no usable server certificate ({why}): HTTPS is off, port {port} "
+                 "serves plain HTTP only (create one with 'hypervisor make-certs')",
+                 why=e, port=options["portNum"])
+        return None
+
+
 def _make_web_service(
-    options: Options, manager: Manager, libvirt: LibvirtService, reactor: Any
+    options: Options, manager: Manager, libvirt: LibvirtService, reactor: Any,
+    metrics: Optional[Metrics] = None,
 ) -> internet.TCPServer:
+    from hypervisor.api import HypervisorApi
+    from hypervisor.tls import SniffingFactory
+    from web.root import make_root
+    from web.rpc import RpcEndpoints
     from web.status import StatusPages
 
-    pages = StatusPages(manager, libvirt)
-    site = Site(pages.resource())
+    metrics = metrics or Metrics()
+    trust = TrustStore.from_files(options["CAfile"], options["identityCAfile"])
+    pages = StatusPages(manager, libvirt, metrics=metrics)
+    rpc = RpcEndpoints(HypervisorApi(manager), trust, metrics, reactor,
+                       allow_unauthenticated_reads=options["allowUnauthenticatedReads"])
+    site = Site(make_root(pages, rpc))
     site.displayTracebacks = False
-    return internet.TCPServer(options["portNum"], site, reactor=reactor)
+    factory = SniffingFactory(site, _tls_options(options, trust))
+    return internet.TCPServer(options["portNum"], factory, reactor=reactor)
 
 
 def _make_control_service(

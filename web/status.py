@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from typing import Any
+from typing import Any, Optional
 
 import jinja2
 from klein import Klein
@@ -20,6 +20,7 @@ from twisted.web.iweb import IRequest
 
 import hypervisor
 from hypervisor.manager.manager import Manager
+from hypervisor.metrics import Metrics
 from hypervisor.virt.connection import LibvirtService
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -89,10 +90,12 @@ class StatusPages:
     app = Klein()
 
     def __init__(
-        self, manager: Manager, libvirt: LibvirtService, hostname: str = ""
+        self, manager: Manager, libvirt: LibvirtService, hostname: str = "",
+        metrics: Optional[Metrics] = None,
     ) -> None:
         self.manager = manager
         self.libvirt = libvirt
+        self.metrics = metrics or Metrics()
         self.hostname = hostname or socket.gethostname()
         self.templates = make_environment()
         self.assets = load_assets()
@@ -150,6 +153,14 @@ class StatusPages:
             return b"ok\n"
         request.setResponseCode(503)
         return (self.libvirt.describe() + "\n").encode("utf-8")
+
+    @app.route("/metrics", branch=False)
+    def metrics_page(self, request: IRequest) -> bytes:
+        """
+        Prometheus metrics (text format).
+        """
+        request.setHeader(b"Content-Type", self.metrics.content_type.encode())
+        return self.metrics.text()
 
     @app.route("/static/<name>", branch=False)
     def static(self, request: IRequest, name: str) -> bytes:

@@ -10,6 +10,7 @@ its control socket, or work on the state directory while it is stopped.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -64,6 +65,34 @@ class RepairOptions(_NoFlags):
     synopsis = "repair-vm-volume-allocations"
 
 
+class MakeCertsOptions(usage.Options):
+    """
+    C{hypervisor make-certs}: the CA, the daemon's certificate, user certificates.
+    """
+
+    synopsis = "make-certs [--user NAME [--groups G1,G2] [--methods 'Hypervisor.*']]"
+    longdesc = (
+        "Creates what is missing: the CA (-CAfile, its key beside it as .key), the "
+        "daemon's certificate and key (-certFile, -keyFile) for this host's names, "
+        "and, with --user, a user certificate NAME.cert/NAME.key in --out (default "
+        "~/.ssl, where vm-control looks). Existing files are never overwritten."
+    )
+    optParameters = [
+        ["user", "u", "", "Username (certificate CN) of a user certificate to make"],
+        ["groups", "g", "", "Comma-separated groups for the user certificate"],
+        ["methods", "m", "", "Comma-separated permitted methods, e.g. 'Hypervisor.*' "
+         "or '*.*' (grants count only with certificates signed by -CAfile)"],
+        ["out", "o", os.path.expanduser("~/.ssl"), "Directory for the user certificate"],
+        ["hostnames", None, "", "Extra comma-separated names/IPs for the daemon's "
+         "certificate"],
+        ["days", None, 3650, "Validity of new certificates, in days", int],
+    ]
+
+    def parseArgs(self, *args: str) -> None:
+        if args:
+            raise usage.UsageError(f"unexpected arguments: {' '.join(args)}")
+
+
 class HypervisorCommand(Options):
     """
     The daemon's flags plus one subcommand.
@@ -81,6 +110,8 @@ class HypervisorCommand(Options):
          "Report VM volumes whose size or disk allocation is wrong (offline)"],
         ["repair-vm-volume-allocations", None, RepairOptions,
          "Allocate the missing blocks of under-allocated VM volumes (offline)"],
+        ["make-certs", None, MakeCertsOptions,
+         "Create the CA, the daemon's TLS certificate and user certificates"],
     ]
     defaultSubCommand = "run"
 
@@ -102,6 +133,52 @@ def _run(options: HypervisorCommand) -> int:
             print(f"hypervisor: {e}", file=sys.stderr)
             return 1
         raise
+    return 0
+
+
+def make_certs(options: Options, sub: usage.Options) -> int:
+    """
+    Create missing certificates; print what was made.
+    """
+    from hypervisor import certs
+
+    try:
+        ca_key, ca_cert, created = certs.ensure_ca(options["CAfile"])
+    except (ValueError, OSError) as e:
+        print(f"hypervisor make-certs: {e}", file=sys.stderr)
+        return 1
+    print(f"{'created' if created else 'using'} CA {options['CAfile']}")
+    days = sub["days"]
+    if not os.path.exists(options["certFile"]) or not os.path.exists(options["keyFile"]):
+        names = certs.default_server_names() + [
+            n.strip() for n in sub["hostnames"].split(",") if n.strip()]
+        key, cert = certs.make_certificate(ca_key, ca_cert, names[0],
+                                           server_names=names, days=days)
+        certs.write_pair(options["certFile"], options["keyFile"], key, cert)
+        print(f"created the daemon's certificate {options['certFile']} for "
+              f"{', '.join(names)}")
+    else:
+        print(f"using the daemon's certificate {options['certFile']}")
+    if sub["user"]:
+        out = sub["out"]
+        cert_path = os.path.join(out, f"{sub['user']}.cert")
+        key_path = os.path.join(out, f"{sub['user']}.key")
+        if os.path.exists(cert_path):
+            print(f"{cert_path} exists: not overwritten", file=sys.stderr)
+            return 1
+        groups = [g.strip() for g in sub["groups"].split(",") if g.strip()]
+        methods = [m.strip() for m in sub["methods"].split(",") if m.strip()]
+        bad = [m for m in methods if m.count(".") != 1]
+        if bad:
+            print(f"hypervisor make-certs: methods must be Service.Method: {bad}",
+                  file=sys.stderr)
+            return 2
+        key, cert = certs.make_certificate(ca_key, ca_cert, sub["user"], groups=groups,
+                                           methods=methods, days=days)
+        os.makedirs(out, mode=0o700, exist_ok=True)
+        certs.write_pair(cert_path, key_path, key, cert)
+        print(f"created user certificate {cert_path} (user {sub['user']}, groups "
+              f"{groups or 'none'}, methods {methods or 'none'})")
     return 0
 
 
@@ -136,6 +213,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             print("VMs will be stopped on the next stop")
         return 0
+    if command == "make-certs":
+        return make_certs(options, options.subOptions)
     from hypervisor.manager import volumes
 
     return volumes.check_command(state, repair=command == "repair-vm-volume-allocations")

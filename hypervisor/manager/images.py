@@ -11,7 +11,7 @@ import os
 import shutil
 import struct
 import urllib.parse
-from typing import Callable, Optional
+from typing import IO, Callable, Optional
 
 from hypervisor.errors import InvalidRequest, NotFound
 from hypervisor.model import VolumeFormat
@@ -52,10 +52,7 @@ def image_format(path: str) -> tuple[VolumeFormat, int]:
     with open(path, "rb") as f:
         header = f.read(32)
         size = os.fstat(f.fileno()).st_size
-    if header[:4] == QCOW2_MAGIC and len(header) >= 32:
-        (virtual_size,) = struct.unpack(">Q", header[24:32])
-        return VolumeFormat.QCOW2, virtual_size
-    return VolumeFormat.RAW, size
+    return header_format(header, size)
 
 
 def round_up(size: int, power: int) -> int:
@@ -118,3 +115,37 @@ def remove_tree(path: str) -> None:
     Remove a VM's directory and everything in it (missing is fine).
     """
     shutil.rmtree(path, ignore_errors=True)
+
+
+def copy_stream(source: "IO[bytes]", offset: int, size: int, dst: str,
+                progress: Optional[Callable[[int, int], None]] = None) -> int:
+    """
+    Copy C{size} bytes of C{source} from C{offset} to a new file C{dst}.
+
+    @raise ValueError: the source has fewer bytes.
+    """
+    source.seek(offset)
+    done = 0
+    with open(dst, "wb") as fout:
+        os.fchmod(fout.fileno(), 0o640)
+        while done < size:
+            chunk = source.read(min(COPY_CHUNK, size - done))
+            if not chunk:
+                raise ValueError(f"image data ended after {done} of {size} bytes")
+            fout.write(chunk)
+            done += len(chunk)
+            if progress is not None:
+                progress(done, size)
+        fout.flush()
+        os.fsync(fout.fileno())
+    return size
+
+
+def header_format(header: bytes, size: int) -> tuple[VolumeFormat, int]:
+    """
+    The format of an image from its first 32 bytes, and its virtual size.
+    """
+    if header[:4] == QCOW2_MAGIC and len(header) >= 32:
+        (virtual_size,) = struct.unpack(">Q", header[24:32])
+        return VolumeFormat.QCOW2, virtual_size
+    return VolumeFormat.RAW, size

@@ -24,7 +24,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from typing import Any, Callable, Optional
+from typing import IO, Any, Callable, Optional
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
@@ -191,6 +191,8 @@ class Manager(Service):
         self.subnets = Subnets(state.join("subnets.json"))
         self.pool = AddressPool(state.join("address-pool.json"), self.subnets,
                                 self._addresses_in_use)
+        self.owner_users: frozenset[str] = frozenset()
+        self.owner_groups: frozenset[str] = frozenset()
         self.dhcp_acks: Optional[Callable[[str, float], "Deferred[bool]"]] = None
         self._streams: list[UpdateStream] = []
         self._refreshing: Optional[Deferred[None]] = None
@@ -752,7 +754,7 @@ class Manager(Service):
 
     # CreateVm ------------------------------------------------------------------
 
-    def _validate_create(self, request: CreateVmRequest) -> None:
+    def _validate_create(self, request: CreateVmRequest, has_upload: bool) -> None:
         info = request.VmInfo
         if info.MemoryInMiB <= 0:
             raise InvalidRequest("MemoryInMiB must be positive")
@@ -766,12 +768,17 @@ class Manager(Service):
         if info.ImageName:
             raise InvalidRequest("ImageName needs an image server, which this hypervisor "
                                  "does not use yet; use ImageURL (file://) instead")
-        if request.ImageDataSize:
-            raise InvalidRequest("streamed images (ImageDataSize) are not supported by "
-                                 "this transport")
-        if not info.ImageURL and request.MinimumFreeBytes <= 0:
-            raise InvalidRequest("give ImageURL (a file:// image) or MinimumFreeBytes "
-                                 "(an empty root volume)")
+        if request.ImageDataSize < 0 or request.UserDataSize < 0:
+            raise InvalidRequest("ImageDataSize and UserDataSize must not be negative")
+        if (request.ImageDataSize or request.UserDataSize) and not has_upload:
+            raise InvalidRequest("ImageDataSize/UserDataSize announce data that did not "
+                                 "come with the request")
+        if request.ImageDataSize and info.ImageURL:
+            raise InvalidRequest("give ImageURL or image data (ImageDataSize), not both")
+        if not info.ImageURL and not request.ImageDataSize and request.MinimumFreeBytes <= 0:
+            raise InvalidRequest("give ImageURL (a file:// image), image data "
+                                 "(ImageDataSize) or MinimumFreeBytes (an empty root "
+                                 "volume)")
         if request.InitrdURL and not request.KernelURL:
             raise InvalidRequest("InitrdURL needs KernelURL")
         for i, volume in enumerate(request.SecondaryVolumes):
@@ -795,15 +802,19 @@ class Manager(Service):
     def create_vm(
         self, identity: Identity, request: CreateVmRequest,
         progress: Callable[[str], None] = lambda message: None,
+        upload: Optional[tuple[IO[bytes], int, int]] = None,
     ) -> Any:
         """
         CreateVm: allocate, build volumes, persist, start; return the final
         L{CreateVmResponse}. Anything that fails leaves nothing behind.
+
+        @param upload: (file, offset, length) of the raw image then user data sent
+            after the request (ImageDataSize + UserDataSize bytes).
         """
         self._require_enabled()
         if not identity.username:
             raise AccessDenied("no authentication data")
-        self._validate_create(request)
+        self._validate_create(request, upload is not None)
         info = request.VmInfo
         subnet = self.subnets.choose(info.SubnetId, identity)
         secondary_subnets = [self.subnets.choose(sid, identity)
@@ -823,6 +834,17 @@ class Manager(Service):
                                             request.RoundupPower)
             else:
                 root_size = os.path.getsize(image_path)
+        elif request.ImageDataSize:
+            assert upload is not None
+            source, offset, _ = upload
+            source.seek(offset)
+            image_format, virtual = images.header_format(source.read(32),
+                                                         request.ImageDataSize)
+            if image_format == VolumeFormat.RAW:
+                root_size = images.round_up(request.ImageDataSize + request.MinimumFreeBytes,
+                                            request.RoundupPower)
+            else:
+                root_size = request.ImageDataSize
         else:
             image_format = VolumeFormat.RAW
             root_size = images.round_up(request.MinimumFreeBytes, request.RoundupPower)
@@ -862,7 +884,8 @@ class Manager(Service):
             Volume(Size=v.Size, Interface=v.Interface) for v in request.SecondaryVolumes
         ]
         if image_format == VolumeFormat.QCOW2:
-            new.Volumes[0].VirtualSize = images.image_format(image_path)[1]
+            new.Volumes[0].VirtualSize = (images.image_format(image_path)[1] if image_path
+                                          else virtual)
         vm_volume_dir = os.path.join(volume_directory, ip)
         files = [os.path.join(vm_volume_dir, "root")] + [
             os.path.join(vm_volume_dir, f"secondary-volume.{i}")
@@ -878,7 +901,7 @@ class Manager(Service):
         yield vm.lock.acquire()
         try:
             yield self._build_vm(vm, request, image_path, kernel_path, initrd_path,
-                                 progress)
+                                 progress, upload)
             if request.DoNotStart:
                 self._set_state(vm, State.STOPPED)
             else:
@@ -903,7 +926,8 @@ class Manager(Service):
     @inlineCallbacks
     def _build_vm(self, vm: Vm, request: CreateVmRequest, image_path: str,
                   kernel_path: str, initrd_path: str,
-                  progress: Callable[[str], None]) -> Any:
+                  progress: Callable[[str], None],
+                  upload: Optional[tuple[IO[bytes], int, int]] = None) -> Any:
         ip = vm.ip
         volume_dir = os.path.dirname(vm.local.VolumeLocations[0].Filename)
 
@@ -919,19 +943,31 @@ class Manager(Service):
                      json.dumps(create_request, indent=4).encode())
         root = vm.local.VolumeLocations[0].Filename
         root_volume = vm.info.Volumes[0]
-        if image_path:
-            progress(f"copying image {os.path.basename(image_path)}")
-            last = [0.0]
+        last = [0.0]
 
-            def report(done: int, total: int) -> None:
-                # from the copying thread: hop to the reactor, at most every 0.5 s
-                now = self.reactor.seconds()
-                if now - last[0] >= 0.5 or done == total:
-                    last[0] = now
-                    self.reactor.callFromThread(
-                        progress, f"copied {done // MiB} of {total // MiB} MiB")
+        def report(done: int, total: int) -> None:
+            # from the copying thread: hop to the reactor, at most every 0.5 s
+            now = self.reactor.seconds()
+            if now - last[0] >= 0.5 or done == total:
+                last[0] = now
+                self.reactor.callFromThread(
+                    progress, f"copied {done // MiB} of {total // MiB} MiB")
 
-            yield self.run_blocking(images.copy_file, image_path, root, report)
+        if upload is not None and request.UserDataSize:
+            source, offset, _ = upload
+            source.seek(offset + request.ImageDataSize)
+            user_data = source.read(request.UserDataSize)
+            atomic_write(os.path.join(vm.directory, "user-data.raw"), user_data,
+                         mode=0o600)
+        if image_path or request.ImageDataSize:
+            if image_path:
+                progress(f"copying image {os.path.basename(image_path)}")
+                yield self.run_blocking(images.copy_file, image_path, root, report)
+            else:
+                assert upload is not None
+                progress(f"writing uploaded image ({request.ImageDataSize // MiB} MiB)")
+                yield self.run_blocking(images.copy_stream, upload[0], upload[1],
+                                        request.ImageDataSize, root, report)
             if root_volume.Format == VolumeFormat.RAW:
                 yield self.run_blocking(images.make_thick, root, root_volume.Size)
         else:
@@ -1256,6 +1292,15 @@ class Manager(Service):
         self.state.set_disabled(disable)
         self.log.info("hypervisor {state}", state="disabled" if disable else "enabled")
         self._publish(Update(HaveDisabled=True, Disabled=disable))
+
+    def change_owners(self, users: list[str], groups: list[str]) -> None:
+        """
+        ChangeOwners: the hypervisor's owners, in memory (fleet-manager sets them).
+        """
+        self.owner_users = frozenset(u for u in users if u)
+        self.owner_groups = frozenset(g for g in groups if g)
+        self.log.info("hypervisor owners: users {u}, groups {g}",
+                      u=sorted(self.owner_users), g=sorted(self.owner_groups))
 
     def change_address_pool(self, to_add: list[Address], to_remove: list[Address],
                             maximum_free: dict[str, int]) -> None:

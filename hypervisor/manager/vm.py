@@ -134,13 +134,13 @@ class UpdateStream:
     """
 
     def __init__(self, close: Any) -> None:
-        self.queue: DeferredQueue[Update] = DeferredQueue()
+        self.queue: DeferredQueue[Optional[Update]] = DeferredQueue()
         self._close = close
         self.closed = False
 
-    def get(self) -> "Deferred[Update]":
+    def get(self) -> "Deferred[Optional[Update]]":
         """
-        The next update (waits until there is one).
+        The next update (waits until there is one); None once the stream is closed.
         """
         return self.queue.get()
 
@@ -158,3 +158,4 @@ class UpdateStream:
         if not self.closed:
             self.closed = True
             self._close(self)
+            self.queue.put(None)  # wake a reader waiting in get()

@@ -1,0 +1,184 @@
+# -*- test-case-name: tests.test_rpc_tls -*-
+"""
+Port 6976 speaks plain HTTP and HTTPS at once, and TLS asks for client certificates.
+
+- L{SniffingFactory}: the first byte of a connection decides: C{0x16} (a TLS
+  handshake record) goes to the TLS factory, anything else to the plain one.
+- L{server_tls_options}: the server's certificate and key, TLS 1.2 at least, and a
+  request (not a demand) for a client certificate, advertising the subjects of
+  CA.pem and IdentityCA.pem so clients pick the right one. Any certificate is accepted
+  by the handshake; L{peer_identity} then verifies it with L{hypervisor.auth}, so that
+  a missing or foreign certificate gets an HTTP 401 with a sentence instead of a TLS
+  alert.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from cryptography import x509
+from OpenSSL import SSL, crypto
+from twisted.internet import protocol, ssl
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from hypervisor.auth import (
+    ANONYMOUS,
+    CertificateRefused,
+    Identity,
+    TrustStore,
+    identity_from_certificates,
+)
+
+TLS_HANDSHAKE = 0x16
+
+
+class _ClientCertOptions(ssl.CertificateOptions):
+    """
+    CertificateOptions that request an optional client certificate and accept any in
+    the handshake (it is verified per request, with a clear error).
+    """
+
+    def __init__(self, client_cas: list[x509.Certificate], **kwargs: Any) -> None:
+        self._client_cas = client_cas
+        super().__init__(**kwargs)
+
+    def _makeContext(self) -> SSL.Context:  # type: ignore[override]
+        ctx = super()._makeContext()
+        ctx.set_verify(SSL.VERIFY_PEER, lambda conn, cert, errno, depth, ok: True)
+        if self._client_cas:
+            ctx.set_client_ca_list([
+                crypto.X509.from_cryptography(c).get_subject() for c in self._client_cas
+            ])
+        ctx.set_session_id(b"smallstack-hypervisor")
+        return ctx
+
+
+def server_tls_options(cert_file: str, key_file: str,
+                       trust: TrustStore) -> ssl.CertificateOptions:
+    """
+    The server's TLS options.
+
+    @raise OSError: a file is missing.
+    @raise ValueError: a file is not PEM of the right kind.
+    """
+    with open(cert_file, "rb") as f:
+        certificate = crypto.load_certificate(crypto.FILETYPE_PEM, f.read())
+    with open(key_file, "rb") as f:
+        key = crypto.load_privatekey(crypto.FILETYPE_PEM, f.read())
+    return _ClientCertOptions(
+        trust.full + trust.identity_only,
+        privateKey=key, certificate=certificate,
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+    )
+
+
+class _Sniffer(protocol.Protocol):
+    """
+    Waits for the first bytes, then hands the connection to the right protocol.
+    """
+
+    def __init__(self, factory: "SniffingFactory", addr: Any) -> None:
+        self.factory = factory
+        self.addr = addr
+        self.inner: Optional[protocol.Protocol] = None
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Choose plain or TLS on the first byte, then pass everything through.
+        """
+        if self.inner is None:
+            assert self.transport is not None
+            tls = data[0] == TLS_HANDSHAKE
+            chosen = self.factory.tls if tls else self.factory.plain
+            if chosen is None:
+                self.transport.loseConnection()
+                return
+            inner = chosen.buildProtocol(self.addr)
+            if inner is None:
+                self.transport.loseConnection()
+                return
+            self.inner = inner
+            inner.makeConnection(self.transport)
+            # From now on the transport talks to the chosen protocol directly.
+            self.transport.protocol = inner  # type: ignore[attr-defined]
+        self.inner.dataReceived(data)
+
+    def connectionLost(self, reason: Any = protocol.connectionDone) -> None:
+        """
+        Pass the loss on (only reached if no data ever arrived).
+        """
+        if self.inner is not None:
+            self.inner.connectionLost(reason)
+
+
+class SniffingFactory(protocol.Factory):
+    """
+    One port, two protocols: TLS (first byte 0x16) and plain.
+
+    @ivar tls: the TLS-wrapped factory, or None when TLS is not configured.
+    """
+
+    def __init__(self, plain: IProtocolFactory,
+                 tls_options: Optional[ssl.CertificateOptions],
+                 tls_site: Optional[IProtocolFactory] = None) -> None:
+        self.plain = plain
+        self.tls: Optional[IProtocolFactory] = None
+        if tls_options is not None:
+            self.tls = TLSMemoryBIOFactory(tls_options, False, tls_site or plain)
+
+    def doStart(self) -> None:
+        """
+        Start the wrapped factories too.
+        """
+        super().doStart()
+        self.plain.doStart()
+        if self.tls is not None:
+            self.tls.doStart()
+
+    def doStop(self) -> None:
+        """
+        Stop the wrapped factories too.
+        """
+        if self.tls is not None:
+            self.tls.doStop()
+        self.plain.doStop()
+        super().doStop()
+
+    def buildProtocol(self, addr: Any) -> _Sniffer:
+        """
+        A sniffer for the new connection.
+        """
+        return _Sniffer(self, addr)
+
+
+def peer_identity(transport: Any, trust: TrustStore) -> tuple[bool, Identity]:
+    """
+    Whether the connection is TLS, and who the client certificate says the caller is.
+
+    @raise CertificateRefused: a certificate was presented but does not verify.
+    """
+    get_peer = getattr(transport, "getPeerCertificate", None)
+    if get_peer is None:
+        return False, ANONYMOUS
+    cached = getattr(transport, "_hypervisor_identity", None)
+    if cached is not None:
+        if isinstance(cached, CertificateRefused):
+            raise cached
+        return True, cached
+    peer = get_peer()
+    leaf = peer.to_cryptography() if peer is not None else None
+    chain: list[x509.Certificate] = []
+    connection = getattr(transport, "_tlsConnection", None)
+    if connection is not None and leaf is not None:
+        for c in connection.get_peer_cert_chain() or []:
+            cert = c.to_cryptography()
+            if cert != leaf:
+                chain.append(cert)
+    try:
+        identity = identity_from_certificates(leaf, chain, trust)
+    except CertificateRefused as e:
+        transport._hypervisor_identity = e
+        raise
+    transport._hypervisor_identity = identity
+    return True, identity
