@@ -1,0 +1,341 @@
+"""
+The access matrix: every RPC method of the service layer called over real TLS on
+loopback by every kind of caller, asserting exactly the reference's allow/deny
+(§1, §7), and that a denied call changes nothing.
+
+Callers: no certificate; a certificate from a foreign CA; an IdentityCA certificate
+(claiming every method, which must not count); CA certificates granting
+C{Hypervisor.*}, one admin method, and the glob C{Hypervisor.Change*}; the VM's owner;
+a member of its owner group; a stranger.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import libvirt
+from twisted.internet import reactor, ssl
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.server import Site
+from zope.interface import implementer
+
+from hypervisor import certs, codec
+from hypervisor.api import ACCESS, ADMIN, METHODS, UNAUTHENTICATED_READS, HypervisorApi
+from hypervisor.auth import ROOT, TrustStore
+from hypervisor.manager.manager import Manager
+from hypervisor.metrics import Metrics
+from hypervisor.model import (
+    Address,
+    ChangeAddressPoolRequest,
+    CreateVmRequest,
+    IpRequest,
+    Subnet,
+    UpdateSubnetsRequest,
+    VmInfo,
+)
+from hypervisor.store import StateDirectory
+from hypervisor.testing import FakeHost
+from hypervisor.tls import SniffingFactory, server_tls_options
+from hypervisor.virt.connection import LibvirtService, start_event_loop
+from web.root import make_root
+from web.rpc import RpcEndpoints
+from web.status import StatusPages
+
+VM_IP = "10.8.0.2"
+VM_OWNER_METHODS = {
+    "AcknowledgeVm", "BecomePrimaryVmOwner", "ChangeVmDestroyProtection",
+    "ChangeVmHostname", "ChangeVmOwnerGroups", "ChangeVmOwnerUsers", "ChangeVmSize",
+    "ChangeVmTags", "DestroyVm", "GetVmCreateRequest", "RebootVm", "StartVm", "StopVm",
+}
+
+# A request body for each method: valid, aimed at the fixture VM where it has one.
+REQUESTS: dict[str, dict[str, Any]] = {
+    "AcknowledgeVm": {"IpAddress": VM_IP},
+    "BecomePrimaryVmOwner": {"IpAddress": VM_IP},
+    "ChangeAddressPool": {"AddressesToAdd": [{"IpAddress": "10.8.0.200",
+                                              "MacAddress": "52:54:0a:08:00:c8"}]},
+    "ChangeOwners": {"OwnerUsers": ["someone"]},
+    "ChangeVmDestroyProtection": {"IpAddress": VM_IP, "DestroyProtection": False},
+    "ChangeVmHostname": {"IpAddress": VM_IP, "Hostname": "renamed"},
+    "ChangeVmOwnerGroups": {"IpAddress": VM_IP, "OwnerGroups": ["team", "extra"]},
+    "ChangeVmOwnerUsers": {"IpAddress": VM_IP, "OwnerUsers": ["zed"]},
+    "ChangeVmSize": {"IpAddress": VM_IP, "MilliCPUs": 20},
+    "ChangeVmTags": {"IpAddress": VM_IP, "Tags": {"changed": "yes"}},
+    "CreateVm": {"MemoryInMiB": 16, "MilliCPUs": 10, "MinimumFreeBytes": 65536,
+                 "SubnetId": "net"},
+    "DestroyVm": {"IpAddress": VM_IP},
+    "GetCapacity": {},
+    "GetUpdates": {},
+    "GetVmCreateRequest": {"IpAddress": VM_IP},
+    "GetVmInfo": {"IpAddress": VM_IP},
+    "GetVmInfos": {},
+    "ListSubnets": {},
+    "ListVMs": {},
+    "RebootVm": {"IpAddress": VM_IP},
+    "SetDisabledState": {"Disable": False},
+    "StartVm": {"IpAddress": VM_IP},
+    "StopVm": {"IpAddress": VM_IP},
+    "UpdateSubnets": {"Add": [{"Id": "extra", "IpGateway": "10.9.0.1",
+                               "IpMask": "255.255.255.0"}]},
+}
+
+
+@dataclass
+class Caller:
+    """
+    One kind of caller and what the reference allows it.
+    """
+
+    name: str
+    cert: Optional[tuple[str, str]]  # (cert path, key path)
+    refused: bool = False  # no usable certificate: every method is 401
+    presented: bool = True  # a (bad) certificate was presented: never anonymous
+    patterns: tuple[str, ...] = ()  # granted methods (only from CA.pem)
+    owner: bool = False  # owner user or owner-group member of the fixture VM
+
+    def power(self, method: str) -> bool:
+        import fnmatch
+
+        return any(fnmatch.fnmatchcase(f"Hypervisor.{method}", p) for p in self.patterns)
+
+    def expected(self, method: str, unauthenticated_reads: bool = False) -> str:
+        if self.refused:
+            # Only callers without any certificate get the unauthenticated reads; a
+            # certificate that does not verify is refused (Go fails its handshake).
+            anonymous_read = (unauthenticated_reads and not self.presented
+                              and method in UNAUTHENTICATED_READS)
+            return "allow" if anonymous_read else "401"
+        if self.power(method):
+            return "allow"
+        if ACCESS[method] == ADMIN:
+            return "403"
+        if method in VM_OWNER_METHODS and not self.owner:
+            return "403"
+        return "allow"
+
+
+@implementer(IPolicyForHTTPS)
+class ClientPolicy:
+    """
+    TLS for the test client: trust the test CA, present a certificate (or none).
+    """
+
+    def __init__(self, ca_pem: bytes, cert: Optional[tuple[str, str]]) -> None:
+        self.trust = ssl.Certificate.loadPEM(ca_pem)
+        self.client = None
+        if cert is not None:
+            with open(cert[0], "rb") as c, open(cert[1], "rb") as k:
+                self.client = ssl.PrivateCertificate.loadPEM(c.read() + k.read())
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        return ssl.optionsForClientTLS(hostname.decode(), trustRoot=self.trust,
+                                       clientCertificate=self.client)
+
+
+class _FirstLine(Protocol):
+    """
+    Reads until the first newline of a stream, then hangs up.
+    """
+
+    def __init__(self, done: "Deferred[bytes]") -> None:
+        self.done = done
+        self.data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if b"\n" in self.data and not self.done.called:
+            self.done.callback(self.data.split(b"\n", 1)[0])
+            assert self.transport is not None
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Any) -> None:
+        if not self.done.called:
+            self.done.callback(self.data)
+
+
+class AccessMatrixTests(TestCase):
+    """
+    Every method x every caller, over TLS.
+    """
+
+    timeout = 300
+
+    def setUp(self) -> None:
+        start_event_loop()
+        self.root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.root)
+        self.make_pki()
+        self.conn = libvirt.open("test:///default")  # keeps test driver state alive
+        self.addCleanup(self.conn.close)
+
+    def make_pki(self) -> None:
+        d = self.root
+        ca_key, ca = certs.make_ca("test CA")
+        id_key, id_ca = certs.make_ca("test identity CA")
+        foreign_key, foreign = certs.make_ca("foreign CA")
+        for path, cert in (("CA.pem", ca), ("IdentityCA.pem", id_ca)):
+            with open(os.path.join(d, path), "wb") as f:
+                f.write(certs.cert_pem(cert))
+        self.ca_pem = certs.cert_pem(ca)
+        key, server = certs.make_certificate(ca_key, ca, "localhost",
+                                             server_names=["localhost", "127.0.0.1"])
+        certs.write_pair(os.path.join(d, "server.pem"), os.path.join(d, "server.key"),
+                         key, server)
+
+        def user(name: str, issuer: tuple[Any, Any], **kw: Any) -> tuple[str, str]:
+            k, c = certs.make_certificate(issuer[0], issuer[1], name, **kw)
+            paths = (os.path.join(d, f"{name}.cert"), os.path.join(d, f"{name}.key"))
+            certs.write_pair(paths[0], paths[1], k, c)
+            return paths
+
+        full, ident = (ca_key, ca), (id_key, id_ca)
+        self.callers = [
+            Caller("no certificate", None, refused=True, presented=False),
+            Caller("foreign CA", user("mallory", (foreign_key, foreign),
+                                      methods=["*.*"]), refused=True),
+            Caller("IdentityCA claiming *.*", user("idonly", ident, methods=["*.*"],
+                                                   groups=["other"])),
+            Caller("CA Hypervisor.*", user("fleet", full, methods=["Hypervisor.*"]),
+                   patterns=("Hypervisor.*",)),
+            Caller("CA one admin method", user("disabler", full,
+                                               methods=["Hypervisor.SetDisabledState"]),
+                   patterns=("Hypervisor.SetDisabledState",)),
+            Caller("CA glob Hypervisor.Change*", user("changer", full,
+                                                      methods=["Hypervisor.Change*"]),
+                   patterns=("Hypervisor.Change*",)),
+            Caller("VM owner", user("alice", full), owner=True),
+            Caller("owner group member", user("carol", full, groups=["team"]), owner=True),
+            Caller("stranger", user("bob", full, groups=["other"])),
+        ]
+
+    async def start(self, unauthenticated_reads: bool = False) -> None:
+        d = self.root
+        self.libvirt = LibvirtService("test:///default", reactor)
+        state = os.path.join(d, f"state-{unauthenticated_reads}")
+        self.manager = Manager(StateDirectory(state), self.libvirt, reactor,
+                               domain_type="qemu",
+                               volume_directories=[os.path.join(d, "volumes")],
+                               host=FakeHost(cpus=64, memory_mib=1 << 20),
+                               bridges=lambda: {"br@net": 0}, stop_timeout=1)
+        self.manager.privilegedStartService()
+        self.libvirt.startService()
+        self.manager.startService()
+        self.addCleanup(self.libvirt.stopService)
+        self.addCleanup(self.manager.stopService)
+        api = HypervisorApi(self.manager)
+        self.api = api
+        api.UpdateSubnets(ROOT, UpdateSubnetsRequest(Add=[Subnet(
+            Id="net", IpGateway="10.8.0.1", IpMask="255.255.255.0")]))
+        api.ChangeAddressPool(ROOT, ChangeAddressPoolRequest(AddressesToAdd=[
+            Address(f"10.8.0.{i}", f"52:54:0a:08:00:{i:02x}") for i in range(2, 60)]))
+        trust = TrustStore.from_files(os.path.join(d, "CA.pem"),
+                                      os.path.join(d, "IdentityCA.pem"))
+        metrics = Metrics()
+        rpc = RpcEndpoints(api, trust, metrics, reactor,
+                           allow_unauthenticated_reads=unauthenticated_reads)
+        site = Site(make_root(StatusPages(self.manager, self.libvirt, metrics=metrics), rpc))
+        factory = SniffingFactory(site, server_tls_options(
+            os.path.join(d, "server.pem"), os.path.join(d, "server.key"), trust))
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        while not self.libvirt.connected:
+            await deferLater(0.02)
+
+    async def ensure_vm(self) -> None:
+        """
+        The fixture VM: running, owned by alice, owner group "team".
+        """
+        vm = self.manager.vms.get(VM_IP)
+        if vm is not None and vm.info.OwnerUsers[:1] == ["alice"] and \
+                vm.info.OwnerGroups == ["team"]:
+            return
+        if vm is not None:
+            await self.manager.destroy_vm(ROOT, VM_IP)
+        response = await self.api.CreateVm(ROOT, CreateVmRequest(
+            VmInfo=VmInfo(Address=Address(VM_IP), MemoryInMiB=16, MilliCPUs=10,
+                          OwnerUsers=["alice"], OwnerGroups=["team"], SubnetId="net"),
+            MinimumFreeBytes=65536))
+        self.api.AcknowledgeVm(ROOT, IpRequest(response.IpAddress))
+        vm = self.manager.vms[VM_IP]
+        vm.info.OwnerUsers = ["alice"]
+        self.manager._save(vm)
+
+    def snapshot(self) -> str:
+        m = self.manager
+        return json.dumps({
+            "vms": {ip: codec.to_dict(vm.local) for ip, vm in m.vms.items()},
+            "free": [codec.to_dict(a) for a in m.pool.free],
+            "registered": [codec.to_dict(a) for a in m.pool.registered],
+            "subnets": [codec.to_dict(s) for s in m.subnets.list(sort=True)],
+            "disabled": m.disabled,
+            "owners": sorted(m.owner_users),
+        }, sort_keys=True, default=str)
+
+    async def call(self, caller: Caller, method: str) -> tuple[int, bytes]:
+        agent = Agent(reactor, contextFactory=ClientPolicy(self.ca_pem, caller.cert),
+                      pool=self.pool)
+        url = f"https://localhost:{self.port.getHost().port}/rpc/Hypervisor.{method}"
+        from twisted.web.client import FileBodyProducer
+        import io
+
+        body = FileBodyProducer(io.BytesIO(json.dumps(REQUESTS[method]).encode()))
+        response = await agent.request(b"POST", url.encode(), Headers(), body)
+        if METHODS[method].kind == "update-stream" and response.code == 200:
+            done: Deferred[bytes] = Deferred()
+            response.deliverBody(_FirstLine(done))
+            return response.code, await done
+        return response.code, await readBody(response)
+
+    async def run_matrix(self, unauthenticated_reads: bool) -> None:
+        await self.start(unauthenticated_reads)
+        self.assertEqual(sorted(REQUESTS), sorted(METHODS),
+                         "every method of the service layer is in the matrix")
+        failures = []
+        for caller in self.callers:
+            for method in sorted(METHODS):
+                await self.ensure_vm()
+                before = self.snapshot()
+                code, body = await self.call(caller, method)
+                want = caller.expected(method, unauthenticated_reads)
+                got = str(code) if code in (401, 403) else "allow"
+                if got != want:
+                    failures.append(f"{caller.name} {method}: expected {want}, got "
+                                    f"{code} {body[:200]!r}")
+                if got != "allow":
+                    self.assertIn(b'"Error"', body)
+                    if self.snapshot() != before:
+                        failures.append(f"{caller.name} {method}: denied but changed "
+                                        "state")
+                elif code >= 500:
+                    failures.append(f"{caller.name} {method}: {code} {body[:200]!r}")
+        self.assertEqual(failures, [], "\n" + "\n".join(failures))
+
+    async def test_matrix(self) -> None:
+        """
+        The reference's allow/deny for every method and caller, over TLS.
+        """
+        await self.run_matrix(unauthenticated_reads=False)
+
+    async def test_matrix_with_unauthenticated_reads(self) -> None:
+        """
+        With -allowUnauthenticatedReads, callers without a certificate may call exactly
+        the six reads; a foreign certificate is still refused.
+        """
+        await self.run_matrix(unauthenticated_reads=True)
+
+
+def deferLater(seconds: float) -> "Deferred[None]":
+    from twisted.internet.task import deferLater as later
+
+    return later(reactor, seconds, lambda: None)
