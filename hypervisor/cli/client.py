@@ -1,0 +1,276 @@
+# -*- test-case-name: tests.test_vm_control -*-
+"""
+The RPC client shared by C{vm-control} and C{hyper-control}: Go-style flags, client
+certificates from C{~/.ssl}, and calls to C{POST /rpc/Hypervisor.<Method>} with treq.
+
+Certificates: every C{*.cert}/C{*.key} pair (or C{cert.pem}/C{key.pem}) in
+C{-certDirectory} is loaded, as SmallStack's tools do; the one with the widest
+method grants (C{*.*} first) and the latest expiry is presented. The server's
+certificate is verified against C{-CAfile} when that file exists; otherwise it is not
+verified (as the Go tools never do).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import IO, Any, Callable, Optional
+
+from cryptography import x509
+from OpenSSL import SSL
+from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from hypervisor.auth import METHODS_OID, parse_string_sequence
+
+
+class ClientError(Exception):
+    """
+    A call failed; the message is what the user sees.
+    """
+
+
+@dataclass
+class CertPair:
+    """
+    A client certificate and its key, as PEM.
+    """
+
+    cert_path: str
+    key_path: str
+    methods: list[str]
+    not_after: float
+
+    def rank(self) -> tuple[int, int, float]:
+        """
+        Sort key: C{*.*} first, then most methods, then longest-lived.
+        """
+        return (int("*.*" in self.methods), len(self.methods), self.not_after)
+
+
+def find_certificates(directory: str) -> list[CertPair]:
+    """
+    Every certificate/key pair in C{directory}, best first.
+    """
+    pairs: list[CertPair] = []
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return pairs
+    candidates = [(n, n[:-5] + ".key") for n in names if n.endswith(".cert")]
+    if "cert.pem" in names:
+        candidates.append(("cert.pem", "key.pem"))
+    for cert_name, key_name in candidates:
+        cert_path = os.path.join(directory, cert_name)
+        key_path = os.path.join(directory, key_name)
+        if not os.path.exists(key_path):
+            continue
+        try:
+            with open(cert_path, "rb") as f:
+                cert = x509.load_pem_x509_certificate(f.read())
+        except (OSError, ValueError):
+            continue
+        methods: list[str] = []
+        try:
+            ext = cert.extensions.get_extension_for_oid(METHODS_OID).value
+            methods = parse_string_sequence(getattr(ext, "value", b""))
+        except (x509.ExtensionNotFound, ValueError):
+            pass
+        pairs.append(CertPair(cert_path, key_path, methods,
+                              cert.not_valid_after_utc.timestamp()))
+    pairs.sort(key=lambda p: p.rank(), reverse=True)
+    return pairs
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnverifiedServer:
+    """
+    TLS without checking the server's certificate (no CA file to check it with).
+    """
+
+    def __init__(self, options: ssl.CertificateOptions) -> None:
+        self.context = options.getContext()
+
+    def clientConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self.context, None)
+        connection.set_app_data(tls_protocol)
+        return connection
+
+
+@implementer(IPolicyForHTTPS)
+class ClientTLSPolicy:
+    """
+    Present our certificate; verify the server against the CA file if there is one.
+    """
+
+    def __init__(self, pair: Optional[CertPair], ca_file: str) -> None:
+        self.client: Optional[ssl.PrivateCertificate] = None
+        if pair is not None:
+            with open(pair.cert_path, "rb") as c, open(pair.key_path, "rb") as k:
+                self.client = ssl.PrivateCertificate.loadPEM(c.read() + b"\n" + k.read())
+        self.trust: Optional[ssl.Certificate] = None
+        if ca_file and os.path.exists(ca_file):
+            with open(ca_file, "rb") as f:
+                self.trust = ssl.Certificate.loadPEM(f.read())
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        """
+        The TLS connection creator for the hypervisor.
+        """
+        if self.trust is not None:
+            return ssl.optionsForClientTLS(hostname.decode(), trustRoot=self.trust,
+                                           clientCertificate=self.client)
+        kwargs: dict[str, Any] = {"raiseMinimumTo": ssl.TLSVersion.TLSv1_2}
+        if self.client is not None:
+            kwargs.update(privateKey=self.client.privateKey.original,
+                          certificate=self.client.original)
+        return _UnverifiedServer(ssl.CertificateOptions(**kwargs))
+
+
+class ConcatFile(io.RawIOBase):
+    """
+    Several byte sources read as one file (the request line, the image, user data),
+    with a known length so the upload is not chunked.
+    """
+
+    def __init__(self, parts: list[IO[bytes]], sizes: list[int]) -> None:
+        self.parts = parts
+        self.sizes = sizes
+        self.index = 0
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        total = sum(self.sizes)
+        if whence == 2:
+            target = total + offset
+        elif whence == 1:
+            target = self.position + offset
+        else:
+            target = offset
+        if target != 0 and target != total:
+            raise OSError("only rewinding and measuring are supported")
+        self.position = target
+        if target == 0:
+            self.index = 0
+            for p in self.parts:
+                p.seek(0)
+        else:
+            self.index = len(self.parts)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def read(self, size: int = -1) -> bytes:
+        out = b""
+        while self.index < len(self.parts) and (size < 0 or len(out) < size):
+            chunk = self.parts[self.index].read(-1 if size < 0 else size - len(out))
+            if not chunk:
+                self.index += 1
+                continue
+            out += chunk
+        self.position += len(out)
+        return out
+
+
+class RpcClient:
+    """
+    Calls to one hypervisor.
+    """
+
+    def __init__(self, reactor: Any, host: str, port: int, cert_directory: str,
+                 ca_file: str) -> None:
+        import treq
+        from twisted.web.client import Agent, HTTPConnectionPool
+
+        self.host = host
+        self.port = port
+        pairs = find_certificates(cert_directory)
+        self.pair = pairs[0] if pairs else None
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        agent = Agent(reactor, contextFactory=ClientTLSPolicy(self.pair, ca_file),
+                      pool=pool)
+        self.http = treq.client.HTTPClient(agent)
+
+    def url(self, method: str) -> str:
+        """
+        The URL of a method.
+        """
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"https://{host}:{self.port}/rpc/Hypervisor.{method}"
+
+    async def call(self, method: str, request: dict[str, Any],
+                   tail: Optional[tuple[list[IO[bytes]], list[int]]] = None,
+                   on_message: Optional[Callable[[dict[str, Any]], None]] = None,
+                   ) -> dict[str, Any]:
+        """
+        Call a method; for streams, give each message but the last to C{on_message}.
+
+        @raise ClientError: the hypervisor answered with an error, or is unreachable.
+        """
+        from twisted.web.client import FileBodyProducer
+        from twisted.web.http_headers import Headers
+
+        line = json.dumps(request).encode() + b"\n"
+        body: Any
+        if tail is None:
+            body = io.BytesIO(line)
+        else:
+            parts, sizes = tail
+            body = ConcatFile([io.BytesIO(line)] + parts, [len(line)] + sizes)
+        try:
+            response = await self.http.post(
+                self.url(method), data=FileBodyProducer(body),
+                headers=Headers({b"Content-Type": [b"application/json"]}),
+                unbuffered=True)
+        except Exception as e:  # noqa: BLE001 - shown to the user
+            raise ClientError(f"cannot reach the hypervisor at {self.host}:{self.port}: "
+                              f"{_describe(e)}") from None
+        messages: list[dict[str, Any]] = []
+        buffer = [b""]
+
+        def collect(data: bytes) -> None:
+            buffer[0] += data
+            while b"\n" in buffer[0]:
+                raw, buffer[0] = buffer[0].split(b"\n", 1)
+                if raw.strip():
+                    message = json.loads(raw)
+                    if messages and on_message is not None:
+                        on_message(messages[-1])
+                    messages.append(message)
+
+        await response.collect(collect)
+        if buffer[0].strip():
+            messages.append(json.loads(buffer[0]))
+        if not messages:
+            raise ClientError(f"empty answer from the hypervisor (HTTP {response.code})")
+        last = messages[-1]
+        if response.code != 200 or last.get("Error"):
+            raise ClientError(last.get("Error") or f"HTTP {response.code}")
+        return last
+
+
+def _describe(e: Exception) -> str:
+    reasons = getattr(e, "reasons", None)
+    if reasons:
+        return "; ".join(r.getErrorMessage() for r in reasons)
+    return str(e) or type(e).__name__
+
+
+def fail(message: str) -> int:
+    """
+    Print an error and return the exit status 1.
+    """
+    print(message, file=sys.stderr)
+    return 1
