@@ -13,7 +13,6 @@ from contextlib import redirect_stderr, redirect_stdout
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from hypervisor.cli import hyper_control, vm_control
 from hypervisor.cli.hypervisor import main
 from tests.support import REPO
 
@@ -92,21 +91,3 @@ class HypervisorCommandTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 1, result.stderr)
         self.assertIn("in use by another hypervisor", result.stderr)
         self.assertNotIn("Traceback", result.stderr)
-
-
-class PlaceholderCommandTests(SynchronousTestCase):
-    """
-    vm-control and hyper-control print their usage until their issues land.
-    """
-
-    def test_usage(self) -> None:
-        """
-        -h prints the usage and exits 0; anything else exits 2.
-        """
-        for module, name in ((vm_control, "vm-control"), (hyper_control, "hyper-control")):
-            out = io.StringIO()
-            with redirect_stdout(out):
-                self.assertEqual(module.main(["-h"]), 0)
-            self.assertIn(f"Usage: {name}", out.getvalue())
-            with redirect_stderr(io.StringIO()):
-                self.assertEqual(module.main(["list-vms"]), 2)

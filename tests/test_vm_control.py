@@ -1,0 +1,143 @@
+"""
+vm-control and hyper-control: usage handling, and end to end against a running
+daemon on the real libvirtd with the tiny guest.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from hypervisor.cli import hyper_control, vm_control
+from tests import support
+
+
+class UsageTests(SynchronousTestCase):
+    """
+    Flags and subcommands are checked before anything is sent.
+    """
+
+    def run_main(self, module, *argv: str) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            code = module.main(list(argv))
+        return code, out.getvalue(), err.getvalue()
+
+    def test_help_lists_subcommands(self) -> None:
+        """
+        -h lists every subcommand with a line and the flags with defaults.
+        """
+        code, out, _ = self.run_main(vm_control, "-h")
+        self.assertEqual(code, 0)
+        for name, _, _ in vm_control.SUBCOMMANDS:
+            self.assertIn(name, out)
+        self.assertIn("-hypervisorPortNum", out)
+        code, out, _ = self.run_main(hyper_control, "-h")
+        self.assertEqual(code, 0)
+        self.assertIn("add-subnet", out)
+
+    def test_usage_errors(self) -> None:
+        """
+        Unknown subcommands, missing arguments and bad flag values exit 2 with a
+        sentence.
+        """
+        for argv, words in [(["fly"], "unknown subcommand"),
+                            (["stop-vm"], "stop-vm takes IP"),
+                            (["-memory", "lots", "create-vm"], "not a size"),
+                            (["-tags", "novalue", "create-vm"], "not key=value"),
+                            (["-nope", "1", "list-vms"], "unknown flag -nope"),
+                            ([], "no subcommand")]:
+            code, _, err = self.run_main(vm_control, *argv)
+            self.assertEqual(code, 2, argv)
+            self.assertIn(words, err)
+
+    def test_unreachable(self) -> None:
+        """
+        A hypervisor that is not there is an error naming it, exit 1. (A subprocess:
+        the command runs its own reactor.)
+        """
+        r = subprocess.run([sys.executable, "-m", "hypervisor.cli.vm_control",
+                            f"-hypervisorPortNum={support.free_port()}", "list-vms"],
+                           cwd=support.REPO, env=dict(os.environ, PYTHONPATH=support.REPO),
+                           capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("cannot reach the hypervisor", r.stderr)
+
+
+class EndToEndTests(SynchronousTestCase):
+    """
+    The real daemon, real libvirtd, the tiny guest, driven by the CLIs.
+    """
+
+    def test_create_list_info_stop_start_destroy(self) -> None:
+        """
+        hyper-control sets up a subnet and addresses; vm-control creates the tiny guest
+        (progress on stderr, IP on stdout), lists it, shows it, stops, starts and
+        destroys it; a stranger's certificate cannot stop it.
+        """
+        support.require_libvirtd()
+        guest = support.tiny_guest()
+        support.ensure_bridge()
+        d = support.Daemon(self, "-domainType=qemu", f"-localImagesDirectory={guest}")
+        os.chmod(d.dir, 0o755)
+        pki = os.path.join(d.dir, "pki")
+        d.flags += [f"-CAfile={pki}/CA.pem", f"-identityCAfile={pki}/none.pem",
+                    f"-certFile={pki}/server.pem", f"-keyFile={pki}/server.key",
+                    f"-volumeDirectories={d.dir}/volumes"]
+        for user, methods in (("admin", "Hypervisor.*"), ("bob", "")):
+            result = d.command("make-certs", "--user", user, "--methods", methods,
+                               "--out", f"{pki}/{user}")
+            self.assertEqual(result.returncode, 0, result.stderr)
+        d.start()
+
+        def cli(module: str, user: str, *args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", f"hypervisor.cli.{module}",
+                 f"-hypervisorPortNum={d.port}", f"-certDirectory={pki}/{user}",
+                 f"-CAfile={pki}/CA.pem", *args],
+                cwd=support.REPO, env=dict(os.environ, PYTHONPATH=support.REPO),
+                capture_output=True, text=True, timeout=120)
+
+        r = cli("hyper_control", "admin", "add-subnet", "hvtest", "10.77.0.1",
+                "255.255.255.0", "10.77.0.1")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        r = cli("hyper_control", "bob", "add-address", "52:54:0a:4d:00:09", "10.77.0.9")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("denied", r.stderr)
+        r = cli("hyper_control", "admin", "add-address", "52:54:0a:4d:00:02", "10.77.0.2")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        r = cli("vm_control", "admin", "-memory", "128M", "-milliCPUs", "500",
+                "-minFreeBytes", "1M", "-roundupPower", "0", "-tags", "Name=tiny",
+                f"-kernelURL=file://{guest}/vmlinux", f"-initrdURL=file://{guest}/initrd.cpio",
+                "-extraKernelOptions", "quiet hv.dhcp=no hv.mode=stay", "create-vm")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(r.stdout.strip(), "10.77.0.2")
+        self.assertIn("starting VM 10.77.0.2", r.stderr)
+        self.assertEqual(cli("vm_control", "bob", "list-vms").stdout.split(), ["10.77.0.2"])
+        info = json.loads(cli("vm_control", "bob", "get-vm-info", "10.77.0.2").stdout)
+        self.assertEqual((info["State"], info["Tags"]["Name"]), ("running", "tiny"))
+        r = cli("vm_control", "bob", "stop-vm", "10.77.0.2")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("no access to VM 10.77.0.2", r.stderr)
+        bootlog = os.path.join(d.state_dir, "VMs", "10.77.0.2", "bootlog")
+        support.wait_for(lambda: "staying up" in open(bootlog, errors="replace").read(),
+                         90, "the guest to boot")
+        r = cli("vm_control", "admin", "stop-vm", "10.77.0.2")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("power button", open(bootlog, errors="replace").read())
+        info = json.loads(cli("vm_control", "admin", "get-vm-info", "10.77.0.2").stdout)
+        self.assertEqual(info["State"], "stopped")
+        r = cli("vm_control", "admin", "start-vm", "10.77.0.2")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        r = cli("vm_control", "admin", "destroy-vm", "10.77.0.2")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(cli("vm_control", "admin", "list-vms").stdout.strip(), "")
+        r = cli("vm_control", "admin", "get-vm-info", "10.77.0.2")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("no VM with IP 10.77.0.2", r.stderr)
