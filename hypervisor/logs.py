@@ -4,18 +4,22 @@ Logging: human-readable lines to stderr in the foreground, JSON lines to a file.
 
 The daemon logs with L{twisted.logger}. L{LogFileService} adds a JSON-lines observer
 writing C{<logDir>/hypervisor.log} (rotated at 10 MiB, 10 files kept) while it runs;
-L{stderr_observer} is the foreground observer C{hypervisor run} gives twistd.
+L{stderr_observer} is the foreground observer C{hypervisor run} gives twistd;
+L{LogBuffer} keeps the latest events in memory for the C{/logs} pages.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections import deque
+from dataclasses import dataclass
 from typing import IO, Optional
 
 from twisted.application.service import Service
 from twisted.logger import (
     FileLogObserver,
+    formatEvent,
     ILogObserver,
     Logger,
     formatEventAsClassicLogText,
@@ -36,6 +40,51 @@ def stderr_observer() -> ILogObserver:
     return FileLogObserver(sys.stderr, lambda event: formatEventAsClassicLogText(event))
 
 
+@dataclass(frozen=True)
+class LogLine:
+    """
+    One remembered log event.
+    """
+
+    time: float
+    level: str
+    namespace: str
+    text: str
+
+
+class LogBuffer:
+    """
+    The most recent log events, in memory, for the C{/logs} pages (an observer).
+    """
+
+    def __init__(self, max_lines: int = 10000) -> None:
+        self.lines: deque[LogLine] = deque(maxlen=max_lines)
+
+    def __call__(self, event: dict) -> None:
+        """
+        Remember one event.
+        """
+        text = formatEvent(event)
+        if text is None:
+            return
+        failure = event.get("log_failure")
+        if failure is not None:
+            text += "\n" + failure.getTraceback()
+        level = event.get("log_level")
+        self.lines.append(LogLine(
+            time=float(event.get("log_time") or 0.0),
+            level=getattr(level, "name", "info"),
+            namespace=str(event.get("log_namespace", "-")),
+            text=text,
+        ))
+
+    def since(self, start: float) -> list[LogLine]:
+        """
+        The lines logged at or after C{start}.
+        """
+        return [line for line in self.lines if line.time >= start]
+
+
 class LogFileService(Service):
     """
     Writes every log event as one JSON line to C{<logDir>/hypervisor.log} while running.
@@ -44,9 +93,11 @@ class LogFileService(Service):
     name = "logging"
     log = Logger()
 
-    def __init__(self, directory: str, publisher: object = globalLogPublisher) -> None:
+    def __init__(self, directory: str, publisher: object = globalLogPublisher,
+                 buffer: Optional[LogBuffer] = None) -> None:
         self.directory = directory
         self.publisher = publisher
+        self.buffer = buffer
         self.path = os.path.join(directory, LOG_FILE_NAME)
         self._file: Optional[LogFile] = None
         self._observer: Optional[ILogObserver] = None
@@ -80,6 +131,8 @@ class LogFileService(Service):
         """
         if not self._opened:
             self.privilegedStartService()
+        if self.buffer is not None:
+            self.publisher.addObserver(self.buffer)  # type: ignore[attr-defined]
         super().startService()
 
     def stopService(self) -> None:
@@ -87,6 +140,8 @@ class LogFileService(Service):
         Stop writing and close the file.
         """
         super().stopService()
+        if self.buffer is not None:
+            self.publisher.removeObserver(self.buffer)  # type: ignore[attr-defined]
         if self._observer is not None:
             self.publisher.removeObserver(self._observer)  # type: ignore[attr-defined]
             self._observer = None

@@ -17,7 +17,7 @@ from twisted.web.server import Site
 
 from hypervisor.auth import TrustStore
 from hypervisor.control import ControlFactory, DaemonControl
-from hypervisor.logs import LogFileService
+from hypervisor.logs import LogBuffer, LogFileService
 from hypervisor.manager.manager import Manager
 from hypervisor.metrics import Metrics
 from hypervisor.model import CloudInitDatasource
@@ -28,8 +28,8 @@ from tap.options import Options
 log = Logger()
 
 
-def _make_logging_service(options: Options) -> service.IService:
-    return LogFileService(options["logDir"])
+def _make_logging_service(options: Options, buffer: LogBuffer) -> service.IService:
+    return LogFileService(options["logDir"], buffer=buffer)
 
 
 def _make_libvirt_service(options: Options, reactor: Any) -> LibvirtService:
@@ -73,7 +73,7 @@ def _tls_options(options: Options, trust: TrustStore) -> Optional[Any]:
 
 def _make_web_service(
     options: Options, manager: Manager, libvirt: LibvirtService, reactor: Any,
-    metrics: Optional[Metrics] = None,
+    metrics: Optional[Metrics] = None, logs: Optional[LogBuffer] = None,
 ) -> internet.TCPServer:
     from hypervisor.api import HypervisorApi
     from hypervisor.tls import SniffingFactory
@@ -82,8 +82,10 @@ def _make_web_service(
     from web.status import StatusPages
 
     metrics = metrics or Metrics()
+    metrics.watch_manager(manager)
     trust = TrustStore.from_files(options["CAfile"], options["identityCAfile"])
-    pages = StatusPages(manager, libvirt, metrics=metrics)
+    pages = StatusPages(manager, libvirt, metrics=metrics, logs=logs,
+                        log_dir=options["logDir"])
     rpc = RpcEndpoints(HypervisorApi(manager), trust, metrics, reactor,
                        allow_unauthenticated_reads=options["allowUnauthenticatedReads"])
     site = Site(make_root(pages, rpc))
@@ -114,12 +116,13 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         reactor = default_reactor
     top = service.MultiService()
     named: list[tuple[str, service.IService]] = []
-    named.append(("logging", _make_logging_service(options)))
+    logs = LogBuffer()
+    named.append(("logging", _make_logging_service(options, logs)))
     libvirt = _make_libvirt_service(options, reactor)
     named.append(("libvirt", libvirt))
     manager = _make_manager_service(options, libvirt, reactor)
     named.append(("manager", manager))
-    named.append(("web", _make_web_service(options, manager, libvirt, reactor)))
+    named.append(("web", _make_web_service(options, manager, libvirt, reactor, logs=logs)))
     named.append(("control", _make_control_service(options, manager, reactor)))
     for name, child in named:
         child.setName(name)
