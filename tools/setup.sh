@@ -10,8 +10,9 @@ packages="libvirt-daemon-system libvirt-clients qemu-system-x86 libvirt-dev pkg-
 gcc python3-dev python3-venv curl"
 extra=""
 if [ "${1:-}" = "--test" ]; then
-  # openssl: real TLS client in tests; procps: pgrep/pkill for libvirtd restarts.
-  packages="$packages openssl procps"
+  # openssl: real TLS client in tests; procps: pgrep for libvirtd restarts;
+  # chromium: the real browser of the page tests.
+  packages="$packages openssl procps chromium"
   extra="[test]"
 fi
 
