@@ -256,3 +256,34 @@ def public_tempdir(prefix: str) -> str:
     path = tempfile.mkdtemp(prefix=prefix)
     os.chmod(path, 0o755)
     return path
+
+
+def tls_daemon(testcase, users: dict[str, str], *flags: str):  # type: ignore[no-untyped-def]
+    """
+    A real daemon with TLS: a CA, its certificate, and one certificate directory per
+    user (name -> permitted methods), made with 'hypervisor make-certs'; started.
+
+    @return: the daemon and C{cli(module, user, *args)} running vm-control or
+        hyper-control against it as that user (a CompletedProcess).
+    """
+    d = Daemon(testcase, *flags)
+    os.chmod(d.dir, 0o755)
+    pki = os.path.join(d.dir, "pki")
+    d.flags += [f"-CAfile={pki}/CA.pem", f"-identityCAfile={pki}/none.pem",
+                f"-certFile={pki}/server.pem", f"-keyFile={pki}/server.key",
+                f"-volumeDirectories={d.dir}/volumes"]
+    for user, methods in users.items():
+        result = d.command("make-certs", "--user", user, "--methods", methods,
+                           "--out", f"{pki}/{user}")
+        assert result.returncode == 0, result.stderr
+    d.start()
+
+    def cli(module: str, user: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", f"hypervisor.cli.{module}",
+             f"-hypervisorPortNum={d.port}", f"-certDirectory={pki}/{user}",
+             f"-CAfile={pki}/CA.pem", *args],
+            cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+            capture_output=True, text=True, timeout=120)
+
+    return d, cli

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -68,24 +67,11 @@ class BrowserTests(SynchronousTestCase):
         support.require_libvirtd()
         guest = support.tiny_guest()
         support.ensure_bridge()
-        d = support.Daemon(self, "-domainType=qemu", f"-localImagesDirectory={guest}")
-        os.chmod(d.dir, 0o755)
-        pki = os.path.join(d.dir, "pki")
-        d.flags += [f"-CAfile={pki}/CA.pem", f"-identityCAfile={pki}/none.pem",
-                    f"-certFile={pki}/server.pem", f"-keyFile={pki}/server.key",
-                    f"-volumeDirectories={d.dir}/volumes"]
-        result = d.command("make-certs", "--user", "admin", "--methods", "*.*",
-                           "--out", f"{pki}/admin")
-        self.assertEqual(result.returncode, 0, result.stderr)
-        d.start()
+        d, run = support.tls_daemon(self, {"admin": "*.*"}, "-domainType=qemu",
+                                    f"-localImagesDirectory={guest}")
 
         def cli(module: str, *args: str) -> str:
-            r = subprocess.run(
-                [sys.executable, "-m", f"hypervisor.cli.{module}",
-                 f"-hypervisorPortNum={d.port}", f"-certDirectory={pki}/admin",
-                 f"-CAfile={pki}/CA.pem", *args],
-                cwd=support.REPO, env=dict(os.environ, PYTHONPATH=support.REPO),
-                capture_output=True, text=True, timeout=120)
+            r = run(module, "admin", *args)
             self.assertEqual(r.returncode, 0, r.stderr)
             return r.stdout.strip()
 

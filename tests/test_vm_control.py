@@ -84,25 +84,8 @@ class EndToEndTests(SynchronousTestCase):
         support.require_libvirtd()
         guest = support.tiny_guest()
         support.ensure_bridge()
-        d = support.Daemon(self, "-domainType=qemu", f"-localImagesDirectory={guest}")
-        os.chmod(d.dir, 0o755)
-        pki = os.path.join(d.dir, "pki")
-        d.flags += [f"-CAfile={pki}/CA.pem", f"-identityCAfile={pki}/none.pem",
-                    f"-certFile={pki}/server.pem", f"-keyFile={pki}/server.key",
-                    f"-volumeDirectories={d.dir}/volumes"]
-        for user, methods in (("admin", "Hypervisor.*"), ("bob", "")):
-            result = d.command("make-certs", "--user", user, "--methods", methods,
-                               "--out", f"{pki}/{user}")
-            self.assertEqual(result.returncode, 0, result.stderr)
-        d.start()
-
-        def cli(module: str, user: str, *args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                [sys.executable, "-m", f"hypervisor.cli.{module}",
-                 f"-hypervisorPortNum={d.port}", f"-certDirectory={pki}/{user}",
-                 f"-CAfile={pki}/CA.pem", *args],
-                cwd=support.REPO, env=dict(os.environ, PYTHONPATH=support.REPO),
-                capture_output=True, text=True, timeout=120)
+        d, cli = support.tls_daemon(self, {"admin": "Hypervisor.*", "bob": ""},
+                                    "-domainType=qemu", f"-localImagesDirectory={guest}")
 
         r = cli("hyper_control", "admin", "add-subnet", "hvtest", "10.77.0.1",
                 "255.255.255.0", "10.77.0.1")

@@ -261,6 +261,44 @@ class RpcClient:
         return last
 
 
+def parse_flags(argv: list[str], defaults: dict[str, Any], booleans: list[str],
+                usage: Callable[[], str]) -> tuple[dict[str, Any], list[str]]:
+    """
+    Go-style flags before a subcommand (C{-name value}, C{-name=value}, booleans).
+
+    @return: the values (defaults overridden) and the rest (subcommand and args).
+    @raise ValueError: an unknown flag or a missing value, named.
+    @raise SystemExit: C{-h}: the usage was printed.
+    """
+    from hypervisor import flags
+
+    rest, assignments = flags.normalize_argv(list(argv), list(defaults), booleans)
+    values = dict(defaults)
+    values.update({name: False for name in booleans})
+    i = 0
+    while i < len(rest) and rest[i].startswith("--"):
+        name, sep, value = rest[i][2:].partition("=")
+        if name in ("help", "h"):
+            raise SystemExit(print(usage()) or 0)
+        if name not in defaults:
+            raise ValueError(f"unknown flag -{name}")
+        if not sep:
+            if i + 1 >= len(rest):
+                raise ValueError(f"flag -{name} needs a value")
+            value = rest[i + 1]
+            i += 1
+        values[name] = value
+        i += 1
+    for name, flag in assignments:
+        values[name] = flag
+    rest = rest[i:]
+    if rest and rest[0] in ("-h", "help"):
+        raise SystemExit(print(usage()) or 0)
+    if not rest:
+        raise ValueError("no subcommand given")
+    return values, rest
+
+
 def _describe(e: Exception) -> str:
     reasons = getattr(e, "reasons", None)
     if reasons:

@@ -18,8 +18,7 @@ from typing import Any, Optional, Sequence
 
 from twisted.internet import defer, task
 
-from hypervisor import flags
-from hypervisor.cli.client import ClientError, RpcClient, fail
+from hypervisor.cli.client import ClientError, RpcClient, fail, parse_flags
 
 PARAMETERS: list[tuple[str, str, str]] = [
     ("hypervisorHostname", "localhost", "Hostname of hypervisor"),
@@ -61,28 +60,7 @@ def parse(argv: Sequence[str]) -> tuple[dict[str, Any], str, list[str]]:
     """
     Parse flags, subcommand and arguments; ValueError on misuse.
     """
-    names = [p[0] for p in PARAMETERS]
-    rest, _ = flags.normalize_argv(list(argv), names, [])
-    values: dict[str, Any] = {name: default for name, default, _ in PARAMETERS}
-    i = 0
-    while i < len(rest) and rest[i].startswith("--"):
-        name, sep, value = rest[i][2:].partition("=")
-        if name in ("help", "h"):
-            raise SystemExit(print(usage()) or 0)
-        if name not in values:
-            raise ValueError(f"unknown flag -{name}")
-        if not sep:
-            if i + 1 >= len(rest):
-                raise ValueError(f"flag -{name} needs a value")
-            value = rest[i + 1]
-            i += 1
-        values[name] = value
-        i += 1
-    rest = rest[i:]
-    if rest and rest[0] in ("-h", "help"):
-        raise SystemExit(print(usage()) or 0)
-    if not rest:
-        raise ValueError("no subcommand given")
+    values, rest = parse_flags(list(argv), {n: d for n, d, _ in PARAMETERS}, [], usage)
     if rest[0] not in {s[0] for s in SUBCOMMANDS}:
         raise ValueError(f"unknown subcommand {rest[0]!r}")
     try:

@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable, Optional, Sequence
 from twisted.internet import defer, task
 
 from hypervisor import flags
-from hypervisor.cli.client import ClientError, RpcClient, fail
+from hypervisor.cli.client import ClientError, RpcClient, fail, parse_flags
 
 # name, default, help
 PARAMETERS: list[tuple[str, str, str]] = [
@@ -99,32 +99,8 @@ def parse(argv: Sequence[str]) -> tuple[dict[str, Any], str, list[str]]:
 
     @raise ValueError: a usage error, with a sentence naming the flag.
     """
-    names = [p[0] for p in PARAMETERS]
-    bools = [b[0] for b in BOOLEANS]
-    rest, assignments = flags.normalize_argv(list(argv), names, bools)
-    values: dict[str, Any] = {name: default for name, default, _ in PARAMETERS}  # noqa
-    values.update({name: False for name in bools})
-    i = 0
-    while i < len(rest) and rest[i].startswith("--"):
-        name, sep, value = rest[i][2:].partition("=")
-        if name in ("help", "h"):
-            raise SystemExit(print(usage()) or 0)
-        if name not in values:
-            raise ValueError(f"unknown flag -{name}")
-        if not sep:
-            if i + 1 >= len(rest):
-                raise ValueError(f"flag -{name} needs a value")
-            value = rest[i + 1]
-            i += 1
-        values[name] = value
-        i += 1
-    for name, flag in assignments:
-        values[name] = flag
-    rest = rest[i:]
-    if rest and rest[0] in ("-h", "help"):
-        raise SystemExit(print(usage()) or 0)
-    if not rest:
-        raise ValueError("no subcommand given")
+    values, rest = parse_flags(list(argv), {n: d for n, d, _ in PARAMETERS},
+                               [b[0] for b in BOOLEANS], usage)
     command, args = rest[0], rest[1:]
     known = {name: a for name, a, _ in SUBCOMMANDS}
     if command not in known:

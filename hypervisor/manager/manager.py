@@ -381,17 +381,21 @@ class Manager(Service):
         """
         The summed size of the volume directories' file systems.
         """
+        from hypervisor.manager.report import mount_point
+
         total = 0
         seen = set()
         for directory in self.volume_directories:
+            # a directory not made yet counts by the file system it will be on
+            existing = directory if os.path.exists(directory) else mount_point(directory)
             try:
-                dev = os.stat(directory).st_dev
+                dev = os.stat(existing).st_dev
+                size = self.host.storage(existing)[0]
             except OSError:
                 continue
-            if dev in seen:
-                continue
-            seen.add(dev)
-            total += self.host.storage(directory)[0]
+            if dev not in seen:
+                seen.add(dev)
+                total += size
         return total
 
     def get_capacity(self) -> GetCapacityResponse:
