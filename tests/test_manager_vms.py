@@ -32,6 +32,7 @@ from hypervisor.model import (
     CreateVmRequest,
     IpRequest,
     ListVMsRequest,
+    RebootVmRequest,
     SetDisabledStateRequest,
     StartVmRequest,
     State,
@@ -437,6 +438,23 @@ class LifecycleTests(ManagerTestCase):
             errors.InsufficientCapacity)
         self.assertIn("MiB short", str(e))
         self.assertEqual(m.vms[ip].info.MemoryInMiB, 256)
+
+    async def test_reboot(self) -> None:
+        """
+        RebootVm sends Ctrl-Alt-Del to a running VM (owners only) and is refused for a
+        stopped one.
+        """
+        await self.prepare()
+        ip = await self.create()
+        response = await self.api.RebootVm(ALICE, RebootVmRequest(IpAddress=ip))
+        self.assertFalse(response.DhcpTimedOut)
+        self.assertEqual(self.manager.vms[ip].info.State, State.RUNNING)
+        await self.assertFailure(self.api.RebootVm(BOB, RebootVmRequest(IpAddress=ip)),
+                                 errors.AccessDenied)
+        await self.api.StopVm(ALICE, AccessRequest(IpAddress=ip))
+        e = await self.assertFailure(self.api.RebootVm(ALICE, RebootVmRequest(IpAddress=ip)),
+                                     errors.WrongState)
+        self.assertIn("cannot reboot", str(e))
 
     async def test_per_vm_locking(self) -> None:
         """
