@@ -84,7 +84,20 @@ class Subnets:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.subnets: dict[str, Subnet] = {}
+        self._subnets: dict[str, Subnet] = {}
+        self._networks: Optional[list[tuple[ipaddress.IPv4Network, Subnet]]] = None
+
+    @property
+    def subnets(self) -> dict[str, Subnet]:
+        """
+        Subnets by id.
+        """
+        return self._subnets
+
+    @subnets.setter
+    def subnets(self, value: dict[str, Subnet]) -> None:
+        self._subnets = value
+        self._networks = None  # parsed again on next use
 
     def load(self) -> None:
         """
@@ -99,7 +112,8 @@ class Subnets:
             raise codec.DecodeError(f"{self.path}: expected a JSON array of subnets")
         for i, item in enumerate(data):
             subnet = codec.from_dict(Subnet, item, f"{self.path}[{i}]")
-            self.subnets[subnet.Id] = subnet
+            self._subnets[subnet.Id] = subnet
+        self._networks = None
 
     def _save(self) -> None:
         items = [s for s in self.list(sort=True) if s.Id != HYPERVISOR_SUBNET]
@@ -198,9 +212,11 @@ class Subnets:
         """
         The subnet containing C{ip}, if any.
         """
+        if self._networks is None:
+            self._networks = [(subnet_network(s), s) for s in self._subnets.values()]
         address = ipaddress.IPv4Address(ip)
-        for subnet in self.subnets.values():
-            if address in subnet_network(subnet):
+        for network, subnet in self._networks:
+            if address in network:
                 return subnet
         return None
 
