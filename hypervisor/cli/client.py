@@ -306,6 +306,37 @@ def _describe(e: Exception) -> str:
     return str(e) or type(e).__name__
 
 
+def run_client(program: str, name: str, values: dict[str, Any],
+               command: Callable[["RpcClient"], Any]) -> int:
+    """
+    Run one subcommand (an async function of the client) under its own reactor;
+    return the exit status (1 with the hypervisor's message on errors).
+    """
+    from twisted.internet import defer, task
+
+    status = [0]
+
+    async def run(reactor: Any) -> None:
+        client = RpcClient(reactor, values["hypervisorHostname"],
+                           values["hypervisorPortNum"], values["certDirectory"],
+                           values["CAfile"])
+        if client.pair is None:
+            print(f"{program}: no client certificate in {values['certDirectory']} "
+                  "(*.cert + *.key); create one with 'hypervisor make-certs --user "
+                  "NAME'", file=sys.stderr)
+        try:
+            status[0] = await command(client)
+        except ClientError as e:
+            status[0] = fail(f"{program} {name}: {e}")
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+    except SystemExit as e:
+        if e.code:
+            return int(e.code)
+    return status[0]
+
+
 def fail(message: str) -> int:
     """
     Print an error and return the exit status 1.

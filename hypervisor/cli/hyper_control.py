@@ -16,9 +16,7 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
-from twisted.internet import defer, task
-
-from hypervisor.cli.client import ClientError, RpcClient, fail, parse_flags
+from hypervisor.cli.client import ClientError, RpcClient, parse_flags, run_client
 
 PARAMETERS: list[tuple[str, str, str]] = [
     ("hypervisorHostname", "localhost", "Hostname of hypervisor"),
@@ -147,23 +145,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except SystemExit as e:
         return int(e.code or 0)
-    status = [0]
-
-    async def run(reactor: Any) -> None:
-        client = RpcClient(reactor, values["hypervisorHostname"],
-                           values["hypervisorPortNum"], values["certDirectory"],
-                           values["CAfile"])
-        try:
-            status[0] = await run_command(client, values, name, rest)
-        except ClientError as e:
-            status[0] = fail(f"hyper-control {name}: {e}")
-
-    try:
-        task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
-    except SystemExit as e:
-        if e.code:
-            return int(e.code)
-    return status[0]
+    return run_client("hyper-control", name, values,
+                      lambda client: run_command(client, values, name, rest))
 
 
 if __name__ == "__main__":

@@ -17,10 +17,8 @@ import os
 import sys
 from typing import Any, Awaitable, Callable, Optional, Sequence
 
-from twisted.internet import defer, task
-
 from hypervisor import flags
-from hypervisor.cli.client import ClientError, RpcClient, fail, parse_flags
+from hypervisor.cli.client import ClientError, RpcClient, fail, parse_flags, run_client
 
 # name, default, help
 PARAMETERS: list[tuple[str, str, str]] = [
@@ -292,27 +290,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except SystemExit as e:
         return int(e.code or 0)
-    status = [0]
-
-    async def run(reactor: Any) -> None:
-        client = RpcClient(reactor, values["hypervisorHostname"],
-                           values["hypervisorPortNum"], values["certDirectory"],
-                           values["CAfile"])
-        if client.pair is None:
-            print(f"vm-control: no client certificate in {values['certDirectory']} "
-                  "(*.cert + *.key); create one with 'hypervisor make-certs --user "
-                  "NAME'", file=sys.stderr)
-        try:
-            status[0] = await COMMANDS[name](client, values, rest)
-        except ClientError as e:
-            status[0] = fail(f"vm-control {name}: {e}")
-
-    try:
-        task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
-    except SystemExit as e:
-        if e.code:
-            return int(e.code)
-    return status[0]
+    return run_client("vm-control", name, values,
+                      lambda client: COMMANDS[name](client, values, rest))
 
 
 if __name__ == "__main__":
