@@ -77,6 +77,7 @@ def _make_web_service(
 ) -> internet.TCPServer:
     from hypervisor.api import HypervisorApi
     from hypervisor.tls import SniffingFactory
+    from web.limits import LimitedRequest
     from web.root import make_root
     from web.rpc import RpcEndpoints
     from web.status import StatusPages
@@ -89,6 +90,7 @@ def _make_web_service(
     rpc = RpcEndpoints(HypervisorApi(manager), trust, metrics, reactor,
                        allow_unauthenticated_reads=options["allowUnauthenticatedReads"])
     site = Site(make_root(pages, rpc))
+    site.requestFactory = LimitedRequest
     site.displayTracebacks = False
     factory = SniffingFactory(site, _tls_options(options, trust))
     return internet.TCPServer(options["portNum"], factory, reactor=reactor)

@@ -139,6 +139,26 @@ class RpcDaemonTests(SynchronousTestCase):
             self.assertIn(words, body, method)
             self.assertIn("Error", json.loads(body))
 
+    def test_oversized_body_refused_before_reading(self) -> None:
+        """
+        A Content-Length over the limit is answered 413 from the headers alone: the
+        daemon closes the connection without reading (or storing) the body.
+        """
+        import socket
+
+        s = socket.create_connection(("127.0.0.1", self.daemon.port), timeout=10)
+        s.sendall(b"POST /rpc/Hypervisor.ListVMs HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Length: 10000000000\r\n\r\n")
+        reply = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+        s.close()
+        self.assertTrue(reply.startswith(b"HTTP/1.1 413"), reply)
+        self.assertIn(b"1048576-byte limit", reply)
+
     def test_get_rpc_lists_methods(self) -> None:
         """
         GET /rpc lists every method with its access class.

@@ -41,8 +41,8 @@ from hypervisor.errors import HypervisorError, InvalidRequest, NotFound
 from hypervisor.metrics import Metrics
 from hypervisor.model import CreateVmResponse
 from hypervisor.tls import peer_identity
+from web.limits import MAX_JSON
 
-MAX_JSON = 1 << 20
 JSON_TYPE = b"application/json"
 STREAM_TYPE = b"application/x-ndjson"
 PREFIX = "Hypervisor."
