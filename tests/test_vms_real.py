@@ -125,6 +125,16 @@ class RealVmTests(TestCase):
         except FileNotFoundError:
             return ""
 
+    async def create_guest(self, manager: Manager, api: HypervisorApi, mode: str) -> str:
+        """
+        Connect, set up the subnet, create and acknowledge one tiny guest; its IP.
+        """
+        await until(lambda: manager.libvirt.connected, 30, "libvirt")
+        setup_network(api)
+        response = await api.CreateVm(ALICE, guest_request(self.guest, mode))
+        api.AcknowledgeVm(ALICE, IpRequest(response.IpAddress))
+        return response.IpAddress
+
     async def test_lifecycle_with_real_guest(self) -> None:
         """
         create -> running -> the guest powers itself off -> stopped (from libvirt's
@@ -132,11 +142,7 @@ class RealVmTests(TestCase):
         in VMs/<IP>/bootlog.
         """
         manager, api = self.make()
-        await until(lambda: manager.libvirt.connected, 30, "libvirt")
-        setup_network(api)
-        response = await api.CreateVm(ALICE, guest_request(self.guest, "poweroff"))
-        ip = response.IpAddress
-        api.AcknowledgeVm(ALICE, IpRequest(ip))
+        ip = await self.create_guest(manager, api, "poweroff")
         self.assertEqual(manager.vms[ip].info.State, State.RUNNING)
         await until(lambda: manager.vms[ip].info.State == State.STOPPED, 90,
                     f"the guest to power off (bootlog: {self.bootlog(ip)[-500:]!r})")
@@ -159,11 +165,7 @@ class RealVmTests(TestCase):
         logs it) and the VM is stopped without being forced.
         """
         manager, api = self.make()
-        await until(lambda: manager.libvirt.connected, 30, "libvirt")
-        setup_network(api)
-        response = await api.CreateVm(ALICE, guest_request(self.guest, "stay"))
-        ip = response.IpAddress
-        api.AcknowledgeVm(ALICE, IpRequest(ip))
+        ip = await self.create_guest(manager, api, "stay")
         await until(lambda: "staying up" in self.bootlog(ip), 90, "the guest to boot")
         await api.StopVm(ALICE, AccessRequest(IpAddress=ip))
         self.assertEqual(manager.vms[ip].info.State, State.STOPPED)
@@ -175,11 +177,7 @@ class RealVmTests(TestCase):
         and events resume (a guest power-off after the restart is seen).
         """
         manager, api = self.make()
-        await until(lambda: manager.libvirt.connected, 30, "libvirt")
-        setup_network(api)
-        response = await api.CreateVm(ALICE, guest_request(self.guest, "stay"))
-        ip = response.IpAddress
-        api.AcknowledgeVm(ALICE, IpRequest(ip))
+        ip = await self.create_guest(manager, api, "stay")
         await until(lambda: "staying up" in self.bootlog(ip), 90, "the guest to boot")
         try:
             await deferToThreadFn(support.kill_libvirtd)

@@ -913,9 +913,6 @@ class Manager(Service):
                 yield self._start_domain(vm)
         except BaseException as e:
             self.log.warn("CreateVm {ip} failed ({e}): removing what was made", ip=ip, e=e)
-            if vm.info.State == State.FAILED_TO_START:
-                # nothing runs; remove it all
-                pass
             yield self._delete_vm(vm)
             raise
         finally:

@@ -307,6 +307,8 @@ class LibvirtService(Service):
 
     @staticmethod
     def _close_blocking(conn: Any, ids: list[int]) -> None:
+        # Best effort: the connection is usually already dead (libvirtd went away),
+        # and every step fails then; nothing is left to undo either way.
         for callback_id in ids:
             try:
                 conn.domainEventDeregisterAny(callback_id)
