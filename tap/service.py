@@ -76,7 +76,9 @@ def _make_web_service(
     metrics: Optional[Metrics] = None, logs: Optional[LogBuffer] = None,
 ) -> internet.TCPServer:
     from hypervisor.api import HypervisorApi
+    from hypervisor.netguard import guard_factory
     from hypervisor.tls import SniffingFactory
+    from web.channel import HypervisorChannel
     from web.limits import LimitedRequest
     from web.root import make_root
     from web.rpc import RpcEndpoints
@@ -91,8 +93,9 @@ def _make_web_service(
                        allow_unauthenticated_reads=options["allowUnauthenticatedReads"])
     site = Site(make_root(pages, rpc))
     site.requestFactory = LimitedRequest
+    site.protocol = HypervisorChannel
     site.displayTracebacks = False
-    factory = SniffingFactory(site, _tls_options(options, trust))
+    factory = guard_factory(SniffingFactory(site, _tls_options(options, trust)), reactor)
     return internet.TCPServer(options["portNum"], factory, reactor=reactor)
 
 
@@ -116,6 +119,9 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    from hypervisor.netguard import raise_nofile_limit
+
+    raise_nofile_limit()
     top = service.MultiService()
     named: list[tuple[str, service.IService]] = []
     logs = LogBuffer()
