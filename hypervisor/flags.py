@@ -5,8 +5,8 @@ Go-compatible daemon flags: flags files, single-dash flags, durations and sizes.
 The Go hypervisor reads ``/etc/hypervisor/flags.default`` then ``flags.extra``
 (``name=value`` lines, ``#`` comments) before its command line, and accepts
 ``-name value``, ``-name=value`` and ``--name`` forms; boolean flags take no value or
-``=true``/``=false``. These pure functions let L{tap.Options} do the same on top of
-Twisted's L{twisted.python.usage}.
+``=true``/``=false``. These pure functions let L{hypervisor.options.Options} do the
+same on top of Twisted's L{twisted.python.usage}.
 """
 
 from __future__ import annotations

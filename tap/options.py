@@ -1,288 +1,32 @@
 # -*- test-case-name: tests.test_options -*-
 """
-The daemon's flags: the Go hypervisor's names and defaults, plus ours.
+The daemon's flags, for twistd: a re-export of L{hypervisor.options}.
 
-Defaults come from the table below, then from C{flags.default} and C{flags.extra} in
-the flags directory (C{/etc/hypervisor}, or C{$HYPERVISOR_FLAGS_DIRECTORY}), then from
-the command line, which wins. Go-style single-dash flags are accepted.
+The flag table and its parsing live in L{hypervisor.options} so that the
+C{hypervisor} command needs nothing from C{tap}; this module keeps the name that
+the twistd plugin (C{tap.Options}) and L{tap.service} use.
 """
 
-from __future__ import annotations
+from hypervisor.options import (
+    BOOLEAN_NAMES,
+    BOOLEANS,
+    DATASOURCES,
+    DOMAIN_TYPES,
+    NOT_USED_YET,
+    PARAMETER_NAMES,
+    PARAMETERS,
+    SECTION_OURS,
+    Options,
+)
 
-import os
-import re
-import sys
-from typing import Any, Callable, Optional, Sequence
-
-from twisted.python import usage
-
-from hypervisor import flags
-
-SECTION_OURS = "(ours)"
-
-DOMAIN_TYPES = ("auto", "kvm", "qemu")
-DATASOURCES = ("openstack", "nocloud", "none")
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise ValueError(f"{text!r} is not a port number (0 to 65535)")
-    return value
-
-
-def _domain_type(text: str) -> str:
-    if text not in DOMAIN_TYPES:
-        raise ValueError(f"{text!r} is not one of {', '.join(DOMAIN_TYPES)}")
-    return text
-
-
-def _datasource(text: str) -> str:
-    if text not in DATASOURCES:
-        raise ValueError(f"{text!r} is not one of {', '.join(DATASOURCES)}")
-    return text
-
-
-def _directories(text: str) -> list[str]:
-    return [d for d in (p.strip() for p in text.split(",")) if d]
-
-
-def _absolute(text: str) -> str:
-    if text and not os.path.isabs(text):
-        raise ValueError(f"{text!r} is not an absolute path")
-    return text
-
-
-def _uri(text: str) -> str:
-    if not re.match(r"^[a-z][a-z0-9+]*://", text):
-        raise ValueError(f"{text!r} is not a libvirt URI (example: qemu:///system)")
-    return text
-
-
-def _go_format(value: Any) -> Any:
-    if isinstance(value, list):
-        return ",".join(value)
-    return value
-
-
-# name, default (as text, parsed by coerce), coerce, help
-PARAMETERS: list[tuple[str, str, Callable[[str], Any], str]] = [
-    ("stateDir", "/var/lib/hypervisor", _absolute, "Name of state directory"),
-    ("portNum", "6976", _port, "Port number for status pages and RPC"),
-    (
-        "volumeDirectories",
-        "",
-        _directories,
-        "Comma separated list of volume directories (default: auto-detect)",
-    ),
-    ("imageServerHostname", "localhost", str, "Hostname of the image server"),
-    ("imageServerPortNum", "6971", _port, "Port number of the image server"),
-    (
-        "networkBootImage",
-        "pxelinux.%d",
-        str,
-        "Name of boot image passed via DHCP option (%d = client architecture)",
-    ),
-    ("tftpbootImageStream", "", str, "Image stream from which TFTP boot files come"),
-    (
-        "localImagesDirectory",
-        "",
-        _absolute,
-        "Directory from which file:// image URLs may be read",
-    ),
-    ("objectCacheDirectory", "", _absolute, "Directory for the object cache"),
-    ("objectCacheSize", "10G", flags.parse_size, "Maximum size of the object cache"),
-    ("username", "nobody", str, "Username to run the virtualiser as"),
-    (
-        "lockCheckInterval",
-        "2s",
-        flags.parse_duration,
-        "Interval between checks for lock timeouts",
-    ),
-    (
-        "lockLogTimeout",
-        "5s",
-        flags.parse_duration,
-        "Timeout before logging that a lock has been held too long",
-    ),
-    ("identityProvider", "", str, "URL of the Identity Provider"),
-    (
-        "CAfile",
-        "/etc/ssl/CA.pem",
-        str,
-        "Name of file containing the root of trust for identity and methods",
-    ),
-    (
-        "identityCAfile",
-        "/etc/ssl/IdentityCA.pem",
-        str,
-        "Name of file containing the root of trust for identity only",
-    ),
-    ("certFile", "/etc/ssl/hypervisor/cert.pem", str, "Name of file containing the SSL certificate"),
-    ("keyFile", "/etc/ssl/hypervisor/key.pem", str, "Name of file containing the SSL key"),
-    ("logDir", "/var/log/hypervisor", _absolute, "Directory for the JSON log file"),
-    ("libvirtUri", "qemu:///system", _uri, f"{SECTION_OURS} libvirt connection URI"),
-    (
-        "domainType",
-        "auto",
-        _domain_type,
-        f"{SECTION_OURS} libvirt domain type: kvm, qemu (TCG), or auto "
-        "(kvm only if a KVM guest really starts on this host)",
-    ),
-    (
-        "cloudInitDatasource",
-        "openstack",
-        _datasource,
-        f"{SECTION_OURS} cloud-init datasource VMs advertise in SMBIOS unless their "
-        "CloudInitDatasource says otherwise: openstack, nocloud or none",
-    ),
-    (
-        "vmShutdownTimeout",
-        "1m",
-        flags.parse_duration,
-        f"{SECTION_OURS} on a stop after stop-vms-on-next-stop: how long VMs get to "
-        "power down (ACPI) before they are forced off",
-    ),
+__all__ = [
+    "BOOLEAN_NAMES",
+    "BOOLEANS",
+    "DATASOURCES",
+    "DOMAIN_TYPES",
+    "NOT_USED_YET",
+    "PARAMETER_NAMES",
+    "PARAMETERS",
+    "SECTION_OURS",
+    "Options",
 ]
-
-BOOLEANS: list[tuple[str, str]] = [
-    (
-        "allowUnauthenticatedReads",
-        "If true, allow unauthenticated reads of VM and capacity information",
-    ),
-    ("dhcpServerOnBridgesOnly", "If true, run the DHCP server on bridge interfaces only"),
-    ("showVGA", "If true, show VGA console"),
-]
-
-PARAMETER_NAMES = [p[0] for p in PARAMETERS]
-BOOLEAN_NAMES = [b[0] for b in BOOLEANS]
-
-
-# Each parameter gets a coercer that Twisted calls and whose message names the flag.
-def _named(name: str, coerce: Callable[[str], Any]) -> Callable[[str], Any]:
-    def checked(text: str) -> Any:
-        try:
-            return coerce(text)
-        except ValueError as e:
-            raise ValueError(f"flag -{name}: {e}") from None
-
-    checked.coerceDoc = ""  # type: ignore[attr-defined]
-    return checked
-
-
-class Options(usage.Options):
-    """
-    Flags of the hypervisor daemon (C{twistd hypervisor} and C{hypervisor run}).
-
-    @ivar flags_directory: where C{flags.default} and C{flags.extra} are read from.
-    """
-
-    synopsis = "[flags]"
-    longdesc = (
-        "Flags may be given Go-style (-stateDir /x, -portNum=6976) or GNU-style "
-        "(--stateDir /x). Defaults are read from flags.default then flags.extra in "
-        "the flags directory (/etc/hypervisor, or $HYPERVISOR_FLAGS_DIRECTORY), as "
-        "name=value lines; the command line wins. "
-        "Flags marked (ours) are not in the Go hypervisor."
-    )
-
-    optParameters = [
-        [name, None, default, help_, _named(name, coerce)]
-        for name, default, coerce, help_ in PARAMETERS
-    ]
-    optFlags = [[name, None, help_] for name, help_ in BOOLEANS]
-
-    def __init__(self, flags_directory: Optional[str] = None) -> None:
-        super().__init__()
-        if flags_directory is None:
-            flags_directory = os.environ.get(
-                "HYPERVISOR_FLAGS_DIRECTORY", flags.DEFAULT_FLAGS_DIRECTORY
-            )
-        self.flags_directory = flags_directory
-        self._coerce = {name: coerce for name, _, coerce, _ in PARAMETERS}
-        for name, default, coerce, _ in PARAMETERS:
-            self[name] = coerce(default)
-        for name in BOOLEAN_NAMES:
-            self[name] = False
-
-    def opt_h(self) -> None:
-        """
-        Display this help and exit.
-        """
-        self.opt_help()
-
-    def _settings_from_files(self) -> list[tuple[str, str, str]]:
-        """
-        Read the flags files; validate each line on its own so errors name the line.
-        """
-        try:
-            settings = flags.load_flags_files(self.flags_directory)
-        except flags.FlagsFileError as e:
-            raise usage.UsageError(str(e)) from e
-        known = set(PARAMETER_NAMES) | set(BOOLEAN_NAMES)
-        out = []
-        for s in settings:
-            if s.name not in known:
-                raise usage.UsageError(f"{s.source}: unknown flag {s.name!r}")
-            if s.name in self._coerce:
-                try:
-                    self._coerce[s.name](s.value)
-                except ValueError as e:
-                    raise usage.UsageError(f"{s.source}: flag -{s.name}: {e}") from e
-            else:
-                try:
-                    flags.parse_bool(s.value)
-                except ValueError as e:
-                    raise usage.UsageError(f"{s.source}: flag -{s.name}: {e}") from e
-            out.append((s.name, s.value, s.source))
-        return out
-
-    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
-        """
-        Parse flags files, then the (Go- or GNU-style) command line.
-        """
-        if options is None:
-            options = sys.argv[1:]
-        file_args: list[str] = []
-        file_bools: list[tuple[str, bool]] = []
-        for name, value, _ in self._settings_from_files():
-            if name in BOOLEAN_NAMES:
-                file_bools.append((name, flags.parse_bool(value)))
-            else:
-                file_args.append(f"--{name}={value}")
-        try:
-            argv, bools = flags.normalize_argv(options, PARAMETER_NAMES, BOOLEAN_NAMES)
-        except ValueError as e:
-            raise usage.UsageError(str(e)) from e
-        self._bool_assignments = file_bools + bools
-        try:
-            super().parseOptions(file_args + argv)
-        except usage.UsageError as e:
-            raise usage.UsageError(
-                str(e).replace("Parameter type enforcement failed: ", "invalid value: ")
-            ) from e
-
-    def postOptions(self) -> None:
-        """
-        Apply boolean assignments in order (files first, then the command line).
-        """
-        for name, value in getattr(self, "_bool_assignments", []):
-            self[name] = value
-
-    def go_flags(self) -> list[str]:
-        """
-        Return the current settings as Go-style flags that parse back to the same.
-        """
-        out = []
-        for name, default, _, _ in PARAMETERS:
-            value = self[name]
-            if name == "objectCacheSize":
-                value = flags.format_size(value)
-            elif name in ("lockCheckInterval", "lockLogTimeout", "vmShutdownTimeout"):
-                value = flags.format_duration(value)
-            out.append(f"-{name}={_go_format(value)}")
-        out.extend(f"-{name}={'true' if self[name] else 'false'}" for name in BOOLEAN_NAMES)
-        return out

@@ -14,7 +14,9 @@ from contextlib import redirect_stderr, redirect_stdout
 from twisted.trial.unittest import SynchronousTestCase
 
 from hypervisor.cli.hypervisor import main
+from hypervisor.options import NOT_USED_MARK, NOT_USED_YET
 from tests.support import REPO
+from tests.test_options import help_by_flag
 
 
 def run(*argv: str) -> tuple[int, str, str]:
@@ -46,6 +48,42 @@ class HypervisorCommandTests(SynchronousTestCase):
                      "--domainType", "run", "stop-vms-on-next-stop", "check-vms",
                      "repair-vm-volume-allocations", "Stop the running daemon"):
             self.assertIn(word, out)
+
+    def test_help_names_go_flags_not_used_yet(self) -> None:
+        """
+        C{hypervisor -h} says which Go flags are accepted for compatibility but not
+        used yet: each is marked in its own help line and all are named in the
+        description, while flags the daemon uses are not marked.
+        """
+        code, out, _ = run("-h")
+        self.assertEqual(code, 0)
+        by_flag = help_by_flag(out)
+        for name in NOT_USED_YET:
+            self.assertIn(NOT_USED_MARK, by_flag[name], name)
+        flat = " ".join(out.split())
+        description = flat[flat.index("Flags may be given"):]
+        self.assertIn(NOT_USED_MARK, description)
+        for name in NOT_USED_YET:
+            self.assertIn(f"-{name}", description)
+        for used in ("stateDir", "portNum", "libvirtUri", "CAfile", "volumeDirectories"):
+            self.assertNotIn(NOT_USED_MARK, by_flag[used], used)
+
+    def test_does_not_import_tap(self) -> None:
+        """
+        The C{hypervisor} command takes its flags from L{hypervisor.options}: importing
+        it (and parsing flags) loads nothing from the C{tap} package.
+        """
+        result = subprocess.run(
+            [sys.executable, "-c",
+             "import sys\n"
+             "from hypervisor.cli import hypervisor as h\n"
+             "h.HypervisorCommand().parseOptions(['-portNum=1', 'check-vms'])\n"
+             "sys.exit(sorted(m for m in sys.modules if m == 'tap' or "
+             "m.startswith('tap.')) and 1 or 0)\n"],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+            env=dict(os.environ, PYTHONPATH=REPO),
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
 
     def test_unknown_flag(self) -> None:
         """

@@ -1,10 +1,12 @@
 """
-Tests for L{tap.options.Options} and the Go-flag helpers in L{hypervisor.flags}.
+Tests for L{hypervisor.options.Options} (re-exported as L{tap.options.Options}) and
+the Go-flag helpers in L{hypervisor.flags}.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 
 from hypothesis import given
@@ -13,7 +15,49 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from hypervisor import flags
-from tap.options import BOOLEAN_NAMES, PARAMETER_NAMES, Options
+from hypervisor.options import (
+    BOOLEAN_NAMES,
+    NOT_USED_MARK,
+    NOT_USED_YET,
+    PARAMETER_NAMES,
+    Options,
+)
+from tests.support import REPO
+
+
+def help_by_flag(text: str) -> dict[str, str]:
+    """
+    Split the flags part of C{--help} output into each flag's help, whitespace
+    flattened (the description after the flags is left out).
+    """
+    flat = " ".join(text.split())
+    flat = flat[: flat.find("Flags may be given")]
+    starts = [(m.start(), m.group(1)) for m in re.finditer(r"(?:^| )--(\w+)", flat)]
+    out = {}
+    for (start, name), (end, _) in zip(starts, starts[1:] + [(len(flat), "")]):
+        out.setdefault(name, flat[start:end])
+    return out
+
+
+def option_reads(name: str) -> list[str]:
+    """
+    The source files of the daemon (hypervisor/, tap/, web/; not the flag table
+    itself) that read flag C{name} as C{options["name"]}.
+    """
+    pattern = re.compile(r"\[\s*[\"']" + re.escape(name) + r"[\"']\s*\]")
+    table = {os.path.join("hypervisor", "options.py"), os.path.join("tap", "options.py")}
+    found = []
+    for top in ("hypervisor", "tap", "web"):
+        for directory, _, files in os.walk(os.path.join(REPO, top)):
+            for filename in files:
+                path = os.path.join(directory, filename)
+                relative = os.path.relpath(path, REPO)
+                if not filename.endswith(".py") or relative in table:
+                    continue
+                with open(path, encoding="utf-8") as f:
+                    if pattern.search(f.read()):
+                        found.append(relative)
+    return found
 
 
 class OptionsTests(SynchronousTestCase):
@@ -160,6 +204,72 @@ class OptionsTests(SynchronousTestCase):
         for default in ("/var/lib/hypervisor", "6976", "pxelinux.%d", "10G", "2s",
                         "qemu:///system", "/etc/ssl/CA.pem", "/var/log/hypervisor"):
             self.assertIn(default, text)
+
+    def test_help_marks_go_flags_not_used_yet(self) -> None:
+        """
+        C{--help} marks every Go flag that is accepted but not used yet, and only
+        those, as "(accepted for compatibility; not used yet)", names them together
+        in the description, and still shows their defaults unchanged.
+        """
+        text = Options(flags_directory=self.dir).getUsage()
+        by_flag = help_by_flag(text)
+        for name in PARAMETER_NAMES + BOOLEAN_NAMES:
+            if name in NOT_USED_YET:
+                self.assertIn(NOT_USED_MARK, by_flag[name], name)
+            else:
+                self.assertNotIn(NOT_USED_MARK, by_flag[name], name)
+        flat = " ".join(text.split())
+        description = flat[flat.index("Flags may be given"):]
+        for name in NOT_USED_YET:
+            self.assertIn(f"-{name}", description)
+        self.assertIn("[default: 10G]", by_flag["objectCacheSize"])
+        self.assertIn("[default: pxelinux.%d]", by_flag["networkBootImage"])
+
+    def test_not_used_yet_matches_the_daemon(self) -> None:
+        """
+        The flags marked "not used yet" are exactly those that no daemon module
+        reads: a flag that becomes used must lose its mark, and a flag that nothing
+        reads must have it.
+        """
+        self.assertLessEqual(NOT_USED_YET, set(PARAMETER_NAMES + BOOLEAN_NAMES))
+        for name in PARAMETER_NAMES + BOOLEAN_NAMES:
+            readers = option_reads(name)
+            if name in NOT_USED_YET:
+                self.assertEqual(readers, [], f"-{name} is read; drop it from NOT_USED_YET")
+            else:
+                self.assertNotEqual(readers, [], f"nothing reads -{name}; mark it")
+
+    def test_unused_flags_parse_and_round_trip(self) -> None:
+        """
+        Flags that are not used yet are still parsed, validated and passed on by
+        L{Options.go_flags}, so Go flags files keep working.
+        """
+        self.write("flags.default", "username=vmuser\nshowVGA=true\n"
+                   "objectCacheSize=1G\nidentityProvider=https://idp\n")
+        o = self.parse("-imageServerPortNum=7001", "-dhcpServerOnBridgesOnly")
+        self.assertEqual(o["username"], "vmuser")
+        self.assertIs(o["showVGA"], True)
+        self.assertEqual(o["objectCacheSize"], 1024**3)
+        self.assertEqual(o["imageServerPortNum"], 7001)
+        self.assertIs(o["dhcpServerOnBridgesOnly"], True)
+        again = self.parse(*o.go_flags())
+        for name in NOT_USED_YET:
+            self.assertEqual(again[name], o[name], name)
+        self.assertRaises(usage.UsageError, self.parse, "-imageServerPortNum=99999")
+
+    def test_tap_reexports_the_table(self) -> None:
+        """
+        C{tap.options} (what twistd and L{tap.service} import) is the same table and
+        class as L{hypervisor.options}.
+        """
+        import tap
+        import tap.options
+        from hypervisor import options
+
+        self.assertIs(tap.options.Options, options.Options)
+        self.assertIs(tap.Options, options.Options)
+        self.assertIs(tap.options.PARAMETERS, options.PARAMETERS)
+        self.assertEqual(tap.options.NOT_USED_YET, options.NOT_USED_YET)
 
     def test_go_flags_round_trip(self) -> None:
         """

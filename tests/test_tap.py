@@ -14,7 +14,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 import tap
-from tap.options import BOOLEAN_NAMES, PARAMETER_NAMES
+from hypervisor.options import BOOLEAN_NAMES, PARAMETER_NAMES
 from tests.support import REPO
 
 

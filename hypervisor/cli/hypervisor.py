@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from twisted.python import usage
 
-from tap.options import Options
+from hypervisor.options import Options
 
 
 class _NoFlags(usage.Options):
