@@ -5,11 +5,18 @@ Who is calling, and what they may do (reference §7).
 - L{identity_from_certificates}: the identity a TLS client certificate proves. The
   username is the subject CN; groups come from extension OID 1.3.6.1.4.1.9586.100.7.2
   and permitted methods from OID 1.3.6.1.4.1.9586.100.7.1, each a DER C{SEQUENCE OF}
-  strings. Permitted methods count only when the chain verifies against C{-CAfile}
-  (CA.pem, full authority); a chain that verifies only against C{-identityCAfile}
-  (IdentityCA.pem) gives username and groups. A certificate that verifies against
-  neither, or carries a malformed extension, is refused (L{CertificateRefused}) with
-  the reason, never a crash.
+  strings. All three are read from the leaf alone. Permitted methods count only when
+  the chain verifies against C{-CAfile} (CA.pem, full authority); a chain that
+  verifies only against C{-identityCAfile} (IdentityCA.pem) gives username and groups.
+  A certificate that verifies against neither, or carries a malformed extension, is
+  refused (L{CertificateRefused}) with the reason, never a crash.
+- Chains are verified as Go's x509 verifier and RFC 5280 do (L{chain_to}): the
+  configured roots are trust anchors as given; a certificate the client sends as an
+  intermediate may issue only if it is a CA (basicConstraints CA:TRUE, keyCertSign
+  when keyUsage is present, within its pathLenConstraint) — so a client certificate
+  without basicConstraints can never sign another identity. The leaf must be a client
+  certificate (L{check_client_leaf}): not a CA, extended key usage absent or allowing
+  clientAuth, keyUsage absent or allowing digitalSignature.
 - L{authorize}: the one decision for every transport (§7.3): method grants (globs such
   as C{Hypervisor.*}) or hypervisor ownership give everything; public methods need a
   username; admin methods need a grant or ownership; the unauthenticated reads need
@@ -22,15 +29,17 @@ from __future__ import annotations
 import datetime
 import fnmatch
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, TypeVar
 
 from cryptography import x509
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from hypervisor.errors import AccessDenied, HypervisorError, NotFound
 
 METHODS_OID = x509.ObjectIdentifier("1.3.6.1.4.1.9586.100.7.1")
 GROUPS_OID = x509.ObjectIdentifier("1.3.6.1.4.1.9586.100.7.2")
+
+ExtensionValue = TypeVar("ExtensionValue", bound=x509.ExtensionType)
 
 
 class Unauthenticated(HypervisorError):
@@ -145,7 +154,7 @@ def encode_string_sequence(values: Iterable[str]) -> bytes:
 def _extension_strings(cert: x509.Certificate, oid: x509.ObjectIdentifier,
                        what: str) -> list[str]:
     try:
-        ext = cert.extensions.get_extension_for_oid(oid)
+        ext = _extensions(cert).get_extension_for_oid(oid)
     except x509.ExtensionNotFound:
         return []
     value = ext.value
@@ -175,45 +184,235 @@ def _valid_now(cert: x509.Certificate, now: datetime.datetime) -> bool:
     return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
 
 
-def _is_ca(cert: x509.Certificate) -> bool:
+def _cn(cert: x509.Certificate) -> str:
+    """
+    The subject CN, for messages (the whole subject when there is none; shortened).
+    """
     try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError:
+        names = []
+    text = str(names[0].value) if names else cert.subject.rfc4514_string() or "(no subject)"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _extensions(cert: x509.Certificate) -> x509.Extensions:
+    """
+    The certificate's extensions; a malformed or duplicated one is a refusal.
+    """
+    try:
+        return cert.extensions
+    except ValueError as e:
+        raise CertificateRefused(
+            f"certificate {_cn(cert)!r} has a malformed extension ({e}); issue it again "
+            "with well-formed extensions") from None
+
+
+def _extension(cert: x509.Certificate,
+               kind: type[ExtensionValue]) -> Optional[ExtensionValue]:
+    try:
+        return _extensions(cert).get_extension_for_class(kind).value
     except x509.ExtensionNotFound:
-        return True  # old-style roots without the extension
+        return None
+
+
+_UNDERSTOOD_CRITICAL = frozenset({
+    ExtensionOID.BASIC_CONSTRAINTS, ExtensionOID.KEY_USAGE,
+    ExtensionOID.EXTENDED_KEY_USAGE, ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+    ExtensionOID.SUBJECT_KEY_IDENTIFIER, ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+    ExtensionOID.CERTIFICATE_POLICIES, METHODS_OID, GROUPS_OID,
+})
+"""Critical extensions we process (or that do not restrict a client chain); any other
+critical extension (name or policy constraints, ...) makes a certificate unusable, as
+RFC 5280 §4.2 requires."""
+
+
+def _unknown_critical(cert: x509.Certificate) -> Optional[str]:
+    for ext in _extensions(cert):
+        if ext.critical and ext.oid not in _UNDERSTOOD_CRITICAL:
+            return (f"it has a critical extension this daemon does not process "
+                    f"({ext.oid.dotted_string})")
+    return None
+
+
+_CLIENT_USAGES = frozenset({ExtendedKeyUsageOID.CLIENT_AUTH,
+                            ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE})
+
+
+def _usage_names(eku: x509.ExtendedKeyUsage) -> str:
+    return ", ".join(getattr(u, "_name", None) or u.dotted_string for u in eku) or "none"
+
+
+def cannot_issue(cert: x509.Certificate, intermediates_below: int,
+                 now: datetime.datetime) -> Optional[str]:
+    """
+    Why a certificate the client sent cannot act as an intermediate CA in its chain,
+    or None if it can (RFC 5280 §6.1.4, as Go's verifier): basicConstraints CA:TRUE,
+    keyCertSign in keyUsage when keyUsage is present, a pathLenConstraint (if any) not
+    smaller than the number of intermediates below it, an extended key usage (if any)
+    that allows client authentication, no unprocessed critical extension, and valid now.
+
+    @param intermediates_below: intermediate CAs between it and the leaf.
+    """
+    if not _valid_now(cert, now):
+        return "it is expired or not yet valid"
+    constraints = _extension(cert, x509.BasicConstraints)
+    if constraints is None:
+        return "it is not a CA (it has no basicConstraints extension with CA:TRUE)"
+    if not constraints.ca:
+        return "it is not a CA (its basicConstraints say CA:FALSE)"
+    usage = _extension(cert, x509.KeyUsage)
+    if usage is not None and not usage.key_cert_sign:
+        return "its keyUsage does not include keyCertSign"
+    limit = constraints.path_length
+    if limit is not None and intermediates_below > limit:
+        return (f"its pathLenConstraint ({constraints.path_length}) allows fewer "
+                f"intermediate CAs below it than the chain has ({intermediates_below})")
+    eku = _extension(cert, x509.ExtendedKeyUsage)
+    if eku is not None and not _CLIENT_USAGES & set(eku):
+        return (f"its extended key usage ({_usage_names(eku)}) does not allow client "
+                "authentication")
+    return _unknown_critical(cert)
+
+
+def _root_refuses(root: x509.Certificate, intermediates_below: int,
+                  now: datetime.datetime) -> Optional[str]:
+    """
+    Why a configured root cannot end this chain: roots are trust anchors as given
+    (no CA flag or key usage is demanded of them), but, as in Go, one that is expired or
+    whose pathLenConstraint is exceeded does not anchor the chain.
+    """
+    if not _valid_now(root, now):
+        return "it is expired or not yet valid"
+    constraints = _extension(root, x509.BasicConstraints)
+    if (constraints is not None and constraints.path_length is not None
+            and intermediates_below > constraints.path_length):
+        return (f"its pathLenConstraint ({constraints.path_length}) allows fewer "
+                f"intermediate CAs below it than the chain has ({intermediates_below})")
+    return None
+
+
+MAX_SIGNATURE_CHECKS = 100
+"""Signature checks one chain search may make (as Go's C{maxChainSignatureChecks}), so a
+client sending many cross-signed certificates cannot make the search explode."""
+
+
+class _Budget:
+    """
+    Counts the signature checks of one chain search.
+    """
+
+    def __init__(self, checks: int) -> None:
+        self.left = checks
+
+    def signed_by(self, cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+        """
+        Whether C{issuer} signed C{cert} (names match and the signature verifies).
+        """
+        if cert.issuer != issuer.subject or self.left <= 0:
+            return False
+        self.left -= 1
+        try:
+            cert.verify_directly_issued_by(issuer)
+        except Exception:  # noqa: BLE001 - any failure means "not issued by this one"
+            return False
+        return True
 
 
 def chain_to(leaf: x509.Certificate, intermediates: Sequence[x509.Certificate],
              roots: Sequence[x509.Certificate], now: datetime.datetime,
-             max_depth: int = 8) -> Optional[list[x509.Certificate]]:
+             max_depth: int = 8,
+             problems: Optional[list[str]] = None) -> Optional[list[x509.Certificate]]:
     """
-    The chain from C{leaf} up to one of C{roots} (signatures, validity, CA flags), or
-    None if there is none.
+    A verified chain from C{leaf} up to one of C{roots}, or None if there is none.
+
+    Every link is checked by signature and validity. Each certificate of
+    C{intermediates} (sent by the client, so untrusted) may appear only if it may
+    issue (L{cannot_issue}); the C{roots} are trust anchors as given. Every path is
+    tried (a client may send unrelated or duplicate certificates), at most
+    C{max_depth} intermediates long and within L{MAX_SIGNATURE_CHECKS}. The leaf's own
+    profile is not checked here (see L{check_client_leaf}).
+
+    @param problems: if given, a sentence is appended for every certificate that
+        signed a link but was refused, to explain a failure.
+    @return: C{[leaf, intermediate..., root]} (just C{[leaf]} if the leaf is a root).
     """
-    chain = [leaf]
-    current = leaf
-    for _ in range(max_depth):
-        if not _valid_now(current, now):
-            return None
+    notes = problems if problems is not None else []
+    if not _valid_now(leaf, now):
+        notes.append(f"certificate {_cn(leaf)!r} is expired or not yet valid "
+                     f"(valid {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} to "
+                     f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC)")
+        return None
+    if any(leaf == root for root in roots):
+        return [leaf]
+    candidates = list(dict.fromkeys(c for c in intermediates if c != leaf))
+    budget = _Budget(MAX_SIGNATURE_CHECKS)
+
+    def extend(chain: list[x509.Certificate]) -> Optional[list[x509.Certificate]]:
+        current = chain[-1]
+        below = len(chain) - 1  # intermediates already between the leaf and the next
         for root in roots:
-            if root.subject == current.issuer and _valid_now(root, now):
-                try:
-                    current.verify_directly_issued_by(root)
-                except Exception:  # noqa: BLE001 - any failure means "not this one"
-                    continue
-                return chain + ([root] if root != current else [])
-        for parent in intermediates:
-            if parent is current or parent.subject != current.issuer or not _is_ca(parent):
+            if not budget.signed_by(current, root):
                 continue
-            try:
-                current.verify_directly_issued_by(parent)
-            except Exception:  # noqa: BLE001
-                continue
-            chain.append(parent)
-            current = parent
-            break
-        else:
+            problem = _root_refuses(root, below, now)
+            if problem is None:
+                return chain + [root]
+            notes.append(f"root {_cn(root)!r} cannot anchor the chain: {problem}")
+        if below >= max_depth:
             return None
-    return None
+        for parent in candidates:
+            if any(parent == c for c in chain) or not budget.signed_by(current, parent):
+                continue
+            problem = cannot_issue(parent, below, now)
+            if problem is not None:
+                notes.append(f"certificate {_cn(parent)!r}, which signed "
+                             f"{_cn(current)!r}, cannot issue certificates: {problem}")
+                continue
+            found = extend(chain + [parent])
+            if found is not None:
+                return found
+        return None
+
+    found = extend([leaf])
+    if found is None and budget.left <= 0:
+        notes.append(f"the client sent too many candidate certificates (more than "
+                     f"{MAX_SIGNATURE_CHECKS} signature checks)")
+    return found
+
+
+def check_client_leaf(leaf: x509.Certificate) -> None:
+    """
+    Refuse a leaf certificate that is not meant for TLS client authentication: a CA
+    certificate (basicConstraints CA:TRUE), an extended key usage without clientAuth
+    (or anyExtendedKeyUsage), a keyUsage without digitalSignature, or a critical
+    extension this daemon does not process.
+
+    @raise CertificateRefused: with what is wrong and what to do.
+    """
+    name = _cn(leaf)
+    constraints = _extension(leaf, x509.BasicConstraints)
+    if constraints is not None and constraints.ca:
+        raise CertificateRefused(
+            f"client certificate {name!r} is a CA certificate (basicConstraints CA:TRUE) "
+            "and cannot be a client identity; present a client certificate that CA "
+            "issued (hypervisor make-certs --user makes one)")
+    eku = _extension(leaf, x509.ExtendedKeyUsage)
+    if eku is not None and not _CLIENT_USAGES & set(eku):
+        raise CertificateRefused(
+            f"client certificate {name!r} is not for client authentication (its "
+            f"extended key usage is {_usage_names(eku)}); present a certificate whose "
+            "extended key usage includes clientAuth, or has none")
+    usage = _extension(leaf, x509.KeyUsage)
+    if usage is not None and not usage.digital_signature:
+        raise CertificateRefused(
+            f"client certificate {name!r} may not sign (its keyUsage lacks "
+            "digitalSignature), so it cannot authenticate a TLS client; present a "
+            "certificate whose keyUsage includes digitalSignature, or has none")
+    problem = _unknown_critical(leaf)
+    if problem is not None:
+        raise CertificateRefused(
+            f"client certificate {name!r} cannot be used: {problem}; issue it again "
+            "without that extension")
 
 
 @dataclass
@@ -247,32 +446,44 @@ def identity_from_certificates(
     """
     The identity a client certificate chain proves.
 
+    The chain must reach CA.pem or IdentityCA.pem through intermediates that may
+    issue (L{chain_to}), and the leaf must be a client certificate
+    (L{check_client_leaf}). Username, groups and permitted methods come from the leaf
+    alone — never from an intermediate — and methods only when the chain ends at a
+    CA.pem root.
+
     @return: L{ANONYMOUS} when no certificate was presented.
-    @raise CertificateRefused: it does not verify, has no CN, or is malformed.
+    @raise CertificateRefused: it does not verify, is not a client certificate, has
+        no CN, or is malformed; the message says what is wrong and what to do.
     """
     if leaf is None:
         return ANONYMOUS
     now = now or datetime.datetime.now(datetime.timezone.utc)
-    full = chain_to(leaf, intermediates, trust.full, now)
-    chain = full or chain_to(leaf, intermediates, trust.identity_only, now)
+    problems: list[str] = []
+    full = chain_to(leaf, intermediates, trust.full, now, problems=problems)
+    chain = full or chain_to(leaf, intermediates, trust.identity_only, now,
+                             problems=problems)
     if chain is None:
+        reasons = "; ".join(dict.fromkeys(problems)) or "unknown issuer or bad signature"
         raise CertificateRefused(
-            "client certificate does not verify against CA.pem or IdentityCA.pem "
-            "(unknown issuer, bad signature or expired)"
-        )
+            f"client certificate {_cn(leaf)!r} does not verify against CA.pem or "
+            f"IdentityCA.pem ({reasons}); present a certificate issued by one of them, "
+            "followed by any intermediate CAs (basicConstraints CA:TRUE) between them")
+    check_client_leaf(leaf)
     names = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     username = str(names[0].value) if names else ""
     if not username:
-        raise CertificateRefused("client certificate has no common name (username)")
+        raise CertificateRefused("client certificate has no common name (username); "
+                                 "issue it again with the username as subject CN")
     groups = _extension_strings(leaf, GROUPS_OID, "groups")
     methods: list[str] = []
     if full is not None:
-        for cert in full:
-            for m in _extension_strings(cert, METHODS_OID, "permitted methods"):
-                if m.count(".") != 1:
-                    raise CertificateRefused(
-                        f"permitted method {m!r} is not Service.Method")
-                methods.append(m)
+        for m in _extension_strings(leaf, METHODS_OID, "permitted methods"):
+            if m.count(".") != 1:
+                raise CertificateRefused(
+                    f"permitted method {m!r} is not Service.Method; issue the "
+                    "certificate again with entries such as Hypervisor.ListVMs")
+            methods.append(m)
     return Identity(username=username, groups=frozenset(groups),
                     method_patterns=tuple(methods), full_authority=full is not None)
 

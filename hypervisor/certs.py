@@ -49,18 +49,26 @@ def _builder(subject: str, issuer: x509.Name, key: Key, days: float,
             .not_valid_after(now + datetime.timedelta(days=days)))
 
 
+def _key_usage(*, digital_signature: bool = False, key_encipherment: bool = False,
+               key_cert_sign: bool = False, crl_sign: bool = False) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature, content_commitment=False,
+        key_encipherment=key_encipherment, data_encipherment=False, key_agreement=False,
+        key_cert_sign=key_cert_sign, crl_sign=crl_sign, encipher_only=False,
+        decipher_only=False)
+
+
 def make_ca(cn: str = "SmallStack hypervisor CA", days: float = 3650) -> tuple[Key, x509.Certificate]:
     """
-    A self-signed CA.
+    A self-signed root CA: basicConstraints CA:TRUE (critical, at most one
+    intermediate CA below it) and keyUsage keyCertSign + cRLSign (critical).
     """
     key = new_key()
     cert = (_builder(cn, _name(cn), key, days)
             .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True,
-                content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, encipher_only=False, decipher_only=False),
-                critical=True)
+            .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
             .sign(key, hashes.SHA256()))
     return key, cert
 
@@ -69,17 +77,45 @@ def make_certificate(
     ca_key: Key, ca_cert: x509.Certificate, cn: str, *,
     groups: Iterable[str] = (), methods: Iterable[str] = (),
     server_names: Iterable[str] = (), days: float = 365, ca: bool = False,
-    not_before: Optional[datetime.datetime] = None,
+    not_before: Optional[datetime.datetime] = None, path_length: Optional[int] = None,
 ) -> tuple[Key, x509.Certificate]:
     """
-    A certificate signed by the CA: a user's (CN = username, groups and permitted
-    methods as DER SEQUENCE OF UTF8String extensions), a server's (C{server_names} as
-    DNS/IP subject alternative names) or an intermediate CA's.
+    A certificate signed by the CA, in the profile L{hypervisor.auth} checks:
+
+    - a user's (CN = username, groups and permitted methods as DER SEQUENCE OF
+      UTF8String extensions): basicConstraints CA:FALSE, keyUsage digitalSignature,
+      extended key usage clientAuth;
+    - a server's (C{server_names} as DNS/IP subject alternative names): the same, with
+      extended key usage serverAuth and clientAuth (the daemon may call other
+      daemons with it);
+    - an intermediate CA's (C{ca=True}, optionally with C{path_length}):
+      basicConstraints CA:TRUE, keyUsage keyCertSign + cRLSign, no extended key usage.
+
+    Keys are ECDSA, so keyUsage has no keyEncipherment (RFC 5480 §3 allows only
+    digitalSignature, nonRepudiation and keyAgreement for EC keys).
     """
     key = new_key()
     builder = _builder(cn, ca_cert.subject, key, days, not_before)
-    builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=None),
-                                    critical=True)
+    builder = builder.add_extension(
+        x509.BasicConstraints(ca=ca, path_length=path_length if ca else None),
+        critical=True)
+    if ca:
+        builder = builder.add_extension(_key_usage(key_cert_sign=True, crl_sign=True),
+                                        critical=True)
+    else:
+        builder = builder.add_extension(_key_usage(digital_signature=True),
+                                        critical=True)
+    builder = builder.add_extension(
+        x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    try:
+        issuer_key_id = ca_cert.extensions.get_extension_for_class(
+            x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        pass
+    else:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_key_id),
+            critical=False)
     groups, methods, server_names = list(groups), list(methods), list(server_names)
     if groups:
         builder = builder.add_extension(
