@@ -6,15 +6,48 @@ Every class here is a dataclass encoded by L{hypervisor.codec}: the same JSON in
 C{info.json}, in every transport and in the Go tools. Fields marked C{omitempty} are
 those the Go structs tag so. Classes marked I{ours} carry fields the Go daemon does
 not have; Go clients ignore them.
+
+Every field says what the codec validates when a request is decoded (see
+L{hypervisor.codec}): integers carry their Go type (C{Uint64}, C{Uint}, C{Int}), so
+that a value a Go client cannot hold is refused; strings are at most
+L{hypervisor.codec.MAX_STRING} characters unless annotated tighter (names and ids
+L{NameText}, host names L{HostnameText}, addresses L{IPv4Text} and L{MacText}); lists
+and maps at most L{hypervisor.codec.MAX_ITEMS} elements unless annotated otherwise.
 """
 
 from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import Optional
+from typing import Annotated, Optional
 
-from hypervisor.codec import Duration, TextEnum, field
+from hypervisor.codec import (
+    Duration,
+    HostnameText,
+    Int,
+    IPv4Text,
+    MacText,
+    MaxLen,
+    TextEnum,
+    Uint,
+    Uint64,
+    field,
+)
+
+NameText = Annotated[str, MaxLen(256)]
+"""A user, group, subnet id, tag key, snapshot name...: at most 256 characters."""
+
+MessageText = Annotated[str, MaxLen(65536)]
+"""An error or progress message in a response."""
+
+NameList = Annotated[list[NameText], MaxLen(1024)]
+"""Owner users or groups, allowed users or groups, subnet ids."""
+
+TagsT = Annotated[dict[NameText, str], MaxLen(1024)]
+"""Tags: at most 1024, keys at most 256 characters, values 4096."""
+
+MANY = 65536
+"""Elements of a list in a response or a state file (VMs, addresses, subnets)."""
 
 
 class State(TextEnum):
@@ -167,8 +200,8 @@ class Address:
     An IP (optional: externally allocated) and a MAC address.
     """
 
-    IpAddress: str = field(omitempty=True, default="")
-    MacAddress: str = ""
+    IpAddress: IPv4Text = field(omitempty=True, default="")
+    MacAddress: MacText = ""
 
 
 AddressT = Address
@@ -180,19 +213,20 @@ class Subnet:
     A subnet VMs can be placed on.
     """
 
-    Id: str = ""
-    IpGateway: str = field(omitempty=True, default="")
-    IpMask: str = field(omitempty=True, default="")
-    DomainName: str = field(omitempty=True, default="")
-    DomainNameServers: list[str] = field(omitempty=True, default_factory=list)
+    Id: NameText = ""
+    IpGateway: IPv4Text = field(omitempty=True, default="")
+    IpMask: IPv4Text = field(omitempty=True, default="")
+    DomainName: Annotated[str, MaxLen(253)] = field(omitempty=True, default="")
+    DomainNameServers: Annotated[list[IPv4Text], MaxLen(16)] = field(
+        omitempty=True, default_factory=list)
     DisableMetadata: bool = field(omitempty=True, default=False)
     Manage: bool = field(omitempty=True, default=False)
-    VlanId: int = field(omitempty=True, default=0)
-    AllowedGroups: list[str] = field(omitempty=True, default_factory=list)
-    AllowedUsers: list[str] = field(omitempty=True, default_factory=list)
-    FirstDynamicIP: str = field(omitempty=True, default="")
-    LastDynamicIP: str = field(omitempty=True, default="")
-    Tags: dict[str, str] = field(omitempty=True, default_factory=dict)
+    VlanId: Uint = field(omitempty=True, default=0)
+    AllowedGroups: NameList = field(omitempty=True, default_factory=list)
+    AllowedUsers: NameList = field(omitempty=True, default_factory=list)
+    FirstDynamicIP: IPv4Text = field(omitempty=True, default="")
+    LastDynamicIP: IPv4Text = field(omitempty=True, default="")
+    Tags: TagsT = field(omitempty=True, default_factory=dict)
 
 
 @dataclass
@@ -203,10 +237,11 @@ class Volume:
 
     Format: VolumeFormat = field(omitempty=True, default=VolumeFormat.RAW)
     Interface: VolumeInterface = field(omitempty=True, default=VolumeInterface.VIRTIO)
-    Size: int = field(omitempty=True, default=0)
-    Snapshots: dict[str, int] = field(omitempty=True, default_factory=dict)
+    Size: Uint64 = field(omitempty=True, default=0)
+    Snapshots: Annotated[dict[NameText, Uint64], MaxLen(1024)] = field(
+        omitempty=True, default_factory=dict)
     Type: VolumeType = field(omitempty=True, default=VolumeType.PERSISTENT)
-    VirtualSize: int = field(omitempty=True, default=0)
+    VirtualSize: Uint64 = field(omitempty=True, default=0)
 
     @property
     def effective_size(self) -> int:
@@ -222,7 +257,7 @@ class NetworkEntry:
     Per-interface settings.
     """
 
-    NumQueues: int = field(omitempty=True, default=0)
+    NumQueues: Uint = field(omitempty=True, default=0)
 
 
 @dataclass
@@ -236,34 +271,38 @@ class VmInfo:
     ChangedStateOn: Optional[datetime.datetime] = field(omitempty=True, default=None)
     ConsoleType: ConsoleTypeT = field(omitempty=True, default=ConsoleType.NONE)
     CreatedOn: Optional[datetime.datetime] = field(omitempty=True, default=None)
-    CpuPriority: int = field(omitempty=True, default=0)
+    CpuPriority: Int = field(omitempty=True, default=0)
     DestroyOnPowerdown: bool = field(omitempty=True, default=False)
     DestroyProtection: bool = field(omitempty=True, default=False)
     DisableVirtIO: bool = field(omitempty=True, default=False)
     ExtraKernelOptions: str = field(omitempty=True, default="")
     FirmwareType: FirmwareTypeT = field(omitempty=True, default=FirmwareType.DEFAULT)
-    Hostname: str = field(omitempty=True, default="")
+    Hostname: HostnameText = field(omitempty=True, default="")
     IdentityExpires: Optional[datetime.datetime] = field(omitempty=True, default=None)
-    IdentityName: str = field(omitempty=True, default="")
-    ImageName: str = field(omitempty=True, default="")
+    IdentityName: NameText = field(omitempty=True, default="")
+    ImageName: Annotated[str, MaxLen(1024)] = field(omitempty=True, default="")
     ImageURL: str = field(omitempty=True, default="")
     MachineType: MachineTypeT = field(omitempty=True, default=MachineType.AUTO)
-    MemoryInMiB: int = 0
-    MilliCPUs: int = 0
-    NetworkEntries: list[NetworkEntry] = field(omitempty=True, default_factory=list)
-    OwnerGroups: list[str] = field(omitempty=True, default_factory=list)
-    OwnerUsers: list[str] = field(omitempty=True, default_factory=list)
-    RootFileSystemLabel: str = field(omitempty=True, default="")
+    MemoryInMiB: Uint64 = 0
+    MilliCPUs: Uint = 0
+    NetworkEntries: Annotated[list[NetworkEntry], MaxLen(64)] = field(
+        omitempty=True, default_factory=list)
+    OwnerGroups: NameList = field(omitempty=True, default_factory=list)
+    OwnerUsers: NameList = field(omitempty=True, default_factory=list)
+    RootFileSystemLabel: Annotated[str, MaxLen(255)] = field(omitempty=True, default="")
     SpreadVolumes: bool = field(omitempty=True, default=False)
     State: StateT = State.STARTING
-    SecondaryAddresses: list[AddressT] = field(omitempty=True, default_factory=list)
-    SecondarySubnetIDs: list[str] = field(omitempty=True, default_factory=list)
-    SubnetId: str = field(omitempty=True, default="")
-    Tags: dict[str, str] = field(omitempty=True, default_factory=dict)
+    SecondaryAddresses: Annotated[list[AddressT], MaxLen(64)] = field(
+        omitempty=True, default_factory=list)
+    SecondarySubnetIDs: Annotated[list[NameText], MaxLen(64)] = field(
+        omitempty=True, default_factory=list)
+    SubnetId: NameText = field(omitempty=True, default="")
+    Tags: TagsT = field(omitempty=True, default_factory=dict)
     Uncommitted: bool = field(omitempty=True, default=False)
-    VirtualCPUs: int = field(omitempty=True, default=0)
-    VirtualiserImageName: str = field(omitempty=True, default="")
-    Volumes: list[Volume] = field(omitempty=True, default_factory=list)
+    VirtualCPUs: Uint = field(omitempty=True, default=0)
+    VirtualiserImageName: Annotated[str, MaxLen(1024)] = field(omitempty=True, default="")
+    Volumes: Annotated[list[Volume], MaxLen(128)] = field(omitempty=True,
+                                                          default_factory=list)
     WatchdogAction: WatchdogActionT = field(omitempty=True, default=WatchdogAction.NONE)
     WatchdogModel: WatchdogModelT = field(omitempty=True, default=WatchdogModel.NONE)
     CloudInitDatasource: CloudInitDatasourceT = field(
@@ -305,7 +344,8 @@ class LocalVmInfo:
     """
 
     VmInfo: VmInfoT = field(embed=True, default_factory=VmInfo)
-    VolumeLocations: list[VolumeLocation] = field(default_factory=list)
+    VolumeLocations: Annotated[list[VolumeLocation], MaxLen(128)] = field(
+        default_factory=list)
 
 
 # Requests and responses (reference §1.11) ---------------------------------------
@@ -317,7 +357,7 @@ class ErrorResponse:
     A response carrying only an error (empty on success).
     """
 
-    Error: str = ""
+    Error: MessageText = ""
 
 
 @dataclass
@@ -326,7 +366,7 @@ class IpRequest:
     A request naming one VM by IP (AcknowledgeVm, GetVmInfo, ...).
     """
 
-    IpAddress: str = ""
+    IpAddress: IPv4Text = ""
 
 
 @dataclass
@@ -335,8 +375,8 @@ class AccessRequest:
     A request naming one VM, optionally with an access token (StopVm, DestroyVm).
     """
 
-    AccessToken: bytes = field(omitempty=True, default=b"")
-    IpAddress: str = ""
+    AccessToken: Annotated[bytes, MaxLen(4096)] = field(omitempty=True, default=b"")
+    IpAddress: IPv4Text = ""
 
 
 @dataclass
@@ -352,15 +392,17 @@ class CreateVmRequest:
     EnableNetboot: bool = field(omitempty=True, default=False)
     IdentityCertificate: bytes = field(omitempty=True, default=b"")
     IdentityKey: bytes = field(omitempty=True, default=b"")
-    ImageDataSize: int = field(omitempty=True, default=0)
+    ImageDataSize: Uint64 = field(omitempty=True, default=0)
     ImageTimeout: Duration = field(omitempty=True, default=Duration(0))
-    MinimumFreeBytes: int = field(omitempty=True, default=0)
-    RoundupPower: int = field(omitempty=True, default=0)
-    SecondaryVolumes: list[Volume] = field(omitempty=True, default_factory=list)
+    MinimumFreeBytes: Uint64 = field(omitempty=True, default=0)
+    RoundupPower: Uint64 = field(omitempty=True, default=0)
+    SecondaryVolumes: Annotated[list[Volume], MaxLen(128)] = field(
+        omitempty=True, default_factory=list)
     SkipBootloader: bool = field(omitempty=True, default=False)
     SkipMemoryCheck: bool = field(omitempty=True, default=False)
-    StorageIndices: list[int] = field(omitempty=True, default_factory=list)
-    UserDataSize: int = field(omitempty=True, default=0)
+    StorageIndices: Annotated[list[Uint], MaxLen(128)] = field(omitempty=True,
+                                                               default_factory=list)
+    UserDataSize: Uint64 = field(omitempty=True, default=0)
     KernelURL: str = field(omitempty=True, default="")
     InitrdURL: str = field(omitempty=True, default="")
 
@@ -373,9 +415,9 @@ class CreateVmResponse:
 
     DhcpTimedOut: bool = False
     Final: bool = False
-    IpAddress: str = ""
-    ProgressMessage: str = ""
-    Error: str = ""
+    IpAddress: IPv4Text = ""
+    ProgressMessage: MessageText = ""
+    Error: MessageText = ""
 
 
 @dataclass
@@ -384,9 +426,9 @@ class StartVmRequest:
     StartVm.
     """
 
-    AccessToken: bytes = field(omitempty=True, default=b"")
+    AccessToken: Annotated[bytes, MaxLen(4096)] = field(omitempty=True, default=b"")
     DhcpTimeout: Duration = field(omitempty=True, default=Duration(0))
-    IpAddress: str = ""
+    IpAddress: IPv4Text = ""
 
 
 @dataclass
@@ -396,7 +438,7 @@ class DhcpResponse:
     """
 
     DhcpTimedOut: bool = False
-    Error: str = ""
+    Error: MessageText = ""
 
 
 @dataclass
@@ -406,7 +448,7 @@ class RebootVmRequest:
     """
 
     DhcpTimeout: Duration = field(omitempty=True, default=Duration(0))
-    IpAddress: str = ""
+    IpAddress: IPv4Text = ""
 
 
 @dataclass
@@ -416,7 +458,7 @@ class GetVmInfoResponse:
     """
 
     VmInfo: VmInfoT = field(default_factory=VmInfo)
-    Error: str = ""
+    Error: MessageText = ""
 
 
 @dataclass
@@ -425,10 +467,11 @@ class VmFilter:
     Filters of ListVMs and GetVmInfos.
     """
 
-    IgnoreStateMask: int = field(omitempty=True, default=0)
-    OwnerGroups: list[str] = field(omitempty=True, default_factory=list)
-    OwnerUsers: list[str] = field(omitempty=True, default_factory=list)
-    VmTagsToMatch: dict[str, list[str]] = field(omitempty=True, default_factory=dict)
+    IgnoreStateMask: Uint64 = field(omitempty=True, default=0)
+    OwnerGroups: NameList = field(omitempty=True, default_factory=list)
+    OwnerUsers: NameList = field(omitempty=True, default_factory=list)
+    VmTagsToMatch: Annotated[dict[NameText, Annotated[list[str], MaxLen(1024)]],
+                             MaxLen(1024)] = field(omitempty=True, default_factory=dict)
 
 
 @dataclass
@@ -447,8 +490,8 @@ class ListVMsResponse:
     ListVMs.
     """
 
-    IpAddresses: list[str] = field(default_factory=list)
-    Error: str = ""
+    IpAddresses: Annotated[list[IPv4Text], MaxLen(MANY)] = field(default_factory=list)
+    Error: MessageText = ""
 
 
 @dataclass
@@ -466,8 +509,8 @@ class GetVmInfosResponse:
     GetVmInfos.
     """
 
-    Error: str = ""
-    VmInfos: list[VmInfo] = field(default_factory=list)
+    Error: MessageText = ""
+    VmInfos: Annotated[list[VmInfo], MaxLen(MANY)] = field(default_factory=list)
 
 
 @dataclass
@@ -477,7 +520,7 @@ class GetVmCreateRequestResponse:
     """
 
     CreateRequest: CreateVmRequest = field(default_factory=CreateVmRequest)
-    Error: str = ""
+    Error: MessageText = ""
 
 
 @dataclass
@@ -486,10 +529,10 @@ class ChangeVmSizeRequest:
     ChangeVmSize.
     """
 
-    IpAddress: str = ""
-    MemoryInMiB: int = field(omitempty=True, default=0)
-    MilliCPUs: int = field(omitempty=True, default=0)
-    VirtualCPUs: int = field(omitempty=True, default=0)
+    IpAddress: IPv4Text = ""
+    MemoryInMiB: Uint64 = field(omitempty=True, default=0)
+    MilliCPUs: Uint = field(omitempty=True, default=0)
+    VirtualCPUs: Uint = field(omitempty=True, default=0)
 
 
 @dataclass
@@ -498,8 +541,8 @@ class ChangeVmTagsRequest:
     ChangeVmTags.
     """
 
-    IpAddress: str = ""
-    Tags: dict[str, str] = field(default_factory=dict)
+    IpAddress: IPv4Text = ""
+    Tags: TagsT = field(default_factory=dict)
 
 
 @dataclass
@@ -508,8 +551,8 @@ class ChangeVmOwnerUsersRequest:
     ChangeVmOwnerUsers.
     """
 
-    IpAddress: str = ""
-    OwnerUsers: list[str] = field(default_factory=list)
+    IpAddress: IPv4Text = ""
+    OwnerUsers: NameList = field(default_factory=list)
 
 
 @dataclass
@@ -518,8 +561,8 @@ class ChangeVmOwnerGroupsRequest:
     ChangeVmOwnerGroups.
     """
 
-    IpAddress: str = ""
-    OwnerGroups: list[str] = field(default_factory=list)
+    IpAddress: IPv4Text = ""
+    OwnerGroups: NameList = field(default_factory=list)
 
 
 @dataclass
@@ -529,7 +572,7 @@ class ChangeVmDestroyProtectionRequest:
     """
 
     DestroyProtection: bool = False
-    IpAddress: str = ""
+    IpAddress: IPv4Text = ""
 
 
 @dataclass
@@ -538,8 +581,8 @@ class ChangeVmHostnameRequest:
     ChangeVmHostname.
     """
 
-    Hostname: str = ""
-    IpAddress: str = ""
+    Hostname: HostnameText = ""
+    IpAddress: IPv4Text = ""
 
 
 @dataclass
@@ -548,11 +591,11 @@ class GetCapacityResponse:
     GetCapacity.
     """
 
-    Error: str = ""
-    AvailableMemoryInMiB: int = 0
-    MemoryInMiB: int = 0
-    NumCPUs: int = 0
-    TotalVolumeBytes: int = 0
+    Error: MessageText = ""
+    AvailableMemoryInMiB: Uint64 = 0
+    MemoryInMiB: Uint64 = 0
+    NumCPUs: Uint = 0
+    TotalVolumeBytes: Uint64 = 0
 
 
 @dataclass
@@ -570,9 +613,12 @@ class ChangeAddressPoolRequest:
     ChangeAddressPool.
     """
 
-    AddressesToAdd: list[Address] = field(omitempty=True, default_factory=list)
-    AddressesToRemove: list[Address] = field(omitempty=True, default_factory=list)
-    MaximumFreeAddresses: dict[str, int] = field(omitempty=True, default_factory=dict)
+    AddressesToAdd: Annotated[list[Address], MaxLen(4096)] = field(
+        omitempty=True, default_factory=list)
+    AddressesToRemove: Annotated[list[Address], MaxLen(4096)] = field(
+        omitempty=True, default_factory=list)
+    MaximumFreeAddresses: dict[NameText, Uint] = field(omitempty=True,
+                                                       default_factory=dict)
 
 
 @dataclass
@@ -583,7 +629,7 @@ class UpdateSubnetsRequest:
 
     Add: list[Subnet] = field(omitempty=True, default_factory=list)
     Change: list[Subnet] = field(omitempty=True, default_factory=list)
-    Delete: list[str] = field(omitempty=True, default_factory=list)
+    Delete: NameList = field(omitempty=True, default_factory=list)
 
 
 @dataclass
@@ -592,8 +638,8 @@ class ChangeOwnersRequest:
     ChangeOwners: the hypervisor's owners (they get every method).
     """
 
-    OwnerGroups: list[str] = field(omitempty=True, default_factory=list)
-    OwnerUsers: list[str] = field(omitempty=True, default_factory=list)
+    OwnerGroups: NameList = field(omitempty=True, default_factory=list)
+    OwnerUsers: NameList = field(omitempty=True, default_factory=list)
 
 
 @dataclass
@@ -611,8 +657,8 @@ class ListSubnetsResponse:
     ListSubnets.
     """
 
-    Error: str = ""
-    Subnets: list[Subnet] = field(default_factory=list)
+    Error: MessageText = ""
+    Subnets: Annotated[list[Subnet], MaxLen(MANY)] = field(default_factory=list)
 
 
 @dataclass
@@ -621,8 +667,8 @@ class AddressPool:
     C{address-pool.json}: free addresses and all registered ones.
     """
 
-    Free: list[Address] = field(default_factory=list)
-    Registered: list[Address] = field(default_factory=list)
+    Free: Annotated[list[Address], MaxLen(MANY)] = field(default_factory=list)
+    Registered: Annotated[list[Address], MaxLen(MANY)] = field(default_factory=list)
 
 
 @dataclass
@@ -633,16 +679,19 @@ class Update:
     """
 
     HaveAddressPool: bool = field(omitempty=True, default=False)
-    AddressPool: list[Address] = field(omitempty=True, default_factory=list)
+    AddressPool: Annotated[list[Address], MaxLen(MANY)] = field(omitempty=True,
+                                                                default_factory=list)
     HaveDisabled: bool = field(omitempty=True, default=False)
     Disabled: bool = field(omitempty=True, default=False)
-    MemoryInMiB: Optional[int] = field(omitempty=True, default=None)
-    AvailableMemoryInMiB: Optional[int] = field(omitempty=True, default=None)
-    NumCPUs: Optional[int] = field(omitempty=True, default=None)
-    NumFreeAddresses: dict[str, int] = field(omitempty=True, default_factory=dict)
-    HealthStatus: str = field(omitempty=True, default="")
+    MemoryInMiB: Optional[Uint64] = field(omitempty=True, default=None)
+    AvailableMemoryInMiB: Optional[Uint64] = field(omitempty=True, default=None)
+    NumCPUs: Optional[Uint] = field(omitempty=True, default=None)
+    NumFreeAddresses: dict[NameText, Uint] = field(omitempty=True, default_factory=dict)
+    HealthStatus: NameText = field(omitempty=True, default="")
     HaveSubnets: bool = field(omitempty=True, default=False)
-    Subnets: list[Subnet] = field(omitempty=True, default_factory=list)
-    TotalVolumeBytes: Optional[int] = field(omitempty=True, default=None)
+    Subnets: Annotated[list[Subnet], MaxLen(MANY)] = field(omitempty=True,
+                                                           default_factory=list)
+    TotalVolumeBytes: Optional[Uint64] = field(omitempty=True, default=None)
     HaveVMs: bool = field(omitempty=True, default=False)
-    VMs: dict[str, VmInfo] = field(omitempty=True, default_factory=dict)
+    VMs: Annotated[dict[IPv4Text, VmInfo], MaxLen(MANY)] = field(omitempty=True,
+                                                                 default_factory=dict)

@@ -15,6 +15,10 @@ from hypervisor import codec, model
 
 texts = st.text(max_size=20)
 ips = st.builds(lambda a, b: f"10.{a}.{b}.2", st.integers(0, 255), st.integers(0, 255))
+macs = st.binary(min_size=6, max_size=6).map(lambda b: ":".join(f"{x:02x}" for x in b))
+hostnames = st.just("") | st.from_regex(
+    r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?){0,3}",
+    fullmatch=True)
 times = st.one_of(st.none(), st.datetimes(
     min_value=datetime.datetime(1970, 1, 2), max_value=datetime.datetime(2200, 1, 1),
     timezones=st.just(datetime.timezone.utc)))
@@ -27,10 +31,10 @@ volumes = st.builds(model.Volume, Format=st.sampled_from(model.VolumeFormat),
                     VirtualSize=st.integers(0, 2**50))
 vm_infos = st.builds(
     model.VmInfo,
-    Address=st.builds(model.Address, IpAddress=ips, MacAddress=texts),
+    Address=st.builds(model.Address, IpAddress=ips, MacAddress=macs),
     ChangedStateOn=times, CreatedOn=times, IdentityExpires=times,
     CpuPriority=st.integers(-20, 19), DestroyOnPowerdown=st.booleans(),
-    Hostname=texts, MemoryInMiB=st.integers(0, 2**20), MilliCPUs=st.integers(0, 10**5),
+    Hostname=hostnames, MemoryInMiB=st.integers(0, 2**20), MilliCPUs=st.integers(0, 10**5),
     OwnerUsers=st.lists(texts, max_size=3), OwnerGroups=st.lists(texts, max_size=3),
     State=st.sampled_from(model.State), Tags=st.dictionaries(texts, texts, max_size=3),
     Volumes=st.lists(volumes, max_size=3),
