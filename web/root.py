@@ -1,15 +1,52 @@
-# -*- test-case-name: tests.test_rpc -*-
+# -*- test-case-name: tests.test_pages -*-
 """
 The web root on port 6976: C{/rpc...} goes to the RPC routes, everything else to the
 status pages. Each is its own Klein app; this resource only picks one by the first
 path segment and leaves the path untouched, so each app sees absolute paths.
+
+A path that is not UTF-8 once percent-decoded names nothing: under C{/rpc} it is
+answered here (400, a JSON error, nothing logged), elsewhere the pages answer it
+(a 400 page). Klein would log a traceback for each such request.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.web.resource import IResource, Resource
+
+from web.status import SECURITY_HEADERS
+
+
+def is_utf8_path(request: Any) -> bool:
+    """
+    Whether the request's (percent-decoded) path segments are all UTF-8.
+    """
+    try:
+        b"/".join((request.prepath or []) + (request.postpath or [])).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class NonUtf8Path(Resource):
+    """
+    The answer to a path that is not UTF-8 under C{/rpc}: 400 with a JSON error.
+    """
+
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        """
+        400, C{{"Error": "..."}}.
+        """
+        request.setResponseCode(400)
+        request.setHeader(b"Content-Type", b"application/json")
+        for name, value in SECURITY_HEADERS.items():
+            request.setHeader(name, value)
+        return json.dumps({"Error": "the path is not UTF-8; percent-encode UTF-8 "
+                                    "text (POST /rpc/Hypervisor.<Method>)"}).encode() + b"\n"
 
 
 class PathDispatch(Resource):
@@ -21,13 +58,19 @@ class PathDispatch(Resource):
         super().__init__()
         self.routes = routes
         self.default = default
+        self.non_utf8 = NonUtf8Path()
 
     def getChildWithDefault(self, name: bytes, request: Any) -> IResource:
         """
         Put the segment back and hand the request to the chosen (leaf) resource.
         """
         request.postpath.insert(0, request.prepath.pop())
-        return self.routes.get(name, self.default)
+        route = self.routes.get(name)
+        if route is None:
+            return self.default
+        if not is_utf8_path(request):
+            return self.non_utf8
+        return route
 
 
 def make_root(pages: Any, rpc: Any) -> IResource:

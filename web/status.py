@@ -8,24 +8,51 @@ C{/listVolumeDirectories}, C{/showVolumeDirectories}, C{/showDhcpStatus}, C{/log
 
 A L{StatusPages} object holds its own Klein app (no module-global app) and reads only
 in-memory state of the manager and the libvirt service (summaries from
-L{hypervisor.manager.report}): rendering never waits on libvirt. Every page carries
-the reference's security headers; unknown VMs and bad queries get a friendly 404/400
-page (or a JSON error for C{output=json}).
+L{hypervisor.manager.report}): rendering never waits on libvirt, and files (boot logs,
+log files) are read on a thread.
+
+Hostile requests and hostile stored values are answered, never left hanging:
+
+ - every response (pages, errors, C{/metrics}, C{/healthz}, static files) carries the
+   reference's security headers;
+ - pages answer C{GET} and C{HEAD} only (C{405} with C{Allow: GET, HEAD} otherwise)
+   and take no request body (C{413});
+ - a path or query that is not UTF-8, an unknown query parameter, a number out of
+   range or an IP address that does not parse is a C{400} page with a sentence (a
+   C{404} for an unknown VM, file or page), logged without a traceback;
+ - every handler answers bytes: text is made encodable (lone surrogates, stored before
+   values were validated, become U+FFFD), and any failure while rendering is logged
+   once with its traceback and becomes a C{500} page that finishes the request.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
+import functools
+import ipaddress
 import json
+import math
 import os
+import re
 import socket
+import stat
 import urllib.parse
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 import jinja2
+import markupsafe
 from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
+from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import NotFound as RouteNotFound
+from werkzeug.routing import RequestRedirect
 
 import hypervisor
 from hypervisor import codec, flags
@@ -40,6 +67,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TEMPLATES = os.path.join(HERE, "templates")
 STATIC = os.path.join(HERE, "static")
 BOOTLOG_MAX = 4 * 1024 * 1024
+MAX_TAIL = 1_000_000
+MAX_WINDOW = 10 * 366 * 86400.0
 
 SECURITY_HEADERS = {
     b"X-Frame-Options": b"DENY",
@@ -48,12 +77,66 @@ SECURITY_HEADERS = {
     b"X-Content-Type-Options": b"nosniff",
 }
 
+ALLOWED_METHODS = (b"GET", b"HEAD")
+ALLOW = b", ".join(ALLOWED_METHODS)
+
 CONTENT_TYPES = {".css": b"text/css; charset=utf-8", ".js": b"text/javascript",
                  ".png": b"image/png", ".svg": b"image/svg+xml"}
 
 HTML = b"text/html; charset=utf-8"
 TEXT = b"text/plain; charset=utf-8"
 JSON = b"application/json"
+
+REASONS = {400: "bad request", 404: "not found", 405: "method not allowed",
+           413: "request body not accepted", 500: "error", 503: "unavailable"}
+
+_LAST_RESORT = (b"<!DOCTYPE html>\n<title>500</title>\n<h1>500: error</h1>\n"
+                b"<p>internal error; the log has the details</p>\n")
+_SURROGATES = re.compile("[\ud800-\udfff]")
+_TAIL = re.compile("[0-9]{1,7}", re.ASCII)
+
+
+def clean_text(text: str) -> str:
+    """
+    C{text} with every lone surrogate (not encodable in UTF-8; values stored before
+    input was validated may hold them) replaced by U+FFFD.
+    """
+    return _SURROGATES.sub("\ufffd", text)
+
+
+def to_utf8(text: str) -> bytes:
+    """
+    C{text} as UTF-8, whatever code points it holds (see L{clean_text}).
+    """
+    return clean_text(text).encode("utf-8")
+
+
+def _finalize(value: Any) -> Any:
+    """
+    Jinja2's finalize hook: every value a template prints is made encodable.
+    """
+    if isinstance(value, markupsafe.Markup):
+        return markupsafe.Markup(clean_text(value))
+    if isinstance(value, str):
+        return clean_text(value)
+    return value
+
+
+def _urlencode(value: Any) -> str:
+    """
+    Jinja2's C{urlencode} filter for values that may hold lone surrogates.
+    """
+    text = value if isinstance(value, str) else str(value)
+    return urllib.parse.quote(clean_text(text), safe="/")
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """
+    A value from a request as quoted in an error sentence (shortened).
+    """
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    return repr(text)
 
 
 def load_assets() -> dict[str, tuple[bytes, bytes]]:
@@ -99,38 +182,305 @@ def format_time(value: Any) -> str:
 
 def make_environment() -> jinja2.Environment:
     """
-    The Jinja2 environment for our templates, autoescaping on.
+    The Jinja2 environment for our templates: autoescaping on, and every printed or
+    URL-encoded value made encodable (L{clean_text}).
     """
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
+        finalize=_finalize,
     )
     env.filters["duration"] = format_uptime
     env.filters["bytes"] = report.human_bytes
     env.filters["time"] = format_time
     env.filters["mib"] = lambda n: report.human_bytes((n or 0) * 1024 * 1024)
+    env.filters["urlencode"] = _urlencode
     return env
 
 
-def split_query(request: Request) -> tuple[list[str], dict[str, str]]:
+class PageError(Exception):
     """
-    The Go pages' queries: C{/showVM?10.0.0.2&output=json} -> (["10.0.0.2"],
-    {"output": "json"}).
+    A page's answer other than 200, decided while handling the request: a status
+    (400, 404 ...) and a sentence saying what to do.
     """
-    raw = request.uri.decode("latin-1").partition("?")[2]
-    positional: list[str] = []
-    params: dict[str, str] = {}
-    for part in raw.split("&"):
+
+    def __init__(self, status: int, message: str, as_json: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.as_json = as_json
+
+
+def raw_query(request: Request) -> tuple[list[bytes], list[tuple[bytes, bytes]]]:
+    """
+    The query of the Go pages, percent-decoded but not yet text:
+    C{/showVM?10.0.0.2&output=json} -> ([b"10.0.0.2"], [(b"output", b"json")]).
+    """
+    raw = request.uri.partition(b"?")[2]
+    positional: list[bytes] = []
+    params: list[tuple[bytes, bytes]] = []
+    for part in raw.split(b"&"):
         if not part:
             continue
-        key, sep, value = part.partition("=")
-        key = urllib.parse.unquote_plus(key)
+        key, sep, value = part.partition(b"=")
+        key = urllib.parse.unquote_to_bytes(key.replace(b"+", b" "))
         if sep:
-            params[key] = urllib.parse.unquote_plus(value)
+            params.append((key, urllib.parse.unquote_to_bytes(value.replace(b"+", b" "))))
         else:
             positional.append(key)
     return positional, params
+
+
+def split_query(
+    request: Request, page: str, positional: tuple[int, int] = (0, 0),
+    names: Sequence[str] = (), word: str = "", usage: str = "",
+    json_errors: bool = False,
+) -> tuple[list[str], dict[str, str]]:
+    """
+    The query of C{page}, checked: UTF-8, between C{positional[0]} and
+    C{positional[1]} positional words (each a C{word}), named parameters among
+    C{names}, each given once.
+
+    @param usage: an example of a good query, for the error sentences.
+    @param json_errors: errors are JSON when the query asks for C{output=json}.
+    @raise PageError: (400) for anything else.
+    """
+    raw_positional, raw_params = raw_query(request)
+    as_json = json_errors and (b"output", b"json") in raw_params
+    example = f" (example: {usage})" if usage else ""
+
+    def text(value: bytes) -> str:
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise PageError(400, f"the query of {page} is not UTF-8; percent-encode "
+                            f"UTF-8 text{example}", as_json) from None
+
+    def unknown(key: str) -> PageError:
+        takes = ("it takes " + ", ".join(names)) if names else "it takes none"
+        return PageError(400, f"{page} has no parameter {_shown(key)}; {takes}"
+                         f"{example}", as_json)
+
+    words = [text(w) for w in raw_positional]
+    params: dict[str, str] = {}
+    for raw_key, raw_value in raw_params:
+        key = text(raw_key)
+        if key not in names:
+            raise unknown(key)
+        if key in params:
+            raise PageError(400, f"give {key} once{example}", as_json)
+        params[key] = text(raw_value)
+    low, high = positional
+    if high == 0 and words:
+        raise unknown(words[0])
+    if not low <= len(words) <= high:
+        count = "one" if low == high else f"at most {high}"
+        raise PageError(400, f"give {count} {word or 'value'}{example}", as_json)
+    return words, params
+
+
+def parse_ip(text: str, page: str, as_json: bool = False) -> str:
+    """
+    C{text} as a normalised IP address (the key of C{manager.vms}).
+
+    @raise PageError: (400) if it is not an IP address.
+    """
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise PageError(400, f"{_shown(text)} is not an IP address; give one: "
+                        f"{page}?10.2.3.4", as_json) from None
+
+
+def parse_tail(text: str) -> int:
+    """
+    The C{tail=} of the boot log: a number of lines from 1 to L{MAX_TAIL}.
+
+    @raise PageError: (400) otherwise.
+    """
+    if _TAIL.fullmatch(text) and 1 <= int(text) <= MAX_TAIL:
+        return int(text)
+    raise PageError(400, f"tail={_shown(text)} is not a number of lines from 1 to "
+                    f"{MAX_TAIL} (example: tail=100)")
+
+
+def parse_window(text: str) -> float:
+    """
+    The window of C{/logs/showLast}: a duration from 0 to ten years.
+
+    @raise PageError: (400) otherwise.
+    """
+    try:
+        seconds = flags.parse_duration(text)
+    except ValueError as e:
+        raise PageError(400, f"bad window: {e} (examples: /logs/showLast?1m, ?2h)") \
+            from None
+    if not math.isfinite(seconds) or seconds > MAX_WINDOW:
+        raise PageError(400, f"window {_shown(text)} is out of range; give at most 10 "
+                        "years (examples: /logs/showLast?1m, ?2h)")
+    return seconds
+
+
+class NotARegularFile(Exception):
+    """
+    The name is a symbolic link, directory, FIFO ... not a regular file.
+    """
+
+
+def read_tail_in(directory: str, name: bytes, limit: int) -> Optional[bytes]:
+    """
+    The last C{limit} bytes of the regular file C{name} directly inside
+    C{directory}, or C{None} if there is no such file. Blocking: run on a thread.
+
+    The file is opened relative to the directory with C{O_NOFOLLOW} (a symbolic link
+    is refused, never followed) and C{O_NONBLOCK} (a FIFO cannot block the thread),
+    and must be a regular file.
+
+    @raise NotARegularFile: C{name} is a link, a directory, a FIFO ...
+    """
+    if not name or b"/" in name or name in (b".", b".."):
+        raise NotARegularFile(name)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                         | os.O_NOCTTY, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise NotARegularFile(name) from None
+            raise
+    finally:
+        os.close(dir_fd)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotARegularFile(name)
+        start = max(0, info.st_size - limit)
+        chunks = []
+        remaining = limit
+        while remaining > 0:
+            chunk = os.pread(fd, min(remaining, 1 << 20), start)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            start += len(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class LogFileEntry:
+    """
+    A regular file of the log directory, as listed on C{/logs}.
+
+    @ivar name: the file's name as stored (any bytes).
+    @ivar size: its size in bytes.
+    """
+
+    name: bytes
+    size: int
+
+    @property
+    def shown(self) -> str:
+        """
+        The name for people (bytes that are not UTF-8 shown as U+FFFD).
+        """
+        return self.name.decode("utf-8", "replace")
+
+    @property
+    def query(self) -> str:
+        """
+        The name percent-encoded, for C{/logs/file?NAME}.
+        """
+        return urllib.parse.quote(self.name, safe="")
+
+
+def list_log_files(directory: str) -> list[LogFileEntry]:
+    """
+    The regular files directly inside C{directory} (symbolic links and anything else
+    left out), sorted by name. Blocking: run on a thread.
+    """
+    if not directory:
+        return []
+    encoded = os.fsencode(directory)
+    try:
+        names = sorted(os.listdir(encoded))
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        try:
+            info = os.lstat(os.path.join(encoded, name))
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode):
+            out.append(LogFileEntry(name, info.st_size))
+    return out
+
+
+def _answering(handler: Callable[..., Any]) -> Callable[..., Deferred[bytes]]:
+    """
+    Wrap a page handler so that it always answers bytes: its result made bytes (with
+    C{Content-Length}), a L{PageError} made its page, anything else logged once and
+    made a 500 page.
+    """
+
+    @functools.wraps(handler)
+    def answer(pages: StatusPages, request: Request, *args: Any,
+               **kwargs: Any) -> Deferred[bytes]:
+        d: Deferred[Any] = maybeDeferred(handler, pages, request, *args, **kwargs)
+        d.addCallback(pages._body, request)
+        d.addErrback(pages._failed, request)
+        return d
+
+    return answer
+
+
+class PageApp(Klein):
+    """
+    A Klein app whose every route goes through L{_answering}: no handler can leave a
+    request unfinished, whatever it returns or raises.
+    """
+
+    def route(self, url: str, *args: Any, **kwargs: Any) -> Any:
+        """
+        Like L{Klein.route}, with the handler wrapped.
+        """
+        register = super().route(url, *args, **kwargs)
+
+        def decorate(handler: Any) -> Any:
+            register(_answering(handler))
+            return handler
+
+        return decorate
+
+
+class PagesResource(Resource):
+    """
+    The resource serving the pages: the checks every request passes before any page
+    runs (security headers, method, body, path and Host encoding), then Klein.
+    """
+
+    isLeaf = True
+
+    def __init__(self, pages: StatusPages, routes: IResource) -> None:
+        super().__init__()
+        self.pages = pages
+        self.routes = routes
+
+    def render(self, request: Request) -> Any:
+        """
+        Refuse what no page answers; hand the rest to the routes.
+        """
+        refusal = self.pages._admit(request)
+        if refusal is not None:
+            return refusal
+        return self.routes.render(request)
 
 
 class StatusPages:
@@ -138,7 +488,8 @@ class StatusPages:
     The status pages of one daemon.
     """
 
-    app = Klein()
+    app = PageApp()
+    log = Logger()
 
     def __init__(
         self, manager: Manager, libvirt: LibvirtService, hostname: str = "",
@@ -154,11 +505,11 @@ class StatusPages:
         self.templates = make_environment()
         self.assets = load_assets()
 
-    def resource(self) -> Any:
+    def resource(self) -> IResource:
         """
         The Twisted resource serving these pages.
         """
-        return self.app.resource()
+        return PagesResource(self, self.app.resource())
 
     # helpers -------------------------------------------------------------------
 
@@ -166,6 +517,37 @@ class StatusPages:
         request.setHeader(b"Content-Type", content_type)
         for name, value in SECURITY_HEADERS.items():
             request.setHeader(name, value)
+
+    def _admit(self, request: Request) -> Optional[bytes]:
+        """
+        Set the security headers; answer (405, 413, 400) a request no page can serve.
+
+        @return: the refusal's body, or C{None} to go on.
+        """
+        for name, value in SECURITY_HEADERS.items():
+            request.setHeader(name, value)
+        if request.method not in ALLOWED_METHODS:
+            request.setHeader(b"Allow", ALLOW)
+            method = request.method.decode("latin-1")
+            return self._error_page(request, 405, f"the pages answer GET and HEAD only, "
+                                    f"not {_shown(method, 20)}")
+        content = request.content
+        if content is not None:
+            content.seek(0, os.SEEK_END)
+            if content.tell():
+                return self._error_page(request, 413, "a page takes no request body; "
+                                        "send a GET without one")
+        try:
+            b"/".join((request.prepath or []) + (request.postpath or [])).decode("utf-8")
+        except UnicodeDecodeError:
+            return self._error_page(request, 400, "the path is not UTF-8; "
+                                    "percent-encode UTF-8 text (the status page / "
+                                    "links to every page)")
+        try:
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            return self._error_page(request, 400, "the Host header is not UTF-8")
+        return None
 
     def _render(self, request: Request, template: str, **context: Any) -> str:
         self._headers(request, HTML)
@@ -175,13 +557,55 @@ class StatusPages:
             disabled=m.disabled, now=format_time(self.manager.reactor.seconds()),
             **context)
 
-    def _error(self, request: Request, status: int, message: str,
-               as_json: bool = False) -> str:
+    def _error_page(self, request: Request, status: int, message: str,
+                    as_json: bool = False) -> bytes:
+        """
+        An error page (or JSON error) as bytes; never raises.
+        """
         request.setResponseCode(status)
-        if as_json:
-            self._headers(request, JSON)
-            return json.dumps({"Error": message}) + "\n"
-        return self._render(request, "error.html", status=status, message=message)
+        try:
+            if as_json:
+                self._headers(request, JSON)
+                return json.dumps({"Error": clean_text(message)}).encode() + b"\n"
+            return to_utf8(self._render(request, "error.html", status=status,
+                                        reason=REASONS.get(status, "error"),
+                                        message=message))
+        except Exception:
+            self.log.failure("the error page for {status} failed", status=status)
+            self._headers(request, HTML)
+            return _LAST_RESORT
+
+    def _body(self, result: Any, request: Request) -> bytes:
+        """
+        A handler's result as the response body, with its C{Content-Length}.
+        """
+        if isinstance(result, str):
+            body = to_utf8(result)
+        elif isinstance(result, bytes):
+            body = result
+        else:
+            raise TypeError(f"a page handler returned {type(result).__name__}")
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        return body
+
+    def _failed(self, failure: Failure, request: Request) -> Any:
+        """
+        A handler's failure as a page: L{PageError} as its status, anything else
+        logged once (with the traceback) and a 500. A cancelled request (the client
+        went away) is passed on for Klein to drop.
+        """
+        if failure.check(CancelledError):
+            return failure
+        error = failure.value
+        if isinstance(error, PageError):
+            body = self._error_page(request, error.status, error.message, error.as_json)
+        else:
+            self.log.failure("page {path} failed", failure,
+                             path=request.uri.decode("latin-1")[:200])
+            body = self._error_page(request, 500,
+                                    "internal error; the log has the details")
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        return body
 
     def _json(self, request: Request, data: Any) -> bytes:
         self._headers(request, JSON)
@@ -194,6 +618,7 @@ class StatusPages:
         """
         The host summary page.
         """
+        split_query(request, "/")
         m = self.manager
         infos = [vm.info for vm in m.vms.values()]
         total_mib, available_mib = m.host.memory()
@@ -233,14 +658,18 @@ class StatusPages:
         """
         The VM table, or its JSON/text forms; filters C{state=} and C{primaryOwner=}.
         """
-        _, params = split_query(request)
+        _, params = split_query(request, "/listVMs",
+                                names=("output", "state", "primaryOwner"),
+                                usage="/listVMs?state=running&output=json",
+                                json_errors=True)
         output = params.get("output", "html")
         state = params.get("state", "")
         if state and state not in {s.value for s in State}:
-            return self._error(request, 400, f"unknown state {state!r}; states are: "
-                               + ", ".join(s.value for s in State), output == "json")
+            raise PageError(400, f"unknown state {_shown(state)}; states are: "
+                            + ", ".join(s.value for s in State), output == "json")
         if output not in ("html", "json", "text"):
-            return self._error(request, 400, f"unknown output {output!r}; use json or text")
+            raise PageError(400, f"unknown output {_shown(output)}; use html, json or "
+                            "text")
         m = self.manager
         infos = report.select([vm.info for vm in m.vms.values()], state,
                               params.get("primaryOwner", ""))
@@ -266,15 +695,18 @@ class StatusPages:
         """
         One VM in full; C{&output=json} for its VmInfo.
         """
-        positional, params = split_query(request)
-        as_json = params.get("output") == "json"
-        if len(positional) != 1:
-            return self._error(request, 400, "give one IP address: /showVM?10.2.3.4",
-                               as_json)
-        ip = positional[0]
+        positional, params = split_query(request, "/showVM", positional=(1, 1),
+                                         names=("output",), word="IP address",
+                                         usage="/showVM?10.2.3.4&output=json",
+                                         json_errors=True)
+        output = params.get("output", "html")
+        as_json = output == "json"
+        if output not in ("html", "json"):
+            raise PageError(400, f"unknown output {_shown(output)}; use html or json")
+        ip = parse_ip(positional[0], "/showVM", as_json)
         vm = self.manager.vms.get(ip)
         if vm is None or vm.deleted:
-            return self._error(request, 404, f"no VM with IP {ip}", as_json)
+            raise PageError(404, f"no VM with IP {ip}", as_json)
         if as_json:
             return self._json(request, vm.info)
         info = vm.info
@@ -294,20 +726,22 @@ class StatusPages:
         """
         The VM's serial output as text (CRLF -> LF); C{&tail=N} for the last N lines.
         """
-        positional, params = split_query(request)
-        if len(positional) != 1:
-            return self._error(request, 400, "give one IP address: /showVmBootLog?10.2.3.4")
-        vm = self.manager.vms.get(positional[0])
+        positional, params = split_query(request, "/showVmBootLog", positional=(1, 1),
+                                         names=("tail",), word="IP address",
+                                         usage="/showVmBootLog?10.2.3.4&tail=100")
+        ip = parse_ip(positional[0], "/showVmBootLog")
+        tail = parse_tail(params["tail"]) if "tail" in params else 0
+        vm = self.manager.vms.get(ip)
         if vm is None or vm.deleted:
-            return self._error(request, 404, f"no VM with IP {positional[0]}")
-        tail = params.get("tail", "")
-        if tail and not tail.isdigit():
-            return self._error(request, 400, f"tail={tail!r} is not a number of lines")
-        text = await deferToThread(_read_tail, os.path.join(vm.directory, "bootlog"),
-                                   BOOTLOG_MAX)
-        text = text.replace("\r\n", "\n")
+            raise PageError(404, f"no VM with IP {ip}")
+        try:
+            data = await deferToThread(read_tail_in, vm.directory, b"bootlog",
+                                       BOOTLOG_MAX)
+        except NotARegularFile:
+            raise PageError(404, f"the boot log of {ip} is not a regular file") from None
+        text = (data or b"").decode("utf-8", "replace").replace("\r\n", "\n")
         if tail:
-            text = "\n".join(text.splitlines()[-int(tail):]) + "\n"
+            text = "\n".join(text.splitlines()[-tail:]) + "\n"
         self._headers(request, TEXT)
         return text
 
@@ -316,6 +750,7 @@ class StatusPages:
         """
         Subnets as JSON.
         """
+        split_query(request, "/listSubnets")
         return self._json(request, self.manager.subnets.list(sort=True))
 
     @app.route("/listAvailableAddresses", branch=False)
@@ -323,6 +758,7 @@ class StatusPages:
         """
         Free addresses as JSON.
         """
+        split_query(request, "/listAvailableAddresses")
         return self._json(request, self.manager.pool.free)
 
     @app.route("/listRegisteredAddresses", branch=False)
@@ -330,6 +766,7 @@ class StatusPages:
         """
         Registered addresses as JSON.
         """
+        split_query(request, "/listRegisteredAddresses")
         return self._json(request, self.manager.pool.registered)
 
     @app.route("/listVolumeDirectories", branch=False)
@@ -337,6 +774,7 @@ class StatusPages:
         """
         Volume directories, one per line.
         """
+        split_query(request, "/listVolumeDirectories")
         self._headers(request, TEXT)
         return "".join(f"{d}\n" for d in self.manager.volume_directories)
 
@@ -345,6 +783,7 @@ class StatusPages:
         """
         Volume directories with mount point and space, as JSON.
         """
+        split_query(request, "/showVolumeDirectories")
         return self._json(request, [
             {"Directory": d.Directory, "CanTrim": d.CanTrim, "MountPoint": d.MountPoint,
              "Size": d.Size, "Available": d.Available}
@@ -356,6 +795,7 @@ class StatusPages:
         """
         The DHCP server's interfaces and leases.
         """
+        split_query(request, "/showDhcpStatus")
         m = self.manager
         leases = sorted(
             ((vm.info.Address.MacAddress, vm.ip, vm.info.Hostname, vm.info.SubnetId)
@@ -364,27 +804,27 @@ class StatusPages:
                             leases=leases)
 
     @app.route("/logs", branch=False)
-    def logs_page(self, request: Request) -> str:
+    async def logs_page(self, request: Request) -> str:
         """
         The latest log lines and the log files.
         """
-        _, params = split_query(request)
+        split_query(request, "/logs")
+        files = await deferToThread(list_log_files, self.log_dir)
         return self._render(request, "logs.html", lines=list(self.logs.lines)[-500:],
-                            files=self._log_files(), window="", total=len(self.logs.lines))
+                            files=files, window="", total=len(self.logs.lines))
 
     @app.route("/logs/showLast", branch=False)
-    def logs_last(self, request: Request) -> str:
+    async def logs_last(self, request: Request) -> str:
         """
         The lines of the last window (C{?1m}, C{?30s}, C{?2h}).
         """
-        positional, _ = split_query(request)
+        positional, _ = split_query(request, "/logs/showLast", positional=(0, 1),
+                                    word="window", usage="/logs/showLast?1m")
         window = positional[0] if positional else "1m"
-        try:
-            seconds = flags.parse_duration(window)
-        except ValueError as e:
-            return self._error(request, 400, f"bad window: {e}")
+        seconds = parse_window(window)
         lines = self.logs.since(self.manager.reactor.seconds() - seconds)
-        return self._render(request, "logs.html", lines=lines, files=self._log_files(),
+        files = await deferToThread(list_log_files, self.log_dir)
+        return self._render(request, "logs.html", lines=lines, files=files,
                             window=window, total=len(self.logs.lines))
 
     @app.route("/logs/dump", branch=False)
@@ -392,6 +832,7 @@ class StatusPages:
         """
         Every remembered line, as text.
         """
+        split_query(request, "/logs/dump")
         self._headers(request, TEXT)
         return "".join(f"{format_time(line.time)} [{line.level}] {line.namespace}: "
                        f"{line.text}\n" for line in self.logs.lines)
@@ -399,34 +840,32 @@ class StatusPages:
     @app.route("/logs/file", branch=False)
     async def logs_file(self, request: Request) -> Any:
         """
-        A log file of C{-logDir} (by name, from the listing only), as text.
+        A regular file directly inside C{-logDir} (by name, from the listing only), as
+        text; symbolic links are never followed.
         """
-        positional, _ = split_query(request)
-        names = {name for name, _ in self._log_files()}
-        if len(positional) != 1 or positional[0] not in names:
-            return self._error(request, 404, "no such log file; /logs lists them")
-        text = await deferToThread(_read_tail, os.path.join(self.log_dir, positional[0]),
-                                   BOOTLOG_MAX)
-        self._headers(request, TEXT)
-        return text
-
-    def _log_files(self) -> list[tuple[str, int]]:
+        positional, params = raw_query(request)
+        missing = PageError(404, "no such log file; /logs lists them")
+        if len(positional) != 1 or params:
+            raise missing
+        name = positional[0]
+        files = await deferToThread(list_log_files, self.log_dir)
+        if name not in {entry.name for entry in files}:
+            raise missing
         try:
-            names = sorted(os.listdir(self.log_dir)) if self.log_dir else []
-        except OSError:
-            return []
-        out = []
-        for name in names:
-            path = os.path.join(self.log_dir, name)
-            if os.path.isfile(path):
-                out.append((name, os.path.getsize(path)))
-        return out
+            data = await deferToThread(read_tail_in, self.log_dir, name, BOOTLOG_MAX)
+        except NotARegularFile:
+            raise missing from None
+        if data is None:
+            raise missing
+        self._headers(request, TEXT)
+        return data.decode("utf-8", "replace")
 
     @app.route("/metrics", branch=False)
     def metrics_page(self, request: Request) -> bytes:
         """
         Prometheus metrics (text format).
         """
+        split_query(request, "/metrics")
         request.setHeader(b"Content-Type", self.metrics.content_type.encode())
         return self.metrics.text()
 
@@ -435,11 +874,12 @@ class StatusPages:
         """
         C{200 ok} when libvirt is connected, else 503 with the reason.
         """
+        split_query(request, "/healthz")
         self._headers(request, TEXT)
         if self.libvirt.connected:
             return b"ok\n"
         request.setResponseCode(503)
-        return (self.libvirt.describe() + "\n").encode("utf-8")
+        return to_utf8(self.libvirt.describe() + "\n")
 
     @app.route("/static/<name>", branch=False)
     def static(self, request: Request, name: str) -> bytes:
@@ -457,30 +897,24 @@ class StatusPages:
         return body
 
     @app.handle_errors(Exception)  # type: ignore[arg-type]
-    def unexpected(self, request: Request, failure: Any) -> str:
+    def unexpected(self, request: Request, failure: Failure) -> bytes:
         """
-        Anything unexpected: logged, and a friendly 500 page without the traceback.
+        A request no route matched (404), or anything unexpected before a page ran
+        (logged once, a 500 page without the traceback). Never raises.
         """
-        from werkzeug.exceptions import NotFound as RouteNotFound
-
-        if failure.check(RouteNotFound):
-            return self._error(request, 404, f"no page at {request.path.decode()!r}")
-        from twisted.logger import Logger
-
-        Logger().failure("page {path} failed", failure, path=request.path)
-        return self._error(request, 500, "internal error; the log has the details")
-
-
-def _read_tail(path: str, limit: int) -> str:
-    """
-    The last C{limit} bytes of a file, as text ("" if it does not exist).
-    """
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            size = f.tell()
-            f.seek(max(0, size - limit))
-            data = f.read()
-    except FileNotFoundError:
-        return ""
-    return data.decode("utf-8", "replace")
+        if failure.check(RouteNotFound, RequestRedirect):
+            path = request.path.decode("utf-8", "replace")
+            body = self._error_page(request, 404, f"no page at {_shown(path)}; the "
+                                    "status page / links to every page")
+        elif failure.check(HTTPException) and isinstance(failure.value, HTTPException) \
+                and failure.value.code and failure.value.code < 500:
+            error = failure.value
+            assert error.code is not None
+            body = self._error_page(request, error.code, str(error.name))
+        else:
+            self.log.failure("page {path} failed", failure,
+                             path=request.uri.decode("latin-1")[:200])
+            body = self._error_page(request, 500, "internal error; the log has the "
+                                    "details")
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        return body
