@@ -271,9 +271,10 @@ def destroy_subnet_domains(network: ipaddress.IPv4Network) -> int:
         for view in subnet_domains(network):
             try:
                 dom = conn.lookupByUUIDString(view.uuid)
+                persistent = dom.isPersistent()
                 if dom.isActive():
                     dom.destroy()
-                if dom.isPersistent():
+                if persistent:
                     dom.undefine()
                 count += 1
             except libvirt.libvirtError:
@@ -504,9 +505,11 @@ class Torture:
             raise CannotRun("libvirtd does not answer on qemu:///system "
                             "(tools/start-libvirtd.sh starts it)")
         try:
-            import libvirt  # noqa: F401
+            import libvirt
         except ImportError as e:
             raise CannotRun(f"the libvirt Python binding is missing: {e}") from e
+        # errors are handled where they happen; do not print them on stderr too
+        libvirt.registerErrorHandler(lambda context, error: None, None)
 
     def pick_network(self) -> None:
         """
@@ -948,6 +951,8 @@ class Torture:
             vms = self.vm_infos() or {}
         name, target, run = self.plan(vms)
         self.op_counts[name] = self.op_counts.get(name, 0) + 1
+        if self.verbose:
+            self.log(f"iteration {self.iteration}: {name} {target}")
         last = self.iteration == self.iterations and self.counts["kills"] == 0
         kill = last or self.random.random() < self.kill_probability
         if not kill:
@@ -1046,21 +1051,23 @@ class Torture:
         print()
         print(f"kill -9 torture: seed {self.seed}, {elapsed / 60:.1f} min, subnet "
               f"{self.network}, guest {'tiny guest' if self.guest else 'none'}")
-        print(f"{'':<36} {'count':>7}  must be 0")
         rows: list[tuple[str, int, str]] = [
             ("iterations", c["iterations"], ""),
             ("kills (SIGKILL + restart)", c["kills"], ""),
             ("  of which with a request in flight", c["kills_mid_request"], ""),
             ("VMs created (CreateVm answered)", c["created"], ""),
             ("VMs kept from cut requests", c["adopted"], ""),
-            ("requests (ok / refused / cut)", c["requests"],
-             f"{c['requests_ok']} / {c['requests_refused']} / {c['requests_cut']}"),
+            ("requests", c["requests"], f"{c['requests_ok']} ok, {c['requests_refused']} "
+             f"refused, {c['requests_cut']} cut by a kill"),
+            ("restart checks", c["restart_checks"], ""),
         ]
+        print(f"{'run':<36} {'count':>7}")
         for label, value, note in rows:
-            print(f"{label:<36} {value:>7}  {note}")
+            print(f"{label:<36} {value:>7}  {note}".rstrip())
+        print(f"{'invariants (each must be 0)':<36} {'count':>7}")
         for kind, label in MUST_BE_ZERO:
             value = per_kind.get(kind, 0)
-            print(f"{label:<36} {value:>7}  {'yes' if value == 0 else 'yes  <-- FAIL'}")
+            print(f"{label:<36} {value:>7}  {'<-- FAIL' if value else ''}".rstrip())
         print("operations: " + ", ".join(f"{k} {v}" for k, v in sorted(self.op_counts.items())))
         if self.violations:
             print()
