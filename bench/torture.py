@@ -728,7 +728,34 @@ class Torture:
                     found[("bad_volume", ip)] = (f"VM {ip} volume {index} ({path}): size "
                                                  f"{size}, info.json says {expected}")
                     break
+            if ("bad_volume", ip) not in found:
+                problem = self.boot_files_problem(ip, info)
+                if problem:
+                    found[("bad_volume", ip)] = problem
         return found
+
+    def boot_files_problem(self, ip: str, info: dict[str, Any]) -> str:
+        """
+        For a VM of the tiny guest: its copies of the kernel and initrd (beside its
+        root volume) must be whole copies of the guest's files.
+        """
+        if not self.guest or not (info.get("ExtraKernelOptions") or "").count("hv.mode"):
+            return ""
+        locations = info.get("VolumeLocations") or []
+        if not locations:
+            return ""
+        directory = os.path.dirname(locations[0].get("Filename", ""))
+        for copy, source in (("kernel", "vmlinux"), ("initrd", "initrd.cpio")):
+            path = os.path.join(directory, copy)
+            try:
+                size = os.stat(path).st_size
+            except OSError as e:
+                return f"VM {ip}: its {copy} ({path}): {e.strerror}"
+            whole = os.stat(os.path.join(self.guest, source)).st_size
+            if size != whole:
+                return (f"VM {ip}: its {copy} ({path}) has {size} of the {whole} bytes "
+                        f"of {source}")
+        return ""
 
     def record(self, found: dict[tuple[str, str], str]) -> None:
         """

@@ -61,3 +61,80 @@ class TortureSmokeTests(SynchronousTestCase):
         listed = subprocess.run(["virsh", "-c", support.QEMU_URI, "list", "--all",
                                  "--name"], capture_output=True, text=True, timeout=60)
         self.assertNotIn(prefix, listed.stdout)
+
+
+class TortureCheckerTests(SynchronousTestCase):
+    """
+    The torture's invariant checks on a made-up snapshot (no daemon, no libvirt).
+    """
+
+    def test_each_kind_of_violation_is_found(self) -> None:
+        """
+        A snapshot with one defect of each kind yields exactly those violations: a
+        lost VM, a reported VM without info.json, a VM directory without a VM, a
+        domain without a VM, a running VM without a domain, an address registered but
+        neither free nor used, an address free and used, an address used by two VMs, a
+        used address that is not registered, a volume directory without a VM and a
+        VM whose root volume has the wrong size; a consistent VM yields none.
+        """
+        import tempfile
+
+        from bench import torture
+
+        root = tempfile.mkdtemp()
+        self.addCleanup(__import__("shutil").rmtree, root, True)
+        t = torture.Torture(5, 1, 0.0, 0.0, "none", False, False)
+        t.daemon = torture.Daemon(root, None)
+        volumes = t.daemon.volume_dir
+
+        def info(ip: str, mac: str, state: str = "stopped", size: int = 4096,
+                 secondary: tuple[str, str] = ("", "")) -> dict:
+            os.makedirs(os.path.join(volumes, ip), exist_ok=True)
+            with open(os.path.join(volumes, ip, "root"), "wb") as f:
+                f.truncate(4096)
+            return {"Address": {"IpAddress": ip, "MacAddress": mac}, "State": state,
+                    "SecondaryAddresses": ([{"IpAddress": secondary[0],
+                                             "MacAddress": secondary[1]}]
+                                           if secondary[0] else []),
+                    "Volumes": [{"Size": size}],
+                    "VolumeLocations": [{"DirectoryToCleanup": f"{volumes}/{ip}",
+                                         "Filename": f"{volumes}/{ip}/root"}]}
+
+        good = info("10.0.0.1", "m1")
+        running = info("10.0.0.2", "m2", state="running")
+        free_and_used = info("10.0.0.3", "m3")
+        twice_a = info("10.0.0.4", "m4", secondary=("10.0.0.9", "m9"))
+        twice_b = info("10.0.0.5", "m5", secondary=("10.0.0.9", "m9"))
+        wrong_size = info("10.0.0.6", "m6", size=8192)
+        unregistered = info("10.0.0.7", "m7")
+        os.makedirs(os.path.join(volumes, "10.0.0.99"))
+        infos = {"10.0.0.1": good, "10.0.0.2": running, "10.0.0.3": free_and_used,
+                 "10.0.0.4": twice_a, "10.0.0.5": twice_b, "10.0.0.6": wrong_size,
+                 "10.0.0.7": unregistered, "10.0.0.8": None}
+        reported = {ip: i for ip, i in infos.items() if i is not None}
+        reported["10.0.0.10"] = {"State": "stopped"}  # no info.json
+        del reported["10.0.0.7"]  # so VMs/10.0.0.7 has no VM
+        t.known = {"10.0.0.1", "10.0.0.11"}  # 10.0.0.11 is gone: lost
+        registered = [{"IpAddress": f"10.0.0.{i}", "MacAddress": f"m{i}"}
+                      for i in (1, 2, 3, 4, 5, 6, 9, 12)]
+        pool = {"Free": [{"IpAddress": "10.0.0.3", "MacAddress": "m3"}],
+                "Registered": registered}
+        domains = [torture.DomainView("vm-10.0.0.1", "u1", False, "10.0.0.1"),
+                   torture.DomainView("vm-10.0.0.13", "u13", True, "10.0.0.13")]
+        snap = torture.Snapshot(reported, infos, pool, domains,
+                                sorted(os.listdir(volumes)))
+        found = set(t.problems(snap))
+        self.assertEqual(found, {
+            ("lost_vm", "10.0.0.11"),
+            ("no_info", "10.0.0.10"),
+            ("orphan_dir", "10.0.0.7"),
+            ("orphan_dir", "10.0.0.8"),
+            ("leaked_domain", "vm-10.0.0.13"),
+            ("state_mismatch", "10.0.0.2"),
+            ("leaked_address", "10.0.0.12"),
+            ("double_address", "10.0.0.3"),
+            ("double_address", "10.0.0.9"),
+            ("unregistered_address", "10.0.0.7"),
+            ("leaked_volume", "10.0.0.99"),
+            ("bad_volume", "10.0.0.6"),
+        })
