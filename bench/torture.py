@@ -477,6 +477,7 @@ class Torture:
             "requests_cut": 0, "restart_checks": 0,
         }
         self.op_counts: dict[str, int] = {}
+        self.durations: dict[str, list[float]] = {}  # seconds, by kind, unkilled
         self.context = "setup"
         self.iteration = 0
         self.root = ""
@@ -842,7 +843,7 @@ class Torture:
         if kind == "empty-stopped":
             body["DoNotStart"] = True
         if kind == "guest" and self.guest:
-            body.update(MemoryInMiB=128, MilliCPUs=500,
+            body.update(MemoryInMiB=128, MilliCPUs=200,
                         ExtraKernelOptions="quiet hv.dhcp=no hv.mode=stay",
                         KernelURL=f"file://{self.guest}/vmlinux",
                         InitrdURL=f"file://{self.guest}/initrd.cpio")
@@ -930,7 +931,7 @@ class Torture:
         if vms[ip].get("State") in IDLE_STATES:
             size = {"MemoryInMiB": rnd.choice([32, 48, 64])}
         else:
-            size = {"MilliCPUs": rnd.choice([100, 200, 300])}
+            size = {"MilliCPUs": rnd.choice([100, 150, 200])}
         return name, ip, self.sender("ChangeVmSize", {"IpAddress": ip, **size})
 
     def sender(self, method: str, body: dict[str, Any]) -> Callable[[], None]:
@@ -943,14 +944,17 @@ class Torture:
 
         return send
 
-    def kill_delay(self) -> float:
+    def kill_delay(self, kind: str) -> float:
         """
-        How long after sending the request to SIGKILL (mostly short: most requests
-        are fast).
+        How long after sending the request to SIGKILL: a random moment within how
+        long requests of this kind took when not killed (so most kills land while
+        the daemon works on it), sometimes at once or a little after.
         """
+        took = self.durations.get(kind)
+        typical = max(took) if took else 0.5
         return self.random.choice([
-            0.0, self.random.uniform(0, 0.02), self.random.uniform(0, 0.1),
-            self.random.uniform(0, 0.5), self.random.uniform(0, 2.0)])
+            0.0, self.random.uniform(0, typical), self.random.uniform(0, typical),
+            self.random.uniform(0, typical), self.random.uniform(0, 1.5 * typical)])
 
     def restart(self) -> None:
         """
@@ -982,14 +986,18 @@ class Torture:
             self.log(f"iteration {self.iteration}: {name} {target}")
         last = self.iteration == self.iterations and self.counts["kills"] == 0
         kill = last or self.random.random() < self.kill_probability
+        kind = f"{name} {target.split(',')[0]}" if name == "CreateVm" else name
         if not kill:
             self.context = f"{name} {target}, no kill"
+            began = time.monotonic()
             run()
+            self.durations.setdefault(kind, []).append(time.monotonic() - began)
+            del self.durations[kind][:-20]
             self.check_not_lost()
             return
         mid_request = self.random.random() < 0.8
         if mid_request:
-            delay = self.kill_delay()
+            delay = self.kill_delay(kind)
             self.context = (f"{name} {target}, SIGKILL {delay * 1000:.0f} ms after "
                             "sending it")
             thread = threading.Thread(target=run, daemon=True)
