@@ -222,18 +222,56 @@ class DomainView:
     ip: str
 
 
-def subnet_domains(network: ipaddress.IPv4Network) -> list[DomainView]:
+def open_libvirt(patience: float = 180.0) -> Any:
     """
-    The libvirt domains named C{vm-<IP>} or tagged with our C{<metadata>} for an IP
-    in C{network} (a fresh connection: libvirtd may have been restarted meanwhile).
+    A fresh connection to libvirtd, waiting up to C{patience} seconds for it (other
+    tests on this host may be restarting it).
+
+    @raise CannotRun: libvirtd did not come back.
     """
     import libvirt
 
-    conn = libvirt.open(QEMU_URI)
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return libvirt.open(QEMU_URI)
+        except libvirt.libvirtError as e:
+            if time.monotonic() >= deadline:
+                raise CannotRun(f"libvirtd did not answer for {patience:g}s: {e}") from e
+            time.sleep(1)
+
+
+def subnet_domains(network: ipaddress.IPv4Network, patience: float = 180.0) -> list[DomainView]:
+    """
+    The libvirt domains named C{vm-<IP>} or tagged with our C{<metadata>} for an IP
+    in C{network} (a fresh connection each time, retried for up to C{patience}
+    seconds: other tests on this host may be restarting libvirtd).
+    """
+    import libvirt
+
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return _subnet_domains(network)
+        except libvirt.libvirtError as e:
+            if time.monotonic() >= deadline:
+                raise CannotRun(f"cannot list libvirt's domains: {e}") from e
+            time.sleep(1)
+
+
+def _subnet_domains(network: ipaddress.IPv4Network) -> list[DomainView]:
+    import libvirt
+
+    conn = open_libvirt()
     try:
         out = []
         for dom in conn.listAllDomains():
-            name = dom.name()
+            try:
+                name = dom.name()
+                uuid = dom.UUIDString()
+                active = bool(dom.isActive())
+            except libvirt.libvirtError:
+                continue  # gone meanwhile
             ip = ""
             try:
                 text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
@@ -249,14 +287,13 @@ def subnet_domains(network: ipaddress.IPv4Network) -> list[DomainView]:
                     continue
             except ValueError:
                 continue
-            try:
-                active = bool(dom.isActive())
-            except libvirt.libvirtError:
-                continue  # gone meanwhile
-            out.append(DomainView(name, dom.UUIDString(), active, ip))
+            out.append(DomainView(name, uuid, active, ip))
         return out
     finally:
-        conn.close()
+        try:
+            conn.close()
+        except libvirt.libvirtError:
+            pass
 
 
 def destroy_subnet_domains(network: ipaddress.IPv4Network) -> int:
@@ -265,7 +302,7 @@ def destroy_subnet_domains(network: ipaddress.IPv4Network) -> int:
     """
     import libvirt
 
-    conn = libvirt.open(QEMU_URI)
+    conn = open_libvirt()
     count = 0
     try:
         for view in subnet_domains(network):
@@ -516,9 +553,7 @@ class Torture:
         """
         A /24 of 10.79.0.0/16 that no libvirt domain uses (parallel runs stay apart).
         """
-        import libvirt
-
-        conn = libvirt.open(QEMU_URI)
+        conn = open_libvirt()
         try:
             names = [d.name() for d in conn.listAllDomains()]
         finally:
@@ -1067,6 +1102,8 @@ class Torture:
             self.cleanup()
             return 2
         except BaseException:
+            if self.daemon is not None and self.counts["iterations"]:
+                self.report()
             self.cleanup()
             raise
         bad = self.report()
