@@ -12,13 +12,19 @@ A client sends one line of at most 256 bytes ending in a newline:
     - anything else: C{bad request}.
 
 The server side is L{ControlProtocol} (Twisted); L{send_command} is the blocking
-client used by the C{hypervisor} command.
+client used by the C{hypervisor} command. It reports every failure as a one-line
+L{ControlError}, and retries for a few seconds when the daemon drops the connection
+without answering (what a process out of file descriptors does: Twisted accepts and
+closes the connection on its reserved descriptor). Port 6976 is kept from using the
+daemon's last descriptors (L{hypervisor.netguard}), so the control socket stays
+usable while clients flood that port.
 """
 
 from __future__ import annotations
 
 import socket
-from typing import Any
+import time
+from typing import Any, Callable
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import protocol
@@ -116,21 +122,61 @@ class ControlFactory(protocol.Factory):
 
 class ControlError(Exception):
     """
-    The control request failed; the message says why, for the operator.
+    The control request failed; the message (one line) says why, for the operator.
     """
 
 
-def send_command(path: str, command: str, timeout: float = 600.0) -> None:
+RETRY_FOR = 30.0
+"""Seconds the client keeps retrying while the daemon drops connections unanswered."""
+
+
+class _NoAnswer(Exception):
+    """
+    The daemon accepted the connection but dropped it without answering (as a
+    process out of file descriptors does): worth another try.
+    """
+
+
+def send_command(path: str, command: str, timeout: float = 600.0,
+                 retry_for: float = RETRY_FOR,
+                 sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic) -> None:
     """
     Send C{command} to a running daemon's control socket and wait as the Go client does.
 
-    For C{stop}, wait until the daemon closes the connection (it has exited).
+    For C{stop}, wait until the daemon closes the connection (it has exited). When
+    the daemon drops the connection without an answer (reset, or closed before
+    replying: it is out of file descriptors, say), try again for C{retry_for}
+    seconds, waiting longer each time.
 
-    @raise ControlError: the daemon is not running, or answered something else than
-        C{ok}.
+    @raise ControlError: the daemon is not running, cannot be reached, or answered
+        something else than C{ok}; the message is one line.
     """
     if command not in COMMANDS:
         raise ControlError(f"unknown control command {command!r}")
+    deadline = clock() + retry_for
+    delay = 0.1
+    while True:
+        try:
+            _send_once(path, command, timeout)
+            return
+        except _NoAnswer as e:
+            if clock() + delay > deadline:
+                raise ControlError(
+                    f"the hypervisor did not answer {command!r} on {path}: {e} "
+                    f"(tried for {retry_for:g}s; it may be out of file descriptors: "
+                    "see its log)"
+                ) from None
+        sleep(delay)
+        delay = min(1.0, delay * 2)
+
+
+def _send_once(path: str, command: str, timeout: float) -> None:
+    """
+    One attempt of L{send_command}.
+
+    @raise _NoAnswer: the connection was dropped before an answer came.
+    """
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
@@ -149,13 +195,24 @@ def send_command(path: str, command: str, timeout: float = 600.0) -> None:
             raise ControlError(
                 f"permission denied on {path}: run this as root"
             ) from None
-        s.sendall(command.encode("ascii") + b"\n")
-        reply = b""
-        while not reply.endswith(b"\n") and len(reply) < MAX_REQUEST:
-            chunk = s.recv(MAX_REQUEST)
-            if not chunk:
-                break
-            reply += chunk
+        except BlockingIOError:
+            raise _NoAnswer("its control socket's queue is full") from None
+        except socket.timeout:
+            raise
+        except OSError as e:
+            raise ControlError(f"cannot connect to {path}: {e.strerror or e}") from None
+        try:
+            s.sendall(command.encode("ascii") + b"\n")
+            reply = b""
+            while not reply.endswith(b"\n") and len(reply) < MAX_REQUEST:
+                chunk = s.recv(MAX_REQUEST)
+                if not chunk:
+                    break
+                reply += chunk
+        except (ConnectionResetError, BrokenPipeError) as e:
+            raise _NoAnswer(f"connection {_reason(e)} before an answer") from None
+        if not reply:
+            raise _NoAnswer("connection closed before an answer")
         if reply != OK:
             raise ControlError(
                 f"the hypervisor answered {reply.decode('utf-8', 'replace').strip()!r}"
@@ -165,14 +222,22 @@ def send_command(path: str, command: str, timeout: float = 600.0) -> None:
             try:
                 while s.recv(4096):
                     pass
+            except ConnectionResetError:
+                pass  # the process is gone: that is what we wait for
             except socket.timeout:
                 raise ControlError(
                     f"the hypervisor accepted stop but had not exited after {timeout:g}s"
                 ) from None
     except socket.timeout:
         raise ControlError(f"no answer from {path} within {timeout:g}s") from None
+    except OSError as e:
+        raise ControlError(f"talking to {path} failed: {e.strerror or e}") from None
     finally:
         s.close()
+
+
+def _reason(e: OSError) -> str:
+    return "reset" if isinstance(e, ConnectionResetError) else "closed"
 
 
 class DaemonControl:

@@ -3,7 +3,11 @@
 Port 6976 speaks plain HTTP and HTTPS at once, and TLS asks for client certificates.
 
 - L{SniffingFactory}: the first byte of a connection decides: C{0x16} (a TLS
-  handshake record) goes to the TLS factory, anything else to the plain one.
+  handshake record) goes to the TLS factory, anything else to the plain one. Under
+  a connection guard (L{hypervisor.netguard}) the sniffer reports the TLS handshake
+  (its deadline), and TLS connections close promptly: after sending its
+  C{close_notify} the server closes TCP without waiting for the client's (which a
+  hostile client never sends).
 - L{server_tls_options}: the server's certificate and key, TLS 1.2 at least, and a
   request (not a demand) for a client certificate, advertising the subjects of
   CA.pem and IdentityCA.pem so clients pick the right one. Any certificate is accepted
@@ -19,8 +23,9 @@ from typing import Any, Optional
 from cryptography import x509
 from OpenSSL import SSL, crypto
 from twisted.internet import protocol, ssl
-from twisted.internet.interfaces import IProtocolFactory
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 
 from hypervisor.auth import (
     ANONYMOUS,
@@ -29,6 +34,7 @@ from hypervisor.auth import (
     TrustStore,
     identity_from_certificates,
 )
+from hypervisor.netguard import Phase, find_guard
 
 TLS_HANDSHAKE = 0x16
 
@@ -73,6 +79,20 @@ def server_tls_options(cert_file: str, key_file: str,
     )
 
 
+class _PromptCloseTLS(BufferingTLSTransport):
+    """
+    Server-side TLS that closes the TCP connection right after sending its
+    C{close_notify}, as RFC 8446 section 6.1 allows, instead of waiting (as
+    L{TLSMemoryBIOProtocol} does) for the client's C{close_notify}, which a client
+    that stopped reading or answering never sends: the connection would linger.
+    """
+
+    def _shutdownTLS(self) -> None:
+        super()._shutdownTLS()
+        if self.transport is not None and not self._aborted:
+            self.transport.loseConnection()
+
+
 class _Sniffer(protocol.Protocol):
     """
     Waits for the first bytes, then hands the connection to the right protocol.
@@ -99,9 +119,16 @@ class _Sniffer(protocol.Protocol):
                 self.transport.loseConnection()
                 return
             self.inner = inner
+            if tls:
+                guard = find_guard(self.transport)
+                if guard is not None:
+                    guard.enter(Phase.HANDSHAKE)
             inner.makeConnection(self.transport)
             # From now on the transport talks to the chosen protocol directly.
-            self.transport.protocol = inner  # type: ignore[attr-defined]
+            if isinstance(self.transport, ProtocolWrapper):
+                self.transport.wrappedProtocol = inner
+            else:
+                self.transport.protocol = inner  # type: ignore[attr-defined]
         self.inner.dataReceived(data)
 
     def connectionLost(self, reason: Any = protocol.connectionDone) -> None:
@@ -121,11 +148,18 @@ class SniffingFactory(protocol.Factory):
 
     def __init__(self, plain: IProtocolFactory,
                  tls_options: Optional[ssl.CertificateOptions],
-                 tls_site: Optional[IProtocolFactory] = None) -> None:
+                 tls_site: Optional[IProtocolFactory] = None,
+                 clock: Optional[IReactorTime] = None) -> None:
+        """
+        @param clock: what TLS schedules its buffered writes on (the global reactor
+            when None).
+        """
         self.plain = plain
         self.tls: Optional[IProtocolFactory] = None
         if tls_options is not None:
-            self.tls = TLSMemoryBIOFactory(tls_options, False, tls_site or plain)
+            tls = TLSMemoryBIOFactory(tls_options, False, tls_site or plain, clock)
+            tls.protocol = _PromptCloseTLS
+            self.tls = tls
 
     def doStart(self) -> None:
         """

@@ -96,7 +96,7 @@ def _make_web_service(
     site.protocol = HypervisorChannel
     site.displayTracebacks = False
     factory = guard_factory(SniffingFactory(site, _tls_options(options, trust)), reactor)
-    return internet.TCPServer(options["portNum"], factory, reactor=reactor)
+    return factory.tcp_server(options["portNum"])
 
 
 def _make_control_service(

@@ -4,9 +4,16 @@ Tests for L{hypervisor.control}: the control socket protocol and its client.
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 import shutil
+import socket
+import struct
 import tempfile
+import threading
+import time
+from contextlib import redirect_stderr, redirect_stdout
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
@@ -159,3 +166,107 @@ class ControlSocketTests(TestCase):
         missing = os.path.join(self.dir, "nothing")
         e = self.assertRaises(control.ControlError, control.send_command, missing, "stop")
         self.assertIn("not running", str(e))
+
+
+class DroppingServer:
+    """
+    A control socket served by a thread that drops its first C{drops} connections
+    unanswered (closed, or reset when C{reset}), as a daemon out of file
+    descriptors does, and answers C{ok} to the rest.
+    """
+
+    def __init__(self, path: str, drops: int, reset: bool = False) -> None:
+        self.drops = drops
+        self.reset = reset
+        self.seen = 0
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(16)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            self.seen += 1
+            with conn:
+                if self.seen <= self.drops:
+                    if self.reset:
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        struct.pack("ii", 1, 0))
+                    continue
+                conn.recv(256)
+                conn.sendall(b"ok\n")
+
+    def close(self) -> None:
+        """
+        Stop listening.
+        """
+        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self.thread.join(5)
+
+
+class DroppedConnectionTests(SynchronousTestCase):
+    """
+    The client when the daemon drops control connections without answering.
+    """
+
+    def server(self, drops: int, reset: bool = False) -> tuple[str, DroppingServer]:
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "control")
+        server = DroppingServer(path, drops, reset)
+        self.addCleanup(server.close)
+        return directory, server
+
+    def test_retries_dropped_connections(self) -> None:
+        """
+        Connections closed or reset before an answer are retried; the command
+        succeeds once the daemon answers.
+        """
+        for reset in (False, True):
+            directory, server = self.server(drops=3, reset=reset)
+            control.send_command(os.path.join(directory, "control"),
+                                 "stop-vms-on-next-stop", timeout=5, retry_for=10)
+            self.assertEqual(server.seen, 4)
+
+    def test_gives_up_with_one_line(self) -> None:
+        """
+        When every connection is dropped, the client gives up after C{retry_for}
+        with a one-line error that says what may be wrong.
+        """
+        directory, server = self.server(drops=1000, reset=True)
+        started = time.monotonic()
+        e = self.assertRaises(control.ControlError, control.send_command,
+                              os.path.join(directory, "control"), "stop",
+                              timeout=5, retry_for=1)
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertGreater(server.seen, 2)
+        self.assertNotIn("\n", str(e))
+        self.assertIn("did not answer 'stop'", str(e))
+        self.assertIn("out of file descriptors", str(e))
+
+    def test_hypervisor_stop_prints_one_line(self) -> None:
+        """
+        C{hypervisor stop} against a daemon that drops the connection exits 1 with
+        one line on stderr and no traceback.
+        """
+        from hypervisor.cli.hypervisor import main
+
+        directory, _ = self.server(drops=1000, reset=True)
+        self.patch(control, "send_command",
+                   functools.partial(control.send_command, retry_for=0.5))
+        os.environ["HYPERVISOR_FLAGS_DIRECTORY"] = directory
+        self.addCleanup(os.environ.pop, "HYPERVISOR_FLAGS_DIRECTORY")
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            code = main([f"-stateDir={directory}", "stop"])
+        self.assertEqual(code, 1)
+        lines = err.getvalue().splitlines()
+        self.assertEqual(len(lines), 1, err.getvalue())
+        self.assertTrue(lines[0].startswith("hypervisor stop: the hypervisor did not "
+                                            "answer"), lines[0])

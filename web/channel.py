@@ -1,15 +1,82 @@
 # -*- test-case-name: tests.test_netguard -*-
 """
-The HTTP channel of port 6976 (placeholder: deadlines for headers are added by the
-security-hardening work).
+The HTTP channel of port 6976: L{HTTPChannel} that tells the connection guard
+(L{hypervisor.netguard}) where each request is, so that the guard can enforce the
+header and keep-alive deadlines and knows which connections are busy.
+
+The channel finds its guard with L{find_guard}, walking down its transport chain
+(the guard's L{GuardedConnection} is the plain channel's transport, or the TLS
+layer's transport); a channel without a guard (in tests) behaves as L{HTTPChannel}.
+What it reports:
+
+    - the TLS handshake completed: C{WAITING} (the first request is due within the
+      first-byte deadline);
+    - the first byte of a request: C{HEADERS} (the headers deadline runs from here,
+      in total, however slowly the lines come);
+    - all headers received: C{BUSY} (the request, its body upload and its response,
+      a stream included, are not timed out or shed by the guard);
+    - the request done: C{IDLE} (keep-alive) — or C{CLOSING}, which the guard sees
+      itself when the channel closes the connection.
 """
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.web.http import HTTPChannel
+from zope.interface import implementer
+
+from hypervisor.netguard import GuardedConnection, Phase, find_guard
 
 
+@implementer(IHandshakeListener)
 class HypervisorChannel(HTTPChannel):
     """
-    An HTTP channel with deadlines.
+    An HTTP channel that reports its requests' progress to the connection guard.
     """
+
+    _guard: Optional[GuardedConnection] = None
+    _in_request = False
+
+    def connectionMade(self) -> None:
+        """
+        Find the guard (if any) below this channel.
+        """
+        super().connectionMade()
+        self._guard = find_guard(self.transport)
+
+    def _enter(self, phase: Phase) -> None:
+        if self._guard is not None:
+            self._guard.enter(phase)
+
+    def handshakeCompleted(self) -> None:
+        """
+        TLS is up: the first request is now due.
+        """
+        self._enter(Phase.WAITING)
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        The first byte of a request starts its headers deadline.
+        """
+        if data and not self._in_request:
+            self._in_request = True
+            self._enter(Phase.HEADERS)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        """
+        The headers are in: the request is being processed.
+        """
+        self._enter(Phase.BUSY)
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Any) -> None:
+        """
+        The request is done: idle until the next one (pipelined data, if any, starts
+        it at once; a connection that is not persistent closes).
+        """
+        self._in_request = False
+        self._enter(Phase.IDLE)
+        super().requestDone(request)
