@@ -60,9 +60,9 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IProtocol,
     IProtocolFactory,
-    IReactorFDSet,
     IReactorTime,
 )
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -416,7 +416,7 @@ class ConnectionGuard(WrappingFactory[GuardedConnection]):
     Wraps a port's factory: deadlines per connection, caps on idle connections per
     source and in total (oldest idle shed first), and a budget on all connections.
 
-    @ivar limits: the L{Limits} in force (C{max_connections} filled in at start).
+    @ivar limits: the L{Limits} in force.
     @ivar counts: how many connections were shed, aborted or refused, by reason,
         since the guard was made.
     """
@@ -736,7 +736,8 @@ class GuardedPort(tcp.Port):
 class GuardedTCPServer(internet.TCPServer):
     """
     A C{TCPServer} service that listens with L{GuardedPort} on a reactor that runs
-    real sockets (and with C{listenTCP} on any other, such as a test's fake).
+    real sockets (a L{PosixReactorBase}), and with C{listenTCP} on any other (a
+    test's fake).
     """
 
     def _getPort(self) -> Any:
@@ -745,8 +746,8 @@ class GuardedTCPServer(internet.TCPServer):
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
-        if not IReactorFDSet.providedBy(reactor):
-            return super()._getPort()
+        if not isinstance(reactor, PosixReactorBase):
+            return super()._getPort()  # a fake reactor: let it record the listen
         port = GuardedPort(*self.args, reactor=reactor, **self.kwargs)
         port.startListening()
         return port

@@ -29,7 +29,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
@@ -954,3 +954,41 @@ class RealDaemonTests(SynchronousTestCase):
             answer = b""
         self.assertLess(elapsed, 2.0, "the TCP connection lingered after close_notify")
         self.assertIn(b"400", answer)
+
+
+class ServerTests(SynchronousTestCase):
+    """
+    L{ConnectionGuard.tcp_server}.
+    """
+
+    def test_fake_reactor_records_listen(self) -> None:
+        """
+        On a fake reactor the service listens through C{listenTCP} (recorded, no
+        socket), with the guard as the factory and the larger backlog.
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        reactor = MemoryReactorClock()
+        guard = netguard.guard_factory(SniffingFactory(make_site(Clock()), None), reactor)
+        service = guard.tcp_server(6976)
+        service.startService()
+        [(port, factory, backlog, interface)] = reactor.tcpServers
+        self.assertEqual((port, factory, backlog), (6976, guard, netguard.LISTEN_BACKLOG))
+
+
+class RealReactorServerTests(TestCase):
+    """
+    L{ConnectionGuard.tcp_server} on the real reactor.
+    """
+
+    def test_real_reactor_uses_guarded_port(self) -> None:
+        """
+        On the real reactor the service listens with L{netguard.GuardedPort}.
+        """
+        from twisted.internet import reactor
+
+        guard = netguard.guard_factory(SniffingFactory(make_site(Clock()), None), reactor)
+        service = guard.tcp_server(0, interface="127.0.0.1")
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertIsInstance(service._port, netguard.GuardedPort)
