@@ -749,7 +749,7 @@ def encode(obj: Any, indent: Optional[int] = None) -> bytes:
 
 # A string, or an unterminated one up to the end (so that the scan stays linear: JSON
 # never recurses into what follows an unterminated string).
-_JSON_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"?', re.DOTALL)
+_JSON_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
 _NOT_BRACKET_RE = re.compile(r"[^\[\]{}]+")
 _BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 
