@@ -16,9 +16,11 @@ What it does:
 2. loops: each iteration picks one of CreateVm (empty root volume of
    C{MinimumFreeBytes}, not started or started, or the tiny test guest started by
    direct kernel boot), AcknowledgeVm, StartVm, StopVm, DestroyVm, ChangeVmTags,
-   ChangeVmSize; about one iteration in four SIGKILLs the daemon, most of them while
-   the request is in flight (sent from a thread, killed after a random delay), the
-   others between requests; then the daemon is started again on the same directories;
+   ChangeVmSize; about one iteration in four (C{--kill-probability}) SIGKILLs the
+   daemon, most of them while the request is in flight (sent from a thread, killed at
+   a random moment within how long that kind of request took when not killed), the
+   others between requests; then the daemon is started again on the same directories
+   (the last iteration kills if none did yet);
 3. after every restart, once the daemon had a moment to repair (checks are repeated
    for up to C{--settle} seconds until clean), checks from the outside: every VM the
    daemon reports has its C{VMs/<IP>/info.json}; no VM it should have is gone; no
@@ -26,7 +28,8 @@ What it does:
    both free in C{address-pool.json} and used by a VM, or used by two VMs, or
    registered but neither free nor used; no file or directory under the volume
    directory that no VM owns; no VM whose volume files are missing or of the wrong
-   size;
+   size, or (tiny guest) whose kernel and initrd copies are not whole; and between
+   kills, that no acknowledged VM disappeared;
 4. stops the daemon with C{hypervisor stop}, runs C{hypervisor check-vms}, prints a
    table and every violation with the iteration, the request in flight and the kill
    delay that preceded it, destroys every domain of its subnet and removes its files
@@ -37,6 +40,12 @@ run (not root, no libvirtd, the daemon does not start).
 
 Every check reads only what an operator could: the RPC, the state directory's JSON
 files, the volume directory and libvirt; nothing is imported from the manager.
+Violations are counted once each (by kind and IP), however many checks see them.
+Other tests on the same libvirtd (restarting libvirtd, or a daemon's
+C{stop-vms-on-next-stop}) can disturb a run: the daemon's log (kept with C{--keep})
+tells.
+
+The smoke mode (C{--iterations 5}) is run by C{tests.test_torture_smoke}.
 """
 
 from __future__ import annotations
