@@ -693,10 +693,12 @@ class Torture:
                                       "destroyed, and the daemon no longer has it")
         for ip in sorted(reported):
             if snap.infos.get(ip) is None:
-                found[("no_info", ip)] = f"the daemon reports VM {ip} but VMs/{ip}/info.json is missing or unreadable"
+                found[("no_info", ip)] = (f"the daemon reports VM {ip} but "
+                                          f"VMs/{ip}/info.json is missing or unreadable")
         for ip in sorted(set(snap.infos) - set(reported)):
-            found[("orphan_dir", ip)] = (f"VMs/{ip} exists ({'with' if snap.infos[ip] else 'without'} "
-                                         "info.json) but the daemon reports no such VM")
+            has = "with" if snap.infos[ip] else "without"
+            found[("orphan_dir", ip)] = (f"VMs/{ip} exists ({has} info.json) but the "
+                                         "daemon reports no such VM")
         by_ip: dict[str, list[DomainView]] = {}
         for d in snap.domains:
             by_ip.setdefault(d.ip, []).append(d)

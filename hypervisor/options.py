@@ -149,7 +149,12 @@ PARAMETERS: list[tuple[str, str, Callable[[str], Any], str]] = [
         str,
         "Name of file containing the root of trust for identity only",
     ),
-    ("certFile", "/etc/ssl/hypervisor/cert.pem", str, "Name of file containing the SSL certificate"),
+    (
+        "certFile",
+        "/etc/ssl/hypervisor/cert.pem",
+        str,
+        "Name of file containing the SSL certificate",
+    ),
     ("keyFile", "/etc/ssl/hypervisor/key.pem", str, "Name of file containing the SSL key"),
     ("logDir", "/var/log/hypervisor", _absolute, "Directory for the JSON log file"),
     ("libvirtUri", "qemu:///system", _uri, f"{SECTION_OURS} libvirt connection URI"),
