@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_api -*-
+# -*- test-case-name: tests.test_manager_vms -*-
 """
 The service layer: one method per C{Hypervisor.<Method>} of the reference, each
 taking the caller's L{Identity} and a request object and returning a response object
@@ -17,14 +17,16 @@ when C{-allowUnauthenticatedReads} is set.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 
 from hypervisor.auth import Identity
 from hypervisor.errors import AccessDenied
+from hypervisor.manager.create import upload_size
 from hypervisor.manager.manager import Manager
-from hypervisor.manager.vm import UpdateStream
+from hypervisor.manager.updates import UpdateStream
+from hypervisor.upload import UploadStream
 from hypervisor.model import (
     AccessRequest,
     ChangeAddressPoolRequest,
@@ -63,16 +65,25 @@ PROGRESS = "progress-stream"
 UPDATES = "update-stream"
 
 
+MiB = 1024 * 1024
+MAX_JSON = 1 << 20
+MAX_UPLOAD = 1 << 40
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """
-    How a method is called: its request type, access class and reply kind.
+    How a method is called: its request type, access class, reply kind and, for
+    methods whose request is followed by raw bytes, how many (C{upload(request)})
+    and at most how many.
     """
 
     request: type
     access: str
     kind: str = RR
-    upload: bool = False
+    upload: Optional[Callable[[Any], int]] = None
+    max_request: int = MAX_JSON
+    max_upload: int = 0
 
 
 @dataclass
@@ -93,7 +104,8 @@ METHODS: dict[str, MethodSpec] = {
     "ChangeVmOwnerUsers": MethodSpec(ChangeVmOwnerUsersRequest, PUBLIC),
     "ChangeVmSize": MethodSpec(ChangeVmSizeRequest, PUBLIC),
     "ChangeVmTags": MethodSpec(ChangeVmTagsRequest, PUBLIC),
-    "CreateVm": MethodSpec(CreateVmRequest, PUBLIC, PROGRESS, upload=True),
+    "CreateVm": MethodSpec(CreateVmRequest, PUBLIC, PROGRESS, upload=upload_size,
+                           max_upload=MAX_UPLOAD),
     "DestroyVm": MethodSpec(AccessRequest, PUBLIC),
     "GetCapacity": MethodSpec(Empty, PUBLIC),
     "GetUpdates": MethodSpec(Empty, PUBLIC, UPDATES),
@@ -125,6 +137,24 @@ class HypervisorApi:
     def __init__(self, manager: Manager) -> None:
         self.manager = manager
 
+    # What the dispatcher asks before a request is read ----------------------------------
+
+    def hypervisor_owners(self) -> tuple[frozenset[str], frozenset[str]]:
+        """
+        The hypervisor's owner users and groups (ChangeOwners): they hold every power.
+        """
+        return self.manager.owner_users, self.manager.owner_groups
+
+    def admit(self, method: str, identity: Identity) -> None:
+        """
+        Method-specific refusals that need no request: checked before the request
+        (and any upload) is read, so nothing is received for a call that cannot run.
+        """
+        if method == "CreateVm":
+            if not identity.username:
+                raise AccessDenied("no authentication data")
+            self.manager.ctx.require_enabled()
+
     @staticmethod
     def _require_admin(identity: Identity, method: str) -> None:
         if not identity.has_method_power(method):
@@ -135,24 +165,25 @@ class HypervisorApi:
     @inlineCallbacks
     def CreateVm(self, identity: Identity, request: CreateVmRequest,
                  send: Callable[[CreateVmResponse], None] = lambda r: None,
-                 upload: Optional[tuple[IO[bytes], int, int]] = None) -> Any:
+                 upload: Optional[UploadStream] = None) -> Any:
         """
         Create a VM; progress messages go to C{send}; return the final response.
 
-        @param upload: where the raw image and user data sent after the request are:
-            (file, offset, length), length = ImageDataSize + UserDataSize.
+        @param upload: the raw image and user data sent after the request
+            (ImageDataSize + UserDataSize bytes), as a stream.
         """
         def progress(message: str) -> None:
             send(CreateVmResponse(ProgressMessage=message))
 
-        response = yield self.manager.create_vm(identity, request, progress, upload)
+        response = yield self.manager.creator.create_vm(identity, request, progress, upload)
         return response
 
-    def AcknowledgeVm(self, identity: Identity, request: IpRequest) -> ErrorResponse:
+    @inlineCallbacks
+    def AcknowledgeVm(self, identity: Identity, request: IpRequest) -> Any:
         """
         Keep a newly created VM.
         """
-        self.manager.acknowledge_vm(identity, request.IpAddress)
+        yield self.manager.lifecycle.acknowledge_vm(identity, request.IpAddress)
         return ErrorResponse()
 
     @inlineCallbacks
@@ -160,7 +191,7 @@ class HypervisorApi:
         """
         Start a stopped VM.
         """
-        timed_out = yield self.manager.start_vm(identity, request.IpAddress,
+        timed_out = yield self.manager.lifecycle.start_vm(identity, request.IpAddress,
                                                 float(request.DhcpTimeout))
         return DhcpResponse(DhcpTimedOut=timed_out)
 
@@ -169,7 +200,7 @@ class HypervisorApi:
         """
         Stop a running VM (ACPI, forced after a timeout).
         """
-        yield self.manager.stop_vm(identity, request.IpAddress)
+        yield self.manager.lifecycle.stop_vm(identity, request.IpAddress)
         return ErrorResponse()
 
     @inlineCallbacks
@@ -177,7 +208,7 @@ class HypervisorApi:
         """
         Reboot a running VM.
         """
-        timed_out = yield self.manager.reboot_vm(identity, request.IpAddress,
+        timed_out = yield self.manager.lifecycle.reboot_vm(identity, request.IpAddress,
                                                  float(request.DhcpTimeout))
         return DhcpResponse(DhcpTimedOut=timed_out)
 
@@ -186,7 +217,7 @@ class HypervisorApi:
         """
         Destroy a VM and its volumes.
         """
-        yield self.manager.destroy_vm(identity, request.IpAddress)
+        yield self.manager.lifecycle.destroy_vm(identity, request.IpAddress)
         return ErrorResponse()
 
     # Reads ------------------------------------------------------------------------
@@ -210,19 +241,20 @@ class HypervisorApi:
         return ListVMsResponse(
             IpAddresses=self.manager.list_vms(request.Filter, sort=request.Sort))
 
-    def GetVmCreateRequest(self, identity: Identity,
-                           request: IpRequest) -> GetVmCreateRequestResponse:
+    @inlineCallbacks
+    def GetVmCreateRequest(self, identity: Identity, request: IpRequest) -> Any:
         """
         The request a VM was created with.
         """
-        return GetVmCreateRequestResponse(
-            CreateRequest=self.manager.get_vm_create_request(identity, request.IpAddress))
+        stored = yield self.manager.changes.get_vm_create_request(identity,
+                                                                  request.IpAddress)
+        return GetVmCreateRequestResponse(CreateRequest=stored)
 
     def GetCapacity(self, identity: Identity, request: object) -> GetCapacityResponse:
         """
         Host capacity.
         """
-        return self.manager.get_capacity()
+        return self.manager.admin.get_capacity()
 
     def ListSubnets(self, identity: Identity,
                     request: ListSubnetsRequest) -> ListSubnetsResponse:
@@ -235,7 +267,7 @@ class HypervisorApi:
         """
         A stream of updates: the first full, then what changes.
         """
-        return self.manager.subscribe_updates()
+        return self.manager.admin.subscribe_updates(identity.username or "anonymous")
 
     # Changes ----------------------------------------------------------------------
 
@@ -247,7 +279,7 @@ class HypervisorApi:
         """
         Change memory, milliCPUs or vCPUs.
         """
-        return self._done(self.manager.change_vm_size(
+        return self._done(self.manager.changes.change_vm_size(
             identity, request.IpAddress, request.MemoryInMiB, request.MilliCPUs,
             request.VirtualCPUs))
 
@@ -256,7 +288,7 @@ class HypervisorApi:
         """
         Replace a VM's tags.
         """
-        return self._done(self.manager.change_vm_tags(identity, request.IpAddress,
+        return self._done(self.manager.changes.change_vm_tags(identity, request.IpAddress,
                                                       request.Tags))
 
     def ChangeVmOwnerUsers(self, identity: Identity,
@@ -264,7 +296,7 @@ class HypervisorApi:
         """
         Replace a VM's extra owners.
         """
-        return self._done(self.manager.change_vm_owner_users(
+        return self._done(self.manager.changes.change_vm_owner_users(
             identity, request.IpAddress, request.OwnerUsers))
 
     def ChangeVmOwnerGroups(self, identity: Identity,
@@ -272,7 +304,7 @@ class HypervisorApi:
         """
         Replace a VM's owner groups.
         """
-        return self._done(self.manager.change_vm_owner_groups(
+        return self._done(self.manager.changes.change_vm_owner_groups(
             identity, request.IpAddress, request.OwnerGroups))
 
     def BecomePrimaryVmOwner(self, identity: Identity,
@@ -280,7 +312,7 @@ class HypervisorApi:
         """
         Become a VM's primary owner.
         """
-        return self._done(self.manager.become_primary_vm_owner(identity, request.IpAddress))
+        return self._done(self.manager.changes.become_primary_vm_owner(identity, request.IpAddress))
 
     def ChangeVmDestroyProtection(
         self, identity: Identity, request: ChangeVmDestroyProtectionRequest
@@ -288,7 +320,7 @@ class HypervisorApi:
         """
         Set or clear destroy protection.
         """
-        return self._done(self.manager.change_vm_destroy_protection(
+        return self._done(self.manager.changes.change_vm_destroy_protection(
             identity, request.IpAddress, request.DestroyProtection))
 
     def ChangeVmHostname(self, identity: Identity,
@@ -296,29 +328,28 @@ class HypervisorApi:
         """
         Change a VM's hostname.
         """
-        return self._done(self.manager.change_vm_hostname(identity, request.IpAddress,
+        return self._done(self.manager.changes.change_vm_hostname(identity, request.IpAddress,
                                                           request.Hostname))
 
     # Host administration ------------------------------------------------------------
 
     def SetDisabledState(self, identity: Identity,
-                         request: SetDisabledStateRequest) -> ErrorResponse:
+                         request: SetDisabledStateRequest) -> "Deferred[ErrorResponse]":
         """
         Disable or enable the hypervisor (admin).
         """
         self._require_admin(identity, "SetDisabledState")
-        self.manager.set_disabled_state(request.Disable)
-        return ErrorResponse()
+        return self._done(self.manager.admin.set_disabled_state(request.Disable))
 
     def ChangeAddressPool(self, identity: Identity,
-                          request: ChangeAddressPoolRequest) -> ErrorResponse:
+                          request: ChangeAddressPoolRequest) -> "Deferred[ErrorResponse]":
         """
         Add, remove or trim addresses (admin).
         """
         self._require_admin(identity, "ChangeAddressPool")
-        self.manager.change_address_pool(request.AddressesToAdd, request.AddressesToRemove,
-                                         request.MaximumFreeAddresses)
-        return ErrorResponse()
+        return self._done(self.manager.admin.change_address_pool(
+            request.AddressesToAdd, request.AddressesToRemove,
+            request.MaximumFreeAddresses))
 
     def ChangeOwners(self, identity: Identity,
                      request: ChangeOwnersRequest) -> ErrorResponse:
@@ -326,14 +357,14 @@ class HypervisorApi:
         Set the hypervisor's owners (admin; in memory, as the Go hypervisor).
         """
         self._require_admin(identity, "ChangeOwners")
-        self.manager.change_owners(request.OwnerUsers, request.OwnerGroups)
+        self.manager.admin.change_owners(request.OwnerUsers, request.OwnerGroups)
         return ErrorResponse()
 
     def UpdateSubnets(self, identity: Identity,
-                      request: UpdateSubnetsRequest) -> ErrorResponse:
+                      request: UpdateSubnetsRequest) -> "Deferred[ErrorResponse]":
         """
         Add, change or delete subnets (admin).
         """
         self._require_admin(identity, "UpdateSubnets")
-        self.manager.update_subnets(request.Add, request.Change, request.Delete)
-        return ErrorResponse()
+        return self._done(self.manager.admin.update_subnets(request.Add, request.Change,
+                                                            request.Delete))

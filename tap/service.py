@@ -71,29 +71,41 @@ def _tls_options(options: Options, trust: TrustStore) -> Optional[Any]:
         return None
 
 
+def _make_dispatcher(options: Options, manager: Manager, reactor: Any,
+                     metrics: Metrics) -> Any:
+    """
+    The one dispatcher every RPC transport uses.
+    """
+    from hypervisor.api import HypervisorApi
+    from hypervisor.dispatch import Dispatcher
+
+    return Dispatcher(HypervisorApi(manager), metrics, reactor,
+                      allow_unauthenticated_reads=options["allowUnauthenticatedReads"])
+
+
 def _make_web_service(
     options: Options, manager: Manager, libvirt: LibvirtService, reactor: Any,
     metrics: Optional[Metrics] = None, logs: Optional[LogBuffer] = None,
-) -> internet.TCPServer:
-    from hypervisor.api import HypervisorApi
+    dispatcher: Optional[Any] = None, trust: Optional[TrustStore] = None,
+) -> Any:
     from hypervisor.netguard import guard_factory
     from hypervisor.tls import SniffingFactory
     from web.channel import HypervisorChannel
-    from web.limits import LimitedRequest
     from web.root import make_root
-    from web.rpc import RpcEndpoints
+    from web.rpc import RpcEndpoints, request_factory
     from web.status import StatusPages
 
     metrics = metrics or Metrics()
     metrics.watch_manager(manager)
-    trust = TrustStore.from_files(options["CAfile"], options["identityCAfile"])
+    if trust is None:
+        trust = TrustStore.from_files(options["CAfile"], options["identityCAfile"])
+    if dispatcher is None:
+        dispatcher = _make_dispatcher(options, manager, reactor, metrics)
     pages = StatusPages(manager, libvirt, metrics=metrics, logs=logs,
                         log_dir=options["logDir"])
-    rpc = RpcEndpoints(HypervisorApi(manager), trust, metrics, reactor,
-                       allow_unauthenticated_reads=options["allowUnauthenticatedReads"])
-    site = Site(make_root(pages, rpc))
-    site.requestFactory = LimitedRequest
-    site.protocol = HypervisorChannel
+    site = Site(make_root(pages, RpcEndpoints()))
+    site.requestFactory = request_factory(dispatcher, trust)
+    site.protocol = HypervisorChannel  # type: ignore[method-assign,assignment]
     site.displayTracebacks = False
     factory = guard_factory(SniffingFactory(site, _tls_options(options, trust)), reactor)
     return factory.tcp_server(options["portNum"])
@@ -130,7 +142,12 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     named.append(("libvirt", libvirt))
     manager = _make_manager_service(options, libvirt, reactor)
     named.append(("manager", manager))
-    named.append(("web", _make_web_service(options, manager, libvirt, reactor, logs=logs)))
+    metrics = Metrics()
+    trust = TrustStore.from_files(options["CAfile"], options["identityCAfile"])
+    dispatcher = _make_dispatcher(options, manager, reactor, metrics)
+    named.append(("web", _make_web_service(options, manager, libvirt, reactor,
+                                           metrics=metrics, logs=logs,
+                                           dispatcher=dispatcher, trust=trust)))
     named.append(("control", _make_control_service(options, manager, reactor)))
     for name, child in named:
         child.setName(name)

@@ -100,8 +100,8 @@ class Daemon:
         self.manager.startService()
         self.running = True
         await until(lambda: self.manager.domains_current, what="libvirt connection")
-        if self.manager._reconciling is not None:
-            await self.manager._reconciling
+        if self.manager.reconciler.reconciling is not None:
+            await self.manager.reconciler.reconciling
 
     async def stop(self) -> None:
         if not self.running:
@@ -130,12 +130,21 @@ class ManagerTestCase(TestCase):
         self.api = self.daemon.api
         self.manager = self.daemon.manager
 
+    async def raises(self, error: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """
+        Assert that C{fn(*args, **kwargs)} fails with C{error}, raising or through its
+        Deferred; return the exception.
+        """
+        from twisted.internet.defer import maybeDeferred
+
+        return await self.assertFailure(maybeDeferred(fn, *args, **kwargs), error)
+
     async def prepare(self) -> None:
         await self.daemon.start()
-        self.api.UpdateSubnets(ROOT, UpdateSubnetsRequest(Add=[Subnet(
+        await self.api.UpdateSubnets(ROOT, UpdateSubnetsRequest(Add=[Subnet(
             Id="net", IpGateway="10.5.0.1", IpMask="255.255.255.0",
             DomainNameServers=["10.5.0.1"])]))
-        self.api.ChangeAddressPool(ROOT, ChangeAddressPoolRequest(AddressesToAdd=[
+        await self.api.ChangeAddressPool(ROOT, ChangeAddressPoolRequest(AddressesToAdd=[
             Address(f"10.5.0.{i}", f"52:54:0a:05:00:{i:02x}") for i in (2, 3, 4)]))
 
     def image(self, name: str, data: bytes) -> str:
@@ -158,7 +167,7 @@ class ManagerTestCase(TestCase):
         response = await self.api.CreateVm(identity, request,
                                            lambda r: messages.append(r.ProgressMessage))
         self.assertTrue(response.Final)
-        self.api.AcknowledgeVm(identity, IpRequest(response.IpAddress))
+        await self.api.AcknowledgeVm(identity, IpRequest(response.IpAddress))
         return response.IpAddress
 
     def info_file(self, ip: str) -> dict[str, Any]:
@@ -212,7 +221,7 @@ class CreateTests(ManagerTestCase):
         self.assertTrue(self.domain_active(ip))
         self.assertNotIn(ip, [a.IpAddress for a in self.manager.pool.free])
         self.assertEqual(self.manager.check_invariants(), [])
-        request = self.api.GetVmCreateRequest(ALICE, IpRequest(ip)).CreateRequest
+        request = (await self.api.GetVmCreateRequest(ALICE, IpRequest(ip))).CreateRequest
         self.assertEqual(request.MinimumFreeBytes, MiB)
 
     async def test_create_from_images_and_kernel(self) -> None:
@@ -298,7 +307,7 @@ class CreateTests(ManagerTestCase):
         A VM not acknowledged within the timeout is destroyed and its address freed.
         """
         await self.prepare()
-        self.manager.acknowledge_timeout = 0.2
+        self.manager.ctx.settings.acknowledge_timeout = 0.2
         response = await self.api.CreateVm(ALICE, CreateVmRequest(
             VmInfo=VmInfo(MemoryInMiB=64, MilliCPUs=100), MinimumFreeBytes=MiB))
         ip = response.IpAddress
@@ -312,12 +321,12 @@ class CreateTests(ManagerTestCase):
         """
         await self.prepare()
         ip = await self.create(DoNotStart=True)
-        self.api.SetDisabledState(ROOT, SetDisabledStateRequest(Disable=True))
+        await self.api.SetDisabledState(ROOT, SetDisabledStateRequest(Disable=True))
         self.assertTrue(os.path.exists(os.path.join(self.root, "state", "disabled")))
         await self.assertFailure(self.create(), errors.Unavailable)
         await self.assertFailure(self.api.StartVm(ALICE, StartVmRequest(IpAddress=ip)),
                                  errors.Unavailable)
-        self.api.SetDisabledState(ROOT, SetDisabledStateRequest(Disable=False))
+        await self.api.SetDisabledState(ROOT, SetDisabledStateRequest(Disable=False))
         await self.api.StartVm(ALICE, StartVmRequest(IpAddress=ip))
         self.assertEqual(self.manager.vms[ip].info.State, State.RUNNING)
 
@@ -386,7 +395,7 @@ class LifecycleTests(ManagerTestCase):
         e = await self.assertFailure(self.api.DestroyVm(ALICE, AccessRequest(IpAddress=b)),
                                      errors.WrongState)
         self.assertIn("DestroyProtection", str(e))
-        await self.manager.change_vm_destroy_protection(ALICE, b, False)
+        await self.manager.changes.change_vm_destroy_protection(ALICE, b, False)
         await self.api.DestroyVm(ALICE, AccessRequest(IpAddress=b))
 
     async def test_owner_checks(self) -> None:
@@ -400,9 +409,9 @@ class LifecycleTests(ManagerTestCase):
                                  errors.AccessDenied)
         self.assertEqual(self.manager.vms[ip].info.State, State.RUNNING)
         self.assertEqual(self.api.GetVmInfo(BOB, IpRequest(ip)).VmInfo.State, State.RUNNING)
-        await self.manager.change_vm_tags(CAROL, ip, {"by": "carol"})
+        await self.manager.changes.change_vm_tags(CAROL, ip, {"by": "carol"})
         self.assertEqual(self.manager.vms[ip].info.Tags, {"by": "carol"})
-        self.assertRaises(errors.AccessDenied, self.api.ChangeAddressPool, ALICE,
+        await self.raises(errors.AccessDenied, self.api.ChangeAddressPool, ALICE,
                           ChangeAddressPoolRequest())
 
     async def test_changes(self) -> None:
@@ -413,15 +422,15 @@ class LifecycleTests(ManagerTestCase):
         await self.prepare()
         ip = await self.create(MemoryInMiB=64, MilliCPUs=500)
         m = self.manager
-        await m.change_vm_owner_users(ALICE, ip, ["bob", "carol", "bob"])
+        await m.changes.change_vm_owner_users(ALICE, ip, ["bob", "carol", "bob"])
         self.assertEqual(m.vms[ip].info.OwnerUsers, ["alice", "bob", "carol"])
-        await m.become_primary_vm_owner(BOB, ip)
+        await m.changes.become_primary_vm_owner(BOB, ip)
         self.assertEqual(m.vms[ip].info.OwnerUsers, ["bob", "alice", "carol"])
-        await m.change_vm_owner_groups(ALICE, ip, ["g1", "g1", "g2"])
+        await m.changes.change_vm_owner_groups(ALICE, ip, ["g1", "g1", "g2"])
         self.assertEqual(m.vms[ip].info.OwnerGroups, ["g1", "g2"])
-        await m.change_vm_hostname(ALICE, ip, "web-1")
+        await m.changes.change_vm_hostname(ALICE, ip, "web-1")
         self.assertEqual(self.info_file(ip)["Hostname"], "web-1")
-        self.assertRaises(errors.InvalidRequest, m.change_vm_hostname, ALICE, ip, "a b")
+        await self.raises(errors.InvalidRequest, m.changes.change_vm_hostname, ALICE, ip, "a b")
         # memory needs a stopped VM; milliCPUs within the same vCPU count do not
         await self.assertFailure(self.api.ChangeVmSize(
             ALICE, ChangeVmSizeRequest(IpAddress=ip, MemoryInMiB=128)), errors.WrongState)
@@ -465,8 +474,8 @@ class LifecycleTests(ManagerTestCase):
         a = await self.create(DoNotStart=True)
         b = await self.create(DoNotStart=True)
         await self.manager.vms[a].lock.acquire()
-        on_a = self.manager.change_vm_tags(ALICE, a, {"x": "1"})
-        on_b = self.manager.change_vm_tags(ALICE, b, {"y": "2"})
+        on_a = self.manager.changes.change_vm_tags(ALICE, a, {"x": "1"})
+        on_b = self.manager.changes.change_vm_tags(ALICE, b, {"y": "2"})
         self.assertTrue(on_b.called)
         self.assertFalse(on_a.called)
         self.assertEqual(self.manager.vms[a].info.Tags, {})
@@ -512,14 +521,14 @@ class PoolAndSubnetTests(ManagerTestCase):
         pool = self.manager.pool
         add = lambda *a: self.api.ChangeAddressPool(  # noqa: E731
             ROOT, ChangeAddressPoolRequest(AddressesToAdd=list(a)))
-        self.assertRaises(errors.InvalidRequest, add, Address("10.5.0.2", "52:54:00:00:00:99"))
-        self.assertRaises(errors.InvalidRequest, add, Address("10.9.0.2", "52:54:00:00:00:98"))
-        self.assertRaises(errors.InvalidRequest, add, Address("10.5.0.20", "zz"))
+        await self.raises(errors.InvalidRequest, add, Address("10.5.0.2", "52:54:00:00:00:99"))
+        await self.raises(errors.InvalidRequest, add, Address("10.9.0.2", "52:54:00:00:00:98"))
+        await self.raises(errors.InvalidRequest, add, Address("10.5.0.20", "zz"))
         ip = await self.create()
-        e = self.assertRaises(errors.InvalidRequest, self.api.ChangeAddressPool, ROOT,
+        e = await self.raises(errors.InvalidRequest, self.api.ChangeAddressPool, ROOT,
                               ChangeAddressPoolRequest(AddressesToRemove=[Address(ip)]))
         self.assertIn("used by a VM", str(e))
-        self.api.ChangeAddressPool(ROOT, ChangeAddressPoolRequest(
+        await self.api.ChangeAddressPool(ROOT, ChangeAddressPoolRequest(
             MaximumFreeAddresses={"net": 1}))
         self.assertEqual(len(pool.free), 1)
         with open(os.path.join(self.root, "state", "address-pool.json")) as f:
@@ -536,15 +545,15 @@ class PoolAndSubnetTests(ManagerTestCase):
         await self.prepare()
         update = lambda **k: self.api.UpdateSubnets(  # noqa: E731
             ROOT, UpdateSubnetsRequest(**k))
-        self.assertRaises(errors.InvalidRequest, update, Add=[Subnet(
+        await self.raises(errors.InvalidRequest, update, Add=[Subnet(
             Id="dup", IpGateway="10.5.0.100", IpMask="255.255.0.0")])
-        self.assertRaises(errors.InvalidRequest, update, Add=[Subnet(
+        await self.raises(errors.InvalidRequest, update, Add=[Subnet(
             Id="hypervisor", IpGateway="10.6.0.1", IpMask="255.255.255.0")])
-        self.assertRaises(errors.InvalidRequest, update, Add=[Subnet(
+        await self.raises(errors.InvalidRequest, update, Add=[Subnet(
             Id="bad", IpGateway="10.6.0.1", IpMask="255.0.255.0")])
-        update(Add=[Subnet(Id="other", IpGateway="10.6.0.1", IpMask="255.255.255.0",
+        await update(Add=[Subnet(Id="other", IpGateway="10.6.0.1", IpMask="255.255.255.0",
                            AllowedUsers=["bob"])])
-        self.api.ChangeAddressPool(ROOT, ChangeAddressPoolRequest(AddressesToAdd=[
+        await self.api.ChangeAddressPool(ROOT, ChangeAddressPoolRequest(AddressesToAdd=[
             Address("10.6.0.2", "52:54:0a:06:00:02")]))
         ip = await self.create(identity=ALICE)  # only "net" is permitted to alice
         self.assertEqual(self.manager.vms[ip].info.SubnetId, "net")
@@ -552,7 +561,7 @@ class PoolAndSubnetTests(ManagerTestCase):
         self.assertIn("multiple available subnets", str(e))
         ip2 = await self.create(identity=BOB, SubnetId="other")
         self.assertEqual(ip2, "10.6.0.2")
-        self.assertRaises(errors.InvalidRequest, update, Delete=["other"])
+        await self.raises(errors.InvalidRequest, update, Delete=["other"])
         with open(os.path.join(self.root, "state", "subnets.json")) as f:
             self.assertEqual([s["Id"] for s in json.load(f)], ["net", "other"])
 
@@ -575,7 +584,7 @@ class UpdatesTests(ManagerTestCase):
         self.assertEqual(first.NumFreeAddresses, {"net": 3})
         ip = await self.create()
         seen: list[Any] = []
-        while not stream.queue.pending == []:
+        while len(stream):
             seen.append(await stream.get())
         vm_updates = [u.VMs[ip] for u in seen if u.HaveVMs and ip in u.VMs]
         self.assertEqual(vm_updates[-1].State, State.RUNNING)
@@ -583,7 +592,7 @@ class UpdatesTests(ManagerTestCase):
                             for u in seen))
         await self.api.DestroyVm(ALICE, AccessRequest(IpAddress=ip))
         after = []
-        while stream.queue.pending:
+        while len(stream):
             after.append(await stream.get())
         last = [u.VMs[ip] for u in after if u.HaveVMs and ip in u.VMs][-1]
         self.assertEqual(codec.to_dict(last)["MemoryInMiB"], 0)

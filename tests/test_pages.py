@@ -35,7 +35,7 @@ from hypervisor.model import (
     VolumeLocation,
 )
 from hypervisor.store import StateDirectory
-from hypervisor.testing import FakeHost
+from hypervisor.testing import FakeHost, SynchronousRunner
 from hypervisor.virt.connection import LibvirtService
 from web.root import make_root
 from web.status import (
@@ -63,12 +63,13 @@ class PagesFixture(TestCase):
         self.manager = Manager(StateDirectory(os.path.join(self.root, "state")),
                                self.libvirt, reactor, domain_type="qemu",
                                volume_directories=[self.volumes],
-                               host=FakeHost(cpus=8, memory_mib=16384))
+                               host=FakeHost(cpus=8, memory_mib=16384),
+                               runner=SynchronousRunner())
         self.manager.privilegedStartService()
         self.addCleanup(self.manager.state.unlock)
-        self.manager.update_subnets([Subnet(Id="net", IpGateway="10.4.0.1",
-                                            IpMask="255.255.255.0")], [], [])
-        self.manager.change_address_pool(
+        self.manager.admin.update_subnets([Subnet(Id="net", IpGateway="10.4.0.1",
+                                                  IpMask="255.255.255.0")], [], [])
+        self.manager.admin.change_address_pool(
             [Address(f"10.4.0.{i}", f"52:54:0a:04:00:{i:02x}") for i in range(2, 8)],
             [], {})
         for i, (state, owner) in enumerate([(State.RUNNING, "alice"),
@@ -103,8 +104,8 @@ class PagesFixture(TestCase):
         os.makedirs(directory)
         vm = Vm(LocalVmInfo(VmInfo=info, VolumeLocations=[VolumeLocation(
             self.volumes, os.path.join(self.volumes, ip, "root"))]), directory)
-        self.manager.vms[ip] = vm
-        self.manager._save(vm)
+        self.manager.table.add(vm)
+        self.manager.table.record(vm, vm.local)
 
     async def get(self, path: str) -> tuple[int, str, Any]:
         """
@@ -388,7 +389,7 @@ class HostilePagesTests(PagesFixture):
         vm.info.OwnerUsers = ["bob\ud800"]
         vm.info.OwnerGroups = ["g\udbff"]
         vm.info.Hostname = "h\ud800"
-        self.manager.owner_users = frozenset({"root\ud800"})
+        self.manager.ctx.owner_users = frozenset({"root\ud800"})
 
     async def test_lone_surrogates_render(self) -> None:
         """

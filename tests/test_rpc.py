@@ -126,7 +126,9 @@ class RpcDaemonTests(SynchronousTestCase):
         cases = [
             ("GetVmInfo", b"{not json", 400, b"malformed request"),
             ("GetVmInfo", b'{"IpAddress": ["x"]}', 400, b"IpRequest.IpAddress"),
-            ("ChangeVmSize", b'{"IpAddress": "10.1.1.1", "MemoryInMiB": -5}', 404, b"no VM"),
+            ("ChangeVmSize", b'{"IpAddress": "10.1.1.1", "MemoryInMiB": -5}', 400,
+             b"out of range for uint64"),
+            ("ChangeVmSize", b'{"IpAddress": "10.1.1.1", "MemoryInMiB": 5}', 404, b"no VM"),
             ("NoSuchMethod", b"{}", 404, b"unknown method"),
             ("ListVMs", b'{"IgnoreStateMask": "all"}', 400, b"expected an integer"),
             ("ListVMs", b" " * (2 << 20), 413, b"limit"),
@@ -141,8 +143,10 @@ class RpcDaemonTests(SynchronousTestCase):
 
     def test_oversized_body_refused_before_reading(self) -> None:
         """
-        A Content-Length over the limit is answered 413 from the headers alone: the
-        daemon closes the connection without reading (or storing) the body.
+        Access is decided from the headers, before the body: without a certificate
+        a huge body is answered 401 at once and the connection closed; with one, a
+        Content-Length over the method's limit is answered 413 from the headers
+        alone. Neither reads (or stores) the body.
         """
         import socket
 
@@ -156,8 +160,16 @@ class RpcDaemonTests(SynchronousTestCase):
                 break
             reply += chunk
         s.close()
-        self.assertTrue(reply.startswith(b"HTTP/1.1 413"), reply)
-        self.assertIn(b"1048576-byte limit", reply)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 401"), reply)
+        result = subprocess.run(
+            ["openssl", "s_client", "-quiet", "-connect", f"127.0.0.1:{self.daemon.port}",
+             "-CAfile", f"{self.pki}/CA.pem", "-cert", f"{self.pki}/users/admin.cert",
+             "-key", f"{self.pki}/users/admin.key"],
+            input=(b"POST /rpc/Hypervisor.ListVMs HTTP/1.1\r\nHost: x\r\n"
+                   b"Content-Length: 10000000000\r\n\r\n"),
+            capture_output=True, timeout=30)
+        self.assertIn(b"HTTP/1.1 413", result.stdout, result.stderr)
+        self.assertIn(b"1048576-byte limit", result.stdout)
 
     def test_get_rpc_lists_methods(self) -> None:
         """

@@ -261,15 +261,16 @@ class AccessMatrixTests(TestCase):
                 vm.info.OwnerGroups == ["team"]:
             return
         if vm is not None:
-            await self.manager.destroy_vm(ROOT, VM_IP)
+            await self.manager.lifecycle.destroy_vm(ROOT, VM_IP)
         response = await self.api.CreateVm(ROOT, CreateVmRequest(
             VmInfo=VmInfo(Address=Address(VM_IP), MemoryInMiB=16, MilliCPUs=10,
                           OwnerUsers=["alice"], OwnerGroups=["team"], SubnetId="net"),
             MinimumFreeBytes=65536))
-        self.api.AcknowledgeVm(ROOT, IpRequest(response.IpAddress))
+        await self.api.AcknowledgeVm(ROOT, IpRequest(response.IpAddress))
         vm = self.manager.vms[VM_IP]
-        vm.info.OwnerUsers = ["alice"]
-        self.manager._save(vm)
+        new = self.manager.table.copy(vm)
+        new.VmInfo.OwnerUsers = ["alice"]
+        await self.manager.table.commit(vm, new)
 
     def snapshot(self) -> str:
         m = self.manager

@@ -185,8 +185,8 @@ class RealVmTests(TestCase):
         finally:
             await deferToThreadFn(support.start_libvirtd)
         await until(lambda: manager.libvirt.connected, 60, "the reconnect")
-        if manager._reconciling is not None:
-            await manager._reconciling
+        if manager.reconciler.reconciling is not None:
+            await manager.reconciler.reconciling
         self.assertEqual(manager.vms[ip].info.State, State.RUNNING)
         await api.StopVm(ALICE, AccessRequest(IpAddress=ip))
         self.assertEqual(manager.vms[ip].info.State, State.STOPPED)

@@ -17,6 +17,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from hypervisor.manager.manager import Manager
 from hypervisor.store import StateDirectory
 from hypervisor.virt.connection import LibvirtService
+from hypervisor.testing import SynchronousRunner
 from hypervisor.virt.domains import DomainSummary
 from web.status import (
     SECURITY_HEADERS,
@@ -44,7 +45,7 @@ class StatusPagesTests(TestCase):
         self.clock.advance(1_800_000_000)
         self.libvirt = LibvirtService("qemu:///system", self.clock)
         self.manager = Manager(StateDirectory(os.path.join(self.dir, "s")),
-                               self.libvirt, self.clock)
+                               self.libvirt, self.clock, runner=SynchronousRunner())
         self.manager.privilegedStartService()
         self.addCleanup(self.manager.state.unlock)
         self.manager.startService()
@@ -62,11 +63,11 @@ class StatusPagesTests(TestCase):
         state, and the domain counts.
         """
         self.clock.advance(3725)
-        self.manager.domains = {
+        self.manager.reconciler.domains = {
             "u1": DomainSummary("vm-a", "u1", "running", True, True, "10.0.0.2"),
             "u2": DomainSummary("other", "u2", "shut off", False, False, None),
         }
-        self.manager.domains_current = True
+        self.manager.reconciler.domains_current = True
         code, body, headers = await self.get("/")
         self.assertEqual(code, 200)
         self.assertIn("hv&lt;1&gt;.example", body)
@@ -84,7 +85,7 @@ class StatusPagesTests(TestCase):
         """
         A disabled hypervisor says so at the top of the page.
         """
-        self.manager.state.set_disabled(True)
+        await self.manager.admin.set_disabled_state(True)
         _, body, _ = await self.get("/")
         self.assertIn("disabled", body)
 
@@ -139,7 +140,7 @@ class HostileRequestTests(TestCase):
         self.clock = Clock()
         self.libvirt = LibvirtService("qemu:///system", self.clock)
         self.manager = Manager(StateDirectory(os.path.join(self.dir, "s")),
-                               self.libvirt, self.clock)
+                               self.libvirt, self.clock, runner=SynchronousRunner())
         self.manager.privilegedStartService()
         self.addCleanup(self.manager.state.unlock)
         self.manager.startService()

@@ -1,221 +1,507 @@
 # -*- test-case-name: tests.test_rpc -*-
 """
-JSON RPC on port 6976: C{POST /rpc/Hypervisor.<Method>}, the request JSON in the
-body (the reference's field names), the response JSON in the reply.
+JSON RPC on port 6976, an adapter over L{hypervisor.dispatch.Dispatcher}:
+C{POST /rpc/Hypervisor.<Method>}, the request JSON in the body (the reference's field
+names), the response JSON in the reply.
 
 - C{GET /rpc} lists the methods with their access class.
 - Statuses: 200 ok; 400 malformed request (naming the field); 401 no or unverifiable
   certificate; 403 denied; 404 unknown method or VM; 409 wrong state; 413 too large;
-  503 disabled or libvirt down; 507 no capacity; 500 internal (logged with a
-  traceback, never shown). The body is always JSON, C{{"Error": "..."}} on errors.
+  503 disabled, libvirt down or out of descriptors; 507 no capacity; 500 internal
+  (logged with a traceback, never shown). The body is always JSON,
+  C{{"Error": "..."}} on errors.
 - Streams (C{CreateVm} progress, C{GetUpdates}): newline-delimited JSON, one message
   per line, flushed as they happen; an error after the stream started is a last line
   C{{"Error": "..."}}.
 - Uploads (C{CreateVm} with C{ImageDataSize}/C{UserDataSize}): the request JSON on
   the first line, then exactly the announced number of raw bytes.
 
-Only translation lives here: identity from L{hypervisor.tls}, the decision from
-L{hypervisor.auth.authorize}, the work in L{hypervisor.api}.
+How a call is read (L{HypervisorRequest}, the site's request factory): as soon as
+the headers are in, the caller's certificate and the method decide access
+(L{Dispatcher.admit}); a refused call is answered at once and its connection closed
+without reading a byte of the body. An admitted call's JSON is kept in memory (never
+spooled: it is bounded by the method's limit); for uploads the JSON line is decoded
+as soon as it arrives, the call starts, and the bytes after it stream into the
+method's L{hypervisor.upload.UploadStream} with flow control (the connection stops
+being read while the volume writer is behind). Replies written before the body has
+fully arrived wait until it has; an error before then is answered at once.
+
+Nothing here decides access, decodes, or maps errors: that is the dispatcher's.
 """
 
 from __future__ import annotations
 
+import io
 import json
-from typing import IO, Any, Optional
+from urllib.parse import unquote_to_bytes
+from typing import Any, Optional
 
 from klein import Klein
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
-from twisted.web.server import Request as IRequest
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES
+from twisted.web.server import Request
 
 from hypervisor import codec
-from hypervisor.api import (
-    METHODS,
-    PROGRESS,
-    UNAUTHENTICATED_READS,
-    UPDATES,
-    HypervisorApi,
-)
-from hypervisor.auth import TrustStore, Unauthenticated, authorize
-from hypervisor.errors import HypervisorError, InvalidRequest, NotFound
-from hypervisor.metrics import Metrics
-from hypervisor.model import CreateVmResponse
+from hypervisor.api import METHODS, PROGRESS, UNAUTHENTICATED_READS, UPDATES
+from hypervisor.auth import CertificateRefused, TrustStore
+from hypervisor.dispatch import Call, Dispatcher, RequestTooLarge
+from hypervisor.errors import HypervisorError, InvalidRequest
 from hypervisor.tls import peer_identity
-from web.limits import MAX_JSON
+from hypervisor.upload import UploadAborted, UploadStream
+from web.limits import MAX_PAGE_BODY, RPC_PREFIX, error_body
 
+CLOSE_GRACE = 2.0
 JSON_TYPE = b"application/json"
 STREAM_TYPE = b"application/x-ndjson"
-PREFIX = "Hypervisor."
-ACCESS_DENIED_REASONS = {401: "unauthenticated", 403: "denied"}
-
-
-class RequestTooLarge(HypervisorError):
-    """
-    The body is over the limit (HTTP 413).
-    """
-
-    status = 413
+SECURITY_HEADERS = {
+    b"X-Frame-Options": b"DENY",
+    b"X-XSS-Protection": b"1",
+    b"Content-Security-Policy": b"default-src 'self' ;style-src 'self' 'unsafe-inline'",
+    b"X-Content-Type-Options": b"nosniff",
+}
 
 
 def _line(obj: Any) -> bytes:
     return codec.encode(obj) + b"\n"
 
 
+def network_producer(transport: Any) -> Optional[IPushProducer]:
+    """
+    The producer that stops reading the connection under C{transport} (the TCP
+    connection under TLS and any wrappers), or None.
+    """
+    seen = 0
+    while transport is not None and seen < 8:
+        if IPushProducer.providedBy(transport):
+            return transport
+        transport = getattr(transport, "transport", None)
+        seen += 1
+    return None
+
+
 class RpcEndpoints:
     """
-    The RPC routes of one daemon.
+    C{GET /rpc}: the method table. (Calls are handled by L{HypervisorRequest}.)
     """
 
     app = Klein()
-    log = Logger()
-
-    def __init__(self, api: HypervisorApi, trust: TrustStore, metrics: Metrics,
-                 reactor: Any, allow_unauthenticated_reads: bool = False) -> None:
-        self.api = api
-        self.trust = trust
-        self.metrics = metrics
-        self.reactor = reactor
-        self.allow_unauthenticated_reads = allow_unauthenticated_reads
 
     def resource(self) -> Any:
         """
-        The Twisted resource serving these routes.
+        The Twisted resource serving the listing.
         """
         return self.app.resource()
 
-    @app.route("/rpc", methods=["GET"], branch=False)
-    def list_methods(self, request: IRequest) -> bytes:
+    @app.route("/rpc", methods=["GET", "HEAD"], branch=False)
+    def list_methods(self, request: Request) -> bytes:
         """
         The methods and their access classes.
         """
         request.setHeader(b"Content-Type", JSON_TYPE)
+        for name, value in SECURITY_HEADERS.items():
+            request.setHeader(name, value)
         return json.dumps([
-            {"Method": PREFIX + name, "Access": spec.access,
+            {"Method": "Hypervisor." + name, "Access": spec.access,
              "UnauthenticatedRead": name in UNAUTHENTICATED_READS,
-             "Reply": spec.kind, "Upload": spec.upload}
+             "Reply": spec.kind, "Upload": spec.upload is not None}
             for name, spec in sorted(METHODS.items())
         ], indent=2).encode() + b"\n"
 
-    @app.route("/rpc/<string:name>", methods=["POST"], branch=False)
-    async def call(self, request: IRequest, name: str) -> bytes:
+    @app.route("/rpc/", methods=["GET", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"],
+               branch=True)
+    def wrong_method(self, request: Request) -> bytes:
         """
-        Run one method.
+        Calls are POSTs.
         """
-        start = self.reactor.seconds()
-        method = name[len(PREFIX):] if name.startswith(PREFIX) else ""
-        label = method if method in METHODS else "unknown"
+        request.setResponseCode(405)
+        request.setHeader(b"Allow", b"POST")
         request.setHeader(b"Content-Type", JSON_TYPE)
-        streaming = [False]
+        return error_body("RPC calls are POST /rpc/Hypervisor.<Method>")
+
+
+class RpcCall:
+    """
+    One RPC over one HTTP request: admission at the headers, the body as it comes,
+    the reply once the body is complete.
+    """
+
+    log = Logger()
+
+    def __init__(self, request: "HypervisorRequest", name: str,
+                 length: Optional[int]) -> None:
+        self.request = request
+        self.dispatcher = request.dispatcher
+        self.name = name
+        self.length = length
+        self.call: Optional[Call] = None
+        self.state = "body"
+        self.buffer = io.BytesIO()
+        self.received = 0
+        self.upload: Optional[UploadStream] = None
+        self.processing = False
+        self.closed = False
+        self.pending: list[bytes] = []
+        self.outcome: Optional[tuple[str, Any]] = None
+        self.streaming = False
+
+    # Headers: admission -----------------------------------------------------------------
+
+    def admit(self) -> bool:
+        """
+        Decide access before any of the body is read; answer and close if refused.
+        """
         try:
-            spec = METHODS.get(method)
-            if spec is None:
-                raise NotFound(f"unknown method {name!r}; GET /rpc lists them")
-            is_tls, identity = peer_identity(request.transport, self.trust)
-            if not is_tls and method not in UNAUTHENTICATED_READS:
-                raise Unauthenticated(
-                    f"{name} needs HTTPS with a client certificate")
-            manager = self.api.manager
-            identity = authorize(
-                identity, method, {m: s.access for m, s in METHODS.items()},
-                UNAUTHENTICATED_READS,
-                allow_unauthenticated_reads=self.allow_unauthenticated_reads,
-                owner_users=manager.owner_users, owner_groups=manager.owner_groups)
-            body = request.content
-            assert body is not None
-            parsed, tail = self._parse(body, spec.request, spec.upload)
-            if spec.kind == PROGRESS:
-                result = await self._progress(request, method, identity, parsed, tail,
-                                              streaming)
-            elif spec.kind == UPDATES:
-                await self._updates(request, identity, parsed, streaming)
-                result = b""
-            else:
-                response = await maybeDeferred(getattr(self.api, method), identity, parsed)
-                result = _line(response)
-            self.metrics.rpc_calls.labels(label, "ok").inc()
-            return result
-        except BaseException as e:  # noqa: BLE001 - every failure gets an answer
-            return self._error(request, name, label, e, streaming[0])
-        finally:
-            self.metrics.rpc_duration.labels(label).observe(self.reactor.seconds() - start)
+            secure, identity = peer_identity(self.request.channel.transport,
+                                             self.request.trust)
+        except CertificateRefused as e:
+            self.dispatcher.classify(None, Failure(e))
+            self.refuse(e.status, str(e))
+            return False
+        try:
+            self.call = self.dispatcher.admit(self.name, identity, secure)
+        except HypervisorError as e:
+            self.refuse(e.status, str(e))
+            return False
+        spec = self.call.spec
+        limit = spec.max_request + (spec.max_upload if spec.upload else 0)
+        if self.length is not None and self.length > limit:
+            self.fail_early(RequestTooLarge(
+                f"request body of {self.length} bytes is over the {limit}-byte limit for "
+                f"{self.name}"))
+            return False
+        self.state = "line" if spec.upload is not None else "body"
+        return True
 
-    def _error(self, request: IRequest, name: str, label: str, e: BaseException,
-               streaming: bool) -> bytes:
-        if isinstance(e, codec.DecodeError):
-            e = InvalidRequest(f"malformed request: {e}")
-        if isinstance(e, HypervisorError):
-            status, message = e.status, str(e)
-            if status in (401, 403):
-                self.metrics.rpc_denied.labels(
-                    label, ACCESS_DENIED_REASONS.get(status, "denied")).inc()
-                self.log.info("{name} refused: {message}", name=name, message=message)
-        else:
-            status, message = 500, "internal error; the hypervisor's log has the details"
-            self.log.failure("{name} failed", failure=None, name=name)
-        self.metrics.rpc_calls.labels(label, "error").inc()
-        if streaming:
-            return _line({"Error": message})
-        request.setResponseCode(status)
-        request.setHeader(b"Content-Type", JSON_TYPE)
-        return _line({"Error": message})
-
-    def _parse(self, body: IO[bytes], request_type: type,
-               upload: bool) -> tuple[Any, Optional[tuple[IO[bytes], int, int]]]:
+    def refuse(self, status: int, message: str) -> None:
         """
-        Decode the request; for uploads, check the raw tail's length.
-
-        @return: the request and, for uploads, (file, offset, length) of the tail.
+        Answer now, without reading the body, and close the connection.
         """
-        body.seek(0, 2)
-        total = body.tell()
-        body.seek(0)
-        if not upload:
-            if total > MAX_JSON:
-                raise RequestTooLarge(f"request body of {total} bytes is over the "
-                                      f"{MAX_JSON}-byte limit")
-            data = body.read()
-            return codec.decode(request_type, data or b"{}"), None
-        first = body.readline(MAX_JSON + 1)
-        if len(first) > MAX_JSON:
-            raise RequestTooLarge(f"request JSON is over the {MAX_JSON}-byte limit "
-                                  "(the JSON must be on the first line)")
-        parsed: Any = codec.decode(request_type, first.strip() or b"{}")
-        expected = getattr(parsed, "ImageDataSize", 0) + getattr(parsed, "UserDataSize", 0)
-        tail = total - len(first)
-        if tail != expected:
-            raise InvalidRequest(
-                f"the body has {tail} bytes after the request line, but ImageDataSize + "
-                f"UserDataSize announce {expected}")
-        return parsed, (body, len(first), tail)
+        self.closed = True
+        self.request.answer_and_close(status, message)
 
-    async def _progress(self, request: IRequest, method: str, identity: Any,
-                        parsed: Any, tail: Optional[tuple[IO[bytes], int, int]],
-                        streaming: list[bool]) -> bytes:
-        finished = [False]
-        request.notifyFinish().addBoth(lambda _: finished.__setitem__(0, True))
+    def fail_early(self, error: BaseException) -> None:
+        """
+        Classify and answer a failure that happened before the body was complete.
+        """
+        status, message = self.dispatcher.classify(self.call, Failure(error))
+        self.refuse(status, message)
 
-        def send(message: CreateVmResponse) -> None:
-            if finished[0]:
+    # Body ------------------------------------------------------------------------------------
+
+    def chunk(self, data: bytes) -> None:
+        """
+        Some of the body.
+        """
+        if self.closed:
+            return
+        assert self.call is not None
+        if self.state == "upload":
+            assert self.upload is not None
+            try:
+                self.upload.write(data)
+            except UploadAborted as e:
+                self.fail_early(e)
+            return
+        limit = self.call.spec.max_request
+        if self.state == "line":
+            newline = data.find(b"\n")
+            if newline < 0:
+                self._keep(data, limit)
                 return
-            if not streaming[0]:
-                streaming[0] = True
+            self._keep(data[:newline + 1], limit)
+            if self.closed:
+                return
+            self._start_upload(data[newline + 1:])
+            return
+        self._keep(data, limit)
+
+    def _keep(self, data: bytes, limit: int) -> None:
+        self.received += len(data)
+        if self.received > limit:
+            what = "request JSON" + (" (it must be on the first line)"
+                                     if self.state == "line" else "")
+            self.fail_early(RequestTooLarge(f"{what} is over the {limit}-byte limit"))
+            return
+        self.buffer.write(data)
+
+    def _start_upload(self, rest: bytes) -> None:
+        assert self.call is not None
+        line = self.buffer.getvalue()
+        try:
+            parsed = self.dispatcher.decode(self.call, line)
+            size = self.dispatcher.upload_size(self.call, parsed)
+            if self.length is not None and self.length - len(line) != size:
+                raise InvalidRequest(
+                    f"the body has {self.length - len(line)} bytes after the request line, "
+                    f"but the request announces {size}")
+        except HypervisorError as e:
+            self.fail_early(e)
+            return
+        self.upload = UploadStream(size)
+        producer = network_producer(self.request.channel.transport)
+        if producer is not None:
+            self.upload.register_producer(producer)
+        self.state = "upload"
+        self._invoke(parsed, self.upload)
+        if rest and not self.closed:
+            self.chunk(rest)
+
+    def body_complete(self) -> None:
+        """
+        The whole body arrived: run the call (or finish its upload) and send what
+        waits.
+        """
+        if self.closed:
+            return
+        assert self.call is not None
+        self.processing = True
+        if self.state == "upload":
+            assert self.upload is not None
+            self.upload.finish()
+        else:
+            try:
+                parsed = self.dispatcher.decode(self.call, self.buffer.getvalue())
+                if self.state == "line":
+                    size = self.dispatcher.upload_size(self.call, parsed)
+                    if size:
+                        raise InvalidRequest(f"the request announces {size} bytes of data "
+                                             "but none followed it")
+            except HypervisorError as e:
+                self._reply_error(Failure(e))
+                return
+            self._invoke(parsed, None)
+        self._flush()
+
+    def lost(self, reason: Failure) -> None:
+        """
+        The connection went away.
+        """
+        self.closed = True
+        if self.upload is not None:
+            self.upload.fail(UploadAborted("the client went away during the upload"))
+
+    # Running ----------------------------------------------------------------------------------
+
+    def _invoke(self, parsed: Any, upload: Optional[UploadStream]) -> None:
+        assert self.call is not None
+        d = self.dispatcher.invoke(self.call, parsed, progress=self._progress,
+                                   upload=upload)
+        d.addCallbacks(self._result, self._failed)
+        d.addErrback(lambda f: self.log.failure("answering {name}", f, name=self.name))
+
+    def _progress(self, message: Any) -> None:
+        self._send(_line(message))
+
+    def _send(self, data: bytes) -> None:
+        if self.processing:
+            self._write(data)
+        else:
+            self.pending.append(data)
+
+    def _result(self, result: Any) -> None:
+        assert self.call is not None
+        if self.call.spec.kind == UPDATES:
+            self.outcome = ("updates", result)
+        else:
+            self.outcome = ("reply", result)
+        self.dispatcher.finish(self.call, ok=True)
+        if self.processing:
+            self._flush()
+
+    def _failed(self, failure: Failure) -> None:
+        if not self.processing and not self.closed:
+            # The body is still arriving: answer now rather than read the rest.
+            status, message = self.dispatcher.classify(self.call, failure)
+            self.refuse(status, message)
+            return
+        self.outcome = ("error", failure)
+        if self.processing:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.closed and not self.processing:
+            return
+        pending, self.pending = self.pending, []
+        for data in pending:
+            self._write(data)
+        if self.outcome is None:
+            return
+        kind, value = self.outcome
+        self.outcome = None
+        if kind == "reply":
+            self._write(_line(value))
+            self.request.finish_reply()
+        elif kind == "updates":
+            self._drain_updates(value)
+        else:
+            self._reply_error(value)
+
+    def _write(self, data: bytes) -> None:
+        request = self.request
+        if request.finished or request._disconnected:
+            return
+        if not self.streaming:
+            self.streaming = True
+            assert self.call is not None
+            if self.call.spec.kind in (PROGRESS, UPDATES):
                 request.setHeader(b"Content-Type", STREAM_TYPE)
-            request.write(_line(message))
+        request.write(data)
 
-        response = await self.api.CreateVm(identity, parsed, send, upload=tail)
-        if not streaming[0]:
-            request.setHeader(b"Content-Type", STREAM_TYPE)
-        return _line(response)
+    def _reply_error(self, failure: Failure) -> None:
+        status, message = self.dispatcher.classify(self.call, failure)
+        request = self.request
+        if request.finished or request._disconnected:
+            return
+        if not self.streaming:
+            request.setResponseCode(status)
+        self._write(error_body(message))
+        request.finish_reply()
 
-    async def _updates(self, request: IRequest, identity: Any, parsed: Any,
-                       streaming: list[bool]) -> None:
-        stream = self.api.GetUpdates(identity, parsed)
-        done: Deferred[None] = request.notifyFinish()
-        done.addBoth(lambda _: stream.close())
+    def _drain_updates(self, stream: Any) -> None:
+        request = self.request
+        request.notifyFinish().addBoth(lambda _: stream.close())
         request.setHeader(b"Content-Type", STREAM_TYPE)
-        streaming[0] = True
-        while True:
-            update = await stream.get()
+        self.streaming = True
+
+        def next_update(_: object = None) -> None:
+            stream.get().addCallback(got)
+
+        def got(update: Any) -> None:
             if update is None or stream.closed:
-                break
-            request.write(_line(update))
+                request.finish_reply()
+                return
+            self._write(_line(update))
+            next_update()
+
+        next_update()
+
+
+class HypervisorRequest(Request):
+    """
+    The request class of port 6976: RPC calls are admitted at the headers and
+    streamed (L{RpcCall}); page requests keep at most L{MAX_PAGE_BODY} bytes of body
+    in memory. Nothing is ever spooled to a temporary file.
+
+    Made per daemon by L{request_factory}, which sets L{dispatcher} and L{trust}.
+    """
+
+    dispatcher: Dispatcher
+    trust: TrustStore
+    rpc: Optional[RpcCall] = None
+    refused = False
+    too_large = False
+    _body_bytes = 0
+
+    def gotLength(self, length: Optional[int]) -> None:
+        """
+        The headers are in: decide what to do with the body before any of it is read.
+        """
+        channel: Any = self.channel
+        command = getattr(channel, "_command", b"")
+        path = (getattr(channel, "_path", b"") or b"").split(b"?", 1)[0]
+        self.content = io.BytesIO()
+        if command == b"POST" and path.startswith(RPC_PREFIX):
+            try:
+                name = unquote_to_bytes(path[len(RPC_PREFIX):]).decode("utf-8")
+            except UnicodeDecodeError:
+                self.answer_and_close(400, "the method name is not UTF-8; calls are POST "
+                                           "/rpc/Hypervisor.<Method>")
+                return
+            self.rpc = RpcCall(self, name, length)
+            self.rpc.admit()
+            return
+        if length is not None and length > MAX_PAGE_BODY:
+            self.answer_and_close(413, f"request body of {length} bytes is over the "
+                                       f"{MAX_PAGE_BODY}-byte limit for pages")
+
+    def handleContentChunk(self, data: bytes) -> None:
+        """
+        Body bytes: to the RPC call, or kept (bounded) for pages.
+        """
+        if self.refused:
+            return
+        if self.rpc is not None:
+            self.rpc.chunk(data)
+            return
+        self._body_bytes += len(data)
+        if self._body_bytes > MAX_PAGE_BODY:
+            self.too_large = True
+            self.content = io.BytesIO()
+            return
+        self.content.write(data)  # type: ignore[union-attr]
+
+    def process(self) -> None:
+        """
+        The body is complete: run the RPC, or serve the page.
+        """
+        if self.refused:
+            return
+        if self.rpc is not None:
+            self.site = self.channel.site  # type: ignore[attr-defined]
+            self.setHeader(b"Content-Type", JSON_TYPE)
+            for name, value in SECURITY_HEADERS.items():
+                self.setHeader(name, value)
+            self.rpc.body_complete()
+            return
+        if self.too_large:
+            self.setResponseCode(413)
+            self.setHeader(b"Content-Type", JSON_TYPE)
+            for name, value in SECURITY_HEADERS.items():
+                self.setHeader(name, value)
+            self.write(error_body(f"request body is over the {MAX_PAGE_BODY}-byte limit "
+                                  "for pages"))
+            self.finish()
+            return
+        super().process()
+
+    def connectionLost(self, reason: Failure) -> None:
+        """
+        Tell the RPC call (an upload in progress fails).
+        """
+        if self.rpc is not None:
+            self.rpc.lost(reason)
+        super().connectionLost(reason)
+
+    def finish_reply(self) -> None:
+        """
+        Finish the response unless the connection is gone.
+        """
+        if not self.finished and not self._disconnected:
+            self.finish()
+
+    def answer_and_close(self, status: int, message: str) -> None:
+        """
+        Answer before the body is read (or while it arrives), then close the
+        connection: nothing more of the body is read.
+        """
+        self.refused = True
+        self.requestHeaders.removeHeader(b"Expect")
+        transport: Any = self.channel.transport
+        body = error_body(message)
+        reason = RESPONSES.get(status, b"Error")
+        headers = b"".join(name + b": " + value + b"\r\n"
+                           for name, value in SECURITY_HEADERS.items())
+        transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n%s\r\n" % (status, reason, len(body), headers) + body)
+        transport.loseConnection()
+        # A TLS close waits for the client's close_notify, which a client still
+        # sending its body never sends: abort the connection after a grace period.
+        channel = self.channel
+
+        def abort() -> None:
+            if getattr(channel, "connected", False):
+                transport.abortConnection()
+
+        self.dispatcher.reactor.callLater(CLOSE_GRACE, abort)
+
+
+def request_factory(dispatcher: Dispatcher, trust: TrustStore) -> type[HypervisorRequest]:
+    """
+    A L{HypervisorRequest} class bound to this daemon's dispatcher and trust store.
+    """
+    return type("BoundHypervisorRequest", (HypervisorRequest,),
+                {"dispatcher": dispatcher, "trust": trust})
+

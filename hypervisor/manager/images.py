@@ -11,7 +11,7 @@ import os
 import shutil
 import struct
 import urllib.parse
-from typing import IO, Callable, Optional
+from typing import Callable, Optional
 
 from hypervisor.errors import InvalidRequest, NotFound
 from hypervisor.model import VolumeFormat
@@ -117,28 +117,65 @@ def remove_tree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def copy_stream(source: "IO[bytes]", offset: int, size: int, dst: str,
-                progress: Optional[Callable[[int, int], None]] = None) -> int:
+def remove_all_but(path: str, keep: str) -> None:
     """
-    Copy C{size} bytes of C{source} from C{offset} to a new file C{dst}.
+    Remove everything in directory C{path} except the file C{keep} (missing is
+    fine): a VM's directory is emptied before its C{info.json} goes, so that a crash
+    in between leaves a VM that is still known (and its removal completed at start).
+    """
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name == keep:
+            continue
+        full = os.path.join(path, name)
+        if os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full, ignore_errors=True)
+        else:
+            try:
+                os.unlink(full)
+            except FileNotFoundError:
+                pass
 
-    @raise ValueError: the source has fewer bytes.
+
+def remove_directory(path: str) -> None:
     """
-    source.seek(offset)
-    done = 0
-    with open(dst, "wb") as fout:
-        os.fchmod(fout.fileno(), 0o640)
-        while done < size:
-            chunk = source.read(min(COPY_CHUNK, size - done))
-            if not chunk:
-                raise ValueError(f"image data ended after {done} of {size} bytes")
-            fout.write(chunk)
-            done += len(chunk)
-            if progress is not None:
-                progress(done, size)
-        fout.flush()
-        os.fsync(fout.fileno())
-    return size
+    Remove an empty directory (missing is fine), durably.
+    """
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
+    from hypervisor.store import fsync_directory
+
+    fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+def inspect_local_image(url: str, images_directory: str, minimum_free: int,
+                        roundup_power: int) -> tuple[str, VolumeFormat, int, int]:
+    """
+    Resolve a C{file://} image and size its root volume.
+
+    @return: (path, format, root volume size, virtual size for qcow2 else 0).
+    """
+    path = local_image_path(url, images_directory)
+    fmt, size = image_format(path)
+    if fmt == VolumeFormat.RAW:
+        return path, fmt, round_up(size + minimum_free, roundup_power), 0
+    return path, fmt, os.path.getsize(path), size
+
+
+def make_directories(*paths: str) -> None:
+    """
+    Create new directories (0755); an existing one is an error (a VM's directories
+    are always new).
+    """
+    for path in paths:
+        os.makedirs(path, mode=0o755, exist_ok=False)
 
 
 def header_format(header: bytes, size: int) -> tuple[VolumeFormat, int]:

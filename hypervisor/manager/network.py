@@ -29,7 +29,6 @@ from hypervisor.errors import (
     NotFound,
 )
 from hypervisor.model import Address, AddressPool as PoolFile, Subnet
-from hypervisor.store import atomic_write
 
 HYPERVISOR_SUBNET = "hypervisor"
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -115,9 +114,12 @@ class Subnets:
             self._subnets[subnet.Id] = subnet
         self._networks = None
 
-    def _save(self) -> None:
+    def encode(self) -> bytes:
+        """
+        What C{subnets.json} holds (every subnet but the protected one).
+        """
         items = [s for s in self.list(sort=True) if s.Id != HYPERVISOR_SUBNET]
-        atomic_write(self.path, codec.encode(items, indent=4))
+        return codec.encode(items, indent=4)
 
     def list(self, sort: bool = False) -> list[Subnet]:
         """
@@ -162,7 +164,8 @@ class Subnets:
         in_use: Callable[[str], bool],
     ) -> None:
         """
-        Apply UpdateSubnets: all or nothing.
+        Apply UpdateSubnets in memory: all or nothing (the caller persists it with
+        L{encode} and puts L{subnets} back if that fails).
 
         @param in_use: tells whether a subnet id still has VMs (those cannot be deleted).
         """
@@ -200,13 +203,7 @@ class Subnets:
                         f"({other})"
                     )
             networks[subnet.Id] = network
-        old = self.subnets
         self.subnets = new
-        try:
-            self._save()
-        except OSError:
-            self.subnets = old
-            raise
 
     def subnet_of(self, ip: str) -> Optional[Subnet]:
         """
@@ -284,19 +281,58 @@ class AddressPool:
         self.free = pool.Free
         self.registered = pool.Registered
 
-    def _save(self) -> None:
-        atomic_write(self.path, codec.encode(PoolFile(Free=self.free,
-                                                      Registered=self.registered),
-                                             indent=4))
+    def encode(self) -> bytes:
+        """
+        What C{address-pool.json} holds.
+        """
+        return codec.encode(PoolFile(Free=self.free, Registered=self.registered), indent=4)
 
     def _commit(self, free: list[Address], registered: list[Address]) -> None:
-        old = (self.free, self.registered)
         self.free, self.registered = free, registered
-        try:
-            self._save()
-        except OSError:
-            self.free, self.registered = old
-            raise
+
+    def repair(self, vm_addresses: list[Address]) -> list[str]:
+        """
+        Make the pool agree with the VMs after a crash: an address a VM holds is not
+        free (and is registered); a registered address that is neither free nor held
+        by a VM (its creation or destruction was interrupted) is free again.
+
+        @return: what was repaired, as sentences (empty when nothing was wrong).
+        """
+        repaired = []
+        used_macs = {a.MacAddress for a in vm_addresses}
+        used_ips = {a.IpAddress for a in vm_addresses if a.IpAddress}
+        free = []
+        for a in self.free:
+            if a.MacAddress in used_macs or (a.IpAddress and a.IpAddress in used_ips):
+                repaired.append(f"address {a.IpAddress or a.MacAddress} was free but a VM "
+                                "holds it: no longer free")
+            else:
+                free.append(a)
+        registered = list(self.registered)
+        registered_macs = {a.MacAddress for a in registered}
+        for a in vm_addresses:
+            if a.MacAddress not in registered_macs:
+                registered.append(Address(a.IpAddress, a.MacAddress))
+                registered_macs.add(a.MacAddress)
+                repaired.append(f"address {a.IpAddress or a.MacAddress} held by a VM was "
+                                "not registered: registered")
+        free_macs = {a.MacAddress for a in free}
+        for a in registered:
+            if a.MacAddress not in free_macs and a.MacAddress not in used_macs:
+                free.append(Address(a.IpAddress, a.MacAddress))
+                free_macs.add(a.MacAddress)
+                repaired.append(f"address {a.IpAddress or a.MacAddress} was neither free "
+                                "nor held by a VM (an interrupted creation or destruction):"
+                                " free again")
+        if repaired:
+            self._commit(free, registered)
+        return repaired
+
+    def take(self, address: Address) -> None:
+        """
+        Mark an address taken (undo of L{release} when persisting that failed).
+        """
+        self.free = [a for a in self.free if a.MacAddress != address.MacAddress]
 
     def num_free(self) -> dict[str, int]:
         """

@@ -180,8 +180,15 @@ def mount_point(path: str) -> str:
 
 def volume_directories(directories: list[str], host: IHost) -> list[VolumeDirectory]:
     """
-    Each volume directory with its file system's size and free space.
+    Each volume directory with its file system's size and free space: from the
+    cached figures when C{host} keeps them (the daemon's
+    L{hypervisor.manager.hoststats.HostStats}: no disk access), else read now.
     """
+    snapshot = getattr(host, "snapshot", None)
+    if snapshot is not None:
+        return [VolumeDirectory(Directory=e.Directory, MountPoint=e.MountPoint,
+                                Size=e.Size, Available=e.Available, Error=e.Error)
+                for e in snapshot.directories if e.Directory in directories]
     out = []
     for directory in directories:
         mp = mount_point(directory)

@@ -1,7 +1,6 @@
 # -*- test-case-name: tests.test_manager_vms -*-
 """
-One VM as the manager holds it, the reference's state machine rules, filters, and the
-update stream of GetUpdates.
+One VM as the manager holds it, the reference's state machine rules and filters.
 """
 
 from __future__ import annotations
@@ -9,11 +8,11 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Optional
 
-from twisted.internet.defer import Deferred, DeferredLock, DeferredQueue
+from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IDelayedCall
 
 from hypervisor.errors import WrongState
-from hypervisor.model import LocalVmInfo, State, Update, VmFilter, VmInfo
+from hypervisor.model import LocalVmInfo, State, VmFilter, VmInfo
 
 # Which operation may start from which state (reference §2.2).
 START_FROM = {State.STOPPED, State.FAILED_TO_START, State.EXPORTING, State.CRASHED}
@@ -35,6 +34,12 @@ class Vm:
     @ivar ack_timer: the 15 s auto-destroy after CreateVm, until AcknowledgeVm.
     @ivar expecting_stop: we asked libvirt to stop the domain (events are expected).
     @ivar deleted: the VM is gone; late events and waiters ignore it.
+    @ivar pending: the VM's C{pending.json} while its creation is unfinished
+        (C{{"Phase": "creating"}}) or unacknowledged (C{{"Phase": "acknowledge"}}).
+    @ivar kernel: the root volume directory holds a C{kernel} (and C{initrd}) for
+        direct kernel boot (known without touching the disk).
+    @ivar domain_uuid: the UUID of the libvirt domain we last started for it (events
+        of older domains are ignored).
     """
 
     def __init__(self, local: LocalVmInfo, directory: str) -> None:
@@ -44,6 +49,10 @@ class Vm:
         self.ack_timer: Optional[IDelayedCall] = None
         self.expecting_stop = False
         self.deleted = False
+        self.pending: Optional[dict[str, Any]] = None
+        self.domain_uuid = ""
+        self.kernel = False
+        self.initrd = False
         self._stop_waiters: list[Deferred[bool]] = []
 
     @property
@@ -126,36 +135,3 @@ def ip_sort_key(ip: str) -> tuple[int, int]:
         return (0, int(ipaddress.IPv4Address(ip)))
     except ValueError:
         return (1, 0)
-
-
-class UpdateStream:
-    """
-    One GetUpdates subscriber: a queue of L{Update}s, the first one full.
-    """
-
-    def __init__(self, close: Any) -> None:
-        self.queue: DeferredQueue[Optional[Update]] = DeferredQueue()
-        self._close = close
-        self.closed = False
-
-    def get(self) -> "Deferred[Optional[Update]]":
-        """
-        The next update (waits until there is one); None once the stream is closed.
-        """
-        return self.queue.get()
-
-    def put(self, update: Update) -> None:
-        """
-        Queue an update for this subscriber.
-        """
-        if not self.closed:
-            self.queue.put(update)
-
-    def close(self) -> None:
-        """
-        Stop receiving updates.
-        """
-        if not self.closed:
-            self.closed = True
-            self._close(self)
-            self.queue.put(None)  # wake a reader waiting in get()

@@ -27,6 +27,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from hypervisor.errors import Unavailable
+
 T = TypeVar("T")
 
 KEEPALIVE_INTERVAL = 5
@@ -64,10 +66,30 @@ def start_event_loop() -> None:
         _event_loop_started = True
 
 
-class NotConnected(Exception):
+class NotConnected(Unavailable):
     """
-    libvirt is not connected right now; the message says why and that we reconnect.
+    libvirt is not connected right now (HTTP 503); the message says why and that we
+    reconnect.
     """
+
+
+def is_connection_error(error: BaseException) -> bool:
+    """
+    Whether a libvirt error means the connection to libvirtd broke (not that the
+    operation itself failed).
+    """
+    try:
+        import libvirt
+    except ImportError:  # pragma: no cover - libvirt is a dependency
+        return False
+    if not isinstance(error, libvirt.libvirtError):
+        return False
+    code = error.get_error_code()
+    domain = error.get_error_domain()
+    return code in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN,
+                    libvirt.VIR_ERR_RPC) or (
+        domain in (libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE)
+        and code in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_INTERNAL_ERROR))
 
 
 class IConnectionListener(Protocol):
@@ -170,11 +192,12 @@ class LibvirtService(Service):
         Run C{fn(connection, *args, **kwargs)} on the libvirt thread pool.
 
         @return: a Deferred firing with its result, or failing with L{NotConnected}
-            at once when there is no connection, or with the libvirt error.
+            at once when there is no connection or when the call found it broken,
+            or with the libvirt error.
         """
         conn = self._conn
         if conn is None:
-            return fail(NotConnected(self.describe()))
+            return fail(NotConnected(self._unavailable()))
         d = deferToThreadPool(self.reactor, self.pool, fn, conn, *args, **kwargs)
         # The connection is closed at stop only once calls using it have returned.
         done: Deferred[None] = Deferred()
@@ -183,9 +206,19 @@ class LibvirtService(Service):
         def finished(result: Any) -> Any:
             self._in_flight.discard(done)
             done.callback(None)
+            if isinstance(result, Failure) and result.value is not None and is_connection_error(
+                    result.value):
+                message = result.getErrorMessage()
+                if conn is self._conn:
+                    self.lose_connection(message)
+                return Failure(NotConnected(self._unavailable()))
             return result
 
         return d.addBoth(finished)
+
+    def _unavailable(self) -> str:
+        return (f"{self.describe()}; nothing was changed: try again once libvirtd is "
+                "back (it is reconnected automatically)")
 
     def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]":
         """

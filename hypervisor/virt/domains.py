@@ -20,8 +20,11 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 from xml.etree import ElementTree
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 METADATA_NAMESPACE = "https://smallstack-hypervisor.org/xmlns/vm/1"
 METADATA_PREFIX = "hv"
@@ -207,3 +210,189 @@ def probe_kvm(conn: Any, settle: float = 1.0) -> tuple[bool, str]:
     if not running:
         return False, "the KVM probe guest did not stay running"
     return True, "a KVM guest with the host CPU started and kept running"
+
+
+def create(conn: Any, xml: str) -> str:
+    """
+    Start a transient domain from C{xml}; return its UUID.
+    """
+    return str(conn.createXML(xml, 0).UUIDString())
+
+
+def uuid_of(conn: Any, name: str) -> Optional[str]:
+    """
+    The UUID of the domain called C{name}, or None if there is none.
+    """
+    import libvirt
+
+    try:
+        return str(conn.lookupByName(name).UUIDString())
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise
+
+
+def send_ctrl_alt_del(conn: Any, uuid: str) -> None:
+    """
+    Press Ctrl-Alt-Del in the guest (as the Go hypervisor reboots).
+    """
+    import libvirt
+
+    # KEY_LEFTCTRL, KEY_LEFTALT, KEY_DELETE
+    conn.lookupByUUIDString(uuid).sendKey(libvirt.VIR_KEYCODE_SET_LINUX, 0, [29, 56, 111],
+                                          3, 0)
+
+
+class IDomains(Protocol):
+    """
+    The domain operations the manager uses, each returning a Deferred; the real one is
+    L{Domains} (libvirt, on its thread pool), the fake one
+    L{hypervisor.testing.FakeDomains}.
+
+    """
+
+    @property
+    def connected(self) -> bool:
+        """
+        Whether libvirt is connected now.
+        """
+
+    def describe(self) -> str:
+        """
+        The connection state, as a sentence.
+        """
+
+    def add_listener(self, listener: Any) -> None:
+        """
+        Tell C{listener} about connections and lifecycle events
+        (L{hypervisor.virt.connection.IConnectionListener}).
+        """
+
+    def keep_open_until(self, d: "Deferred[Any]") -> None:
+        """
+        Keep the connection open at stop until C{d} fires.
+        """
+
+    def list(self) -> "Deferred[list[DomainSummary]]":
+        """
+        Every domain.
+        """
+
+    def create(self, xml: str) -> "Deferred[str]":
+        """
+        Start a transient domain; fires with its UUID.
+        """
+
+    def uuid_of(self, name: str) -> "Deferred[Optional[str]]":
+        """
+        The UUID of the domain with this name, or None.
+        """
+
+    def request_shutdown(self, uuid: str) -> "Deferred[bool]":
+        """
+        ACPI power-down; False if it was not running.
+        """
+
+    def is_active(self, uuid: str) -> "Deferred[bool]":
+        """
+        Whether it runs.
+        """
+
+    def force_off(self, uuid: str) -> "Deferred[bool]":
+        """
+        Pull the plug; whether it was running.
+        """
+
+    def send_ctrl_alt_del(self, uuid: str) -> "Deferred[None]":
+        """
+        Ctrl-Alt-Del.
+        """
+
+    def probe_kvm(self) -> "Deferred[tuple[bool, str]]":
+        """
+        Whether KVM guests run here, and why.
+        """
+
+
+class Domains:
+    """
+    L{IDomains} over a L{hypervisor.virt.connection.LibvirtService}: every call runs on
+    its thread pool; without a connection each fails with C{NotConnected} (HTTP 503).
+    """
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+
+    @property
+    def connected(self) -> bool:
+        """
+        Whether libvirt is connected now.
+        """
+        return bool(self.service.connected)
+
+    def describe(self) -> str:
+        """
+        The connection state, as a sentence.
+        """
+        return str(self.service.describe())
+
+    def add_listener(self, listener: Any) -> None:
+        """
+        Register a connection listener with the service.
+        """
+        self.service.add_listener(listener)
+
+    def keep_open_until(self, d: "Deferred[Any]") -> None:
+        """
+        Keep the connection open at stop until C{d} fires.
+        """
+        self.service.keep_open_until(d)
+
+    def list(self) -> "Deferred[list[DomainSummary]]":
+        """
+        Every domain.
+        """
+        return self.service.call(list_domains)
+
+    def create(self, xml: str) -> "Deferred[str]":
+        """
+        Start a transient domain.
+        """
+        return self.service.call(create, xml)
+
+    def uuid_of(self, name: str) -> "Deferred[Optional[str]]":
+        """
+        The UUID of a domain by name.
+        """
+        return self.service.call(uuid_of, name)
+
+    def request_shutdown(self, uuid: str) -> "Deferred[bool]":
+        """
+        ACPI power-down.
+        """
+        return self.service.call(request_shutdown, uuid)
+
+    def is_active(self, uuid: str) -> "Deferred[bool]":
+        """
+        Whether it runs.
+        """
+        return self.service.call(is_active, uuid)
+
+    def force_off(self, uuid: str) -> "Deferred[bool]":
+        """
+        Pull the plug.
+        """
+        return self.service.call(force_off, uuid)
+
+    def send_ctrl_alt_del(self, uuid: str) -> "Deferred[None]":
+        """
+        Ctrl-Alt-Del.
+        """
+        return self.service.call(send_ctrl_alt_del, uuid)
+
+    def probe_kvm(self) -> "Deferred[tuple[bool, str]]":
+        """
+        Whether KVM guests run here.
+        """
+        return self.service.call(probe_kvm)

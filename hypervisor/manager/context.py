@@ -1,0 +1,169 @@
+# -*- test-case-name: tests.test_manager_vms -*-
+"""
+What the manager's parts share: the state directory, the VM table, the address pool
+and subnets, the domain layer, cached host figures, the disk runner and state writer,
+the clock, and the settings. Each part (lifecycle, reconciliation, creation, changes,
+host administration) takes one L{ManagerContext}; none imports another's module
+except through it, so there are no import cycles.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks
+
+from hypervisor.auth import Identity
+from hypervisor.diskio import IBlockingRunner, StateWriter
+from hypervisor.errors import AccessDenied, Unavailable
+from hypervisor.manager.acks import IDhcpAcknowledgements
+from hypervisor.manager.hoststats import HostStats
+from hypervisor.manager.network import AddressPool, Subnets
+from hypervisor.manager.state import VmTable
+from hypervisor.manager.updates import UpdateHub
+from hypervisor.manager.vm import Vm
+from hypervisor.model import Address, CloudInitDatasource, Update
+from hypervisor.store import StateDirectory
+from hypervisor.virt.domains import IDomains
+
+ACKNOWLEDGE_TIMEOUT = 15.0
+STOP_TIMEOUT = 15.0
+
+
+@dataclass
+class Settings:
+    """
+    The manager's knobs (from flags).
+    """
+
+    vm_shutdown_timeout: float = 60.0
+    stop_timeout: float = STOP_TIMEOUT
+    acknowledge_timeout: float = ACKNOWLEDGE_TIMEOUT
+    images_directory: str = ""
+    datasource: CloudInitDatasource = CloudInitDatasource.OPENSTACK
+    requested_domain_type: str = "auto"
+
+
+@dataclass
+class ManagerContext:
+    """
+    The collaborators every part of the manager uses.
+
+    @ivar domain_type: C{"kvm"} or C{"qemu"} once decided, else None.
+    @ivar owner_users: the hypervisor's owners (ChangeOwners), in memory.
+    """
+
+    state: StateDirectory
+    table: VmTable
+    pool: AddressPool
+    subnets: Subnets
+    domains: IDomains
+    stats: HostStats
+    runner: IBlockingRunner
+    writer: StateWriter
+    hub: UpdateHub
+    acks: IDhcpAcknowledgements
+    reactor: Any
+    settings: Settings
+    bridges: Callable[[], dict[str, int]]
+    domain_type: Optional[str] = None
+    domain_type_reason: str = ""
+    owner_users: frozenset[str] = field(default_factory=frozenset)
+    owner_groups: frozenset[str] = field(default_factory=frozenset)
+    disabled: bool = False
+    pool_lock: DeferredLock = field(default_factory=DeferredLock)
+
+    def now(self) -> datetime.datetime:
+        """
+        The reactor's time as an aware datetime.
+        """
+        return datetime.datetime.fromtimestamp(self.reactor.seconds(), datetime.timezone.utc)
+
+    def require_enabled(self) -> None:
+        """
+        Refuse with 503 while the hypervisor is disabled.
+        """
+        if self.disabled:
+            raise Unavailable("Hypervisor is disabled; enable it with SetDisabledState "
+                              "(hyper-control set-disabled-state -disable=false)")
+
+    def require_libvirt(self) -> None:
+        """
+        Refuse with 503, before anything changes, while libvirt is not connected.
+        """
+        if not self.domains.connected:
+            from hypervisor.virt.connection import NotConnected
+
+            raise NotConnected(f"{self.domains.describe()}; nothing was changed: try "
+                               "again once libvirtd is back")
+
+    @staticmethod
+    def check_owner(vm: Vm, identity: Identity, method: str) -> None:
+        """
+        The reference's C{checkAuth}: method power, owner user or owner group.
+        """
+        if identity.has_method_power(method):
+            return
+        if identity.username and identity.username in vm.info.OwnerUsers:
+            return
+        if identity.groups & set(vm.info.OwnerGroups):
+            return
+        raise AccessDenied(f"no access to VM {vm.ip}")
+
+    # The pool: serialised, persisted before it is believed ------------------------------
+
+    @inlineCallbacks
+    def save_pool(self) -> Any:
+        """
+        Write C{address-pool.json} from memory and tell subscribers.
+        """
+        yield self.writer.write(self.pool.path, self.pool.encode())
+        self.hub.publish(Update(HaveAddressPool=True, AddressPool=list(self.pool.registered),
+                                NumFreeAddresses=self.pool.num_free()))
+
+    @inlineCallbacks
+    def release_addresses(self, addresses: list[Address]) -> Any:
+        """
+        Give addresses back to the free list and persist the pool; a failure to write
+        is logged and the pool is written again at the next change (the addresses are
+        free in memory either way, and the pool is repaired from the VMs at start).
+        """
+        yield self.pool_lock.acquire()
+        try:
+            for address in addresses:
+                self.pool.release(address)
+            yield self.save_pool()
+        except OSError as e:
+            from twisted.logger import Logger
+
+            Logger().error("cannot write the address pool after freeing {ips}: {e}; "
+                           "it is written again at the next change",
+                           ips=", ".join(a.IpAddress for a in addresses), e=e)
+        finally:
+            self.pool_lock.release()
+
+    @inlineCallbacks
+    def allocate_addresses(self, subnets: list[Any], requested_ip: str = "") -> Any:
+        """
+        Take one free address in each subnet (the first one C{requested_ip}, if
+        given) and persist the pool before they are believed taken; on any failure
+        nothing is taken.
+        """
+        yield self.pool_lock.acquire()
+        try:
+            taken: list[Address] = []
+            try:
+                for i, subnet in enumerate(subnets):
+                    taken.append(self.pool.allocate(subnet, requested_ip if i == 0 else ""))
+                yield self.save_pool()
+            except BaseException:
+                for address in taken:
+                    self.pool.release(address)
+                raise
+            return taken
+        finally:
+            self.pool_lock.release()
+
+

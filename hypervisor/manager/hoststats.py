@@ -1,0 +1,255 @@
+# -*- test-case-name: tests.test_manager_state -*-
+"""
+The host's figures as the manager and the pages read them: CPUs, memory and the
+volume directories' file systems, cached and refreshed on a disk thread every
+L{REFRESH_INTERVAL} seconds (and after volumes are made or removed), so that no
+request reads C{/proc/meminfo} or calls C{statvfs} on the reactor thread.
+
+Storage for volumes being created is reserved until their files exist, so that two
+creations in flight cannot both count the same free bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from hypervisor.diskio import IBlockingRunner
+from hypervisor.errors import InsufficientCapacity
+from hypervisor.manager.capacity import IHost
+
+REFRESH_INTERVAL = 2.0
+GiB = 1024 ** 3
+MiB = 1024 ** 2
+
+
+@dataclass
+class DirectoryStats:
+    """
+    One volume directory's file system, as last read.
+    """
+
+    Directory: str
+    MountPoint: str = ""
+    Size: int = 0
+    Available: int = 0
+    Error: str = ""
+    device: int = -1
+    on_root: bool = False
+    exists: bool = False
+
+
+@dataclass
+class Snapshot:
+    """
+    Everything read in one refresh.
+    """
+
+    memory: tuple[int, int] = (0, 0)
+    directories: list[DirectoryStats] = field(default_factory=list)
+
+
+def mount_point(path: str) -> str:
+    """
+    The mount point of the file system holding C{path} (or its nearest parent).
+    Blocking: stats the path and its parents.
+    """
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def read_snapshot(host: IHost, directories: list[str]) -> Snapshot:
+    """
+    Read memory and each directory's file system (blocking: run on a thread).
+    """
+    snapshot = Snapshot(memory=host.memory())
+    try:
+        root_device = os.stat("/").st_dev
+    except OSError:
+        root_device = -1
+    for directory in directories:
+        entry = DirectoryStats(Directory=directory)
+        try:
+            entry.MountPoint = mount_point(directory)
+            entry.exists = os.path.isdir(directory)
+            target = directory if entry.exists else entry.MountPoint
+            entry.device = os.stat(target).st_dev
+            entry.on_root = entry.device == root_device
+            entry.Size, entry.Available = host.storage(target)
+        except OSError as e:
+            entry.Error = e.strerror or str(e)
+        snapshot.directories.append(entry)
+    return snapshot
+
+
+class HostStats:
+    """
+    Cached host figures (an L{IHost} whose answers never block).
+
+    @ivar host: the real host, read on the runner.
+    @ivar directories: the volume directories.
+    """
+
+    log = Logger()
+
+    def __init__(self, host: IHost, directories: list[str], runner: IBlockingRunner,
+                 reactor: Any, interval: float = REFRESH_INTERVAL) -> None:
+        self.host = host
+        self.directories = list(directories)
+        self.runner = runner
+        self.reactor = reactor
+        self.interval = interval
+        self.snapshot = Snapshot()
+        self._cpus = host.num_cpus()
+        self._reserved: dict[str, int] = {}
+        self._refreshing: Optional[Deferred[None]] = None
+        self._loop: Optional[LoopingCall] = None
+        self._next = 0
+
+    # Refreshing ------------------------------------------------------------------
+
+    def load(self) -> None:
+        """
+        Read the figures now (at start, before the reactor runs).
+        """
+        self.snapshot = read_snapshot(self.host, self.directories)
+
+    def start(self) -> None:
+        """
+        Refresh every C{interval} seconds.
+        """
+        self._loop = LoopingCall(self.refresh)
+        self._loop.clock = self.reactor
+        self._loop.start(self.interval, now=False).addErrback(
+            lambda f: self.log.failure("host figures", f))
+
+    def stop(self) -> None:
+        """
+        Stop refreshing.
+        """
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+
+    def refresh(self) -> "Deferred[None]":
+        """
+        Read the figures again on the runner (coalesced with a refresh in flight).
+        """
+        if self._refreshing is not None:
+            return self._refreshing
+        def got(snapshot: Snapshot) -> None:
+            self.snapshot = snapshot
+
+        def failed(failure: Any) -> None:
+            self.log.warn("cannot read host figures: {why}", why=failure.getErrorMessage())
+
+        def done(_: object) -> None:
+            self._refreshing = None
+
+        d: Deferred[None] = self.runner.run(read_snapshot, self.host, self.directories
+                                            ).addCallbacks(got, failed)
+        d.addBoth(done)
+        if not d.called:
+            self._refreshing = d
+        return d
+
+    # IHost (cached) ------------------------------------------------------------------
+
+    def num_cpus(self) -> int:
+        """
+        Online CPUs.
+        """
+        return self._cpus
+
+    def memory(self) -> tuple[int, int]:
+        """
+        (total, available) MiB as last read.
+        """
+        return self.snapshot.memory
+
+    def storage(self, directory: str) -> tuple[int, int]:
+        """
+        (size, available) bytes of a volume directory's file system as last read.
+        """
+        for entry in self.snapshot.directories:
+            if entry.Directory == directory:
+                return entry.Size, entry.Available
+        return 0, 0
+
+    # Volume directories ----------------------------------------------------------------
+
+    def total_volume_bytes(self) -> int:
+        """
+        The summed size of the volume directories' file systems (each counted once).
+        """
+        seen = set()
+        total = 0
+        for entry in self.snapshot.directories:
+            if entry.Error or entry.device in seen:
+                continue
+            seen.add(entry.device)
+            total += entry.Size
+        return total
+
+    def usable(self, entry: DirectoryStats) -> int:
+        """
+        Bytes a new volume may take in this directory (1 GiB is kept free on the root
+        file system; reservations of creations in flight are subtracted).
+        """
+        keep = GiB if entry.on_root else 0
+        return entry.Available - keep - self._reserved.get(entry.Directory, 0)
+
+    def reserve(self, needed: int) -> str:
+        """
+        Pick a volume directory with room for C{needed} bytes (round-robin) and reserve
+        them there until L{release}.
+
+        @raise InsufficientCapacity: no directory has room (the message says how much
+            each lacks).
+        """
+        entries = self.snapshot.directories
+        errors = []
+        n = len(entries)
+        for i in range(n):
+            entry = entries[(self._next + i) % n]
+            if entry.Error:
+                errors.append(f"{entry.Directory}: {entry.Error}")
+                continue
+            usable = self.usable(entry)
+            if needed > usable:
+                errors.append(
+                    f"not enough storage in {entry.Directory}: {needed // MiB} MiB "
+                    f"needed, {max(usable, 0) // MiB} MiB usable "
+                    f"({(needed - max(usable, 0)) // MiB + 1} MiB short)")
+                continue
+            self._next = (self._next + i + 1) % n
+            self._reserved[entry.Directory] = self._reserved.get(entry.Directory, 0) + needed
+            return entry.Directory
+        if not errors:
+            raise InsufficientCapacity("no volume directories are configured")
+        raise InsufficientCapacity("; ".join(errors))
+
+    def release(self, directory: str, amount: int, used: bool) -> None:
+        """
+        Give back a reservation: the files exist now (C{used}: their bytes are taken
+        off the cached free space until the next read) or creation failed.
+        """
+        left = self._reserved.get(directory, 0) - amount
+        if left > 0:
+            self._reserved[directory] = left
+        else:
+            self._reserved.pop(directory, None)
+        if used:
+            for entry in self.snapshot.directories:
+                if entry.Directory == directory:
+                    entry.Available -= amount
+        self.refresh()
