@@ -2,7 +2,7 @@
 """
 Request body limits, from the method table (L{hypervisor.api.METHODS}): an RPC's
 JSON may be at most its method's C{max_request} bytes, the raw bytes after it at most
-its C{max_upload}; the status pages take no body beyond L{MAX_PAGE_BODY}. Bodies are
+its C{max_upload}; the status pages take no body (L{MAX_PAGE_BODY}). Bodies are
 never spooled to a temporary file (see L{web.rpc.HypervisorRequest}).
 """
 
@@ -12,7 +12,7 @@ import json
 
 from hypervisor.api import MAX_JSON, METHODS
 
-MAX_PAGE_BODY = 64 * 1024
+MAX_PAGE_BODY = 0
 RPC_PREFIX = b"/rpc/"
 
 __all__ = ["MAX_JSON", "MAX_PAGE_BODY", "limit_for", "error_body"]

@@ -381,8 +381,8 @@ class RpcCall:
 class HypervisorRequest(Request):
     """
     The request class of port 6976: RPC calls are admitted at the headers and
-    streamed (L{RpcCall}); page requests keep at most L{MAX_PAGE_BODY} bytes of body
-    in memory. Nothing is ever spooled to a temporary file.
+    streamed (L{RpcCall}); page requests carry no body (L{MAX_PAGE_BODY}), refused
+    from the headers. Nothing is ever spooled to a temporary file.
 
     Made per daemon by L{request_factory}, which sets L{dispatcher} and L{trust}.
     """
@@ -413,8 +413,8 @@ class HypervisorRequest(Request):
             self.rpc.admit()
             return
         if length is not None and length > MAX_PAGE_BODY:
-            self.answer_and_close(413, f"request body of {length} bytes is over the "
-                                       f"{MAX_PAGE_BODY}-byte limit for pages")
+            self.answer_and_close(413, f"a request body of {length} bytes was sent; "
+                                       "a page takes no request body")
 
     def handleContentChunk(self, data: bytes) -> None:
         """
@@ -450,8 +450,7 @@ class HypervisorRequest(Request):
             self.setHeader(b"Content-Type", JSON_TYPE)
             for name, value in SECURITY_HEADERS.items():
                 self.setHeader(name, value)
-            self.write(error_body(f"request body is over the {MAX_PAGE_BODY}-byte limit "
-                                  "for pages"))
+            self.write(error_body("a page takes no request body"))
             self.finish()
             return
         super().process()

@@ -797,9 +797,9 @@ class StatusPages:
         """
         split_query(request, "/showDhcpStatus")
         m = self.manager
-        leases = sorted(
-            ((vm.info.Address.MacAddress, vm.ip, vm.info.Hostname, vm.info.SubnetId)
-             for vm in m.vms.values()), key=lambda lease: report._ip_key(lease[1]))
+        leases = [(lease.MacAddress, lease.IpAddress, lease.Hostname,
+                   lease.Subnet.Id if lease.Subnet is not None else "")
+                  for lease in m.leases()]
         return self._render(request, "dhcp.html", dhcp_running=m.dhcp_acks is not None,
                             leases=leases)
 

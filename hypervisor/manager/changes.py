@@ -66,7 +66,7 @@ class Changes:
             data = yield self.ctx.runner.run(_read, path)
         except FileNotFoundError:
             raise NotFound(f"VM {ip} has no stored create request") from None
-        return codec.decode(CreateVmRequest, data)
+        return codec.decode(CreateVmRequest, data, trusted=True)
 
     def change_vm_size(self, identity: Identity, ip: str, memory_mib: int,
                        milli_cpus: int, virtual_cpus: int) -> "Deferred[None]":

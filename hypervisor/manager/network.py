@@ -110,7 +110,7 @@ class Subnets:
         if not isinstance(data, list):
             raise codec.DecodeError(f"{self.path}: expected a JSON array of subnets")
         for i, item in enumerate(data):
-            subnet = codec.from_dict(Subnet, item, f"{self.path}[{i}]")
+            subnet = codec.from_dict(Subnet, item, f"{self.path}[{i}]", trusted=True)
             self._subnets[subnet.Id] = subnet
         self._networks = None
 
@@ -277,7 +277,8 @@ class AddressPool:
         data = _load_json(self.path)
         if data is None:
             return
-        pool = codec.from_dict(PoolFile, data, self.path)  # type: ignore[arg-type]
+        pool = codec.from_dict(PoolFile, data, self.path,  # type: ignore[arg-type]
+                               trusted=True)
         self.free = pool.Free
         self.registered = pool.Registered
 

@@ -124,9 +124,11 @@ class VmTable:
         for name in names:
             directory = os.path.join(self.state.vms_path, name)
             path = os.path.join(directory, INFO_FILE)
+            repairs: list[str] = []
             try:
                 with open(path, "rb") as f:
-                    local = codec.decode(LocalVmInfo, f.read())
+                    local = codec.decode(LocalVmInfo, f.read(), trusted=True,
+                                         repairs=repairs)
             except FileNotFoundError:
                 self._no_info(directory)
                 continue
@@ -138,6 +140,8 @@ class VmTable:
                 self.log.error("{path} is for {ip}, not {name}: ignored", path=path,
                                ip=local.VmInfo.Address.IpAddress, name=name)
                 continue
+            for repair in repairs:
+                self.log.warn("{path}: {repair}", path=path, repair=repair)
             vm = Vm(local, directory)
             vm.pending = _read_pending(os.path.join(directory, PENDING_FILE))
             if local.VolumeLocations:
