@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, TypeVar, Union
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -82,11 +82,26 @@ class ThreadPoolRunner(Service):
         self._in_flight.add(done)
 
         def finished(result: Any) -> Any:
-            self._in_flight.discard(done)
-            done.callback(None)
+            # Tell stopService only after the caller's own callbacks have had the
+            # result (they may chain more work, e.g. the next pending state write).
+            self.reactor.callFromThread(self._finished, done)
             return result
 
         return d.addBoth(finished)
+
+    def _finished(self, done: "Deferred[None]") -> None:
+        self._in_flight.discard(done)
+        done.callback(None)
+
+    def _drain(self) -> "Deferred[None]":
+        """
+        Fire once no work is in flight, including work chained by callers onto work
+        that finished meanwhile.
+        """
+        if not self._in_flight:
+            return succeed(None)
+        pending = DeferredList(list(self._in_flight), consumeErrors=True)
+        return pending.addCallback(lambda _: self._drain())
 
     def startService(self) -> None:
         """
@@ -101,13 +116,12 @@ class ThreadPoolRunner(Service):
         Wait for the work in flight, then stop the threads.
         """
         super().stopService()
-        pending = DeferredList(list(self._in_flight), consumeErrors=True)
 
         def stop(_: object) -> None:
             if self.pool.started:
                 self.pool.stop()
 
-        return pending.addCallback(stop)
+        return self._drain().addCallback(stop)
 
 
 def _write(path: str, data: Optional[bytes], mode: int) -> None:
