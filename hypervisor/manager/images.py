@@ -117,18 +117,19 @@ def remove_tree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def remove_all_but(path: str, keep: str) -> None:
+def remove_all_but(path: str, *keep: str) -> None:
     """
-    Remove everything in directory C{path} except the file C{keep} (missing is
-    fine): a VM's directory is emptied before its C{info.json} goes, so that a crash
-    in between leaves a VM that is still known (and its removal completed at start).
+    Remove everything in directory C{path} except the files named in C{keep}
+    (missing is fine): a VM's directory is emptied before its C{info.json} goes, so
+    that a crash in between leaves a VM that is still known (and its removal
+    completed at start).
     """
     try:
         names = os.listdir(path)
     except FileNotFoundError:
         return
     for name in names:
-        if name == keep:
+        if name in keep:
             continue
         full = os.path.join(path, name)
         if os.path.isdir(full) and not os.path.islink(full):

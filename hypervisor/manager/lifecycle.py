@@ -410,7 +410,10 @@ class Lifecycle:
                        if loc.DirectoryToCleanup}
         for directory in sorted(directories):
             yield ctx.runner.run(images.remove_tree, directory)
-        yield ctx.runner.run(images.remove_all_but, vm.directory, INFO_FILE)
+        # pending.json stays until info.json is gone: if removing info.json fails, a
+        # failed creation is still marked "creating" and removed at the next start
+        # (never started again without its volumes).
+        yield ctx.runner.run(images.remove_all_but, vm.directory, INFO_FILE, PENDING_FILE)
         yield ctx.writer.remove(os.path.join(vm.directory, INFO_FILE))
         yield ctx.runner.run(images.remove_directory, vm.directory)
         ctx.table.forget(vm)
