@@ -221,9 +221,26 @@ class Fixture:
             self.fake.listeners.remove(manager)
 
 
-def run(root: str, writer: Optional[FailingWrites], mode: str, n: int) -> tuple[Row, int]:
+    def crash(self, manager: Manager) -> None:
+        """
+        The daemon dies at once (kill -9): nothing more of it runs (its timers and
+        retries were on a clock that is dropped), its lock is gone; libvirt keeps the
+        domains.
+        """
+        manager.state.unlock()
+        if manager in self.fake.listeners:
+            self.fake.listeners.remove(manager)
+        self.clock = Clock()
+        self.fake.reactor = self.clock
+
+
+def run(root: str, writer: Optional[FailingWrites], mode: str, n: int,
+        crash: bool = False) -> tuple[Row, int]:
     """
     Run the sequence with C{writer}'s faults, restart, reconcile and check.
+
+    @param crash: the daemon dies right after the last step (no retries, timers or
+        clean stop) instead of stopping after everything settled.
 
     @return: the row and the number of writes the sequence made.
     """
@@ -270,11 +287,15 @@ def run(root: str, writer: Optional[FailingWrites], mode: str, n: int) -> tuple[
         for label, before, after, answer in steps:
             if before < writer.fail_at <= after:
                 row.step, row.answer = label, answer
-    fx.advance(SETTLE_SECONDS)
+    if not crash:
+        fx.advance(SETTLE_SECONDS)
     writes = writer.count if writer is not None else manager.writer.writes
     if writer is not None:
         row.failed = list(writer.failed)
-    fx.stop(manager)
+    if crash:
+        fx.crash(manager)
+    else:
+        fx.stop(manager)
     # Restart: a new daemon over the same state directory; libvirt kept its domains.
     manager = fx.manager()
     fx.fake.reconnect()
@@ -362,18 +383,19 @@ class FaultInjectionTests(SynchronousTestCase):
         self.runs += 1
         return os.path.join(self.base, str(self.runs))
 
-    def count_writes(self) -> int:
+    def count_writes(self, crash: bool = False) -> int:
         writer = FailingWrites(fail_at=None)
-        row, writes = run(self.root(), writer, "none", 0)
+        row, writes = run(self.root(), writer, "none", 0, crash)
         self.assertEqual(row.problems, [])
         return writes
 
-    def sweep(self, mode: str, make: Callable[[int], FailingWrites]) -> None:
-        writes = self.count_writes()
+    def sweep(self, mode: str, make: Callable[[int], FailingWrites],
+              crash: bool = False) -> None:
+        writes = self.count_writes(crash)
         self.assertGreater(writes, 20)
         rows = []
         for n in range(1, writes + 1):
-            row, _ = run(self.root(), make(n), mode, n)
+            row, _ = run(self.root(), make(n), mode, n, crash)
             rows.append(row)
         # Failures the manager logs (the injected OSErrors, with their tracebacks)
         # are expected; anything else logged is a bug.
@@ -440,6 +462,15 @@ class FaultInjectionTests(SynchronousTestCase):
         ENOSPC on the Nth write, for every N: the invariants hold after the restart.
         """
         self.sweep("ENOSPC", lambda n: FailingWrites(fail_at=n, error=errno.ENOSPC))
+
+    def test_eio_then_crash(self) -> None:
+        """
+        EIO on the Nth write, for every N, and the daemon killed right after the
+        sequence (the failed write never retried): the invariants hold after the
+        restart.
+        """
+        self.sweep("EIO+kill", lambda n: FailingWrites(fail_at=n, error=errno.EIO),
+                   crash=True)
 
     def test_fault_lasting_three_writes(self) -> None:
         """
