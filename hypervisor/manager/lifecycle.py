@@ -250,8 +250,12 @@ class Lifecycle:
         vm = self.ctx.table.vms.get(ip) if ip else None
         if vm is None or vm.deleted or event != EVENT_STOPPED:
             return
-        if vm.domain_uuid and uuid != vm.domain_uuid:
-            return  # an older domain of this VM
+        if (vm.domain_uuid and uuid != vm.domain_uuid
+                and vm.info.State != State.STARTING):
+            # An older domain of this VM. (During a start the new domain's UUID is
+            # not known until libvirt answers, and its events may come first: they
+            # are judged under the lock, once the start recorded the UUID.)
+            return
         vm.domain_stopped()
         self.locked(vm, self._domain_stopped, vm, uuid, detail)
 
