@@ -112,6 +112,7 @@ class HostStats:
         self._cpus = host.num_cpus()
         self._reserved: dict[str, int] = {}
         self._refreshing: Optional[Deferred[None]] = None
+        self._refresh_again = False
         self._loop: Optional[LoopingCall] = None
         self._next = 0
 
@@ -142,18 +143,26 @@ class HostStats:
 
     def refresh(self) -> "Deferred[None]":
         """
-        Read the figures again on the runner (coalesced with a refresh in flight).
+        Read the figures again on the runner. A refresh asked for while one is in
+        flight makes one more read after it (that one may have read the disk before
+        the change that asked for this refresh).
         """
         if self._refreshing is not None:
+            self._refresh_again = True
             return self._refreshing
+        self._refresh_again = False
+
         def got(snapshot: Snapshot) -> None:
-            self.snapshot = snapshot
+            if not self._refresh_again:
+                self.snapshot = snapshot  # else stale: the next read replaces it
 
         def failed(failure: Any) -> None:
             self.log.warn("cannot read host figures: {why}", why=failure.getErrorMessage())
 
         def done(_: object) -> None:
             self._refreshing = None
+            if self._refresh_again:
+                self.refresh()
 
         d: Deferred[None] = self.runner.run(read_snapshot, self.host, self.directories
                                             ).addCallbacks(got, failed)
