@@ -14,6 +14,7 @@ undoes the change and is reported.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
@@ -491,10 +492,21 @@ class AddressPool:
         return problems
 
 
+def _reraise_exhaustion(error: OSError) -> None:
+    """
+    Raise C{error} again if it means the process is out of file descriptors.
+    """
+    if error.errno in (errno.EMFILE, errno.ENFILE):
+        raise error
+
+
 def discover_bridges(sys_class_net: str = "/sys/class/net",
                      vlan_config: str = "/proc/net/vlan/config") -> dict[str, int]:
     """
     Bridges on this host and the VLAN id of each one's uplink (0 = untagged).
+
+    @raise OSError: out of file descriptors (EMFILE, ENFILE): not "no bridges",
+        which would refuse a create with a wrong reason (the caller answers 503).
     """
     vlans: dict[str, int] = {}
     try:
@@ -503,12 +515,13 @@ def discover_bridges(sys_class_net: str = "/sys/class/net",
                 parts = [p.strip() for p in line.split("|")]
                 if len(parts) == 3 and parts[1].isdigit():
                     vlans[parts[0]] = int(parts[1])
-    except OSError:
-        pass
+    except OSError as e:
+        _reraise_exhaustion(e)
     bridges: dict[str, int] = {}
     try:
         names = sorted(os.listdir(sys_class_net))
-    except OSError:
+    except OSError as e:
+        _reraise_exhaustion(e)
         return bridges
     for name in names:
         if not os.path.isdir(os.path.join(sys_class_net, name, "bridge")):
@@ -516,7 +529,8 @@ def discover_bridges(sys_class_net: str = "/sys/class/net",
         vlan = 0
         try:
             ports = os.listdir(os.path.join(sys_class_net, name, "brif"))
-        except OSError:
+        except OSError as e:
+            _reraise_exhaustion(e)
             ports = []
         for port in ports:
             if port in vlans:
