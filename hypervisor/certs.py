@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_certs -*-
+# -*- test-case-name: tests.test_auth -*-
 """
 Making certificates: a CA, the daemon's server certificate, and user certificates with
 a username (CN), groups and permitted methods — the equivalent of SmallStack's

@@ -14,7 +14,7 @@ import os
 import sys
 from collections import deque
 from dataclasses import dataclass
-from typing import IO, Optional
+from typing import Optional
 
 from twisted.application.service import Service
 from twisted.logger import (

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_manager_clock -*-
 """
 Fakes for tests (ours and downstream): a libvirt connection whose failures and
 close events a test controls.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_rpc_tls -*-
+# -*- test-case-name: tests.test_netguard,tests.test_rpc -*-
 """
 Port 6976 speaks plain HTTP and HTTPS at once, and TLS asks for client certificates.
 

@@ -18,7 +18,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from typing import Optional
+from typing import Any, Optional
 
 from twisted.trial.unittest import SkipTest
 
@@ -287,3 +287,20 @@ def tls_daemon(testcase, users: dict[str, str], *flags: str):  # type: ignore[no
             capture_output=True, text=True, timeout=120)
 
     return d, cli
+
+
+async def until(predicate: Any, timeout: float = 10.0, what: str = "condition",
+                interval: float = 0.02) -> None:
+    """
+    Wait on the running reactor (without blocking it) until C{predicate()} is true.
+
+    @raise AssertionError: it was not true within C{timeout} seconds.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    for _ in range(max(1, int(timeout / interval))):
+        if predicate():
+            return
+        await deferLater(reactor, interval, lambda: None)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -12,14 +12,13 @@ from typing import Any
 
 import libvirt
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from hypervisor.manager.manager import Manager
 from hypervisor.store import StateDirectory
 from hypervisor.virt import domains
 from hypervisor.virt.connection import LibvirtService, start_event_loop
+from tests.support import until
 
 OURS = (
     f"<metadata><hv:vm xmlns:hv='{domains.METADATA_NAMESPACE}'>"
@@ -31,17 +30,6 @@ def domain_xml(name: str, ip: str = "") -> str:
     metadata = OURS.format(ip=ip) if ip else ""
     return (f"<domain type='test'><name>{name}</name><memory>8192</memory>"
             f"{metadata}<os><type>hvm</type></os></domain>")
-
-
-async def until(predicate: Any, timeout: float = 10.0) -> None:
-    """
-    Wait (on the reactor) until C{predicate()} is true.
-    """
-    for _ in range(int(timeout / 0.02)):
-        if predicate():
-            return
-        await deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError("condition not reached")
 
 
 class ManagerTests(TestCase):

@@ -17,7 +17,6 @@ from typing import Any
 import libvirt
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from hypervisor import codec, errors
@@ -46,23 +45,13 @@ from hypervisor.model import (
 from hypervisor.store import StateDirectory
 from hypervisor.testing import FakeHost
 from hypervisor.virt.connection import LibvirtService, start_event_loop
+from tests.support import until
 
 MiB = 1024 * 1024
 ALICE = Identity(username="alice", groups=frozenset({"team"}))
 BOB = Identity(username="bob", groups=frozenset({"other"}))
 CAROL = Identity(username="carol", groups=frozenset({"team"}))
 TEST_URI = "test:///default"
-
-
-async def until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    """
-    Wait on the reactor until C{predicate()} is true.
-    """
-    for _ in range(int(timeout / 0.02)):
-        if predicate():
-            return
-        await deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def destroy_test_domains() -> None:

@@ -32,6 +32,7 @@ from zope.interface import implementer
 from hypervisor import certs, codec
 from hypervisor.api import ACCESS, ADMIN, METHODS, UNAUTHENTICATED_READS, HypervisorApi
 from hypervisor.auth import ROOT, TrustStore
+from hypervisor.dispatch import Dispatcher
 from hypervisor.manager.manager import Manager
 from hypervisor.metrics import Metrics
 from hypervisor.model import (
@@ -48,7 +49,7 @@ from hypervisor.testing import FakeHost
 from hypervisor.tls import SniffingFactory, server_tls_options
 from hypervisor.virt.connection import LibvirtService, start_event_loop
 from web.root import make_root
-from web.rpc import RpcEndpoints
+from web.rpc import RpcEndpoints, request_factory
 from web.status import StatusPages
 
 VM_IP = "10.8.0.2"
@@ -234,16 +235,18 @@ class AccessMatrixTests(TestCase):
         self.addCleanup(self.manager.stopService)
         api = HypervisorApi(self.manager)
         self.api = api
-        api.UpdateSubnets(ROOT, UpdateSubnetsRequest(Add=[Subnet(
+        await api.UpdateSubnets(ROOT, UpdateSubnetsRequest(Add=[Subnet(
             Id="net", IpGateway="10.8.0.1", IpMask="255.255.255.0")]))
-        api.ChangeAddressPool(ROOT, ChangeAddressPoolRequest(AddressesToAdd=[
+        await api.ChangeAddressPool(ROOT, ChangeAddressPoolRequest(AddressesToAdd=[
             Address(f"10.8.0.{i}", f"52:54:0a:08:00:{i:02x}") for i in range(2, 60)]))
         trust = TrustStore.from_files(os.path.join(d, "CA.pem"),
                                       os.path.join(d, "IdentityCA.pem"))
         metrics = Metrics()
-        rpc = RpcEndpoints(api, trust, metrics, reactor,
-                           allow_unauthenticated_reads=unauthenticated_reads)
-        site = Site(make_root(StatusPages(self.manager, self.libvirt, metrics=metrics), rpc))
+        dispatcher = Dispatcher(api, metrics, reactor,
+                                allow_unauthenticated_reads=unauthenticated_reads)
+        site = Site(make_root(StatusPages(self.manager, self.libvirt, metrics=metrics),
+                              RpcEndpoints()))
+        site.requestFactory = request_factory(dispatcher, trust)
         factory = SniffingFactory(site, server_tls_options(
             os.path.join(d, "server.pem"), os.path.join(d, "server.key"), trust))
         self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")

@@ -15,8 +15,7 @@ import sys
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.trial.unittest import TestCase
 
 from hypervisor.api import HypervisorApi
@@ -37,30 +36,21 @@ from hypervisor.model import (
 from hypervisor.store import StateDirectory
 from hypervisor.virt.connection import LibvirtService, start_event_loop
 from tests import support
+from tests.support import until
 
 ALICE = Identity(username="alice")
 MiB = 1024 * 1024
 
 
-async def until(predicate: Any, timeout: float, what: str) -> None:
-    """
-    Wait on the reactor until C{predicate()} is true.
-    """
-    for _ in range(int(timeout / 0.1)):
-        if predicate():
-            return
-        await deferLater(reactor, 0.1, lambda: None)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def setup_network(api: HypervisorApi, count: int = 4) -> None:
+def setup_network(api: HypervisorApi, count: int = 4) -> "Deferred[Any]":
     """
     Subnet "hvtest" (10.77.0.0/24 on br@hvtest) with C{count} addresses.
     """
-    api.UpdateSubnets(ROOT, UpdateSubnetsRequest(Add=[Subnet(
+    d1 = api.UpdateSubnets(ROOT, UpdateSubnetsRequest(Add=[Subnet(
         Id="hvtest", IpGateway="10.77.0.1", IpMask="255.255.255.0")]))
-    api.ChangeAddressPool(ROOT, ChangeAddressPoolRequest(AddressesToAdd=[
+    d2 = api.ChangeAddressPool(ROOT, ChangeAddressPoolRequest(AddressesToAdd=[
         Address(f"10.77.0.{i}", f"52:54:0a:4d:00:{i:02x}") for i in range(2, 2 + count)]))
+    return DeferredList([d1, d2], fireOnOneErrback=True, consumeErrors=True)
 
 
 def guest_request(guest: str, mode: str) -> CreateVmRequest:
@@ -130,9 +120,9 @@ class RealVmTests(TestCase):
         Connect, set up the subnet, create and acknowledge one tiny guest; its IP.
         """
         await until(lambda: manager.libvirt.connected, 30, "libvirt")
-        setup_network(api)
+        await setup_network(api)
         response = await api.CreateVm(ALICE, guest_request(self.guest, mode))
-        api.AcknowledgeVm(ALICE, IpRequest(response.IpAddress))
+        await api.AcknowledgeVm(ALICE, IpRequest(response.IpAddress))
         return response.IpAddress
 
     async def test_lifecycle_with_real_guest(self) -> None:
@@ -219,10 +209,10 @@ alice = Identity(username="alice")
 async def main():
     while not manager.libvirt.connected:
         await task.deferLater(reactor, 0.1, lambda: None)
-    setup_network(api)
+    await setup_network(api)
     for _ in range(int(sys.argv[-1])):
         r = await api.CreateVm(alice, guest_request(options["localImagesDirectory"], "stay"))
-        api.AcknowledgeVm(alice, __import__("hypervisor.model").model.IpRequest(r.IpAddress))
+        await api.AcknowledgeVm(alice, __import__("hypervisor.model").model.IpRequest(r.IpAddress))
         print(r.IpAddress, flush=True)
     print("ready", flush=True)
 

@@ -393,6 +393,7 @@ class HypervisorRequest(Request):
     refused = False
     too_large = False
     _body_bytes = 0
+    _abort: Any = None
 
     def gotLength(self, length: Optional[int]) -> None:
         """
@@ -459,6 +460,8 @@ class HypervisorRequest(Request):
         """
         Tell the RPC call (an upload in progress fails).
         """
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
         if self.rpc is not None:
             self.rpc.lost(reason)
         super().connectionLost(reason)
@@ -485,16 +488,13 @@ class HypervisorRequest(Request):
         transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
             b"Content-Length: %d\r\n%s\r\n" % (status, reason, len(body), headers) + body)
-        transport.loseConnection()
-        # A TLS close waits for the client's close_notify, which a client still
-        # sending its body never sends: abort the connection after a grace period.
-        channel = self.channel
-
-        def abort() -> None:
-            if getattr(channel, "connected", False):
-                transport.abortConnection()
-
-        self.dispatcher.reactor.callLater(CLOSE_GRACE, abort)
+        self.channel.loseConnection()  # type: ignore[union-attr]
+        # A client still sending its body may never complete a TLS close: cut the
+        # connection underneath after a grace period (cancelled if it closes).
+        tcp: Any = network_producer(transport)
+        if tcp is not None and hasattr(tcp, "abortConnection"):
+            self._abort = self.dispatcher.reactor.callLater(CLOSE_GRACE,
+                                                            tcp.abortConnection)
 
 
 def request_factory(dispatcher: Dispatcher, trust: TrustStore) -> type[HypervisorRequest]:

@@ -13,7 +13,7 @@ import datetime
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks
+from twisted.internet.defer import DeferredLock, inlineCallbacks
 
 from hypervisor.auth import Identity
 from hypervisor.diskio import IBlockingRunner, StateWriter

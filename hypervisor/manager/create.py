@@ -208,7 +208,7 @@ class Creator:
                                                          ctx.now())
         subnet = ctx.subnets.choose(info.SubnetId, identity)
         secondary = [ctx.subnets.choose(sid, identity) for sid in info.SecondarySubnetIDs]
-        bridges_found = ctx.bridges()
+        bridges_found = yield ctx.runner.run(ctx.bridges)  # reads /sys: off the reactor
         for s in [subnet] + secondary:
             bridge_for_subnet(s, bridges_found)
         capacity.check_cpu_and_memory(ctx.stats, ctx.table.infos(), info.MilliCPUs,

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_manager_images -*-
+# -*- test-case-name: tests.test_manager_vms -*-
 """
 Volume files: local images (C{file://} URLs under C{-localImagesDirectory}), thick
 empty volumes, qcow2 headers. Every function here blocks on disk I/O: the manager

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.task import deferLater
@@ -290,15 +290,15 @@ class Lifecycle:
 
     # Domains -------------------------------------------------------------------------------
 
-    def domain_spec(self, vm: Vm) -> DomainSpec:
+    def domain_spec(self, vm: Vm, bridges_found: dict[str, int]) -> DomainSpec:
         """
         What the domain XML needs beyond the VmInfo (no disk I/O: kernel and initrd are
-        recorded when the VM is created).
+        recorded when the VM is created; the host's bridges, C{bridges_found}, are
+        read by the caller on a disk thread).
         """
         ctx = self.ctx
         info = vm.info
         subnet_ids = [info.SubnetId] + list(info.SecondarySubnetIDs)
-        bridges_found = ctx.bridges()
         bridges = [bridge_for_subnet(ctx.subnets.get(sid), bridges_found)
                    for sid in subnet_ids]
         disks = [DiskFile(loc.Filename, volume.Format, volume.Interface)
@@ -336,20 +336,25 @@ class Lifecycle:
         ctx = self.ctx
         previous = vm.info.State
         ctx.require_libvirt()
-        xml = build_domain_xml(vm.info, self.domain_spec(vm))
+        bridges_found = yield ctx.runner.run(ctx.bridges)  # reads /sys: off the reactor
+        xml = build_domain_xml(vm.info, self.domain_spec(vm, bridges_found))
         yield ctx.table.commit_state(vm, State.STARTING)
         vm.expecting_stop = False
+        failure: Optional[BaseException] = None
         try:
             uuid = yield ctx.domains.create(xml)
-        except NotConnected:
+        except Exception as e:
+            failure = e
+        if isinstance(failure, NotConnected):
             self.log.warn("VM {ip}: libvirt went away during the start; back to {s}",
                           ip=vm.ip, s=previous.value)
             yield ctx.table.record_state(vm, previous)
-            raise
-        except Exception as e:
+            raise failure
+        if failure is not None:
             yield ctx.table.record_state(vm, State.FAILED_TO_START)
-            message = getattr(e, "get_error_message", lambda: str(e))() or str(e)
-            raise WrongState(f"VM {vm.ip} failed to start: {message}") from e
+            get_message = getattr(failure, "get_error_message", None)
+            message = (get_message() if get_message is not None else "") or str(failure)
+            raise WrongState(f"VM {vm.ip} failed to start: {message}") from failure
         vm.domain_uuid = uuid
         yield ctx.table.record_state(vm, State.RUNNING)
 

@@ -39,7 +39,6 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from hypervisor import codec
 from hypervisor.diskio import IBlockingRunner, StateWriter, ThreadPoolRunner
 from hypervisor.manager import capacity
 from hypervisor.manager.acks import DhcpAcknowledgements, IDhcpAcknowledgements
