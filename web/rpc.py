@@ -488,7 +488,7 @@ class HypervisorRequest(Request):
         transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
             b"Content-Length: %d\r\n%s\r\n" % (status, reason, len(body), headers) + body)
-        self.channel.loseConnection()  # type: ignore[union-attr]
+        self.channel.loseConnection()
         # A client still sending its body may never complete a TLS close: cut the
         # connection underneath after a grace period (cancelled if it closes).
         tcp: Any = network_producer(transport)
