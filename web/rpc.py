@@ -42,6 +42,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 from twisted.web.server import Request
+from zope.interface import implementer
 
 from hypervisor import codec
 from hypervisor.api import METHODS, PROGRESS, UNAUTHENTICATED_READS, UPDATES
@@ -79,6 +80,66 @@ def network_producer(transport: Any) -> Optional[IPushProducer]:
         transport = getattr(transport, "transport", None)
         seen += 1
     return None
+
+
+@implementer(IPushProducer)
+class UpdatesProducer:
+    """
+    Writes a GetUpdates stream to the response only while the client keeps up: the
+    connection pauses it when its send buffer is full, so updates wait in the
+    stream's bounded queue (and a client that stops reading is dropped there)
+    instead of piling up in the transport.
+    """
+
+    def __init__(self, call: "RpcCall", stream: Any) -> None:
+        self.call = call
+        self.stream = stream
+        self.paused = False
+        self.done = False
+        self._waiting = False
+        self._looping = False
+
+    def pauseProducing(self) -> None:
+        """
+        The client is behind: stop taking updates from the stream.
+        """
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        """
+        The client caught up: write what waits, then keep going.
+        """
+        self.paused = False
+        if self._looping:
+            return
+        self._looping = True
+        try:  # a loop, not recursion: up to MAX_QUEUED updates may be ready at once
+            while not (self.paused or self.done or self._waiting):
+                self._waiting = True
+                self.stream.get().addCallback(self._got)
+        finally:
+            self._looping = False
+
+    def stopProducing(self) -> None:
+        """
+        The connection is going away.
+        """
+        self.stream.close()
+
+    def _got(self, update: Any) -> None:
+        self._waiting = False
+        if self.done:
+            return
+        request = self.call.request
+        if update is None or self.stream.closed:
+            self.done = True
+            if request.producer is self and request.channel is not None:
+                request.unregisterProducer()
+            request.finish_reply()
+            return
+        self.call._write(_line(update))
+        if not self._looping and not self.paused:
+            self.resumeProducing()
 
 
 class RpcEndpoints:
@@ -364,18 +425,12 @@ class RpcCall:
         request.notifyFinish().addBoth(lambda _: stream.close())
         request.setHeader(b"Content-Type", STREAM_TYPE)
         self.streaming = True
-
-        def next_update(_: object = None) -> None:
-            stream.get().addCallback(got)
-
-        def got(update: Any) -> None:
-            if update is None or stream.closed:
-                request.finish_reply()
-                return
-            self._write(_line(update))
-            next_update()
-
-        next_update()
+        producer = UpdatesProducer(self, stream)
+        request.registerProducer(producer, True)
+        if getattr(request.channel, "_waitingForTransport", False):
+            producer.pauseProducing()  # the send buffer is full already
+        else:
+            producer.resumeProducing()
 
 
 class HypervisorRequest(Request):
