@@ -654,3 +654,60 @@ class AcknowledgementTests(SynchronousTestCase):
         self.assertEqual(d2.state(ip), State.RUNNING)
         self.assertEqual(d2.domains.created, 0)
         self.assertTrue(d2.running_domain(ip))
+
+
+class HoldingRunner(SynchronousRunner):
+    """
+    A synchronous runner that holds the state write it is told to (a path's
+    removal) until the test releases it, as a busy disk thread would.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold_removal_of = ""
+        self.held: list[tuple[Deferred[Any], Any]] = []
+
+    def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if (self.hold_removal_of and len(args) == 3 and args[1] is None
+                and str(args[0]).endswith(self.hold_removal_of)):
+            self.hold_removal_of = ""
+            later: Deferred[Any] = Deferred()
+            self.held.append((later, lambda: super(HoldingRunner, self).run(
+                fn, *args, **kwargs)))
+            return later
+        return super().run(fn, *args, **kwargs)
+
+    def release(self) -> None:
+        later, run = self.held.pop(0)
+        run().chainDeferred(later)
+
+
+class AcknowledgementRaceTests(SynchronousTestCase):
+    """
+    AcknowledgeVm and the deadline meeting.
+    """
+
+    def test_acknowledge_at_the_deadline(self) -> None:
+        """
+        An AcknowledgeVm whose removal of pending.json is still on the disk thread
+        when the deadline passes either keeps the VM or fails: it never answers
+        success for a VM that is then destroyed.
+        """
+        runner = HoldingRunner()
+        d = ClockDaemon(self, runner=runner).start().network()
+        ip = d.create(acknowledge=False)
+        runner.hold_removal_of = "pending.json"
+        acknowledged = d.api.AcknowledgeVm(ALICE, IpRequest(ip))
+        self.assertIs(fired(acknowledged), UNFIRED)
+        d.clock.advance(ACK_TIMEOUT)
+        d.settle()
+        runner.release()
+        d.settle()
+        result = fired(acknowledged)
+        if isinstance(result, BaseException):
+            self.assertNotIn(ip, d.manager.vms)
+        else:
+            self.assertEqual(result.Error, "")
+            self.assertIn(ip, d.manager.vms)
+            self.assertEqual(d.state(ip), State.RUNNING)
+            self.assertTrue(d.running_domain(ip))

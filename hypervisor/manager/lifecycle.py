@@ -179,15 +179,22 @@ class Lifecycle:
         ctx = self.ctx
         vm = ctx.table.get(ip)
         ctx.check_owner(vm, identity, "AcknowledgeVm")
-        if vm.pending is None:
-            return
-        if vm.pending.get("Phase") == "creating":
-            raise WrongState(f"VM {ip} is still being created")
-        yield ctx.writer.remove(os.path.join(vm.directory, PENDING_FILE))
-        vm.pending = None
-        timer = self._ack_timers.pop(vm.ip, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        # Under the VM's lock, like the deadline's destroy: a deadline passing while
+        # pending.json is being removed waits, then finds the VM acknowledged.
+        yield vm.lock.acquire()
+        try:
+            ctx.table.get(ip)
+            if vm.pending is None:
+                return
+            if vm.pending.get("Phase") == "creating":
+                raise WrongState(f"VM {ip} is still being created")
+            yield ctx.writer.remove(os.path.join(vm.directory, PENDING_FILE))
+            vm.pending = None
+            timer = self._ack_timers.pop(vm.ip, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+        finally:
+            vm.lock.release()
 
     # Acknowledgement deadline -----------------------------------------------------------
 
