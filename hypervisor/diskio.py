@@ -47,6 +47,12 @@ class IBlockingRunner(Protocol):
         result or failure.
         """
 
+    def from_thread(self, fn: Callable[..., Any], *args: Any) -> None:
+        """
+        From inside a function this runner runs: call C{fn(*args)} on the reactor
+        thread (e.g. progress reports while a file is copied).
+        """
+
 
 def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
     return threading.Thread(*args, daemon=True, **kwargs)
@@ -88,6 +94,12 @@ class ThreadPoolRunner(Service):
             return result
 
         return d.addBoth(finished)
+
+    def from_thread(self, fn: Callable[..., Any], *args: Any) -> None:
+        """
+        Call C{fn(*args)} on the reactor thread, from one of the pool's threads.
+        """
+        self.reactor.callFromThread(fn, *args)
 
     def _finished(self, done: "Deferred[None]") -> None:
         self._in_flight.discard(done)

@@ -145,6 +145,12 @@ class SynchronousRunner:
         except BaseException:
             return fail()
 
+    def from_thread(self, fn: Callable[..., Any], *args: Any) -> None:
+        """
+        Call C{fn(*args)} now (there is no other thread).
+        """
+        fn(*args)
+
 
 class FailingWrites:
     """

@@ -18,6 +18,7 @@ from twisted.web.server import Site
 from hypervisor.auth import TrustStore
 from hypervisor.control import ControlFactory, DaemonControl
 from hypervisor.logs import LogBuffer, LogFileService
+from hypervisor.manager.acks import DhcpAcknowledgements
 from hypervisor.manager.manager import Manager
 from hypervisor.metrics import Metrics
 from hypervisor.model import CloudInitDatasource
@@ -37,8 +38,12 @@ def _make_libvirt_service(options: Options, reactor: Any) -> LibvirtService:
 
 
 def _make_manager_service(
-    options: Options, libvirt: LibvirtService, reactor: Any
+    options: Options, libvirt: LibvirtService, reactor: Any,
+    acks: Optional[DhcpAcknowledgements] = None,
 ) -> Manager:
+    """
+    The manager, given the DHCP acknowledgement seam the DHCP service reports to.
+    """
     return Manager(
         StateDirectory(options["stateDir"]),
         libvirt,
@@ -48,6 +53,7 @@ def _make_manager_service(
         volume_directories=options["volumeDirectories"] or None,
         images_directory=options["localImagesDirectory"],
         datasource=CloudInitDatasource(options["cloudInitDatasource"]),
+        acks=acks,
     )
 
 
@@ -140,7 +146,9 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     named.append(("logging", _make_logging_service(options, logs)))
     libvirt = _make_libvirt_service(options, reactor)
     named.append(("libvirt", libvirt))
-    manager = _make_manager_service(options, libvirt, reactor)
+    # One seam between the DHCP server (when it runs) and the manager's DhcpTimeout waits.
+    acks = DhcpAcknowledgements(reactor)
+    manager = _make_manager_service(options, libvirt, reactor, acks)
     named.append(("manager", manager))
     metrics = Metrics()
     trust = TrustStore.from_files(options["CAfile"], options["identityCAfile"])

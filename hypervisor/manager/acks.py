@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 
 
 class IDhcpAcknowledgements(Protocol):
@@ -36,7 +37,7 @@ class DhcpAcknowledgements:
     Waiters for DHCP acknowledgements, by MAC.
     """
 
-    def __init__(self, reactor: Any, serving: bool = False) -> None:
+    def __init__(self, reactor: IReactorTime, serving: bool = False) -> None:
         self.reactor = reactor
         self.serving = serving
         self._waiters: dict[str, list[Deferred[bool]]] = {}

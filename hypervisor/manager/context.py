@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import DeferredLock, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
 
 from hypervisor.auth import Identity
 from hypervisor.diskio import IBlockingRunner, StateWriter
@@ -52,6 +53,8 @@ class ManagerContext:
     The collaborators every part of the manager uses.
 
     @ivar domain_type: C{"kvm"} or C{"qemu"} once decided, else None.
+    @ivar reactor: the clock (time and timers only: blocking work goes through
+        C{runner}, whose C{from_thread} reports back from its threads).
     @ivar owner_users: the hypervisor's owners (ChangeOwners), in memory.
     """
 
@@ -65,7 +68,7 @@ class ManagerContext:
     writer: StateWriter
     hub: UpdateHub
     acks: IDhcpAcknowledgements
-    reactor: Any
+    reactor: IReactorTime
     settings: Settings
     bridges: Callable[[], dict[str, int]]
     domain_type: Optional[str] = None

@@ -367,7 +367,7 @@ class Creator:
                 progress(f"copied {done // MiB} of {total // MiB} MiB")
 
         def report_from_thread(done: int, total: int) -> None:
-            ctx.reactor.callFromThread(report, done, total)
+            ctx.runner.from_thread(report, done, total)
 
         if image_path:
             progress(f"copying image {os.path.basename(image_path)}")

@@ -18,6 +18,7 @@ from typing import Any, Optional
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.internet.interfaces import IReactorTime
 
 from hypervisor.diskio import IBlockingRunner
 from hypervisor.errors import InsufficientCapacity
@@ -102,7 +103,7 @@ class HostStats:
     log = Logger()
 
     def __init__(self, host: IHost, directories: list[str], runner: IBlockingRunner,
-                 reactor: Any, interval: float = REFRESH_INTERVAL) -> None:
+                 reactor: IReactorTime, interval: float = REFRESH_INTERVAL) -> None:
         self.host = host
         self.directories = list(directories)
         self.runner = runner

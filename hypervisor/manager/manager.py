@@ -38,6 +38,7 @@ from typing import Any, Callable, Optional
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.internet.interfaces import IReactorTime
 
 from hypervisor.diskio import IBlockingRunner, StateWriter, ThreadPoolRunner
 from hypervisor.manager import capacity
@@ -104,7 +105,7 @@ class Manager(MultiService):
         self,
         state: StateDirectory,
         libvirt: Any,
-        reactor: Any,
+        reactor: IReactorTime,
         *,
         domain_type: str = "auto",
         vm_shutdown_timeout: float = 60.0,

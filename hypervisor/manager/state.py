@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Protocol
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from hypervisor import codec
@@ -97,7 +97,7 @@ class VmTable:
     log = Logger()
 
     def __init__(self, state: StateDirectory, writer: StateWriter, subnets: Subnets,
-                 hub: UpdateHub, reactor: Any) -> None:
+                 hub: UpdateHub, reactor: IReactorTime) -> None:
         self.state = state
         self.writer = writer
         self.subnets = subnets
@@ -447,7 +447,7 @@ def _read_pending(path: str) -> Optional[dict[str, Any]]:
     return data if isinstance(data, dict) else {"Phase": "creating"}
 
 
-def _now(reactor: Any) -> Any:
+def _now(reactor: IReactorTime) -> Any:
     import datetime
 
     return datetime.datetime.fromtimestamp(reactor.seconds(), datetime.timezone.utc)

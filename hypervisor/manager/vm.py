@@ -9,7 +9,7 @@ import ipaddress
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred, DeferredLock
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from hypervisor.errors import WrongState
 from hypervisor.model import LocalVmInfo, State, VmFilter, VmInfo
@@ -80,7 +80,7 @@ class Vm:
                 f"(needs: {wanted})"
             )
 
-    def wait_stopped(self, reactor: Any, timeout: float) -> "Deferred[bool]":
+    def wait_stopped(self, reactor: IReactorTime, timeout: float) -> "Deferred[bool]":
         """
         Fire with True when the domain stops, or False after C{timeout} seconds.
         """
