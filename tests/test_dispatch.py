@@ -42,7 +42,6 @@ from hypervisor.model import (
 )
 from hypervisor.upload import UploadStream
 from hypervisor.virt.connection import NotConnected
-
 from tests.test_manager_clock import ALICE, UNFIRED, ClockDaemon, fired
 
 ADMIN = Identity(username="admin", method_patterns=("Hypervisor.*",), full_authority=True)

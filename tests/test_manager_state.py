@@ -8,7 +8,6 @@ acknowledgement seam (L{hypervisor.manager.acks}) and the cached host figures
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -23,7 +22,7 @@ from hypervisor.diskio import StateWriter
 from hypervisor.errors import InsufficientCapacity, InvalidRequest, NotFound
 from hypervisor.manager import hoststats
 from hypervisor.manager.acks import DhcpAcknowledgements
-from hypervisor.manager.hoststats import GiB, DirectoryStats, HostStats, Snapshot
+from hypervisor.manager.hoststats import DirectoryStats, GiB, HostStats, Snapshot
 from hypervisor.manager.network import Subnets
 from hypervisor.manager.state import PENDING_FILE, RETRY_INTERVAL, VmTable
 from hypervisor.manager.updates import UpdateHub, UpdateStream
@@ -31,7 +30,6 @@ from hypervisor.manager.vm import Vm
 from hypervisor.model import Address, LocalVmInfo, State, Subnet, Update, VmInfo
 from hypervisor.store import StateDirectory
 from hypervisor.testing import FailingWrites, FakeHost, SynchronousRunner
-
 from tests.test_manager_clock import UNFIRED, fired
 
 

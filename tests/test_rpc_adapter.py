@@ -20,7 +20,6 @@ from typing import Any, Optional
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -28,19 +27,18 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from hypervisor.api import HypervisorApi
-from hypervisor.auth import ANONYMOUS, ROOT, Identity, TrustStore
+from hypervisor.auth import ROOT, Identity, TrustStore
 from hypervisor.dispatch import Dispatcher
 from hypervisor.manager.updates import MAX_QUEUED
 from hypervisor.metrics import Metrics
 from hypervisor.model import SetDisabledStateRequest, State
 from hypervisor.testing import SynchronousRunner
 from hypervisor.upload import UploadStream
+from tests.test_dispatch import FakeApi
+from tests.test_manager_clock import ALICE, BOB, ClockDaemon, ControlledDomains, fired
 from web.channel import HypervisorChannel
 from web.root import make_root
 from web.rpc import CLOSE_GRACE, RpcEndpoints, request_factory
-
-from tests.test_dispatch import FakeApi
-from tests.test_manager_clock import ALICE, BOB, ClockDaemon, ControlledDomains, fired
 
 MiB = 1024 * 1024
 

@@ -12,9 +12,9 @@ import tempfile
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
 from hypervisor.errors import InvalidRequest
 from hypervisor.testing import SynchronousRunner
