@@ -28,7 +28,11 @@ class Metrics:
 
     def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
         self.registry = registry or CollectorRegistry()
-        ProcessCollector(registry=self.registry)
+        # The process figures read /proc: kept apart, read on a thread
+        # (L{refresh_process_figures}) and served as last read (L{process_figures}).
+        self.process_registry = CollectorRegistry()
+        ProcessCollector(registry=self.process_registry)
+        self.process_figures = self.process_text()
         self.rpc_calls = Counter(
             "hypervisor_rpc_calls", "RPC calls by method and outcome (ok or error)",
             ["method", "outcome"], registry=self.registry)
@@ -47,9 +51,29 @@ class Metrics:
 
     def text(self) -> bytes:
         """
-        All metrics in the Prometheus text format.
+        All metrics in the Prometheus text format (blocking: reads C{/proc}).
+        """
+        return self.own_text() + self.process_text()
+
+    def own_text(self) -> bytes:
+        """
+        The daemon's own metrics (from memory: safe on the reactor thread).
         """
         return generate_latest(self.registry)
+
+    def process_text(self) -> bytes:
+        """
+        The process figures (CPU, memory, descriptors) read from C{/proc} now
+        (blocking: run on a thread).
+        """
+        return generate_latest(self.process_registry)
+
+    def refresh_process_figures(self) -> None:
+        """
+        Read the process figures again into L{process_figures}, which C{/metrics}
+        serves without reading C{/proc} (blocking: run on a thread).
+        """
+        self.process_figures = self.process_text()
 
 
 class ManagerCollector:

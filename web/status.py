@@ -183,13 +183,16 @@ def format_time(value: Any) -> str:
 def make_environment() -> jinja2.Environment:
     """
     The Jinja2 environment for our templates: autoescaping on, and every printed or
-    URL-encoded value made encodable (L{clean_text}).
+    URL-encoded value made encodable (L{clean_text}). Templates are not checked for
+    changes on disk (no C{stat} per page on the reactor thread): L{StatusPages} loads
+    them all when it is made.
     """
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         finalize=_finalize,
+        auto_reload=False,
     )
     env.filters["duration"] = format_uptime
     env.filters["bytes"] = report.human_bytes
@@ -502,7 +505,10 @@ class StatusPages:
         self.metrics = metrics or Metrics()
         self.logs = logs or LogBuffer()
         self.log_dir = log_dir
+        self._process_refresh: Optional[Deferred[None]] = None
         self.templates = make_environment()
+        for name in self.templates.list_templates():
+            self.templates.get_template(name)  # read now, before the reactor runs
         self.assets = load_assets()
 
     def resource(self) -> IResource:
@@ -691,7 +697,7 @@ class StatusPages:
                       "vcpus": m.host.num_cpus(), "storage": capacity_storage})
 
     @app.route("/showVM", branch=False)
-    def show_vm(self, request: Request) -> Any:
+    async def show_vm(self, request: Request) -> Any:
         """
         One VM in full; C{&output=json} for its VmInfo.
         """
@@ -715,11 +721,13 @@ class StatusPages:
              "file": vm.local.VolumeLocations[i].Filename
              if i < len(vm.local.VolumeLocations) else ""}
             for i, v in enumerate(info.Volumes)]
+        has_bootlog = await deferToThread(os.path.exists,
+                                          os.path.join(vm.directory, "bootlog"))
         return self._render(
             request, "show_vm.html", info=info, volumes=volumes,
             row=report.vm_row(info, self.manager.host.num_cpus()),
             info_json=json.dumps(codec.encode_value(info), indent=4),
-            has_bootlog=os.path.exists(os.path.join(vm.directory, "bootlog")))
+            has_bootlog=has_bootlog)
 
     @app.route("/showVmBootLog", branch=False)
     async def show_boot_log(self, request: Request) -> Any:
@@ -863,11 +871,21 @@ class StatusPages:
     @app.route("/metrics", branch=False)
     def metrics_page(self, request: Request) -> bytes:
         """
-        Prometheus metrics (text format).
+        Prometheus metrics (text format): ours from memory; the process figures
+        (C{/proc}) as last read on a thread, read again after each scrape.
         """
         split_query(request, "/metrics")
         request.setHeader(b"Content-Type", self.metrics.content_type.encode())
-        return self.metrics.text()
+        body = self.metrics.own_text() + self.metrics.process_figures
+        if self._process_refresh is None:
+            def done(_: object) -> None:
+                self._process_refresh = None
+
+            d = deferToThread(self.metrics.refresh_process_figures)
+            d.addErrback(lambda f: self.log.failure("reading the process figures", f))
+            self._process_refresh = d
+            d.addBoth(done)
+        return body
 
     @app.route("/healthz", branch=False)
     def healthz(self, request: Request) -> bytes:
