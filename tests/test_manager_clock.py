@@ -74,15 +74,23 @@ def fired(d: Any) -> Any:
     return out[0] if out else UNFIRED
 
 
+def _no_fsync(fd: int) -> None:
+    pass
+
+
 class ClockDaemon:
     """
     A manager on a C{Clock} with a synchronous runner and L{FakeDomains}, one subnet
     "net" (10.5.0.0/24) and three addresses, in a temporary directory.
+
+    Files are really written, but C{os.fsync} is a no-op for the test: durability is
+    tested with the store, and thousands of fsyncs would make these tests slow.
     """
 
     def __init__(self, testcase: SynchronousTestCase, root: Optional[str] = None,
                  domains: Optional[FakeDomains] = None, clock: Optional[Clock] = None,
                  **kwargs: Any) -> None:
+        testcase.patch(os, "fsync", _no_fsync)
         if root is None:
             root = tempfile.mkdtemp()
             testcase.addCleanup(shutil.rmtree, root, True)

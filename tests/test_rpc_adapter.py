@@ -31,7 +31,7 @@ from hypervisor.auth import ROOT, Identity, TrustStore
 from hypervisor.dispatch import Dispatcher
 from hypervisor.manager.updates import MAX_QUEUED
 from hypervisor.metrics import Metrics
-from hypervisor.model import SetDisabledStateRequest, State
+from hypervisor.model import SetDisabledStateRequest, State, Update
 from hypervisor.testing import SynchronousRunner
 from hypervisor.upload import UploadStream
 from tests.test_dispatch import FakeApi
@@ -622,6 +622,13 @@ class UpdatesTests(AdapterTestCase):
     GetUpdates over HTTP.
     """
 
+    def publish(self, disabled: bool) -> None:
+        """
+        An update to every subscriber (as SetDisabledState sends, without its disk
+        write).
+        """
+        self.daemon.manager.ctx.hub.publish(Update(HaveDisabled=True, Disabled=disabled))
+
     def test_stream(self) -> None:
         """
         The first line is the full update; each change is another line; the
@@ -659,12 +666,11 @@ class UpdatesTests(AdapterTestCase):
         channel.pauseProducing()  # what the transport does when its buffer is full
         # The update the response was already waiting for may still be written.
         for i in range(MAX_QUEUED + 1):
-            fired(self.daemon.api.SetDisabledState(
-                ROOT, SetDisabledStateRequest(Disable=bool(i % 2))))
+            self.publish(bool(i % 2))
         self.assertEqual(len(Response(transport.value()).lines()), 2)
         self.assertEqual(len(stream), MAX_QUEUED)
         self.assertFalse(stream.dropped)
-        fired(self.daemon.api.SetDisabledState(ROOT, SetDisabledStateRequest(Disable=True)))
+        self.publish(True)
         self.assertTrue(stream.dropped)
         self.assertEqual(hub.streams, [])
         channel.resumeProducing()
@@ -694,12 +700,11 @@ class UpdatesTests(AdapterTestCase):
         channel.dataReceived(self.headers("GetUpdates", 2) + b"{}")
         channel.pauseProducing()
         for i in range(MAX_QUEUED):
-            fired(self.daemon.api.SetDisabledState(
-                ROOT, SetDisabledStateRequest(Disable=bool(i % 2))))
+            self.publish(bool(i % 2))
         channel.resumeProducing()
         lines = Response(transport.value()).lines()
         self.assertEqual(len(lines), 1 + MAX_QUEUED)
         self.assertEqual([line.get("Disabled", False) for line in lines[1:]],
                          [bool(i % 2) for i in range(MAX_QUEUED)])
-        fired(self.daemon.api.SetDisabledState(ROOT, SetDisabledStateRequest(Disable=True)))
+        self.publish(True)
         self.assertEqual(len(Response(transport.value()).lines()), 2 + MAX_QUEUED)
