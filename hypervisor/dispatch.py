@@ -210,17 +210,21 @@ class Dispatcher:
                               message=message)
         elif isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
             status, message = 503, ("the hypervisor is out of file descriptors right "
-                                    "now; nothing was changed: try again shortly")
+                                    "now: the operation did not complete; try again "
+                                    "shortly")
             self.log.error("Hypervisor.{method}: {e}", method=label, e=e)
         elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            status, message = 507, (f"no space left to write the hypervisor's state "
-                                    f"({e.strerror}); nothing was changed: free space on "
-                                    "the state or volume file system")
+            status, message = 507, (f"no space left on the hypervisor's disk "
+                                    f"({e.strerror}): the operation did not complete; free "
+                                    "space on the state or volume file system and try "
+                                    "again (a VM left destroying is removed by DestroyVm or "
+                                    "at the next start)")
             self.log.error("Hypervisor.{method}: {e}", method=label, e=e)
         elif isinstance(e, OSError):
             status, message = 500, (f"the hypervisor could not write its state "
-                                    f"({e.strerror}); nothing was changed; its log has the "
-                                    "details")
+                                    f"({e.strerror}): the operation did not complete (a "
+                                    "half-done one is completed at the next start or by "
+                                    "repeating it); its log has the details")
             self.log.failure("Hypervisor.{method} failed", failure, method=label)
         else:
             status, message = 500, "internal error; the hypervisor's log has the details"

@@ -411,13 +411,13 @@ class ClassifyTests(DispatcherTestCase):
     def test_descriptors_and_space(self) -> None:
         """
         Out of file descriptors is 503 and out of space 507, each with a sentence
-        saying nothing was changed; neither is an internal error.
+        saying the operation did not complete; neither is an internal error.
         """
         for code, status in ((errno.EMFILE, 503), (errno.ENFILE, 503),
                              (errno.ENOSPC, 507), (errno.EDQUOT, 507)):
             got, message = self.classify(OSError(code, "x"))
             self.assertEqual(got, status)
-            self.assertIn("nothing was changed", message)
+            self.assertIn("did not complete", message)
         self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_other_os_error(self) -> None:

@@ -135,13 +135,16 @@ class Lifecycle:
         yield vm.lock.acquire()
         try:
             ctx.table.get(ip)
-            vm.require_state(DESTROY_RUNNING | DESTROY_IDLE, "destroy")
+            # A VM still "destroying" once we hold its lock is one whose removal
+            # failed part-way (a disk error): destroying it again completes it.
+            vm.require_state(DESTROY_RUNNING | DESTROY_IDLE | {State.DESTROYING}, "destroy")
             if vm.info.State in DESTROY_RUNNING and vm.info.DestroyProtection:
                 raise WrongState(f"VM {ip} has DestroyProtection; clear it first "
                                  "(ChangeVmDestroyProtection)")
             # Even a stopped VM's removal checks that no domain of it runs.
             ctx.require_libvirt()
-            yield ctx.table.commit_state(vm, State.DESTROYING)
+            if vm.info.State != State.DESTROYING:
+                yield ctx.table.commit_state(vm, State.DESTROYING)
             yield self.remove_vm(vm)
         finally:
             vm.lock.release()
