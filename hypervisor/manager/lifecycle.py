@@ -96,10 +96,8 @@ class Lifecycle:
             yield self.start_domain(vm)
         finally:
             vm.lock.release()
-        if dhcp_timeout > 0:
-            timed_out = yield self.wait_for_dhcp(vm, dhcp_timeout)
-            return timed_out
-        return False
+        timed_out = yield self.wait_for_dhcp(vm, dhcp_timeout)
+        return timed_out
 
     @inlineCallbacks
     def stop_vm(self, identity: Identity, ip: str) -> Any:
@@ -168,10 +166,8 @@ class Lifecycle:
             yield ctx.domains.send_ctrl_alt_del(uuid)
         finally:
             vm.lock.release()
-        if dhcp_timeout > 0:
-            timed_out = yield self.wait_for_dhcp(vm, dhcp_timeout)
-            return timed_out
-        return False
+        timed_out = yield self.wait_for_dhcp(vm, dhcp_timeout)
+        return timed_out
 
     @inlineCallbacks
     def acknowledge_vm(self, identity: Identity, ip: str) -> Any:
@@ -445,11 +441,14 @@ class Lifecycle:
 
     def wait_for_dhcp(self, vm: Vm, timeout: float) -> "Deferred[bool]":
         """
-        Wait for the VM's DHCP acknowledgement; fire with True if it timed out.
+        Wait for the VM's DHCP acknowledgement; fire with True if it timed out (no
+        wait, False, when C{timeout} is not positive).
 
         Without a DHCP server in this daemon no acknowledgement can be seen: report a
         time-out at once (and say so in the log) rather than claim one.
         """
+        if timeout <= 0:
+            return succeed(False)
         acks = self.ctx.acks
         if not acks.serving:
             self.log.warn("VM {ip}: DhcpTimeout asked but this daemon runs no DHCP "

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from hypervisor.manager.capacity import IHost
+from hypervisor.manager.hoststats import mount_point
 from hypervisor.manager.network import Subnets, subnet_network
 from hypervisor.model import Address, State, VmInfo
 from hypervisor.virt.domainxml import num_vcpus
@@ -164,18 +165,6 @@ class VolumeDirectory:
     Available: int = 0
     Error: str = ""
     CanTrim: bool = field(default=True)
-
-
-def mount_point(path: str) -> str:
-    """
-    The mount point of the file system holding C{path} (or its nearest parent).
-    """
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    while not os.path.ismount(path):
-        path = os.path.dirname(path)
-    return path
 
 
 def volume_directories(directories: list[str], host: IHost) -> list[VolumeDirectory]:
