@@ -367,14 +367,18 @@ def stream_call(daemon: TlsDaemon, method: str, line: bytes, chunks: Iterable[by
     """
     C{POST /rpc/Hypervisor.<method>} over a TLS socket: the head (announcing
     C{length} bytes), the request line, then C{chunks} as they come from the
-    iterable (which may pace them, or kill the daemon). Reads the reply with
+    iterable (which may pace them, or kill the daemon). If the daemon answers and
+    closes before the body is all sent, sending stops. Reads the reply with
     C{http.client}; a broken connection is C{Reply(None)}.
     """
     sock = daemon.tls_socket(user, timeout=timeout)
     try:
-        sock.sendall(request_head(method, length, ["Connection: close"]) + line)
-        for chunk in chunks:
-            sock.sendall(chunk)
+        try:
+            sock.sendall(request_head(method, length, ["Connection: close"]) + line)
+            for chunk in chunks:
+                sock.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            pass  # answered and closed before the whole body was sent: read the answer
         response = http.client.HTTPResponse(sock)  # type: ignore[arg-type]
         response.begin()
         raw = response.read()

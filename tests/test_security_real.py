@@ -37,6 +37,20 @@ from tests.realrpc import MiB
 TEBIBYTE = 1 << 40
 
 
+def whole_response(data: bytes) -> bool:
+    """
+    Whether C{data} holds a response head and all of its Content-Length body.
+    """
+    head, found, body = data.partition(b"\r\n\r\n")
+    if not found:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value.strip())
+    return True
+
+
 def empty_vm(**extra: Any) -> dict[str, Any]:
     """
     A CreateVm request for a small stopped VM with an empty 1 MiB root volume.
@@ -88,13 +102,19 @@ class EarlyRefusalTests(SecurityTestCase):
         answer and to the close, bytes sent).
         """
         began = time.monotonic()
-        sock.sendall(realrpc.request_head("CreateVm", TEBIBYTE) + os.urandom(MiB))
         data, how = b"", ""
+        try:
+            sock.sendall(realrpc.request_head("CreateVm", TEBIBYTE) + os.urandom(MiB))
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            how = "refused more bytes"  # answered and closed already
         sock.settimeout(5)
-        while realrpc.http_status(data) is None or b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
+        while not whole_response(data):
+            try:
+                chunk = sock.recv(65536)
+            except (ConnectionResetError, ssl.SSLError):
+                chunk = b""
             if not chunk:
-                how = "closed"
+                how = how or "closed"
                 break
             data += chunk
         answered = time.monotonic() - began
@@ -276,7 +296,7 @@ class DescriptorTests(SecurityTestCase):
             before = view()
             reply = self.until_starved(d, method, body)
             self.assertIn("out of file descriptors", reply.error, reply)
-            self.assertIn("nothing was changed", reply.error, reply)
+            self.assertIn("did not complete", reply.error, reply)
             self.assertEqual(view(), before, method)
         for method, body in calls:
             reply = d.call(method, body)
@@ -313,7 +333,10 @@ class MalformedInputTests(SecurityTestCase):
         else:
             sock = d.tls_socket(None if how == "tls" else how)
         with sock:
-            sock.sendall(head + data)
+            try:
+                sock.sendall(head + data)
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+                pass  # refused from the headers and closed: the answer is there
             return realrpc.exchange(sock, 30)[:2]
 
     def test_deep_json_to_every_method(self) -> None:
