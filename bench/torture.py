@@ -516,6 +516,7 @@ class Torture:
         self.addresses: list[tuple[str, str]] = []
         self.known: set[str] = set()  # VMs that must exist (created and acknowledged)
         self.pending_ack: set[str] = set()
+        self.unheard_of: set[tuple[str, str]] = set()  # (IP, CreatedOn) from cut requests
         self.violations: dict[tuple[str, str], Violation] = {}
         self.counts: dict[str, int] = {
             "iterations": 0, "kills": 0, "kills_mid_request": 0, "created": 0,
@@ -818,9 +819,12 @@ class Torture:
     def settle_and_check(self) -> None:
         """
         After a restart: check until clean or C{--settle} seconds passed; record what
-        is still broken; then adopt every VM the daemon reports (a request cut by the
-        kill may have created one) and forget the acknowledgement timers (the new
-        daemon has none).
+        is still broken.
+
+        VMs the daemon reports that the client never heard of (made by a CreateVm the
+        kill cut) are counted but never adopted as VMs that must exist: the client got
+        no address, and a daemon may rightly remove such a half-made or unacknowledged
+        VM later. Only a VM whose creation and acknowledgement were answered counts.
         """
         self.counts["restart_checks"] += 1
         deadline = time.monotonic() + self.settle
@@ -840,12 +844,13 @@ class Torture:
                 "the restarted daemon did not answer GetVmInfos")
         self.record(found)
         if snap is not None:
-            # count each lost VM once; adopt what the daemon has
+            # count each lost VM once
             self.known -= {key for kind, key in found if kind == "lost_vm"}
-            new = set(snap.reported) - self.known - self.pending_ack
-            self.counts["adopted"] += len(new)
-            self.known |= set(snap.reported)
-        self.pending_ack.clear()
+            for ip, vm in snap.reported.items():
+                if ip not in self.known and ip not in self.pending_ack:
+                    self.unheard_of.add((ip, str(vm.get("CreatedOn", ""))))
+            self.counts["adopted"] = len(self.unheard_of)
+            self.pending_ack &= set(snap.reported)
 
     def check_not_lost(self) -> None:
         """
@@ -1139,7 +1144,7 @@ class Torture:
             ("kills (SIGKILL + restart)", c["kills"], ""),
             ("  of which with a request in flight", c["kills_mid_request"], ""),
             ("VMs created (CreateVm answered)", c["created"], ""),
-            ("VMs kept from cut requests", c["adopted"], ""),
+            ("VMs seen from cut CreateVm requests", c["adopted"], ""),
             ("requests", c["requests"], f"{c['requests_ok']} ok, {c['requests_refused']} "
              f"refused, {c['requests_cut']} cut by a kill"),
             ("restart checks", c["restart_checks"], ""),
