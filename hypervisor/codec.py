@@ -20,7 +20,8 @@ break a page, a state file or a Go client later:
 - the JSON itself: UTF-8 only, no C{NaN}/C{Infinity}, nested at most L{MAX_DEPTH}
   deep (checked before parsing, without recursion);
 - strings (and map keys): well-formed Unicode (no lone surrogate, escaped or as raw
-  bytes, no invalid UTF-8), at most L{MAX_STRING} characters (L{MAX_KEY} for map
+  bytes, no invalid UTF-8; file names of ours, L{PathText}, may keep undecodable
+  bytes as U+DC80-U+DCFF when trusted), at most L{MAX_STRING} characters (L{MAX_KEY} for map
   keys) unless the field says otherwise with L{MaxLen}, and the syntax of their
   L{TextFormat} (L{IPV4}, L{HOSTNAME}, L{MAC}; the empty string means "not given");
 - lists and maps: at most L{MAX_ITEMS} elements unless the field says otherwise;
@@ -222,6 +223,20 @@ def _is_mac(text: str) -> bool:
     return _MAC_RE.fullmatch(text) is not None
 
 
+@dataclasses.dataclass(frozen=True)
+class OsPath:
+    """
+    A string that is a file name on this host (C{VolumeLocation.Filename}). Python
+    keeps a name's undecodable bytes as U+DC80-U+DCFF (C{surrogateescape}), so such
+    characters are the name, not damage: L{encode} writes them as they are (ASCII
+    C{\\udcXX} escapes) and trusted decoding keeps them, so that a volume in a
+    directory whose name is not UTF-8 stays reachable. Strict decoding still refuses
+    them: no request carries a file name of ours.
+    """
+
+
+OS_PATH = OsPath()
+
 IPV4 = TextFormat("an IPv4 address", _is_ipv4, "10.2.3.4", 15)
 HOSTNAME = TextFormat(
     "an RFC 1123 host name (labels of letters, digits and '-', 1-63 characters, "
@@ -245,6 +260,8 @@ HostnameText = Annotated[str, HOSTNAME]
 """An RFC 1123 host name, or ""."""
 MacText = Annotated[str, MAC]
 """A MAC address, or ""."""
+PathText = Annotated[str, OS_PATH]
+"""A file name on this host (see L{OsPath})."""
 
 
 def field(*, omitempty: bool = False, embed: bool = False, default: Any = dataclasses.MISSING,
@@ -287,6 +304,7 @@ def _optional_inner(tp: Any) -> Optional[Any]:
 # Encoding ----------------------------------------------------------------------------
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_NOT_ESCAPED_BYTE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
 
 
 def _well_formed(text: str) -> str:
@@ -363,6 +381,8 @@ def _encode_typed(tp: Any, value: Any) -> Any:
     go = _meta(metas, GoInt)
     if go is not None and isinstance(value, int) and not isinstance(value, bool):
         return max(go.low, min(go.high, value))
+    if isinstance(value, str) and _meta(metas, OsPath) is not None:
+        return _NOT_ESCAPED_BYTE.sub("\ufffd", value)  # a name's raw bytes stay
     origin = typing.get_origin(base)
     if origin is list and isinstance(value, list):
         element = typing.get_args(base)[0]
@@ -534,8 +554,11 @@ def _decode_text(value: str, where: str, mode: _Mode, metas: tuple[Any, ...],
             raise DecodeError(
                 f"{where}: not well-formed Unicode (a lone surrogate such as \\ud800 or "
                 f"invalid UTF-8 at character {bad.start()}); send UTF-8 text")
-        value = _SURROGATE.sub("\ufffd", value)
-        mode.repair(where, "ill-formed Unicode replaced by U+FFFD")
+        # A file name keeps its undecodable bytes (U+DC80-U+DCFF); nothing else does.
+        pattern = _NOT_ESCAPED_BYTE if _meta(metas, OsPath) is not None else _SURROGATE
+        if pattern.search(value) is not None:
+            value = pattern.sub("\ufffd", value)
+            mode.repair(where, "ill-formed Unicode replaced by U+FFFD")
     if mode.trusted:
         return value
     fmt = _meta(metas, TextFormat)

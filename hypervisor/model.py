@@ -28,6 +28,7 @@ from hypervisor.codec import (
     IPv4Text,
     MacText,
     MaxLen,
+    PathText,
     TextEnum,
     Uint,
     Uint64,
@@ -333,8 +334,8 @@ class VolumeLocation:
     Where a volume's file is.
     """
 
-    DirectoryToCleanup: str = ""
-    Filename: str = ""
+    DirectoryToCleanup: PathText = ""
+    Filename: PathText = ""
 
 
 @dataclass

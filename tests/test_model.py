@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -215,7 +216,19 @@ class ValidationTests(SynchronousTestCase):
             ({"StorageIndices": [0] * 129}, "StorageIndices: 129 elements"),
             ({"IdentityKey": "QUFB" * 30000}, "IdentityKey: over the limit of 65536 bytes"),
         ]:
-            self.assertIn(words, _error(self, model.CreateVmRequest, json.dumps(data).encode()))
+            data_bytes = json.dumps(data).encode()
+            self.assertIn(words, _error(self, model.CreateVmRequest, data_bytes))
+        for cls, data, words in [
+            (model.ListVMsResponse, {"IpAddresses": [""] * 65537},
+             "ListVMsResponse.IpAddresses: 65537 elements is over the limit of 65536"),
+            (model.Update, {"VMs": {str(i): None for i in range(65537)}},
+             "Update.VMs: 65537 elements is over the limit of 65536"),
+            (model.AddressPool, {"Free": [None] * 65537}, "AddressPool.Free: 65537"),
+            (model.UpdateSubnetsRequest, {"Add": [None] * 1025}, "Add: 1025 elements"),
+            (model.UpdateSubnetsRequest, {"Add": [{"DomainNameServers": [""] * 17}]},
+             "Add[0].DomainNameServers: 17 elements is over the limit of 16"),
+        ]:
+            self.assertIn(words, _error(self, cls, json.dumps(data).encode()))
 
     def test_nesting_depth(self) -> None:
         """
@@ -255,7 +268,8 @@ class ValidationTests(SynchronousTestCase):
         """
         IP fields parse as IPv4 (empty = not given); MAC fields as MACs when present.
         """
-        self.assertEqual(codec.decode(model.IpRequest, b'{"IpAddress": ""}'), model.IpRequest())
+        self.assertEqual(codec.decode(model.IpRequest, b'{"IpAddress": ""}'),
+                         model.IpRequest())
         self.assertEqual(codec.decode(model.IpRequest, b'{"IpAddress": "10.0.0.1"}').IpAddress,
                          "10.0.0.1")
         for ip in ["1.2.3", "1.2.3.4.5", "01.2.3.4", " 10.0.0.1", "10.0.0.256", "::1",
@@ -269,7 +283,8 @@ class ValidationTests(SynchronousTestCase):
             (model.UpdateSubnetsRequest, {"Add": [{"DomainNameServers": ["1.1.1.1", "x"]}]},
              "Add[0].DomainNameServers[1]"),
             (model.ChangeAddressPoolRequest,
-             {"AddressesToAdd": [{"IpAddress": "10.0.0.999", "MacAddress": "52:54:00:00:00:01"}]},
+             {"AddressesToAdd": [{"IpAddress": "10.0.0.999",
+                                  "MacAddress": "52:54:00:00:00:01"}]},
              "AddressesToAdd[0].IpAddress"),
             (model.ChangeAddressPoolRequest, {"AddressesToAdd": [{"MacAddress": "52:54:00"}]},
              "AddressesToAdd[0].MacAddress: '52:54:00' is not a MAC address"),
@@ -316,7 +331,8 @@ class ValidationTests(SynchronousTestCase):
         for cls, text, words in [
             (model.ChangeVmSizeRequest, b'{"VirtualCPUs": 18446744073709551616}',
              "ChangeVmSizeRequest.VirtualCPUs: 18446744073709551616 is out of range"),
-            (model.ListVMsRequest, b'{"IgnoreStateMask": -1}', "ListVMsRequest.IgnoreStateMask"),
+            (model.ListVMsRequest, b'{"IgnoreStateMask": -1}',
+             "ListVMsRequest.IgnoreStateMask"),
             (model.ChangeAddressPoolRequest, b'{"MaximumFreeAddresses": {"": -1}}',
              "MaximumFreeAddresses['']: -1 is out of range for uint"),
             (model.UpdateSubnetsRequest, b'{"Add": [{"VlanId": -1}]}', "Add[0].VlanId: -1"),
@@ -325,7 +341,8 @@ class ValidationTests(SynchronousTestCase):
         top = codec.decode(model.CreateVmRequest, json.dumps(
             {"VirtualCPUs": 2**64 - 1, "MemoryInMiB": 2**64 - 1, "CpuPriority": -(2**63),
              "DhcpTimeout": 2**63 - 1, "ImageTimeout": -(2**63), "MilliCPUs": 2e9}).encode())
-        self.assertEqual((top.VmInfo.VirtualCPUs, top.VmInfo.CpuPriority, top.VmInfo.MilliCPUs),
+        self.assertEqual((top.VmInfo.VirtualCPUs, top.VmInfo.CpuPriority,
+                          top.VmInfo.MilliCPUs),
                          (2**64 - 1, -(2**63), 2_000_000_000))
 
     def test_every_int_has_a_go_type(self) -> None:
@@ -360,14 +377,17 @@ class ValidationTests(SynchronousTestCase):
         expected = {
             "VmInfo.MemoryInMiB": "uint64", "VmInfo.MilliCPUs": "uint",
             "VmInfo.VirtualCPUs": "uint", "VmInfo.CpuPriority": "int",
-            "CreateVmRequest.ImageDataSize": "uint64", "CreateVmRequest.UserDataSize": "uint64",
+            "CreateVmRequest.ImageDataSize": "uint64",
+            "CreateVmRequest.UserDataSize": "uint64",
             "CreateVmRequest.MinimumFreeBytes": "uint64",
-            "CreateVmRequest.RoundupPower": "uint64", "CreateVmRequest.StorageIndices[]": "uint",
+            "CreateVmRequest.RoundupPower": "uint64",
+            "CreateVmRequest.StorageIndices[]": "uint",
             "VmFilter.IgnoreStateMask": "uint64", "Subnet.VlanId": "uint",
             "Volume.Size": "uint64", "Volume.VirtualSize": "uint64",
             "Volume.Snapshots[]": "uint64", "NetworkEntry.NumQueues": "uint",
             "ChangeAddressPoolRequest.MaximumFreeAddresses[]": "uint",
-            "ChangeVmSizeRequest.MemoryInMiB": "uint64", "ChangeVmSizeRequest.MilliCPUs": "uint",
+            "ChangeVmSizeRequest.MemoryInMiB": "uint64",
+            "ChangeVmSizeRequest.MilliCPUs": "uint",
             "ChangeVmSizeRequest.VirtualCPUs": "uint",
             "GetCapacityResponse.NumCPUs": "uint", "Update.NumCPUs": "uint",
             "Update.MemoryInMiB": "uint64", "Update.NumFreeAddresses[]": "uint",
@@ -440,6 +460,37 @@ class TrustedDecodingTests(SynchronousTestCase):
                                    "Unicode replaced by U+FFFD"])
 
 
+class FileNameTests(SynchronousTestCase):
+    """
+    File names of ours (VolumeLocations) keep the bytes of a name that is not UTF-8.
+    """
+
+    def test_undecodable_bytes_kept(self) -> None:
+        """
+        A volume in a directory whose name is not UTF-8 (Python's surrogateescape:
+        U+DC80-U+DCFF) is written and read back unchanged, so it stays reachable;
+        other lone surrogates in a file name are still repaired; strict decoding
+        refuses both.
+        """
+        name = os.fsdecode(b"/srv/vol\xff/10.0.0.2/root")
+        local = model.LocalVmInfo(VolumeLocations=[model.VolumeLocation(
+            DirectoryToCleanup=os.path.dirname(name), Filename=name)])
+        data = codec.encode(local)
+        data.decode("ascii")
+        self.assertIn(b"vol\\udcff", data)
+        repairs: list[str] = []
+        back = codec.decode(model.LocalVmInfo, data, trusted=True, repairs=repairs)
+        self.assertEqual(back, local)
+        self.assertEqual(os.fsencode(back.VolumeLocations[0].Filename),
+                         b"/srv/vol\xff/10.0.0.2/root")
+        self.assertEqual(repairs, [])
+        raw = b'{"VolumeLocations": [{"Filename": "/v\xff/\\ud800"}]}'
+        repaired = codec.decode(model.LocalVmInfo, raw, trusted=True, repairs=repairs)
+        self.assertEqual(repaired.VolumeLocations[0].Filename, "/v\udcff/\ufffd")
+        self.assertEqual(len(repairs), 1)
+        self.assertRaises(codec.DecodeError, codec.decode, model.LocalVmInfo, data)
+
+
 class EncodingTests(SynchronousTestCase):
     """
     encode never writes what a Go client refuses.
@@ -459,7 +510,8 @@ class EncodingTests(SynchronousTestCase):
         back = codec.decode(model.VmInfo, data)
         self.assertEqual(back.Tags, {"\ufffdk": "v\ufffd"})
         self.assertEqual(back.OwnerUsers, ["\ufffd"])
-        self.assertEqual(json.loads(codec.encode({"\ud800": ["\udc00"]})), {"\ufffd": ["\ufffd"]})
+        self.assertEqual(json.loads(codec.encode({"\ud800": ["\udc00"]})),
+                         {"\ufffd": ["\ufffd"]})
 
     def test_numbers_within_go_ranges(self) -> None:
         """
@@ -469,7 +521,8 @@ class EncodingTests(SynchronousTestCase):
         """
         data = codec.to_dict(model.CreateVmRequest(
             VmInfo=model.VmInfo(VirtualCPUs=2**70, MemoryInMiB=-3, CpuPriority=-(2**64)),
-            DhcpTimeout=codec.Duration(float("inf")), ImageTimeout=codec.Duration(float("nan")),
+            DhcpTimeout=codec.Duration(float("inf")),
+            ImageTimeout=codec.Duration(float("nan")),
             StorageIndices=[-1, 2**64]))
         self.assertEqual((data["VirtualCPUs"], data["MemoryInMiB"], data["CpuPriority"]),
                          (2**64 - 1, 0, -(2**63)))
