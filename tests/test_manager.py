@@ -106,17 +106,25 @@ class ManagerTests(TestCase):
 
     async def test_stop_after_stop_vms_on_next_stop(self) -> None:
         """
-        After stop-vms-on-next-stop, a stop powers our domains down and leaves
-        domains that are not ours running.
+        After stop-vms-on-next-stop, a stop powers this daemon's VMs down and leaves
+        running the domains that are not ours and those tagged as ours whose VM this
+        daemon does not know (another daemon's, on a shared libvirtd).
         """
+        from hypervisor.manager.vm import Vm
+        from hypervisor.model import Address, LocalVmInfo, VmInfo
+
         self.start()
         await until(lambda: self.manager.domains_current)
         ours = self.create(ip="10.9.8.5")
+        self.manager.table.add(Vm(LocalVmInfo(VmInfo=VmInfo(
+            Address=Address("10.9.8.5", "52:54:00:09:08:05"))), "/nonexistent"))
         theirs = self.create()
+        other_daemons = self.create(ip="10.9.8.7")
         self.manager.stop_vms_on_next_stop = True
         await self.stop()
         self.assertFalse(domains.is_active(self.conn, ours.UUIDString()))
         self.assertTrue(theirs.isActive())
+        self.assertTrue(other_daemons.isActive())
 
     async def test_shutdown_without_libvirt(self) -> None:
         """

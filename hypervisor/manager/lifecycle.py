@@ -471,7 +471,9 @@ class Lifecycle:
             self.log.error("cannot stop VMs: {why}", why=ctx.domains.describe())
             return
         summaries = yield ctx.domains.list()
-        running = [s for s in summaries if s.ours and s.active]
+        # Only this daemon's VMs: another hypervisor daemon may share the libvirtd.
+        running = [s for s in summaries
+                   if s.ours and s.active and (s.ip_address or "") in ctx.table.vms]
         if not running:
             self.log.info("stopping VMs: none running")
             return

@@ -28,7 +28,8 @@ from hypervisor.manager.lifecycle import Lifecycle
 from hypervisor.manager.vm import SHOULD_RUN, Vm
 from hypervisor.model import State
 from hypervisor.virt import domains
-from hypervisor.virt.domainxml import ip_from_domain_name
+from hypervisor.virt.connection import NotConnected
+from hypervisor.virt.domainxml import domain_name, ip_from_domain_name
 
 
 class Reconciler:
@@ -136,7 +137,14 @@ class Reconciler:
         def done(result: object) -> None:
             self.reconciling = None
 
-        d.addErrback(lambda f: self.log.failure("reconciliation failed", f))
+        def failed(failure: Any) -> None:
+            if failure.check(NotConnected):
+                self.log.warn("reconciliation stopped: {why}; it runs again when libvirt "
+                              "is back", why=failure.getErrorMessage())
+            else:
+                self.log.failure("reconciliation failed", failure)
+
+        d.addErrback(failed)
         d.addBoth(done)
         return d
 
@@ -154,18 +162,30 @@ class Reconciler:
                     "libvirt domain {name} is tagged as ours but {ip} has no state in "
                     "{dir}; left alone (destroy it with virsh if it is not wanted)",
                     name=s.name, ip=ip, dir=self.ctx.state.vms_path)
-        for vm in list(self.ctx.table.vms.values()):
+        listed = [(vm, vm.local) for vm in self.ctx.table.vms.values()]
+        for vm, local in listed:
             summary = by_ip.get(vm.ip)
             try:
-                yield vm.lock.run(self._reconcile_vm, vm, summary)
+                yield vm.lock.run(self._reconcile_vm, vm, summary, local)
+            except NotConnected:
+                raise
             except Exception as e:
                 self.log.error("VM {ip}: reconciliation failed: {e}", ip=vm.ip, e=e)
 
     @inlineCallbacks
-    def _reconcile_vm(self, vm: Vm, summary: Optional[domains.DomainSummary]) -> Any:
+    def _reconcile_vm(self, vm: Vm, summary: Optional[domains.DomainSummary],
+                      listed: Any) -> Any:
         if vm.deleted:
             return
         active = summary is not None and summary.active
+        if vm.local is not listed:
+            # The VM changed while we waited for its lock (a stop or start ran): the
+            # listing is stale for it; ask libvirt again.
+            uuid = yield self.ctx.domains.uuid_of(domain_name(vm.ip))
+            active = bool(uuid) and (yield self.ctx.domains.is_active(uuid))
+            summary = None if not uuid else domains.DomainSummary(
+                name=domain_name(vm.ip), uuid=uuid, state="", active=active, ours=True,
+                ip_address=vm.ip)
         if active and summary is not None and not vm.domain_uuid:
             vm.domain_uuid = summary.uuid
         table = self.ctx.table
