@@ -539,7 +539,7 @@ def send(daemon: Any, case: Case) -> Outcome:
         if case.transport == "junk":
             return tls_junk_outcome(case, sock)
         response = http.client.HTTPResponse(
-            sock, method="HEAD" if case.http_method == "HEAD" else "GET")  # type: ignore[arg-type]
+            sock, method="HEAD" if case.http_method == "HEAD" else "GET")
         try:
             response.begin()
         except http.client.RemoteDisconnected:
@@ -622,6 +622,7 @@ class Report:
         default_factory=lambda: collections.defaultdict(collections.Counter))
     violations: list[str] = field(default_factory=list)
     authorised_changes: int = 0
+    late_changes: int = 0
     created: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -658,8 +659,10 @@ class Report:
                                              for k in kinds))
         lines.append("")
         lines.append(f"500 answers: {self.outcomes.get('500', 0)}")
-        lines.append(f"state changes by authorised 200s: {self.authorised_changes}; "
-                     f"VMs created (and acknowledged): {len(self.created)}")
+        lines.append(f"batches with state changes: {self.authorised_changes} with an "
+                     f"authorised 200, {self.late_changes} after an authorised request "
+                     f"left unanswered; VMs created (and acknowledged): "
+                     f"{len(self.created)}")
         lines.append(f"violations: {len(self.violations)}")
         lines.extend("  " + v for v in self.violations[:50])
         return "\n".join(lines)
@@ -681,15 +684,57 @@ def acknowledge_created(daemon: Any, outcome: Outcome, report: Report) -> None:
             report.created.append(ip)
 
 
+class LogWatch:
+    """
+    New tracebacks in the daemon's output since the last look.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.offset = os.path.getsize(path) if os.path.exists(path) else 0
+
+    def new_tracebacks(self) -> list[str]:
+        """
+        The tracebacks written since the last call (with a little context).
+        """
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return []
+        self.offset += len(text.encode("utf-8", "replace"))
+        out = []
+        at = text.find("Traceback")
+        while at >= 0:
+            out.append(text[max(0, at - 200):at + 3000])
+            at = text.find("Traceback", at + 1)
+        return out
+
+
+UNANSWERED_WINDOW = 25.0
+"""Seconds during which a state change may still follow an authorised request whose
+answer the fuzzer did not wait for (a CreateVm finishes, then its unacknowledged VM
+is destroyed 15 s later)."""
+
+
 def run(daemon: Any, generator: Generator, inputs: int, concurrency: int = 4,
         start: int = 0, progress: Optional[Callable[[Report], None]] = None) -> Report:
     """
     Send inputs C{start} .. C{start + inputs - 1} in batches of C{concurrency}
-    parallel connections; check each outcome and the state after each batch.
+    parallel connections; check each outcome, the state after each batch and the
+    daemon's output for tracebacks (attributed to the batch that caused them).
+
+    A state change is allowed in a batch with an authorised 200, or within
+    L{UNANSWERED_WINDOW} seconds of an authorised request (admin or alice) whose
+    answer the fuzzer gave up waiting for (it may have run all the same); any
+    other change is a violation.
     """
     report = Report()
     began = time.monotonic()
     before = daemon.snapshot()
+    watch = LogWatch(daemon.output_path)
+    unanswered = float("-inf")
     with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
         for first in range(start, start + inputs, concurrency):
             cases = [generator.case(i)
@@ -698,14 +743,24 @@ def run(daemon: Any, generator: Generator, inputs: int, concurrency: int = 4,
             authorised = False
             for outcome in outcomes:
                 report.add(outcome)
-                if outcome.status == 200 and outcome.case.transport in ("admin", "alice"):
+                if outcome.case.transport not in ("admin", "alice"):
+                    continue
+                if outcome.status == 200:
                     authorised = True
                     if outcome.case.rpc in CREATE_METHODS:
                         acknowledge_created(daemon, outcome, report)
+                if outcome.status is None or outcome.how:
+                    unanswered = time.monotonic()
+            for traceback in watch.new_tracebacks():
+                report.violations.append(
+                    f"traceback logged during inputs {cases[0].index}-{cases[-1].index}: "
+                    f"{traceback}")
             after = daemon.snapshot()
             if after != before:
                 if authorised:
                     report.authorised_changes += 1
+                elif time.monotonic() - unanswered < UNANSWERED_WINDOW:
+                    report.late_changes += 1
                 else:
                     changed = sorted(k for k in set(before) | set(after)
                                      if before.get(k) != after.get(k))
@@ -745,6 +800,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--inputs", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--start", type=int, default=0,
+                        help="first input number (to replay a stretch of a run)")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--keep", action="store_true", help="keep the daemon's directory")
     args = parser.parse_args(argv)
@@ -766,7 +823,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                       flush=True)
 
         report = run(daemon, Generator(args.seed), args.inputs, args.concurrency,
-                     progress=progress)
+                     start=args.start, progress=progress)
         healthy = daemon.healthz()
         traceback = realrpc.traceback_excerpt(daemon)
         alive = daemon.process is not None and daemon.process.poll() is None

@@ -19,6 +19,7 @@ Subnet C{hvtest} on 10.82.<n>.0/24.
 from __future__ import annotations
 
 import errno
+import http.client
 import json
 import os
 import socket
@@ -392,4 +393,53 @@ class MalformedInputTests(SecurityTestCase):
                 self.assertEqual(reply.status, 400, (method, number[:20], reply))
                 self.assertIn("DhcpTimeout", reply.error, reply)
         self.assertEqual(d.snapshot(), before)
+        self.assert_no_traceback(d)
+
+
+class FramingTests(SecurityTestCase):
+    """
+    Regressions found by C{bench/fuzz_http.py}.
+    """
+
+    def test_bad_length_over_tls_then_a_large_body(self) -> None:
+        """
+        A malformed C{Content-Length} (C{-0}, C{+5}, C{abc}, two different ones)
+        followed by more headers and a 300 KB body, over TLS with the admin's
+        certificate and over plain HTTP: 400, and no traceback. (Over TLS the
+        channel used to keep parsing the records TLS had already received after it
+        refused the request, and failed on the body with no transfer decoder.)
+        """
+        d = self.daemon()
+        body = b'{"IpAddress": "' + b"a" * 300000 + b'"}'
+        for length in (b"-0", b"+5", b"abc", b"2\r\nContent-Length: 3"):
+            data = (b"POST /rpc/Hypervisor.GetVmCreateRequest HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Length: " + length + b"\r\nConnection: close\r\n\r\n" + body)
+            for how in ("admin", None):
+                sock = d.tls_socket(how) if how else d.plain_socket()
+                with sock:
+                    try:
+                        sock.sendall(data)
+                    except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+                        pass
+                    status, _, why = realrpc.exchange(sock, 10)
+                self.assertEqual(status, 400, (length, how, why))
+        self.assertEqual(d.healthz(), 200)
+        self.assert_no_traceback(d)
+
+    def test_rpc_listing_other_methods_405(self) -> None:
+        """
+        PUT, DELETE, PATCH and OPTIONS on C{/rpc} answer 405 with C{Allow: GET,
+        HEAD} (they were redirected to C{/rpc/} with a 308).
+        """
+        d = self.daemon()
+        for method in ("PUT", "DELETE", "PATCH", "OPTIONS"):
+            connection = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
+            try:
+                connection.request(method, "/rpc", body=b"")
+                response = connection.getresponse()
+                response.read()
+            finally:
+                connection.close()
+            self.assertEqual(response.status, 405, method)
+            self.assertEqual(response.getheader("Allow"), "GET, HEAD")
         self.assert_no_traceback(d)

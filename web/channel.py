@@ -59,7 +59,16 @@ class HypervisorChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         """
         The first byte of a request starts its headers deadline.
+
+        Bytes that arrive once the connection is closing are dropped: TLS still
+        hands up the records it had already received after C{loseConnection} (a
+        plain TCP transport stops reading), and L{HTTPChannel} would go on parsing
+        them after it refused the request — e.g. the headers after a malformed
+        C{Content-Length}, reaching a body with no transfer decoder (an
+        AttributeError and a logged traceback, found by C{bench/fuzz_http.py}).
         """
+        if getattr(self.transport, "disconnecting", False):
+            return
         if data and not self._in_request:
             self._in_request = True
             self._enter(Phase.HEADERS)

@@ -170,6 +170,18 @@ class RpcEndpoints:
             for name, spec in sorted(METHODS.items())
         ], indent=2).encode() + b"\n"
 
+    @app.route("/rpc", methods=["PUT", "DELETE", "PATCH", "OPTIONS"], branch=False)
+    def listing_wrong_method(self, request: Request) -> bytes:
+        """
+        The listing is read with GET or HEAD. (Without this route the methods that
+        C{/rpc/} answers are redirected there with a 308.)
+        """
+        request.setResponseCode(405)
+        request.setHeader(b"Allow", b"GET, HEAD")
+        request.setHeader(b"Content-Type", JSON_TYPE)
+        return error_body("GET /rpc lists the methods; RPC calls are "
+                          "POST /rpc/Hypervisor.<Method>")
+
     @app.route("/rpc/", methods=["GET", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"],
                branch=True)
     def wrong_method(self, request: Request) -> bytes:
