@@ -21,6 +21,7 @@ holds it runs.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -52,7 +53,6 @@ from hypervisor.model import (
     CreateVmResponse,
     LocalVmInfo,
     State,
-    VmInfo,
     Volume,
     VolumeFormat,
     VolumeInterface,
@@ -301,7 +301,7 @@ class Creator:
         address = addresses[0]
         ip = address.IpAddress
         now = ctx.now()
-        new = codec.from_dict(VmInfo, codec.to_dict(info))  # a copy
+        new = copy.deepcopy(info)
         new.Address = address
         new.SecondaryAddresses = addresses[1:]
         new.SubnetId = subnet_id

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import json
 import os
 import re
 from typing import Callable, Iterable, Optional
@@ -72,7 +71,7 @@ def subnet_network(subnet: Subnet) -> ipaddress.IPv4Network:
 def _load_json(path: str) -> Optional[object]:
     try:
         with open(path, "rb") as f:
-            return json.loads(f.read())
+            return codec.loads(f.read())
     except FileNotFoundError:
         return None
 
