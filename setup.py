@@ -41,7 +41,14 @@ setup(
         "prometheus-client>=0.17",
     ],
     extras_require={
-        "test": ["hypothesis>=6.80", "cryptography>=41", "mypy>=1.8", "mypy-zope>=1.0"],
+        "test": [
+            "hypothesis>=6.80",
+            "cryptography>=41",
+            "mypy>=1.8",
+            "mypy-zope>=1.0",
+            "black>=24.1",
+            "isort>=5.13",
+        ],
     },
     entry_points={
         "console_scripts": [

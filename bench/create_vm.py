@@ -49,8 +49,10 @@ ALICE = Identity(username="bench")
 def row(name: str, values: list[float]) -> str:
     values = sorted(values)
     p90 = values[min(len(values) - 1, int(round(0.9 * (len(values) - 1))))]
-    return (f"{name:<34} {statistics.median(values):>8.3f} {p90:>8.3f} "
-            f"{values[0]:>8.3f} {values[-1]:>8.3f}")
+    return (
+        f"{name:<34} {statistics.median(values):>8.3f} {p90:>8.3f} "
+        f"{values[0]:>8.3f} {values[-1]:>8.3f}"
+    )
 
 
 async def run(reactor: Any, rounds: int, memory: int) -> None:
@@ -61,9 +63,14 @@ async def run(reactor: Any, rounds: int, memory: int) -> None:
     support.ensure_bridge()
     root = support.public_tempdir("hv-bench-")
     lv = LibvirtService(support.QEMU_URI, reactor)
-    manager = Manager(StateDirectory(os.path.join(root, "state")), lv, reactor,
-                      domain_type="qemu", volume_directories=[os.path.join(root, "vol")],
-                      images_directory=guest)
+    manager = Manager(
+        StateDirectory(os.path.join(root, "state")),
+        lv,
+        reactor,
+        domain_type="qemu",
+        volume_directories=[os.path.join(root, "vol")],
+        images_directory=guest,
+    )
     manager.privilegedStartService()
     lv.startService()
     manager.startService()
@@ -84,8 +91,7 @@ async def run(reactor: Any, rounds: int, memory: int) -> None:
             daemon_t.append(time.perf_counter() - t0)
             ip = response.IpAddress
             api.AcknowledgeVm(ALICE, IpRequest(ip))
-            xml = build_domain_xml(manager.vms[ip].info,
-                                   manager._domain_spec(manager.vms[ip]))
+            xml = build_domain_xml(manager.vms[ip].info, manager._domain_spec(manager.vms[ip]))
             await api.DestroyVm(ALICE, AccessRequest(IpAddress=ip))
             # the same XML, bare: needs the files the VM had, so make them again
             vm_dir = os.path.join(root, "bare")
@@ -95,31 +101,41 @@ async def run(reactor: Any, rounds: int, memory: int) -> None:
                 shutil.copyfile(os.path.join(guest, name), os.path.join(vm_dir, name))
             with open(os.path.join(vm_dir, "root"), "wb") as f:
                 f.truncate(1 << 20)
-            bare = (xml.replace(os.path.join(root, "vol", ip, "kernel"),
-                                os.path.join(vm_dir, "vmlinux"))
-                    .replace(os.path.join(root, "vol", ip, "initrd"),
-                             os.path.join(vm_dir, "initrd.cpio"))
-                    .replace(os.path.join(root, "vol", ip, "root"),
-                             os.path.join(vm_dir, "root"))
-                    .replace(os.path.join(root, "state", "VMs", ip, "bootlog"),
-                             os.path.join(vm_dir, "bootlog")))
+            bare = (
+                xml.replace(
+                    os.path.join(root, "vol", ip, "kernel"), os.path.join(vm_dir, "vmlinux")
+                )
+                .replace(
+                    os.path.join(root, "vol", ip, "initrd"), os.path.join(vm_dir, "initrd.cpio")
+                )
+                .replace(os.path.join(root, "vol", ip, "root"), os.path.join(vm_dir, "root"))
+                .replace(
+                    os.path.join(root, "state", "VMs", ip, "bootlog"),
+                    os.path.join(vm_dir, "bootlog"),
+                )
+            )
             xml_path = os.path.join(root, "bare.xml")
             with open(xml_path, "w") as f:
                 f.write(bare)
             t0 = time.perf_counter()
-            subprocess.run(["virsh", "-q", "-c", support.QEMU_URI, "create", xml_path],
-                           check=True, capture_output=True)
+            subprocess.run(
+                ["virsh", "-q", "-c", support.QEMU_URI, "create", xml_path],
+                check=True,
+                capture_output=True,
+            )
             virsh_t.append(time.perf_counter() - t0)
             conn.lookupByName(domain_name(ip)).destroy()
             t0 = time.perf_counter()
             dom = conn.createXML(bare, 0)
             api_t.append(time.perf_counter() - t0)
             dom.destroy()
-            print(f"round {i + 1}/{rounds}: CreateVm {daemon_t[-1]:.3f}s, virsh "
-                  f"{virsh_t[-1]:.3f}s, createXML {api_t[-1]:.3f}s", file=sys.stderr)
+            print(
+                f"round {i + 1}/{rounds}: CreateVm {daemon_t[-1]:.3f}s, virsh "
+                f"{virsh_t[-1]:.3f}s, createXML {api_t[-1]:.3f}s",
+                file=sys.stderr,
+            )
         print()
-        print(f"CreateVm -> domain running, tiny guest, {memory} MiB, N={rounds} "
-              f"(seconds)")
+        print(f"CreateVm -> domain running, tiny guest, {memory} MiB, N={rounds} " f"(seconds)")
         print(f"{'method':<34} {'median':>8} {'p90':>8} {'min':>8} {'max':>8}")
         print(row("hypervisor CreateVm (service)", daemon_t))
         print(row("virsh create (same XML)", virsh_t))
@@ -127,8 +143,9 @@ async def run(reactor: Any, rounds: int, memory: int) -> None:
         m = statistics.median(daemon_t)
         for name, values in (("virsh create", virsh_t), ("createXML", api_t)):
             base = statistics.median(values)
-            print(f"daemon overhead over {name}: {m - base:+.3f}s "
-                  f"({(m / base - 1) * 100:+.0f} %)")
+            print(
+                f"daemon overhead over {name}: {m - base:+.3f}s " f"({(m / base - 1) * 100:+.0f} %)"
+            )
     finally:
         conn.close()
         await manager.stopService()

@@ -37,8 +37,9 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, given  # noqa: E402
 from hypothesis import seed as hypothesis_seed  # noqa: E402
+from hypothesis import settings
 from hypothesis import strategies as st  # noqa: E402
 
 from hypervisor import codec  # noqa: E402
@@ -98,8 +99,10 @@ class Tally:
         self.failures.append(f"{cls.__name__} {data[:200]!r}: {why}")
 
 
-_FOLD = [(re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\""), "'…'"),
-         (re.compile(r"-?\d+(\.\d+)?(e[+-]?\d+)?"), "N")]
+_FOLD = [
+    (re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\""), "'…'"),
+    (re.compile(r"-?\d+(\.\d+)?(e[+-]?\d+)?"), "N"),
+]
 
 
 def _fold(message: str) -> str:
@@ -117,9 +120,15 @@ def hypothesis_target(tally: Tally, strategy: Any, examples: int, seed: int) -> 
     Run C{examples} inputs drawn from C{strategy} (pairs of type and bytes) through
     the tally, generation only (no shrinking: failures are collected, not raised).
     """
+
     @hypothesis_seed(seed)
-    @settings(max_examples=examples, deadline=None, database=None,
-              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(strategy)
     def run(case: tuple[type, bytes]) -> None:
         tally.run(*case)
@@ -141,12 +150,18 @@ def mutation_target(tally: Tally, seconds: float, seed: int) -> None:
     """
     rng = random.Random(seed)
     corpus: list[tuple[type, bytes]] = []
-    seeds = st.sampled_from(targets.TYPES).flatmap(lambda t: st.tuples(
-        st.just(t), valid_or_one_bad(t), st.integers(0, 2)))
+    seeds = st.sampled_from(targets.TYPES).flatmap(
+        lambda t: st.tuples(st.just(t), valid_or_one_bad(t), st.integers(0, 2))
+    )
 
     @hypothesis_seed(seed)
-    @settings(max_examples=2000, deadline=None, database=None,
-              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=2000,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(seeds)
     def collect(case: tuple[type, Any, int]) -> None:
         cls, value, how = case
@@ -155,9 +170,29 @@ def mutation_target(tally: Tally, seconds: float, seed: int) -> None:
             corpus.append((cls, data))
 
     collect()
-    tokens = [b"\xed\xa0\x80", b"\\ud800", b"\xff", b"\xc0\xaf", b"[", b"{", b"]", b"}",
-              b"18446744073709551616", b"-1", b"1e400", b"NaN", b"1" + b"0" * 400,
-              b'"', b"\\", b"null", b",", b":", b'"a":', b"\x00", b"9223372036854775808"]
+    tokens = [
+        b"\xed\xa0\x80",
+        b"\\ud800",
+        b"\xff",
+        b"\xc0\xaf",
+        b"[",
+        b"{",
+        b"]",
+        b"}",
+        b"18446744073709551616",
+        b"-1",
+        b"1e400",
+        b"NaN",
+        b"1" + b"0" * 400,
+        b'"',
+        b"\\",
+        b"null",
+        b",",
+        b":",
+        b'"a":',
+        b"\x00",
+        b"9223372036854775808",
+    ]
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         cls, seed_data = rng.choice(corpus)
@@ -166,14 +201,14 @@ def mutation_target(tally: Tally, seconds: float, seed: int) -> None:
             i = rng.randint(0, len(data))
             kind = rng.randint(0, 3)
             if kind == 0:
-                data[i:i + 1] = bytes([rng.randint(0, 255)])
+                data[i : i + 1] = bytes([rng.randint(0, 255)])
             elif kind == 1:
                 data[i:i] = rng.choice(tokens)
             elif kind == 2:
-                del data[i:i + rng.randint(1, 8)]
+                del data[i : i + rng.randint(1, 8)]
             else:
                 j = rng.randint(0, len(data))
-                data[i:i] = data[min(i, j):max(i, j)][:64]
+                data[i:i] = data[min(i, j) : max(i, j)][:64]
         tally.run(cls, bytes(data))
 
 
@@ -182,10 +217,8 @@ def main(argv: list[str]) -> int:
     Run every target; print the table; 1 if any input failed.
     """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--examples", type=int, default=20000,
-                        help="inputs per hypothesis target")
-    parser.add_argument("--seconds", type=float, default=120.0,
-                        help="time for the mutation target")
+    parser.add_argument("--examples", type=int, default=20000, help="inputs per hypothesis target")
+    parser.add_argument("--seconds", type=float, default=120.0, help="time for the mutation target")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
 
@@ -193,14 +226,25 @@ def main(argv: list[str]) -> int:
     fielded = st.sampled_from(targets.FIELDED_TYPES)
     json_values = targets.JSON_VALUES
     hypothesis_targets = {
-        "shaped": types.flatmap(lambda t: st.tuples(
-            st.just(t), st.tuples(targets.hostile(t), st.integers(0, 2)).map(
-                lambda v: targets.serialise(*v)))),
-        "one-bad": fielded.flatmap(lambda t: st.tuples(
-            st.just(t), st.tuples(targets.one_bad(t), st.integers(0, 2)).map(
-                lambda v: targets.serialise(*v)))),
-        "json": st.tuples(types, st.tuples(json_values, st.integers(0, 2)).map(
-            lambda v: targets.serialise(*v))),
+        "shaped": types.flatmap(
+            lambda t: st.tuples(
+                st.just(t),
+                st.tuples(targets.hostile(t), st.integers(0, 2)).map(
+                    lambda v: targets.serialise(*v)
+                ),
+            )
+        ),
+        "one-bad": fielded.flatmap(
+            lambda t: st.tuples(
+                st.just(t),
+                st.tuples(targets.one_bad(t), st.integers(0, 2)).map(
+                    lambda v: targets.serialise(*v)
+                ),
+            )
+        ),
+        "json": st.tuples(
+            types, st.tuples(json_values, st.integers(0, 2)).map(lambda v: targets.serialise(*v))
+        ),
         "bytes": st.tuples(types, st.binary(max_size=2000)),
     }
     tallies = []
@@ -209,27 +253,31 @@ def main(argv: list[str]) -> int:
         tally = Tally(name)
         t0 = time.monotonic()
         hypothesis_target(tally, strategy, args.examples, args.seed)
-        print(f"{name}: {tally.inputs} inputs in {time.monotonic() - t0:.0f} s",
-              file=sys.stderr)
+        print(f"{name}: {tally.inputs} inputs in {time.monotonic() - t0:.0f} s", file=sys.stderr)
         tallies.append(tally)
     tally = Tally("mutate")
     mutation_target(tally, args.seconds, args.seed)
     tallies.append(tally)
 
-    print(f"\n{'target':10} {'inputs':>9} {'accepted':>9} {'repaired':>9} "
-          f"{'distinct errors':>16} {'failures':>9}")
+    print(
+        f"\n{'target':10} {'inputs':>9} {'accepted':>9} {'repaired':>9} "
+        f"{'distinct errors':>16} {'failures':>9}"
+    )
     for t in tallies:
-        print(f"{t.name:10} {t.inputs:9d} {t.accepted:9d} {t.repaired:9d} "
-              f"{len(t.errors):16d} {len(t.failures):9d}")
+        print(
+            f"{t.name:10} {t.inputs:9d} {t.accepted:9d} {t.repaired:9d} "
+            f"{len(t.errors):16d} {len(t.failures):9d}"
+        )
     every_error = collections.Counter[str]()
     for t in tallies:
         every_error.update(t.errors)
     total = sum(t.inputs for t in tallies)
     failures = [f for t in tallies for f in t.failures]
-    print(f"{'total':10} {total:9d} {'':9} {'':9} {len(every_error):16d} "
-          f"{len(failures):9d}")
-    print(f"\n{time.monotonic() - started:.0f} s; types: {len(targets.TYPES)}; most "
-          "frequent errors:")
+    print(f"{'total':10} {total:9d} {'':9} {'':9} {len(every_error):16d} " f"{len(failures):9d}")
+    print(
+        f"\n{time.monotonic() - started:.0f} s; types: {len(targets.TYPES)}; most "
+        "frequent errors:"
+    )
     for message, count in every_error.most_common(8):
         print(f"  {count:7d}  {message[:110]}")
     for failure in failures[:20]:

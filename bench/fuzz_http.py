@@ -53,47 +53,150 @@ from hypervisor import codec  # noqa: E402
 from hypervisor.api import METHODS  # noqa: E402
 
 ALLOWED = frozenset({200, 400, 401, 403, 404, 405, 409, 413, 503, 507})
-TRANSPORTS = [("plain", 25), ("admin", 35), ("alice", 15), ("anonymous", 20),
-              ("junk", 5)]
+TRANSPORTS = [("plain", 25), ("admin", 35), ("alice", 15), ("anonymous", 20), ("junk", 5)]
 PREFIX = "10.83.0"
 VM_IP = f"{PREFIX}.2"
 CREATE_METHODS = {"CreateVm"}
 
-PATHS = ["/", "/healthz", "/metrics", "/listVMs", f"/showVM?{VM_IP}", "/showVM",
-         "/showDhcpStatus", "/logs", "/logs/showLast", "/logs/dump",
-         "/logs/file?name=hypervisor.log", f"/showVmBootLog?{VM_IP}&tail=5",
-         "/listSubnets", "/listAvailableAddresses", "/listRegisteredAddresses",
-         "/listVolumeDirectories", "/showVolumeDirectories", "/rpc", "/rpc/",
-         "/static/style.css", "/nonexistent", "/%ff", "/..%2f..%2fetc%2fpasswd",
-         "//", "/listVMs?output=json", "/showVmBootLog?tail=%b2", "/?" + "a" * 5000,
-         "/rpc/Hypervisor.GetCapacity", "/rpc/Hypervisor.NoSuch", "/rpc/%ff",
-         "/_SRPC_/TLS/JSON", "*", "http://127.0.0.1/healthz"]
-HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "TRACE", "PATCH",
-                "CONNECT", "FOO", "get", "POST ", "P\x00ST", "POSTPOSTPOST" * 20, ""]
-VERSIONS = ["HTTP/1.1", "HTTP/1.0", "HTTP/0.9", "HTTP/2.0", "HTTP/1.1 ", "HTTP/1.",
-            "http/1.1", "HTTP/1.1\x00", "", "HTTP/9.9", "HTTP/1.1 extra"]
+PATHS = [
+    "/",
+    "/healthz",
+    "/metrics",
+    "/listVMs",
+    f"/showVM?{VM_IP}",
+    "/showVM",
+    "/showDhcpStatus",
+    "/logs",
+    "/logs/showLast",
+    "/logs/dump",
+    "/logs/file?name=hypervisor.log",
+    f"/showVmBootLog?{VM_IP}&tail=5",
+    "/listSubnets",
+    "/listAvailableAddresses",
+    "/listRegisteredAddresses",
+    "/listVolumeDirectories",
+    "/showVolumeDirectories",
+    "/rpc",
+    "/rpc/",
+    "/static/style.css",
+    "/nonexistent",
+    "/%ff",
+    "/..%2f..%2fetc%2fpasswd",
+    "//",
+    "/listVMs?output=json",
+    "/showVmBootLog?tail=%b2",
+    "/?" + "a" * 5000,
+    "/rpc/Hypervisor.GetCapacity",
+    "/rpc/Hypervisor.NoSuch",
+    "/rpc/%ff",
+    "/_SRPC_/TLS/JSON",
+    "*",
+    "http://127.0.0.1/healthz",
+]
+HTTP_METHODS = [
+    "GET",
+    "HEAD",
+    "POST",
+    "PUT",
+    "DELETE",
+    "OPTIONS",
+    "TRACE",
+    "PATCH",
+    "CONNECT",
+    "FOO",
+    "get",
+    "POST ",
+    "P\x00ST",
+    "POSTPOSTPOST" * 20,
+    "",
+]
+VERSIONS = [
+    "HTTP/1.1",
+    "HTTP/1.0",
+    "HTTP/0.9",
+    "HTTP/2.0",
+    "HTTP/1.1 ",
+    "HTTP/1.",
+    "http/1.1",
+    "HTTP/1.1\x00",
+    "",
+    "HTTP/9.9",
+    "HTTP/1.1 extra",
+]
 HOSTILE_VALUES: list[Any] = [
-    None, True, False, 0, -1, 1, 2 ** 31, 2 ** 63 - 1, 2 ** 63, 2 ** 64, -(2 ** 63) - 1,
-    10 ** 309, -(10 ** 400), 1e308, -0.0, 0.5, "", "x", "x" * 70000, "\ud800",
-    "\udfff\ud800", "é", "\u202e", "\x00", "10.83.0.2", "255.255.255.255",
-    "52:54:0a:53:00:02", "../../etc/passwd", "%00", "a" * 300, [], {}, [[]], [None],
-    {"a": 1}, [1, "x", None], "1e309", "running", "stopped", "raw", "virtio",
-    "0001-01-01T00:00:00Z", "9999-12-31T23:59:59Z", "Hypervisor.*",
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    2**31,
+    2**63 - 1,
+    2**63,
+    2**64,
+    -(2**63) - 1,
+    10**309,
+    -(10**400),
+    1e308,
+    -0.0,
+    0.5,
+    "",
+    "x",
+    "x" * 70000,
+    "\ud800",
+    "\udfff\ud800",
+    "é",
+    "\u202e",
+    "\x00",
+    "10.83.0.2",
+    "255.255.255.255",
+    "52:54:0a:53:00:02",
+    "../../etc/passwd",
+    "%00",
+    "a" * 300,
+    [],
+    {},
+    [[]],
+    [None],
+    {"a": 1},
+    [1, "x", None],
+    "1e309",
+    "running",
+    "stopped",
+    "raw",
+    "virtio",
+    "0001-01-01T00:00:00Z",
+    "9999-12-31T23:59:59Z",
+    "Hypervisor.*",
 ]
 SEEDS: dict[str, list[dict[str, Any]]] = {
     "CreateVm": [
-        {"MemoryInMiB": 32, "MilliCPUs": 10, "SubnetId": "hvtest", "DoNotStart": True,
-         "MinimumFreeBytes": 1048576},
-        {"MemoryInMiB": 16, "MilliCPUs": 10, "SubnetId": "hvtest", "DoNotStart": True,
-         "ImageDataSize": 4096, "UserDataSize": 5, "RoundupPower": 0},
+        {
+            "MemoryInMiB": 32,
+            "MilliCPUs": 10,
+            "SubnetId": "hvtest",
+            "DoNotStart": True,
+            "MinimumFreeBytes": 1048576,
+        },
+        {
+            "MemoryInMiB": 16,
+            "MilliCPUs": 10,
+            "SubnetId": "hvtest",
+            "DoNotStart": True,
+            "ImageDataSize": 4096,
+            "UserDataSize": 5,
+            "RoundupPower": 0,
+        },
     ],
-    "UpdateSubnets": [{"Add": [{"Id": "fz", "IpGateway": "10.83.1.1",
-                                "IpMask": "255.255.255.0"}]},
-                      {"Delete": ["fz"]}],
-    "ChangeAddressPool": [{"AddressesToAdd": [{"IpAddress": VM_IP,
-                                               "MacAddress": "52:54:0a:53:00:02"}]},
-                          {"AddressesToRemove": [{"IpAddress": VM_IP}]},
-                          {"MaximumFreeAddresses": {"hvtest": 0}}],
+    "UpdateSubnets": [
+        {"Add": [{"Id": "fz", "IpGateway": "10.83.1.1", "IpMask": "255.255.255.0"}]},
+        {"Delete": ["fz"]},
+    ],
+    "ChangeAddressPool": [
+        {"AddressesToAdd": [{"IpAddress": VM_IP, "MacAddress": "52:54:0a:53:00:02"}]},
+        {"AddressesToRemove": [{"IpAddress": VM_IP}]},
+        {"MaximumFreeAddresses": {"hvtest": 0}},
+    ],
     "SetDisabledState": [{"Disable": False}, {"Disable": True}],
     "ChangeOwners": [{"OwnerUsers": ["admin"], "OwnerGroups": []}],
     "ListVMs": [{"IgnoreStateMask": 0, "OwnerUsers": ["admin"], "Sort": True}],
@@ -128,8 +231,10 @@ class Case:
         """
         A short description for reports.
         """
-        return (f"#{self.index} {self.strategy} over {self.transport} "
-                f"({len(self.data)} bytes): {self.data[:160]!r}")
+        return (
+            f"#{self.index} {self.strategy} over {self.transport} "
+            f"({len(self.data)} bytes): {self.data[:160]!r}"
+        )
 
 
 @dataclass
@@ -183,10 +288,14 @@ class Generator:
         self.seeds = request_type_seeds()
         self.methods = sorted(self.seeds)
         self.strategies: list[tuple[str, Callable[[random.Random], tuple[Any, ...]], int]] = [
-            ("rpc", self.rpc, 35), ("rpc-mutated-json", self.rpc_mutated, 20),
-            ("upload", self.upload, 6), ("framing", self.framing, 10),
-            ("headers", self.headers, 8), ("request-line", self.request_line, 6),
-            ("pages", self.pages, 8), ("chunked", self.chunked, 7),
+            ("rpc", self.rpc, 35),
+            ("rpc-mutated-json", self.rpc_mutated, 20),
+            ("upload", self.upload, 6),
+            ("framing", self.framing, 10),
+            ("headers", self.headers, 8),
+            ("request-line", self.request_line, 6),
+            ("pages", self.pages, 8),
+            ("chunked", self.chunked, 7),
         ]
 
     # Pieces -----------------------------------------------------------------------------
@@ -228,8 +337,7 @@ class Generator:
             elif op < 0.6:
                 del copy[key]
             elif op < 0.7:
-                copy[r.choice(["Unknown", key.lower(), key.upper(), key + " ", ""])] = \
-                    copy.pop(key)
+                copy[r.choice(["Unknown", key.lower(), key.upper(), key + " ", ""])] = copy.pop(key)
             elif op < 0.8:
                 copy[r.choice(["Extra", "Error", "__proto__", "x" * 200])] = self.hostile(r)
             else:
@@ -246,9 +354,12 @@ class Generator:
         """
         JSON text of C{obj}, sometimes with odd but legal spacing or escapes.
         """
-        text = json.dumps(obj, ensure_ascii=r.random() < 0.5,
-                          indent=r.choice([None, None, 0, 4]),
-                          separators=r.choice([None, (",", ":"), (" ,", " : ")]))
+        text = json.dumps(
+            obj,
+            ensure_ascii=r.random() < 0.5,
+            indent=r.choice([None, None, 0, 4]),
+            separators=r.choice([None, (",", ":"), (" ,", " : ")]),
+        )
         data = text.encode("utf-8", "surrogatepass")
         if r.random() < 0.05 and data.startswith(b"{") and len(data) > 2:
             # a duplicated key: the first field again
@@ -266,37 +377,52 @@ class Generator:
         i = r.randrange(len(data))
         op = r.randrange(7)
         if op == 0:
-            return data[:i] + bytes([r.randrange(256)]) + data[i + 1:]
+            return data[:i] + bytes([r.randrange(256)]) + data[i + 1 :]
         if op == 1:
             return data[:i] + r.randbytes(r.randint(1, 16)) + data[i:]
         if op == 2:
-            return data[:i] + data[i + r.randint(1, 32):]
+            return data[:i] + data[i + r.randint(1, 32) :]
         if op == 3:
             j = min(len(data), i + r.randint(1, 64))
             return data[:j] + data[i:j] * r.randint(1, 4) + data[j:]
         if op == 4:
             return data[:i]
         if op == 5:
-            return data[:i] + r.choice([b"\r\n", b"\n", b"\r", b"\x00", b"\xff",
-                                        b"\r\n\r\n", b" ", b":"]) + data[i:]
-        return data[:i] + bytes([data[i] ^ (1 << r.randrange(8))]) + data[i + 1:]
+            return (
+                data[:i]
+                + r.choice([b"\r\n", b"\n", b"\r", b"\x00", b"\xff", b"\r\n\r\n", b" ", b":"])
+                + data[i:]
+            )
+        return data[:i] + bytes([data[i] ^ (1 << r.randrange(8))]) + data[i + 1 :]
 
-    def head(self, method: str, path: str, headers: list[str],
-             version: str = "HTTP/1.1") -> bytes:
+    def head(self, method: str, path: str, headers: list[str], version: str = "HTTP/1.1") -> bytes:
         """
         A request head.
         """
-        lines = [f"{method} {path} {version}".rstrip(" ") if version else
-                 f"{method} {path}", "Host: 127.0.0.1", *headers]
+        lines = [
+            f"{method} {path} {version}".rstrip(" ") if version else f"{method} {path}",
+            "Host: 127.0.0.1",
+            *headers,
+        ]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
     def post(self, rpc: str, body: bytes, extra: Optional[list[str]] = None) -> bytes:
         """
         An RPC POST with a right Content-Length and C{Connection: close}.
         """
-        return self.head("POST", f"/rpc/Hypervisor.{rpc}",
-                         [f"Content-Length: {len(body)}", "Content-Type: application/json",
-                          "Connection: close", *(extra or [])]) + body
+        return (
+            self.head(
+                "POST",
+                f"/rpc/Hypervisor.{rpc}",
+                [
+                    f"Content-Length: {len(body)}",
+                    "Content-Type: application/json",
+                    "Connection: close",
+                    *(extra or []),
+                ],
+            )
+            + body
+        )
 
     def body_for(self, r: random.Random, rpc: str, mutations: int) -> bytes:
         """
@@ -326,8 +452,19 @@ class Generator:
         if r.random() < 0.4:
             body = self.byte_edit(r, body)
         if r.random() < 0.1:
-            body = r.choice([b"", b"null", b"[]", b"1", b'"x"', b"{", b"\xff\xfe",
-                             b"{}" * 1000, b" " * 1024 * 1100])
+            body = r.choice(
+                [
+                    b"",
+                    b"null",
+                    b"[]",
+                    b"1",
+                    b'"x"',
+                    b"{",
+                    b"\xff\xfe",
+                    b"{}" * 1000,
+                    b" " * 1024 * 1100,
+                ]
+            )
         return self.post(rpc, body), "POST", rpc, True
 
     def upload(self, r: random.Random) -> tuple[Any, ...]:
@@ -336,18 +473,31 @@ class Generator:
         """
         size = r.choice([0, 1, 31, 32, 4096, 65536])
         user = r.choice([0, 0, 5])
-        request = {"MemoryInMiB": 16, "MilliCPUs": 10, "SubnetId": "hvtest",
-                   "DoNotStart": True, "ImageDataSize": size, "UserDataSize": user}
+        request = {
+            "MemoryInMiB": 16,
+            "MilliCPUs": 10,
+            "SubnetId": "hvtest",
+            "DoNotStart": True,
+            "ImageDataSize": size,
+            "UserDataSize": user,
+        }
         if r.random() < 0.5:
             request = self.mutate_value(r, request)
         line = self.encode_json(r, request).replace(b"\n", b" ") + r.choice(
-            [b"\n", b"\n", b"\r\n", b""])
+            [b"\n", b"\n", b"\r\n", b""]
+        )
         sent = size + user + r.choice([0, 0, 0, -1, 1, -size])
         payload = (b"QFI\xfb" if r.random() < 0.2 else b"") + r.randbytes(max(sent, 0))
-        body = line + payload[:max(sent, 0)]
+        body = line + payload[: max(sent, 0)]
         announced = len(body) + r.choice([0, 0, 0, 10])
-        data = self.head("POST", "/rpc/Hypervisor.CreateVm",
-                         [f"Content-Length: {announced}", "Connection: close"]) + body
+        data = (
+            self.head(
+                "POST",
+                "/rpc/Hypervisor.CreateVm",
+                [f"Content-Length: {announced}", "Connection: close"],
+            )
+            + body
+        )
         return data, "POST", "CreateVm", announced == len(body)
 
     def framing(self, r: random.Random) -> tuple[Any, ...]:
@@ -391,18 +541,34 @@ class Generator:
         """
         rpc = r.choice(self.methods)
         body = self.body_for(r, rpc, 0)
-        odd = r.choice([
-            ["X-Long: " + "a" * r.choice([100, 16000, 70000])],
-            ["NoColon"], [": empty name"], ["X-Nul: a\x00b"], ["X-Utf8: é\u202e"],
-            [" folded: continuation"], ["X-A: 1", "\tcontinued"],
-            [f"X-{i}: {i}" for i in range(r.choice([50, 200, 600]))],
-            ["Transfer-Encoding: gzip"], ["Transfer-Encoding: chunked, identity"],
-            ["Connection: keep-alive, Upgrade", "Upgrade: h2c"],
-            ["Content-Type: text/plain; charset=utf-7"], ["Host: "], ["Host: a", "Host: b"],
-            ["Content-Length : 2"], ["Cookie: " + "c=1; " * 1000],
-        ])
-        data = self.head("POST", f"/rpc/Hypervisor.{rpc}",
-                         [f"Content-Length: {len(body)}", "Connection: close", *odd]) + body
+        odd = r.choice(
+            [
+                ["X-Long: " + "a" * r.choice([100, 16000, 70000])],
+                ["NoColon"],
+                [": empty name"],
+                ["X-Nul: a\x00b"],
+                ["X-Utf8: é\u202e"],
+                [" folded: continuation"],
+                ["X-A: 1", "\tcontinued"],
+                [f"X-{i}: {i}" for i in range(r.choice([50, 200, 600]))],
+                ["Transfer-Encoding: gzip"],
+                ["Transfer-Encoding: chunked, identity"],
+                ["Connection: keep-alive, Upgrade", "Upgrade: h2c"],
+                ["Content-Type: text/plain; charset=utf-7"],
+                ["Host: "],
+                ["Host: a", "Host: b"],
+                ["Content-Length : 2"],
+                ["Cookie: " + "c=1; " * 1000],
+            ]
+        )
+        data = (
+            self.head(
+                "POST",
+                f"/rpc/Hypervisor.{rpc}",
+                [f"Content-Length: {len(body)}", "Connection: close", *odd],
+            )
+            + body
+        )
         return data, "POST", rpc, None if any(":" not in h for h in odd) else True
 
     def request_line(self, r: random.Random) -> tuple[Any, ...]:
@@ -410,18 +576,27 @@ class Generator:
         A request line with an odd method, target or version.
         """
         method = r.choice(HTTP_METHODS)
-        path = r.choice(PATHS + [f"/rpc/Hypervisor.{r.choice(self.methods)}",
-                                 "/rpc/Hypervisor." + "A" * 5000, "", " ", "/a b"])
+        path = r.choice(
+            PATHS
+            + [
+                f"/rpc/Hypervisor.{r.choice(self.methods)}",
+                "/rpc/Hypervisor." + "A" * 5000,
+                "",
+                " ",
+                "/a b",
+            ]
+        )
         version = r.choice(VERSIONS)
         if r.random() < 0.3:
             line = f"{method} {path} {version}"
-            line = r.choice([line + "  ", "  " + line, line.replace(" ", "\t"),
-                             line + " extra", line.upper()])
+            line = r.choice(
+                [line + "  ", "  " + line, line.replace(" ", "\t"), line + " extra", line.upper()]
+            )
             data = (line + "\r\nHost: x\r\nConnection: close\r\n\r\n").encode(
-                "utf-8", "surrogateescape")
+                "utf-8", "surrogateescape"
+            )
         else:
-            data = self.head(method, path, ["Connection: close", "Content-Length: 0"],
-                             version)
+            data = self.head(method, path, ["Connection: close", "Content-Length: 0"], version)
         if r.random() < 0.3:
             data = self.byte_edit(r, data)
         return data, method.strip() or "GET", "", None
@@ -430,13 +605,22 @@ class Generator:
         """
         A page request (any method) with an odd query, sometimes with a body.
         """
-        method = r.choice(["GET", "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS",
-                           "TRACE"])
+        method = r.choice(["GET", "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "TRACE"])
         path = r.choice(PATHS)
         if r.random() < 0.4:
-            path += r.choice(["?", "&"]) + r.choice([
-                "tail=" + "9" * 5000, "tail=-1", "tail=%b2", "ip=%ff", "a=%", "x" * 9000,
-                "output=text", f"IP={VM_IP}&tail=1", "%00=%00"])
+            path += r.choice(["?", "&"]) + r.choice(
+                [
+                    "tail=" + "9" * 5000,
+                    "tail=-1",
+                    "tail=%b2",
+                    "ip=%ff",
+                    "a=%",
+                    "x" * 9000,
+                    "output=text",
+                    f"IP={VM_IP}&tail=1",
+                    "%00=%00",
+                ]
+            )
         body = b"" if r.random() < 0.7 else r.randbytes(r.choice([1, 1000, 200000]))
         headers = ["Connection: close"]
         if body or method in ("POST", "PUT"):
@@ -458,7 +642,7 @@ class Generator:
         i = 0
         while i < len(body):
             n = r.randint(1, max(1, len(body)))
-            parts.append(body[i:i + n])
+            parts.append(body[i : i + n])
             i += n
         out = b""
         complete: Optional[bool] = True
@@ -479,8 +663,14 @@ class Generator:
             complete = None
         else:
             out += b"0\r\n\r\n"
-        data = self.head("POST", f"/rpc/Hypervisor.{rpc}",
-                         ["Transfer-Encoding: chunked", "Connection: close"]) + out
+        data = (
+            self.head(
+                "POST",
+                f"/rpc/Hypervisor.{rpc}",
+                ["Transfer-Encoding: chunked", "Connection: close"],
+            )
+            + out
+        )
         if r.random() < 0.1:
             data = self.byte_edit(r, data)
             complete = None
@@ -495,8 +685,11 @@ class Generator:
         r = random.Random(self.seed * 1_000_003 + index)
         transport = self.transport(r)
         if transport == "junk":
-            junk = b"\x16" + r.choice([b"\x03\x01", b"\x03\x03", b"\xff\xff", b""]) + \
-                r.randbytes(r.choice([0, 3, 100, 5000]))
+            junk = (
+                b"\x16"
+                + r.choice([b"\x03\x01", b"\x03\x03", b"\xff\xff", b""])
+                + r.randbytes(r.choice([0, 3, 100, 5000]))
+            )
             return Case(index, "tls-junk", transport, junk, "GET", "", None)
         names = [s for s, _, _ in self.strategies]
         weights = [w for _, _, w in self.strategies]
@@ -515,8 +708,7 @@ def connect(daemon: Any, transport: str, timeout: float) -> socket.socket:
     """
     if transport in ("plain", "junk"):
         return daemon.plain_socket(timeout=timeout)
-    return daemon.tls_socket(None if transport == "anonymous" else transport,
-                             timeout=timeout)
+    return daemon.tls_socket(None if transport == "anonymous" else transport, timeout=timeout)
 
 
 def send(daemon: Any, case: Case) -> Outcome:
@@ -539,7 +731,8 @@ def send(daemon: Any, case: Case) -> Outcome:
         if case.transport == "junk":
             return tls_junk_outcome(case, sock)
         response = http.client.HTTPResponse(
-            sock, method="HEAD" if case.http_method == "HEAD" else "GET")
+            sock, method="HEAD" if case.http_method == "HEAD" else "GET"
+        )
         try:
             response.begin()
         except http.client.RemoteDisconnected:
@@ -617,9 +810,11 @@ class Report:
     inputs: int = 0
     outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
     by_transport: dict[str, collections.Counter[str]] = field(
-        default_factory=lambda: collections.defaultdict(collections.Counter))
+        default_factory=lambda: collections.defaultdict(collections.Counter)
+    )
     by_strategy: dict[str, collections.Counter[str]] = field(
-        default_factory=lambda: collections.defaultdict(collections.Counter))
+        default_factory=lambda: collections.defaultdict(collections.Counter)
+    )
     violations: list[str] = field(default_factory=list)
     authorised_changes: int = 0
     late_changes: int = 0
@@ -645,24 +840,26 @@ class Report:
         """
         kinds = sorted(self.outcomes, key=lambda k: (not k.isdigit(), k))
         width = max([len(k) for k in kinds] + [6])
-        lines = [f"HTTP adapter fuzz: {self.inputs} inputs in {self.seconds:.1f}s "
-                 f"({self.inputs / max(self.seconds, 1e-9):.0f}/s)", ""]
+        lines = [
+            f"HTTP adapter fuzz: {self.inputs} inputs in {self.seconds:.1f}s "
+            f"({self.inputs / max(self.seconds, 1e-9):.0f}/s)",
+            "",
+        ]
         header = f"{'':18}" + "".join(f"{k:>{width + 1}}" for k in kinds)
         lines.append(header)
-        for title, rows in (("transport", self.by_transport),
-                            ("strategy", self.by_strategy)):
+        for title, rows in (("transport", self.by_transport), ("strategy", self.by_strategy)):
             for name in sorted(rows):
-                lines.append(f"{name:18}" + "".join(f"{rows[name][k]:>{width + 1}}"
-                                                    for k in kinds))
+                lines.append(f"{name:18}" + "".join(f"{rows[name][k]:>{width + 1}}" for k in kinds))
             lines.append("")
-        lines.append(f"{'all':18}" + "".join(f"{self.outcomes[k]:>{width + 1}}"
-                                             for k in kinds))
+        lines.append(f"{'all':18}" + "".join(f"{self.outcomes[k]:>{width + 1}}" for k in kinds))
         lines.append("")
         lines.append(f"500 answers: {self.outcomes.get('500', 0)}")
-        lines.append(f"batches with state changes: {self.authorised_changes} with an "
-                     f"authorised 200, {self.late_changes} after an authorised request "
-                     f"left unanswered; VMs created (and acknowledged): "
-                     f"{len(self.created)}")
+        lines.append(
+            f"batches with state changes: {self.authorised_changes} with an "
+            f"authorised 200, {self.late_changes} after an authorised request "
+            f"left unanswered; VMs created (and acknowledged): "
+            f"{len(self.created)}"
+        )
         lines.append(f"violations: {len(self.violations)}")
         lines.extend("  " + v for v in self.violations[:50])
         return "\n".join(lines)
@@ -707,7 +904,7 @@ class LogWatch:
         out = []
         at = text.find("Traceback")
         while at >= 0:
-            out.append(text[max(0, at - 200):at + 3000])
+            out.append(text[max(0, at - 200) : at + 3000])
             at = text.find("Traceback", at + 1)
         return out
 
@@ -718,8 +915,14 @@ answer the fuzzer did not wait for (a CreateVm finishes, then its unacknowledged
 is destroyed 15 s later)."""
 
 
-def run(daemon: Any, generator: Generator, inputs: int, concurrency: int = 4,
-        start: int = 0, progress: Optional[Callable[[Report], None]] = None) -> Report:
+def run(
+    daemon: Any,
+    generator: Generator,
+    inputs: int,
+    concurrency: int = 4,
+    start: int = 0,
+    progress: Optional[Callable[[Report], None]] = None,
+) -> Report:
     """
     Send inputs C{start} .. C{start + inputs - 1} in batches of C{concurrency}
     parallel connections; check each outcome, the state after each batch and the
@@ -737,8 +940,9 @@ def run(daemon: Any, generator: Generator, inputs: int, concurrency: int = 4,
     unanswered = float("-inf")
     with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
         for first in range(start, start + inputs, concurrency):
-            cases = [generator.case(i)
-                     for i in range(first, min(first + concurrency, start + inputs))]
+            cases = [
+                generator.case(i) for i in range(first, min(first + concurrency, start + inputs))
+            ]
             outcomes = list(pool.map(lambda c: send(daemon, c), cases))
             authorised = False
             for outcome in outcomes:
@@ -754,7 +958,8 @@ def run(daemon: Any, generator: Generator, inputs: int, concurrency: int = 4,
             for traceback in watch.new_tracebacks():
                 report.violations.append(
                     f"traceback logged during inputs {cases[0].index}-{cases[-1].index}: "
-                    f"{traceback}")
+                    f"{traceback}"
+                )
             after = daemon.snapshot()
             if after != before:
                 if authorised:
@@ -762,12 +967,14 @@ def run(daemon: Any, generator: Generator, inputs: int, concurrency: int = 4,
                 elif time.monotonic() - unanswered < UNANSWERED_WINDOW:
                     report.late_changes += 1
                 else:
-                    changed = sorted(k for k in set(before) | set(after)
-                                     if before.get(k) != after.get(k))
+                    changed = sorted(
+                        k for k in set(before) | set(after) if before.get(k) != after.get(k)
+                    )
                     report.violations.append(
                         f"state changed ({', '.join(changed)}) in a batch without an "
-                        "authorised 200 — " + "; ".join(
-                            f"{o.kind} {o.case.describe()}" for o in outcomes))
+                        "authorised 200 — "
+                        + "; ".join(f"{o.kind} {o.case.describe()}" for o in outcomes)
+                    )
             before = after
             if progress is not None:
                 progress(report)
@@ -784,11 +991,14 @@ def start_daemon(holder: Any) -> Any:
 
     support.ensure_bridge()
     holder.addCleanup(realrpc.destroy_domains, PREFIX)
-    daemon = realrpc.TlsDaemon(holder, {"admin": "*.*", "alice": ""}, "-domainType=qemu",
-                               "-allowUnauthenticatedReads")
+    daemon = realrpc.TlsDaemon(
+        holder, {"admin": "*.*", "alice": ""}, "-domainType=qemu", "-allowUnauthenticatedReads"
+    )
     daemon.start(healthy=True)
-    reply = daemon.call("UpdateSubnets", {"Add": [{
-        "Id": "hvtest", "IpGateway": f"{PREFIX}.1", "IpMask": "255.255.255.0"}]})
+    reply = daemon.call(
+        "UpdateSubnets",
+        {"Add": [{"Id": "hvtest", "IpGateway": f"{PREFIX}.1", "IpMask": "255.255.255.0"}]},
+    )
     assert reply.status == 200, reply
     return daemon
 
@@ -800,8 +1010,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--inputs", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--start", type=int, default=0,
-                        help="first input number (to replay a stretch of a run)")
+    parser.add_argument(
+        "--start", type=int, default=0, help="first input number (to replay a stretch of a run)"
+    )
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--keep", action="store_true", help="keep the daemon's directory")
     args = parser.parse_args(argv)
@@ -819,11 +1030,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         def progress(report: Report) -> None:
             if time.monotonic() - last[0] > 10:
                 last[0] = time.monotonic()
-                print(f"... {report.inputs} inputs, {len(report.violations)} violations",
-                      flush=True)
+                print(
+                    f"... {report.inputs} inputs, {len(report.violations)} violations", flush=True
+                )
 
-        report = run(daemon, Generator(args.seed), args.inputs, args.concurrency,
-                     start=args.start, progress=progress)
+        report = run(
+            daemon,
+            Generator(args.seed),
+            args.inputs,
+            args.concurrency,
+            start=args.start,
+            progress=progress,
+        )
         healthy = daemon.healthz()
         traceback = realrpc.traceback_excerpt(daemon)
         alive = daemon.process is not None and daemon.process.poll() is None

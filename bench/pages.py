@@ -65,21 +65,33 @@ class Static(Resource):
 
 def populate(root: str, count: int) -> Manager:
     libvirt = LibvirtService("qemu:///system", reactor)
-    manager = Manager(StateDirectory(os.path.join(root, "state")), libvirt, reactor,
-                      domain_type="qemu", volume_directories=[root],
-                      host=FakeHost(cpus=64, memory_mib=1 << 20))
+    manager = Manager(
+        StateDirectory(os.path.join(root, "state")),
+        libvirt,
+        reactor,
+        domain_type="qemu",
+        volume_directories=[root],
+        host=FakeHost(cpus=64, memory_mib=1 << 20),
+    )
     manager.privilegedStartService()
-    manager.update_subnets([Subnet(Id="net", IpGateway="10.0.0.1",
-                                   IpMask="255.255.0.0")], [], [])
+    manager.update_subnets([Subnet(Id="net", IpGateway="10.0.0.1", IpMask="255.255.0.0")], [], [])
     states = list(State)
     for i in range(count):
         ip = f"10.0.{i // 250}.{i % 250 + 2}"
-        info = VmInfo(Address=Address(ip, f"52:54:0a:00:{i // 250:02x}:{i % 250 + 2:02x}"),
-                      MemoryInMiB=1024, MilliCPUs=500, State=states[i % 5],
-                      OwnerUsers=[f"user{i % 17}"], SubnetId="net",
-                      Tags={"Name": f"vm-{i}"}, Volumes=[Volume(Size=10 << 30)])
-        manager.vms[ip] = Vm(LocalVmInfo(VmInfo=info, VolumeLocations=[
-            VolumeLocation(root, f"{root}/{ip}/root")]), os.path.join(root, ip))
+        info = VmInfo(
+            Address=Address(ip, f"52:54:0a:00:{i // 250:02x}:{i % 250 + 2:02x}"),
+            MemoryInMiB=1024,
+            MilliCPUs=500,
+            State=states[i % 5],
+            OwnerUsers=[f"user{i % 17}"],
+            SubnetId="net",
+            Tags={"Name": f"vm-{i}"},
+            Volumes=[Volume(Size=10 << 30)],
+        )
+        manager.vms[ip] = Vm(
+            LocalVmInfo(VmInfo=info, VolumeLocations=[VolumeLocation(root, f"{root}/{ip}/root")]),
+            os.path.join(root, ip),
+        )
     return manager
 
 
@@ -116,8 +128,9 @@ def main() -> None:
             c = http.client.HTTPConnection("127.0.0.1", p)
             c.request("GET", "/listVMs")
             body = c.getresponse().read()
-            static = reactor_call(lambda: reactor.listenTCP(0, Site(Static(body)),
-                                                            interface="127.0.0.1"))
+            static = reactor_call(
+                lambda: reactor.listenTCP(0, Site(Static(body)), interface="127.0.0.1")
+            )
             for path in ("/listVMs", "/listVMs?output=json", "/listVMs?output=text", "/"):
                 measure(p, path, 5)  # warm up
                 results[path] = measure(p, path, args.n)

@@ -159,12 +159,16 @@ class Rpc:
         """
         POST C{/rpc/Hypervisor.<method>}; never raises for network errors.
         """
-        connection = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout,
-                                                 context=self.context)
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1", self.port, timeout=timeout, context=self.context
+        )
         try:
-            connection.request("POST", f"/rpc/Hypervisor.{method}",
-                               body=json.dumps(body).encode(),
-                               headers={"Content-Type": "application/json"})
+            connection.request(
+                "POST",
+                f"/rpc/Hypervisor.{method}",
+                body=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
             response = connection.getresponse()
             data = response.read()
         except (OSError, http.client.HTTPException) as e:
@@ -283,8 +287,7 @@ def _subnet_domains(network: ipaddress.IPv4Network) -> list[DomainView]:
                 continue  # gone meanwhile
             ip = ""
             try:
-                text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-                                    METADATA_NAMESPACE, 0)
+                text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NAMESPACE, 0)
                 element = ElementTree.fromstring(text).find("ipAddress")
                 ip = (element.text or "") if element is not None else ""
             except (libvirt.libvirtError, ElementTree.ParseError):
@@ -348,11 +351,16 @@ class Daemon:
         self.port = free_port()
         self.output_path = os.path.join(root, "daemon-output.log")
         self.flags = [
-            f"-stateDir={self.state_dir}", f"-logDir={root}/log", f"-portNum={self.port}",
-            f"-libvirtUri={QEMU_URI}", "-domainType=qemu",
+            f"-stateDir={self.state_dir}",
+            f"-logDir={root}/log",
+            f"-portNum={self.port}",
+            f"-libvirtUri={QEMU_URI}",
+            "-domainType=qemu",
             f"-volumeDirectories={self.volume_dir}",
-            f"-CAfile={self.pki}/CA.pem", f"-identityCAfile={self.pki}/none.pem",
-            f"-certFile={self.pki}/server.pem", f"-keyFile={self.pki}/server.key",
+            f"-CAfile={self.pki}/CA.pem",
+            f"-identityCAfile={self.pki}/none.pem",
+            f"-certFile={self.pki}/server.pem",
+            f"-keyFile={self.pki}/server.key",
         ]
         if guest:
             self.flags.append(f"-localImagesDirectory={guest}")
@@ -364,16 +372,22 @@ class Daemon:
         """
         Run C{python -m hypervisor <flags> <args>} (make-certs, stop, check-vms).
         """
-        return subprocess.run([sys.executable, "-m", "hypervisor", *self.flags, *args],
-                              cwd=REPO, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "hypervisor", *self.flags, *args],
+            cwd=REPO,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def make_certs(self) -> None:
         """
         The CA, the daemon's certificate and the torture user's (every method).
         """
-        result = self.command("make-certs", "--user", USER, "--methods", "*.*",
-                              "--out", f"{self.pki}/users")
+        result = self.command(
+            "make-certs", "--user", USER, "--methods", "*.*", "--out", f"{self.pki}/users"
+        )
         if result.returncode != 0:
             raise CannotRun(f"hypervisor make-certs failed: {result.stderr}")
 
@@ -381,8 +395,12 @@ class Daemon:
         """
         An RPC client with the torture user's certificate.
         """
-        return Rpc(self.port, f"{self.pki}/CA.pem", f"{self.pki}/users/{USER}.cert",
-                   f"{self.pki}/users/{USER}.key")
+        return Rpc(
+            self.port,
+            f"{self.pki}/CA.pem",
+            f"{self.pki}/users/{USER}.cert",
+            f"{self.pki}/users/{USER}.key",
+        )
 
     def start(self, timeout: float = 90.0) -> None:
         """
@@ -392,23 +410,28 @@ class Daemon:
         """
         self.starts += 1
         with open(self.output_path, "ab") as out:
-            out.write(f"\n===== torture: start {self.starts} at {time.time():.3f} "
-                      "=====\n".encode())
+            out.write(
+                f"\n===== torture: start {self.starts} at {time.time():.3f} " "=====\n".encode()
+            )
             out.flush()
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "hypervisor", *self.flags, "run"], cwd=REPO,
-                env=self.env, stdout=out, stderr=subprocess.STDOUT)
+                [sys.executable, "-m", "hypervisor", *self.flags, "run"],
+                cwd=REPO,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise CannotRun(f"the daemon exited with {self.process.returncode}; "
-                                f"its output is in {self.output_path}:\n"
-                                + self.tail(40))
+                raise CannotRun(
+                    f"the daemon exited with {self.process.returncode}; "
+                    f"its output is in {self.output_path}:\n" + self.tail(40)
+                )
             if http_status(self.port, "/healthz") == 200:
                 return
             time.sleep(0.1)
-        raise CannotRun(f"the daemon did not become healthy within {timeout:g}s:\n"
-                        + self.tail(40))
+        raise CannotRun(f"the daemon did not become healthy within {timeout:g}s:\n" + self.tail(40))
 
     def kill(self) -> None:
         """
@@ -457,13 +480,18 @@ class Daemon:
         """
         try:
             with open(self.output_path, encoding="utf-8", errors="replace") as f:
-                found = [line.rstrip() for line in f if ip + " " in line or
-                         ip + ":" in line or line.rstrip().endswith(ip)]
+                found = [
+                    line.rstrip()
+                    for line in f
+                    if ip + " " in line or ip + ":" in line or line.rstrip().endswith(ip)
+                ]
         except OSError:
             return []
-        important = [line for line in found
-                     if any(w in line.lower() for w in ("warn", "error", "fail",
-                                                        "traceback", "cannot"))]
+        important = [
+            line
+            for line in found
+            if any(w in line.lower() for w in ("warn", "error", "fail", "traceback", "cannot"))
+        ]
         return (important or found)[-limit:]
 
 
@@ -501,8 +529,16 @@ class Torture:
     One torture run: the daemon, the random mix, the checks and the counts.
     """
 
-    def __init__(self, iterations: int, seed: int, settle: float, kill_probability: float,
-                 guest_mode: str, keep: bool, verbose: bool) -> None:
+    def __init__(
+        self,
+        iterations: int,
+        seed: int,
+        settle: float,
+        kill_probability: float,
+        guest_mode: str,
+        keep: bool,
+        verbose: bool,
+    ) -> None:
         self.iterations = iterations
         self.seed = seed
         self.random = random.Random(seed)
@@ -519,9 +555,16 @@ class Torture:
         self.unheard_of: set[tuple[str, str]] = set()  # (IP, CreatedOn) from cut requests
         self.violations: dict[tuple[str, str], Violation] = {}
         self.counts: dict[str, int] = {
-            "iterations": 0, "kills": 0, "kills_mid_request": 0, "created": 0,
-            "adopted": 0, "requests": 0, "requests_ok": 0, "requests_refused": 0,
-            "requests_cut": 0, "restart_checks": 0,
+            "iterations": 0,
+            "kills": 0,
+            "kills_mid_request": 0,
+            "created": 0,
+            "adopted": 0,
+            "requests": 0,
+            "requests_ok": 0,
+            "requests_refused": 0,
+            "requests_cut": 0,
+            "restart_checks": 0,
         }
         self.op_counts: dict[str, int] = {}
         self.durations: dict[str, list[float]] = {}  # seconds, by kind, unkilled
@@ -538,8 +581,7 @@ class Torture:
         """
         A progress line on stderr (every line with --verbose).
         """
-        print(f"[{time.monotonic() - self.started:7.1f}s] {text}", file=sys.stderr,
-              flush=True)
+        print(f"[{time.monotonic() - self.started:7.1f}s] {text}", file=sys.stderr, flush=True)
 
     def preflight(self) -> None:
         """
@@ -547,11 +589,16 @@ class Torture:
         """
         if os.geteuid() != 0:
             raise CannotRun("needs root (qemu:///system, bridges, volume files)")
-        if shutil.which("virsh") is None or subprocess.run(
-                ["virsh", "-c", QEMU_URI, "version"], capture_output=True,
-                timeout=30).returncode != 0:
-            raise CannotRun("libvirtd does not answer on qemu:///system "
-                            "(tools/start-libvirtd.sh starts it)")
+        if (
+            shutil.which("virsh") is None
+            or subprocess.run(
+                ["virsh", "-c", QEMU_URI, "version"], capture_output=True, timeout=30
+            ).returncode
+            != 0
+        ):
+            raise CannotRun(
+                "libvirtd does not answer on qemu:///system " "(tools/start-libvirtd.sh starts it)"
+            )
         try:
             import libvirt
         except ImportError as e:
@@ -617,17 +664,27 @@ class Torture:
             for i in range(POOL_SIZE)
         ]
         for method, body in (
-            ("UpdateSubnets", {"Add": [{"Id": SUBNET_ID, "IpGateway": gateway,
-                                        "IpMask": "255.255.255.0"}]}),
-            ("ChangeAddressPool", {"AddressesToAdd": [
-                {"IpAddress": ip, "MacAddress": mac} for ip, mac in self.addresses]}),
+            (
+                "UpdateSubnets",
+                {"Add": [{"Id": SUBNET_ID, "IpGateway": gateway, "IpMask": "255.255.255.0"}]},
+            ),
+            (
+                "ChangeAddressPool",
+                {
+                    "AddressesToAdd": [
+                        {"IpAddress": ip, "MacAddress": mac} for ip, mac in self.addresses
+                    ]
+                },
+            ),
         ):
             reply = self.rpc.call(method, body)
             if not reply.ok:
                 raise CannotRun(f"{method} failed: {reply.describe()}")
-        self.log(f"daemon on port {self.daemon.port}, subnet {self.network} on "
-                 f"{BRIDGE}, {POOL_SIZE} addresses, state in {self.root}, guest "
-                 f"{self.guest or 'none'}, seed {self.seed}")
+        self.log(
+            f"daemon on port {self.daemon.port}, subnet {self.network} on "
+            f"{BRIDGE}, {POOL_SIZE} addresses, state in {self.root}, guest "
+            f"{self.guest or 'none'}, seed {self.seed}"
+        )
 
     def cleanup(self) -> None:
         """
@@ -679,8 +736,7 @@ class Torture:
             volume_entries = sorted(os.listdir(self.daemon.volume_dir))
         except FileNotFoundError:
             volume_entries = []
-        return Snapshot(reported, infos, pool, subnet_domains(self.network),
-                        volume_entries)
+        return Snapshot(reported, infos, pool, subnet_domains(self.network), volume_entries)
 
     def problems(self, snap: Snapshot) -> dict[tuple[str, str], str]:
         """
@@ -690,23 +746,29 @@ class Torture:
         found: dict[tuple[str, str], str] = {}
         reported = snap.reported
         for ip in sorted(self.known - set(reported)):
-            found[("lost_vm", ip)] = (f"VM {ip} was created and acknowledged, never "
-                                      "destroyed, and the daemon no longer has it")
+            found[("lost_vm", ip)] = (
+                f"VM {ip} was created and acknowledged, never "
+                "destroyed, and the daemon no longer has it"
+            )
         for ip in sorted(reported):
             if snap.infos.get(ip) is None:
-                found[("no_info", ip)] = (f"the daemon reports VM {ip} but "
-                                          f"VMs/{ip}/info.json is missing or unreadable")
+                found[("no_info", ip)] = (
+                    f"the daemon reports VM {ip} but "
+                    f"VMs/{ip}/info.json is missing or unreadable"
+                )
         for ip in sorted(set(snap.infos) - set(reported)):
             has = "with" if snap.infos[ip] else "without"
-            found[("orphan_dir", ip)] = (f"VMs/{ip} exists ({has} info.json) but the "
-                                         "daemon reports no such VM")
+            found[("orphan_dir", ip)] = (
+                f"VMs/{ip} exists ({has} info.json) but the " "daemon reports no such VM"
+            )
         by_ip: dict[str, list[DomainView]] = {}
         for d in snap.domains:
             by_ip.setdefault(d.ip, []).append(d)
             if d.ip not in reported:
                 found[("leaked_domain", d.name)] = (
                     f"libvirt domain {d.name} ({'running' if d.active else 'inactive'}) "
-                    "has no VM in the daemon")
+                    "has no VM in the daemon"
+                )
         for ip, vm in sorted(reported.items()):
             state = vm.get("State", "")
             active = any(d.active for d in by_ip.get(ip, []))
@@ -715,8 +777,10 @@ class Torture:
             elif state in IDLE_STATES and active:
                 found[("state_mismatch", ip)] = f"VM {ip} is {state!r} but its domain runs"
             elif state in TRANSITIONAL_STATES:
-                found[("state_mismatch", ip)] = (f"VM {ip} is stuck in {state!r} (domain "
-                                                 f"{'running' if active else 'not running'})")
+                found[("state_mismatch", ip)] = (
+                    f"VM {ip} is stuck in {state!r} (domain "
+                    f"{'running' if active else 'not running'})"
+                )
         # addresses: the pool file against the VMs on disk (the durable truth)
         used: dict[str, list[str]] = {}
         for ip, info in snap.infos.items():
@@ -725,26 +789,29 @@ class Torture:
             for a in [info.get("Address") or {}] + list(info.get("SecondaryAddresses") or []):
                 key = a.get("IpAddress") or a.get("MacAddress", "")
                 used.setdefault(key, []).append(ip)
-        free = [a.get("IpAddress") or a.get("MacAddress", "")
-                for a in snap.pool.get("Free") or []]
-        registered = [a.get("IpAddress") or a.get("MacAddress", "")
-                      for a in snap.pool.get("Registered") or []]
+        free = [a.get("IpAddress") or a.get("MacAddress", "") for a in snap.pool.get("Free") or []]
+        registered = [
+            a.get("IpAddress") or a.get("MacAddress", "") for a in snap.pool.get("Registered") or []
+        ]
         for key, holders in sorted(used.items()):
             if len(holders) > 1:
                 found[("double_address", key)] = f"address {key} is used by VMs {holders}"
             if key in free:
-                found[("double_address", key)] = (f"address {key} is free in "
-                                                  f"address-pool.json and used by {holders}")
+                found[("double_address", key)] = (
+                    f"address {key} is free in " f"address-pool.json and used by {holders}"
+                )
             if key not in registered:
-                found[("unregistered_address", key)] = (f"address {key} is used by {holders} "
-                                                        "but not registered in the pool")
+                found[("unregistered_address", key)] = (
+                    f"address {key} is used by {holders} " "but not registered in the pool"
+                )
         for key in free:
             if free.count(key) > 1:
                 found[("double_address", key)] = f"address {key} is free twice"
         for key in registered:
             if key not in free and key not in used:
-                found[("leaked_address", key)] = (f"address {key} is registered but neither "
-                                                  "free nor used by a VM")
+                found[("leaked_address", key)] = (
+                    f"address {key} is registered but neither " "free nor used by a VM"
+                )
         # volumes: every entry of the volume directory belongs to a VM on disk
         owned: set[str] = set()
         for ip, info in snap.infos.items():
@@ -754,11 +821,12 @@ class Torture:
                     if path and os.path.dirname(path.rstrip("/")) == self.daemon.volume_dir:
                         owned.add(os.path.basename(path.rstrip("/")))
                     elif path and path.startswith(self.daemon.volume_dir + "/"):
-                        owned.add(path[len(self.daemon.volume_dir) + 1:].split("/")[0])
+                        owned.add(path[len(self.daemon.volume_dir) + 1 :].split("/")[0])
         for entry in snap.volume_entries:
             if entry not in owned:
                 found[("leaked_volume", entry)] = (
-                    f"{self.daemon.volume_dir}/{entry} belongs to no VM")
+                    f"{self.daemon.volume_dir}/{entry} belongs to no VM"
+                )
         for ip in sorted(reported):
             info = snap.infos.get(ip)
             if not info:
@@ -766,15 +834,17 @@ class Torture:
             volumes = info.get("Volumes") or []
             for index, location in enumerate(info.get("VolumeLocations") or []):
                 path = location.get("Filename", "")
-                expected = (volumes[index].get("Size", 0) if index < len(volumes) else 0)
+                expected = volumes[index].get("Size", 0) if index < len(volumes) else 0
                 try:
                     size = os.stat(path).st_size
                 except OSError as e:
                     found[("bad_volume", ip)] = f"VM {ip} volume {index} ({path}): {e.strerror}"
                     break
                 if expected and size != expected:
-                    found[("bad_volume", ip)] = (f"VM {ip} volume {index} ({path}): size "
-                                                 f"{size}, info.json says {expected}")
+                    found[("bad_volume", ip)] = (
+                        f"VM {ip} volume {index} ({path}): size "
+                        f"{size}, info.json says {expected}"
+                    )
                     break
             if ("bad_volume", ip) not in found:
                 problem = self.boot_files_problem(ip, info)
@@ -801,8 +871,9 @@ class Torture:
                 return f"VM {ip}: its {copy} ({path}): {e.strerror}"
             whole = os.stat(os.path.join(self.guest, source)).st_size
             if size != whole:
-                return (f"VM {ip}: its {copy} ({path}) has {size} of the {whole} bytes "
-                        f"of {source}")
+                return (
+                    f"VM {ip}: its {copy} ({path}) has {size} of the {whole} bytes " f"of {source}"
+                )
         return ""
 
     def record(self, found: dict[tuple[str, str], str]) -> None:
@@ -811,10 +882,12 @@ class Torture:
         """
         for (kind, key), detail in found.items():
             if (kind, key) not in self.violations:
-                self.violations[(kind, key)] = Violation(kind, key, detail, self.iteration,
-                                                         self.context)
-                self.log(f"VIOLATION after iteration {self.iteration} ({self.context}): "
-                         f"{detail}")
+                self.violations[(kind, key)] = Violation(
+                    kind, key, detail, self.iteration, self.context
+                )
+                self.log(
+                    f"VIOLATION after iteration {self.iteration} ({self.context}): " f"{detail}"
+                )
 
     def settle_and_check(self) -> None:
         """
@@ -841,7 +914,8 @@ class Torture:
             time.sleep(0.5)
         if snap is None:
             found[("restart_failure", f"answer-{self.iteration}")] = (
-                "the restarted daemon did not answer GetVmInfos")
+                "the restarted daemon did not answer GetVmInfos"
+            )
         self.record(found)
         if snap is not None:
             # count each lost VM once
@@ -859,9 +933,13 @@ class Torture:
         reported = self.vm_infos()
         if reported is None:
             return
-        lost = {("lost_vm", ip): (f"VM {ip} was created and acknowledged, never "
-                                  "destroyed, and the daemon no longer has it (no kill)")
-                for ip in self.known - set(reported)}
+        lost = {
+            ("lost_vm", ip): (
+                f"VM {ip} was created and acknowledged, never "
+                "destroyed, and the daemon no longer has it (no kill)"
+            )
+            for ip in self.known - set(reported)
+        }
         self.record(lost)
         self.known -= {ip for _, ip in lost}
 
@@ -888,16 +966,23 @@ class Torture:
         """
         A CreateVm request: C{empty-stopped}, C{empty-started} or C{guest}.
         """
-        body: dict[str, Any] = {"MemoryInMiB": 32, "MilliCPUs": 100, "SubnetId": SUBNET_ID,
-                                "MinimumFreeBytes": self.random.choice([1, 4, 16]) * MiB,
-                                "Tags": {"torture": str(self.seed)}}
+        body: dict[str, Any] = {
+            "MemoryInMiB": 32,
+            "MilliCPUs": 100,
+            "SubnetId": SUBNET_ID,
+            "MinimumFreeBytes": self.random.choice([1, 4, 16]) * MiB,
+            "Tags": {"torture": str(self.seed)},
+        }
         if kind == "empty-stopped":
             body["DoNotStart"] = True
         if kind == "guest" and self.guest:
-            body.update(MemoryInMiB=128, MilliCPUs=200,
-                        ExtraKernelOptions="quiet hv.dhcp=no hv.mode=stay",
-                        KernelURL=f"file://{self.guest}/vmlinux",
-                        InitrdURL=f"file://{self.guest}/initrd.cpio")
+            body.update(
+                MemoryInMiB=128,
+                MilliCPUs=200,
+                ExtraKernelOptions="quiet hv.dhcp=no hv.mode=stay",
+                KernelURL=f"file://{self.guest}/vmlinux",
+                InitrdURL=f"file://{self.guest}/initrd.cpio",
+            )
         return body
 
     def plan(self, vms: dict[str, dict[str, Any]]) -> tuple[str, str, Callable[[], None]]:
@@ -929,8 +1014,9 @@ class Torture:
             r -= weight
         rnd = self.random
         if name == "CreateVm":
-            kind = rnd.choices(["empty-stopped", "empty-started", "guest"],
-                               [5, 2, 3 if self.guest else 0])[0]
+            kind = rnd.choices(
+                ["empty-stopped", "empty-started", "guest"], [5, 2, 3 if self.guest else 0]
+            )[0]
             body = self.create_body(kind)
             ack_now = rnd.random() < 0.85
 
@@ -1003,9 +1089,15 @@ class Torture:
         """
         took = self.durations.get(kind)
         typical = max(took) if took else 0.5
-        return self.random.choice([
-            0.0, self.random.uniform(0, typical), self.random.uniform(0, typical),
-            self.random.uniform(0, typical), self.random.uniform(0, 1.5 * typical)])
+        return self.random.choice(
+            [
+                0.0,
+                self.random.uniform(0, typical),
+                self.random.uniform(0, typical),
+                self.random.uniform(0, typical),
+                self.random.uniform(0, 1.5 * typical),
+            ]
+        )
 
     def restart(self) -> None:
         """
@@ -1049,8 +1141,7 @@ class Torture:
         mid_request = self.random.random() < 0.8
         if mid_request:
             delay = self.kill_delay(kind)
-            self.context = (f"{name} {target}, SIGKILL {delay * 1000:.0f} ms after "
-                            "sending it")
+            self.context = f"{name} {target}, SIGKILL {delay * 1000:.0f} ms after " "sending it"
             thread = threading.Thread(target=run, daemon=True)
             thread.start()
             time.sleep(delay)
@@ -1088,9 +1179,13 @@ class Torture:
         self.context = "check-vms after the final stop"
         result = self.daemon.command("check-vms")
         if result.returncode != 0:
-            lines = [line for line in result.stdout.splitlines() + result.stderr.splitlines()
-                     if line.strip() and not line.startswith("Total allocation")
-                     and not line.endswith("volumes checked")]
+            lines = [
+                line
+                for line in result.stdout.splitlines() + result.stderr.splitlines()
+                if line.strip()
+                and not line.startswith("Total allocation")
+                and not line.endswith("volumes checked")
+            ]
             for line in lines or [f"check-vms exited {result.returncode}"]:
                 self.record({("check_vms", line): f"check-vms: {line}"})
 
@@ -1106,10 +1201,12 @@ class Torture:
                 self.iterate()
                 self.counts["iterations"] = self.iteration
                 if self.iteration % 10 == 0 or self.iterations <= 10:
-                    self.log(f"iteration {self.iteration}/{self.iterations}: "
-                             f"{self.counts['kills']} kills, "
-                             f"{self.counts['created']} VMs created, "
-                             f"{len(self.violations)} violations")
+                    self.log(
+                        f"iteration {self.iteration}/{self.iterations}: "
+                        f"{self.counts['kills']} kills, "
+                        f"{self.counts['created']} VMs created, "
+                        f"{len(self.violations)} violations"
+                    )
             self.finish()
         except CannotRun as e:
             print(f"torture: cannot run: {e}", file=sys.stderr)
@@ -1137,16 +1234,22 @@ class Torture:
         elapsed = time.monotonic() - self.started
         c = self.counts
         print()
-        print(f"kill -9 torture: seed {self.seed}, {elapsed / 60:.1f} min, subnet "
-              f"{self.network}, guest {'tiny guest' if self.guest else 'none'}")
+        print(
+            f"kill -9 torture: seed {self.seed}, {elapsed / 60:.1f} min, subnet "
+            f"{self.network}, guest {'tiny guest' if self.guest else 'none'}"
+        )
         rows: list[tuple[str, int, str]] = [
             ("iterations", c["iterations"], ""),
             ("kills (SIGKILL + restart)", c["kills"], ""),
             ("  of which with a request in flight", c["kills_mid_request"], ""),
             ("VMs created (CreateVm answered)", c["created"], ""),
             ("VMs seen from cut CreateVm requests", c["adopted"], ""),
-            ("requests", c["requests"], f"{c['requests_ok']} ok, {c['requests_refused']} "
-             f"refused, {c['requests_cut']} cut by a kill"),
+            (
+                "requests",
+                c["requests"],
+                f"{c['requests_ok']} ok, {c['requests_refused']} "
+                f"refused, {c['requests_cut']} cut by a kill",
+            ),
             ("restart checks", c["restart_checks"], ""),
         ]
         print(f"{'run':<36} {'count':>7}")
@@ -1159,14 +1262,15 @@ class Torture:
         print("operations: " + ", ".join(f"{k} {v}" for k, v in sorted(self.op_counts.items())))
         if self.violations:
             print()
-            print(f"violations (reproduce: .venv/bin/python -m bench.torture --seed "
-                  f"{self.seed} --iterations {self.iterations} --keep --verbose; timing "
-                  "makes runs differ, the context says what preceded each):")
+            print(
+                f"violations (reproduce: .venv/bin/python -m bench.torture --seed "
+                f"{self.seed} --iterations {self.iterations} --keep --verbose; timing "
+                "makes runs differ, the context says what preceded each):"
+            )
             for v in sorted(self.violations.values(), key=lambda v: (v.iteration, v.kind)):
                 print(f"- [{v.kind}] {v.detail}")
                 print(f"    first seen after iteration {v.iteration}: {v.context}")
-                if self.daemon is not None and v.kind not in ("check_vms",
-                                                              "restart_failure"):
+                if self.daemon is not None and v.kind not in ("check_vms", "restart_failure"):
                     ip = v.key if v.key.count(".") == 3 else v.key[3:]
                     for line in self.daemon.lines_about(ip, 4):
                         print(f"    daemon: {line[:220]}")
@@ -1180,26 +1284,51 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.torture",
         description="SIGKILL the real daemon at random moments during random VM "
-                    "operations; check the invariants after each restart.")
-    parser.add_argument("--iterations", type=int, default=200,
-                        help="operations to run (default 200; 5 is a smoke test)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="random seed (default: random, printed)")
-    parser.add_argument("--settle", type=float, default=10.0,
-                        help="seconds a restarted daemon gets to repair before a "
-                             "violation counts (default 10)")
-    parser.add_argument("--kill-probability", type=float, default=0.25,
-                        help="chance that an iteration SIGKILLs the daemon (0.25)")
-    parser.add_argument("--guest", choices=("auto", "none", "require"), default="auto",
-                        help="use the tiny guest from tests/guest (built if missing) "
-                             "for some VMs: auto (if it builds), none, require")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the state, volume and log directories")
+        "operations; check the invariants after each restart.",
+    )
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=200,
+        help="operations to run (default 200; 5 is a smoke test)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="random seed (default: random, printed)"
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=10.0,
+        help="seconds a restarted daemon gets to repair before a " "violation counts (default 10)",
+    )
+    parser.add_argument(
+        "--kill-probability",
+        type=float,
+        default=0.25,
+        help="chance that an iteration SIGKILLs the daemon (0.25)",
+    )
+    parser.add_argument(
+        "--guest",
+        choices=("auto", "none", "require"),
+        default="auto",
+        help="use the tiny guest from tests/guest (built if missing) "
+        "for some VMs: auto (if it builds), none, require",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the state, volume and log directories"
+    )
     parser.add_argument("--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
-    torture = Torture(args.iterations, seed, args.settle, args.kill_probability,
-                      args.guest, args.keep, args.verbose)
+    torture = Torture(
+        args.iterations,
+        seed,
+        args.settle,
+        args.kill_probability,
+        args.guest,
+        args.keep,
+        args.verbose,
+    )
     return torture.run()
 
 

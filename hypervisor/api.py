@@ -26,7 +26,6 @@ from hypervisor.errors import AccessDenied
 from hypervisor.manager.create import upload_size
 from hypervisor.manager.manager import Manager
 from hypervisor.manager.updates import UpdateStream
-from hypervisor.upload import UploadStream
 from hypervisor.model import (
     AccessRequest,
     ChangeAddressPoolRequest,
@@ -56,6 +55,7 @@ from hypervisor.model import (
     StartVmRequest,
     UpdateSubnetsRequest,
 )
+from hypervisor.upload import UploadStream
 
 PUBLIC = "public"
 ADMIN = "admin"
@@ -104,8 +104,9 @@ METHODS: dict[str, MethodSpec] = {
     "ChangeVmOwnerUsers": MethodSpec(ChangeVmOwnerUsersRequest, PUBLIC),
     "ChangeVmSize": MethodSpec(ChangeVmSizeRequest, PUBLIC),
     "ChangeVmTags": MethodSpec(ChangeVmTagsRequest, PUBLIC),
-    "CreateVm": MethodSpec(CreateVmRequest, PUBLIC, PROGRESS, upload=upload_size,
-                           max_upload=MAX_UPLOAD),
+    "CreateVm": MethodSpec(
+        CreateVmRequest, PUBLIC, PROGRESS, upload=upload_size, max_upload=MAX_UPLOAD
+    ),
     "DestroyVm": MethodSpec(AccessRequest, PUBLIC),
     "GetCapacity": MethodSpec(Empty, PUBLIC),
     "GetUpdates": MethodSpec(Empty, PUBLIC, UPDATES),
@@ -124,8 +125,7 @@ METHODS: dict[str, MethodSpec] = {
 ACCESS: dict[str, str] = {name: spec.access for name, spec in METHODS.items()}
 
 UNAUTHENTICATED_READS = frozenset(
-    {"GetCapacity", "GetVmInfo", "GetVmInfos", "GetVmLastPatchLog", "ListSubnets",
-     "ListVMs"}
+    {"GetCapacity", "GetVmInfo", "GetVmInfos", "GetVmLastPatchLog", "ListSubnets", "ListVMs"}
 )
 
 
@@ -163,15 +163,20 @@ class HypervisorApi:
     # VM lifecycle ----------------------------------------------------------------
 
     @inlineCallbacks
-    def CreateVm(self, identity: Identity, request: CreateVmRequest,
-                 send: Callable[[CreateVmResponse], None] = lambda r: None,
-                 upload: Optional[UploadStream] = None) -> Any:
+    def CreateVm(
+        self,
+        identity: Identity,
+        request: CreateVmRequest,
+        send: Callable[[CreateVmResponse], None] = lambda r: None,
+        upload: Optional[UploadStream] = None,
+    ) -> Any:
         """
         Create a VM; progress messages go to C{send}; return the final response.
 
         @param upload: the raw image and user data sent after the request
             (ImageDataSize + UserDataSize bytes), as a stream.
         """
+
         def progress(message: str) -> None:
             send(CreateVmResponse(ProgressMessage=message))
 
@@ -191,8 +196,9 @@ class HypervisorApi:
         """
         Start a stopped VM.
         """
-        timed_out = yield self.manager.lifecycle.start_vm(identity, request.IpAddress,
-                                                float(request.DhcpTimeout))
+        timed_out = yield self.manager.lifecycle.start_vm(
+            identity, request.IpAddress, float(request.DhcpTimeout)
+        )
         return DhcpResponse(DhcpTimedOut=timed_out)
 
     @inlineCallbacks
@@ -208,8 +214,9 @@ class HypervisorApi:
         """
         Reboot a running VM.
         """
-        timed_out = yield self.manager.lifecycle.reboot_vm(identity, request.IpAddress,
-                                                 float(request.DhcpTimeout))
+        timed_out = yield self.manager.lifecycle.reboot_vm(
+            identity, request.IpAddress, float(request.DhcpTimeout)
+        )
         return DhcpResponse(DhcpTimedOut=timed_out)
 
     @inlineCallbacks
@@ -238,16 +245,14 @@ class HypervisorApi:
         """
         IPs of the VMs matching the filters.
         """
-        return ListVMsResponse(
-            IpAddresses=self.manager.list_vms(request.Filter, sort=request.Sort))
+        return ListVMsResponse(IpAddresses=self.manager.list_vms(request.Filter, sort=request.Sort))
 
     @inlineCallbacks
     def GetVmCreateRequest(self, identity: Identity, request: IpRequest) -> Any:
         """
         The request a VM was created with.
         """
-        stored = yield self.manager.changes.get_vm_create_request(identity,
-                                                                  request.IpAddress)
+        stored = yield self.manager.changes.get_vm_create_request(identity, request.IpAddress)
         return GetVmCreateRequestResponse(CreateRequest=stored)
 
     def GetCapacity(self, identity: Identity, request: object) -> GetCapacityResponse:
@@ -256,8 +261,7 @@ class HypervisorApi:
         """
         return self.manager.admin.get_capacity()
 
-    def ListSubnets(self, identity: Identity,
-                    request: ListSubnetsRequest) -> ListSubnetsResponse:
+    def ListSubnets(self, identity: Identity, request: ListSubnetsRequest) -> ListSubnetsResponse:
         """
         The subnets.
         """
@@ -274,41 +278,59 @@ class HypervisorApi:
     def _done(self, d: "Deferred[None]") -> "Deferred[ErrorResponse]":
         return d.addCallback(lambda _: ErrorResponse())
 
-    def ChangeVmSize(self, identity: Identity,
-                     request: ChangeVmSizeRequest) -> "Deferred[ErrorResponse]":
+    def ChangeVmSize(
+        self, identity: Identity, request: ChangeVmSizeRequest
+    ) -> "Deferred[ErrorResponse]":
         """
         Change memory, milliCPUs or vCPUs.
         """
-        return self._done(self.manager.changes.change_vm_size(
-            identity, request.IpAddress, request.MemoryInMiB, request.MilliCPUs,
-            request.VirtualCPUs))
+        return self._done(
+            self.manager.changes.change_vm_size(
+                identity,
+                request.IpAddress,
+                request.MemoryInMiB,
+                request.MilliCPUs,
+                request.VirtualCPUs,
+            )
+        )
 
-    def ChangeVmTags(self, identity: Identity,
-                     request: ChangeVmTagsRequest) -> "Deferred[ErrorResponse]":
+    def ChangeVmTags(
+        self, identity: Identity, request: ChangeVmTagsRequest
+    ) -> "Deferred[ErrorResponse]":
         """
         Replace a VM's tags.
         """
-        return self._done(self.manager.changes.change_vm_tags(identity, request.IpAddress,
-                                                      request.Tags))
+        return self._done(
+            self.manager.changes.change_vm_tags(identity, request.IpAddress, request.Tags)
+        )
 
-    def ChangeVmOwnerUsers(self, identity: Identity,
-                           request: ChangeVmOwnerUsersRequest) -> "Deferred[ErrorResponse]":
+    def ChangeVmOwnerUsers(
+        self, identity: Identity, request: ChangeVmOwnerUsersRequest
+    ) -> "Deferred[ErrorResponse]":
         """
         Replace a VM's extra owners.
         """
-        return self._done(self.manager.changes.change_vm_owner_users(
-            identity, request.IpAddress, request.OwnerUsers))
+        return self._done(
+            self.manager.changes.change_vm_owner_users(
+                identity, request.IpAddress, request.OwnerUsers
+            )
+        )
 
-    def ChangeVmOwnerGroups(self, identity: Identity,
-                            request: ChangeVmOwnerGroupsRequest) -> "Deferred[ErrorResponse]":
+    def ChangeVmOwnerGroups(
+        self, identity: Identity, request: ChangeVmOwnerGroupsRequest
+    ) -> "Deferred[ErrorResponse]":
         """
         Replace a VM's owner groups.
         """
-        return self._done(self.manager.changes.change_vm_owner_groups(
-            identity, request.IpAddress, request.OwnerGroups))
+        return self._done(
+            self.manager.changes.change_vm_owner_groups(
+                identity, request.IpAddress, request.OwnerGroups
+            )
+        )
 
-    def BecomePrimaryVmOwner(self, identity: Identity,
-                             request: IpRequest) -> "Deferred[ErrorResponse]":
+    def BecomePrimaryVmOwner(
+        self, identity: Identity, request: IpRequest
+    ) -> "Deferred[ErrorResponse]":
         """
         Become a VM's primary owner.
         """
@@ -320,39 +342,47 @@ class HypervisorApi:
         """
         Set or clear destroy protection.
         """
-        return self._done(self.manager.changes.change_vm_destroy_protection(
-            identity, request.IpAddress, request.DestroyProtection))
+        return self._done(
+            self.manager.changes.change_vm_destroy_protection(
+                identity, request.IpAddress, request.DestroyProtection
+            )
+        )
 
-    def ChangeVmHostname(self, identity: Identity,
-                         request: ChangeVmHostnameRequest) -> "Deferred[ErrorResponse]":
+    def ChangeVmHostname(
+        self, identity: Identity, request: ChangeVmHostnameRequest
+    ) -> "Deferred[ErrorResponse]":
         """
         Change a VM's hostname.
         """
-        return self._done(self.manager.changes.change_vm_hostname(identity, request.IpAddress,
-                                                          request.Hostname))
+        return self._done(
+            self.manager.changes.change_vm_hostname(identity, request.IpAddress, request.Hostname)
+        )
 
     # Host administration ------------------------------------------------------------
 
-    def SetDisabledState(self, identity: Identity,
-                         request: SetDisabledStateRequest) -> "Deferred[ErrorResponse]":
+    def SetDisabledState(
+        self, identity: Identity, request: SetDisabledStateRequest
+    ) -> "Deferred[ErrorResponse]":
         """
         Disable or enable the hypervisor (admin).
         """
         self._require_admin(identity, "SetDisabledState")
         return self._done(self.manager.admin.set_disabled_state(request.Disable))
 
-    def ChangeAddressPool(self, identity: Identity,
-                          request: ChangeAddressPoolRequest) -> "Deferred[ErrorResponse]":
+    def ChangeAddressPool(
+        self, identity: Identity, request: ChangeAddressPoolRequest
+    ) -> "Deferred[ErrorResponse]":
         """
         Add, remove or trim addresses (admin).
         """
         self._require_admin(identity, "ChangeAddressPool")
-        return self._done(self.manager.admin.change_address_pool(
-            request.AddressesToAdd, request.AddressesToRemove,
-            request.MaximumFreeAddresses))
+        return self._done(
+            self.manager.admin.change_address_pool(
+                request.AddressesToAdd, request.AddressesToRemove, request.MaximumFreeAddresses
+            )
+        )
 
-    def ChangeOwners(self, identity: Identity,
-                     request: ChangeOwnersRequest) -> ErrorResponse:
+    def ChangeOwners(self, identity: Identity, request: ChangeOwnersRequest) -> ErrorResponse:
         """
         Set the hypervisor's owners (admin; in memory, as the Go hypervisor).
         """
@@ -360,11 +390,13 @@ class HypervisorApi:
         self.manager.admin.change_owners(request.OwnerUsers, request.OwnerGroups)
         return ErrorResponse()
 
-    def UpdateSubnets(self, identity: Identity,
-                      request: UpdateSubnetsRequest) -> "Deferred[ErrorResponse]":
+    def UpdateSubnets(
+        self, identity: Identity, request: UpdateSubnetsRequest
+    ) -> "Deferred[ErrorResponse]":
         """
         Add, change or delete subnets (admin).
         """
         self._require_admin(identity, "UpdateSubnets")
-        return self._done(self.manager.admin.update_subnets(request.Add, request.Change,
-                                                            request.Delete))
+        return self._done(
+            self.manager.admin.update_subnets(request.Add, request.Change, request.Delete)
+        )

@@ -107,7 +107,7 @@ def _der_length(data: bytes, pos: int) -> tuple[int, int]:
     count = first & 0x7F
     if count == 0 or count > 4 or pos + count > len(data):
         raise ValueError("bad length")
-    length = int.from_bytes(data[pos:pos + count], "big")
+    length = int.from_bytes(data[pos : pos + count], "big")
     if length < 0x80 or data[pos] == 0:
         raise ValueError("non-minimal length")
     return length, pos + count
@@ -132,7 +132,7 @@ def parse_string_sequence(data: bytes) -> list[str]:
         length, pos = _der_length(data, pos + 1)
         if pos + length > len(data):
             raise ValueError("truncated element")
-        out.append(data[pos:pos + length].decode(_STRING_TAGS[tag]))
+        out.append(data[pos : pos + length].decode(_STRING_TAGS[tag]))
         pos += length
     return out
 
@@ -141,6 +141,7 @@ def encode_string_sequence(values: Iterable[str]) -> bytes:
     """
     Encode strings as a DER C{SEQUENCE OF UTF8String} (for making certificates).
     """
+
     def tlv(tag: int, body: bytes) -> bytes:
         n = len(body)
         if n < 0x80:
@@ -151,8 +152,7 @@ def encode_string_sequence(values: Iterable[str]) -> bytes:
     return tlv(0x30, b"".join(tlv(0x0C, v.encode("utf-8")) for v in values))
 
 
-def _extension_strings(cert: x509.Certificate, oid: x509.ObjectIdentifier,
-                       what: str) -> list[str]:
+def _extension_strings(cert: x509.Certificate, oid: x509.ObjectIdentifier, what: str) -> list[str]:
     try:
         ext = _extensions(cert).get_extension_for_oid(oid)
     except x509.ExtensionNotFound:
@@ -205,23 +205,30 @@ def _extensions(cert: x509.Certificate) -> x509.Extensions:
     except ValueError as e:
         raise CertificateRefused(
             f"certificate {_cn(cert)!r} has a malformed extension ({e}); issue it again "
-            "with well-formed extensions") from None
+            "with well-formed extensions"
+        ) from None
 
 
-def _extension(cert: x509.Certificate,
-               kind: type[ExtensionValue]) -> Optional[ExtensionValue]:
+def _extension(cert: x509.Certificate, kind: type[ExtensionValue]) -> Optional[ExtensionValue]:
     try:
         return _extensions(cert).get_extension_for_class(kind).value
     except x509.ExtensionNotFound:
         return None
 
 
-_UNDERSTOOD_CRITICAL = frozenset({
-    ExtensionOID.BASIC_CONSTRAINTS, ExtensionOID.KEY_USAGE,
-    ExtensionOID.EXTENDED_KEY_USAGE, ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
-    ExtensionOID.SUBJECT_KEY_IDENTIFIER, ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
-    ExtensionOID.CERTIFICATE_POLICIES, METHODS_OID, GROUPS_OID,
-})
+_UNDERSTOOD_CRITICAL = frozenset(
+    {
+        ExtensionOID.BASIC_CONSTRAINTS,
+        ExtensionOID.KEY_USAGE,
+        ExtensionOID.EXTENDED_KEY_USAGE,
+        ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+        ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+        ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+        ExtensionOID.CERTIFICATE_POLICIES,
+        METHODS_OID,
+        GROUPS_OID,
+    }
+)
 """Critical extensions we process (or that do not restrict a client chain); any other
 critical extension (name or policy constraints, ...) makes a certificate unusable, as
 RFC 5280 §4.2 requires."""
@@ -230,21 +237,25 @@ RFC 5280 §4.2 requires."""
 def _unknown_critical(cert: x509.Certificate) -> Optional[str]:
     for ext in _extensions(cert):
         if ext.critical and ext.oid not in _UNDERSTOOD_CRITICAL:
-            return (f"it has a critical extension this daemon does not process "
-                    f"({ext.oid.dotted_string})")
+            return (
+                f"it has a critical extension this daemon does not process "
+                f"({ext.oid.dotted_string})"
+            )
     return None
 
 
-_CLIENT_USAGES = frozenset({ExtendedKeyUsageOID.CLIENT_AUTH,
-                            ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE})
+_CLIENT_USAGES = frozenset(
+    {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE}
+)
 
 
 def _usage_names(eku: x509.ExtendedKeyUsage) -> str:
     return ", ".join(getattr(u, "_name", None) or u.dotted_string for u in eku) or "none"
 
 
-def cannot_issue(cert: x509.Certificate, intermediates_below: int,
-                 now: datetime.datetime) -> Optional[str]:
+def cannot_issue(
+    cert: x509.Certificate, intermediates_below: int, now: datetime.datetime
+) -> Optional[str]:
     """
     Why a certificate the client sent cannot act as an intermediate CA in its chain,
     or None if it can (RFC 5280 §6.1.4, as Go's verifier): basicConstraints CA:TRUE,
@@ -266,17 +277,21 @@ def cannot_issue(cert: x509.Certificate, intermediates_below: int,
         return "its keyUsage does not include keyCertSign"
     limit = constraints.path_length
     if limit is not None and intermediates_below > limit:
-        return (f"its pathLenConstraint ({constraints.path_length}) allows fewer "
-                f"intermediate CAs below it than the chain has ({intermediates_below})")
+        return (
+            f"its pathLenConstraint ({constraints.path_length}) allows fewer "
+            f"intermediate CAs below it than the chain has ({intermediates_below})"
+        )
     eku = _extension(cert, x509.ExtendedKeyUsage)
     if eku is not None and not _CLIENT_USAGES & set(eku):
-        return (f"its extended key usage ({_usage_names(eku)}) does not allow client "
-                "authentication")
+        return (
+            f"its extended key usage ({_usage_names(eku)}) does not allow client " "authentication"
+        )
     return _unknown_critical(cert)
 
 
-def _root_refuses(root: x509.Certificate, intermediates_below: int,
-                  now: datetime.datetime) -> Optional[str]:
+def _root_refuses(
+    root: x509.Certificate, intermediates_below: int, now: datetime.datetime
+) -> Optional[str]:
     """
     Why a configured root cannot end this chain: roots are trust anchors as given
     (no CA flag or key usage is demanded of them), but, as in Go, one that is expired or
@@ -285,10 +300,15 @@ def _root_refuses(root: x509.Certificate, intermediates_below: int,
     if not _valid_now(root, now):
         return "it is expired or not yet valid"
     constraints = _extension(root, x509.BasicConstraints)
-    if (constraints is not None and constraints.path_length is not None
-            and intermediates_below > constraints.path_length):
-        return (f"its pathLenConstraint ({constraints.path_length}) allows fewer "
-                f"intermediate CAs below it than the chain has ({intermediates_below})")
+    if (
+        constraints is not None
+        and constraints.path_length is not None
+        and intermediates_below > constraints.path_length
+    ):
+        return (
+            f"its pathLenConstraint ({constraints.path_length}) allows fewer "
+            f"intermediate CAs below it than the chain has ({intermediates_below})"
+        )
     return None
 
 
@@ -319,10 +339,14 @@ class _Budget:
         return True
 
 
-def chain_to(leaf: x509.Certificate, intermediates: Sequence[x509.Certificate],
-             roots: Sequence[x509.Certificate], now: datetime.datetime,
-             max_depth: int = 8,
-             problems: Optional[list[str]] = None) -> Optional[list[x509.Certificate]]:
+def chain_to(
+    leaf: x509.Certificate,
+    intermediates: Sequence[x509.Certificate],
+    roots: Sequence[x509.Certificate],
+    now: datetime.datetime,
+    max_depth: int = 8,
+    problems: Optional[list[str]] = None,
+) -> Optional[list[x509.Certificate]]:
     """
     A verified chain from C{leaf} up to one of C{roots}, or None if there is none.
 
@@ -339,9 +363,11 @@ def chain_to(leaf: x509.Certificate, intermediates: Sequence[x509.Certificate],
     """
     notes = problems if problems is not None else []
     if not _valid_now(leaf, now):
-        notes.append(f"certificate {_cn(leaf)!r} is expired or not yet valid "
-                     f"(valid {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} to "
-                     f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC)")
+        notes.append(
+            f"certificate {_cn(leaf)!r} is expired or not yet valid "
+            f"(valid {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} to "
+            f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC)"
+        )
         return None
     if any(leaf == root for root in roots):
         return [leaf]
@@ -365,8 +391,10 @@ def chain_to(leaf: x509.Certificate, intermediates: Sequence[x509.Certificate],
                 continue
             problem = cannot_issue(parent, below, now)
             if problem is not None:
-                notes.append(f"certificate {_cn(parent)!r}, which signed "
-                             f"{_cn(current)!r}, cannot issue certificates: {problem}")
+                notes.append(
+                    f"certificate {_cn(parent)!r}, which signed "
+                    f"{_cn(current)!r}, cannot issue certificates: {problem}"
+                )
                 continue
             found = extend(chain + [parent])
             if found is not None:
@@ -375,8 +403,10 @@ def chain_to(leaf: x509.Certificate, intermediates: Sequence[x509.Certificate],
 
     found = extend([leaf])
     if found is None and budget.left <= 0:
-        notes.append(f"the client sent too many candidate certificates (more than "
-                     f"{MAX_SIGNATURE_CHECKS} signature checks)")
+        notes.append(
+            f"the client sent too many candidate certificates (more than "
+            f"{MAX_SIGNATURE_CHECKS} signature checks)"
+        )
     return found
 
 
@@ -395,24 +425,28 @@ def check_client_leaf(leaf: x509.Certificate) -> None:
         raise CertificateRefused(
             f"client certificate {name!r} is a CA certificate (basicConstraints CA:TRUE) "
             "and cannot be a client identity; present a client certificate that CA "
-            "issued (hypervisor make-certs --user makes one)")
+            "issued (hypervisor make-certs --user makes one)"
+        )
     eku = _extension(leaf, x509.ExtendedKeyUsage)
     if eku is not None and not _CLIENT_USAGES & set(eku):
         raise CertificateRefused(
             f"client certificate {name!r} is not for client authentication (its "
             f"extended key usage is {_usage_names(eku)}); present a certificate whose "
-            "extended key usage includes clientAuth, or has none")
+            "extended key usage includes clientAuth, or has none"
+        )
     usage = _extension(leaf, x509.KeyUsage)
     if usage is not None and not usage.digital_signature:
         raise CertificateRefused(
             f"client certificate {name!r} may not sign (its keyUsage lacks "
             "digitalSignature), so it cannot authenticate a TLS client; present a "
-            "certificate whose keyUsage includes digitalSignature, or has none")
+            "certificate whose keyUsage includes digitalSignature, or has none"
+        )
     problem = _unknown_critical(leaf)
     if problem is not None:
         raise CertificateRefused(
             f"client certificate {name!r} cannot be used: {problem}; issue it again "
-            "without that extension")
+            "without that extension"
+        )
 
 
 @dataclass
@@ -440,8 +474,10 @@ class TrustStore:
 
 
 def identity_from_certificates(
-    leaf: Optional[x509.Certificate], intermediates: Sequence[x509.Certificate],
-    trust: TrustStore, now: Optional[datetime.datetime] = None,
+    leaf: Optional[x509.Certificate],
+    intermediates: Sequence[x509.Certificate],
+    trust: TrustStore,
+    now: Optional[datetime.datetime] = None,
 ) -> Identity:
     """
     The identity a client certificate chain proves.
@@ -461,20 +497,22 @@ def identity_from_certificates(
     now = now or datetime.datetime.now(datetime.timezone.utc)
     problems: list[str] = []
     full = chain_to(leaf, intermediates, trust.full, now, problems=problems)
-    chain = full or chain_to(leaf, intermediates, trust.identity_only, now,
-                             problems=problems)
+    chain = full or chain_to(leaf, intermediates, trust.identity_only, now, problems=problems)
     if chain is None:
         reasons = "; ".join(dict.fromkeys(problems)) or "unknown issuer or bad signature"
         raise CertificateRefused(
             f"client certificate {_cn(leaf)!r} does not verify against CA.pem or "
             f"IdentityCA.pem ({reasons}); present a certificate issued by one of them, "
-            "followed by any intermediate CAs (basicConstraints CA:TRUE) between them")
+            "followed by any intermediate CAs (basicConstraints CA:TRUE) between them"
+        )
     check_client_leaf(leaf)
     names = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     username = str(names[0].value) if names else ""
     if not username:
-        raise CertificateRefused("client certificate has no common name (username); "
-                                 "issue it again with the username as subject CN")
+        raise CertificateRefused(
+            "client certificate has no common name (username); "
+            "issue it again with the username as subject CN"
+        )
     groups = _extension_strings(leaf, GROUPS_OID, "groups")
     methods: list[str] = []
     if full is not None:
@@ -482,20 +520,30 @@ def identity_from_certificates(
             if m.count(".") != 1:
                 raise CertificateRefused(
                     f"permitted method {m!r} is not Service.Method; issue the "
-                    "certificate again with entries such as Hypervisor.ListVMs")
+                    "certificate again with entries such as Hypervisor.ListVMs"
+                )
             methods.append(m)
-    return Identity(username=username, groups=frozenset(groups),
-                    method_patterns=tuple(methods), full_authority=full is not None)
+    return Identity(
+        username=username,
+        groups=frozenset(groups),
+        method_patterns=tuple(methods),
+        full_authority=full is not None,
+    )
 
 
 # The decision ------------------------------------------------------------------------
 
 
-def authorize(identity: Identity, method: str, access: dict[str, str],
-              unauthenticated_reads: frozenset[str], *,
-              allow_unauthenticated_reads: bool = False,
-              owner_users: frozenset[str] = frozenset(),
-              owner_groups: frozenset[str] = frozenset()) -> Identity:
+def authorize(
+    identity: Identity,
+    method: str,
+    access: dict[str, str],
+    unauthenticated_reads: frozenset[str],
+    *,
+    allow_unauthenticated_reads: bool = False,
+    owner_users: frozenset[str] = frozenset(),
+    owner_groups: frozenset[str] = frozenset(),
+) -> Identity:
     """
     Decide whether C{identity} may call C{Hypervisor.<method>} (reference §7.3).
 
@@ -509,8 +557,7 @@ def authorize(identity: Identity, method: str, access: dict[str, str],
     kind = access.get(method)
     if kind is None:
         raise NotFound(f"unknown method Hypervisor.{method}")
-    if identity.username and (identity.username in owner_users
-                              or identity.groups & owner_groups):
+    if identity.username and (identity.username in owner_users or identity.groups & owner_groups):
         identity = replace(identity, hypervisor_owner=True)
     if identity.has_method_power(method):
         return identity
@@ -521,6 +568,10 @@ def authorize(identity: Identity, method: str, access: dict[str, str],
     if not identity.username:
         raise Unauthenticated(
             f"Hypervisor.{method} needs a client certificate"
-            + ("" if method not in unauthenticated_reads
-               else " (or a daemon started with -allowUnauthenticatedReads)"))
+            + (
+                ""
+                if method not in unauthenticated_reads
+                else " (or a daemon started with -allowUnauthenticatedReads)"
+            )
+        )
     raise AccessDenied(f"access to method Hypervisor.{method} denied")

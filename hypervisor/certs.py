@@ -37,47 +37,75 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _builder(subject: str, issuer: x509.Name, key: Key, days: float,
-             not_before: Optional[datetime.datetime] = None) -> x509.CertificateBuilder:
+def _builder(
+    subject: str,
+    issuer: x509.Name,
+    key: Key,
+    days: float,
+    not_before: Optional[datetime.datetime] = None,
+) -> x509.CertificateBuilder:
     now = not_before or datetime.datetime.now(datetime.timezone.utc)
-    return (x509.CertificateBuilder()
-            .subject_name(_name(subject))
-            .issuer_name(issuer)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=days)))
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+    )
 
 
-def _key_usage(*, digital_signature: bool = False, key_encipherment: bool = False,
-               key_cert_sign: bool = False, crl_sign: bool = False) -> x509.KeyUsage:
+def _key_usage(
+    *,
+    digital_signature: bool = False,
+    key_encipherment: bool = False,
+    key_cert_sign: bool = False,
+    crl_sign: bool = False,
+) -> x509.KeyUsage:
     return x509.KeyUsage(
-        digital_signature=digital_signature, content_commitment=False,
-        key_encipherment=key_encipherment, data_encipherment=False, key_agreement=False,
-        key_cert_sign=key_cert_sign, crl_sign=crl_sign, encipher_only=False,
-        decipher_only=False)
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=key_encipherment,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
-def make_ca(cn: str = "SmallStack hypervisor CA", days: float = 3650) -> tuple[Key, x509.Certificate]:
+def make_ca(
+    cn: str = "SmallStack hypervisor CA", days: float = 3650
+) -> tuple[Key, x509.Certificate]:
     """
     A self-signed root CA: basicConstraints CA:TRUE (critical, at most one
     intermediate CA below it) and keyUsage keyCertSign + cRLSign (critical).
     """
     key = new_key()
-    cert = (_builder(cn, _name(cn), key, days)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-            .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        _builder(cn, _name(cn), key, days)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     return key, cert
 
 
 def make_certificate(
-    ca_key: Key, ca_cert: x509.Certificate, cn: str, *,
-    groups: Iterable[str] = (), methods: Iterable[str] = (),
-    server_names: Iterable[str] = (), days: float = 365, ca: bool = False,
-    not_before: Optional[datetime.datetime] = None, path_length: Optional[int] = None,
+    ca_key: Key,
+    ca_cert: x509.Certificate,
+    cn: str,
+    *,
+    groups: Iterable[str] = (),
+    methods: Iterable[str] = (),
+    server_names: Iterable[str] = (),
+    days: float = 365,
+    ca: bool = False,
+    not_before: Optional[datetime.datetime] = None,
+    path_length: Optional[int] = None,
 ) -> tuple[Key, x509.Certificate]:
     """
     A certificate signed by the CA, in the profile L{hypervisor.auth} checks:
@@ -97,34 +125,35 @@ def make_certificate(
     key = new_key()
     builder = _builder(cn, ca_cert.subject, key, days, not_before)
     builder = builder.add_extension(
-        x509.BasicConstraints(ca=ca, path_length=path_length if ca else None),
-        critical=True)
+        x509.BasicConstraints(ca=ca, path_length=path_length if ca else None), critical=True
+    )
     if ca:
-        builder = builder.add_extension(_key_usage(key_cert_sign=True, crl_sign=True),
-                                        critical=True)
+        builder = builder.add_extension(
+            _key_usage(key_cert_sign=True, crl_sign=True), critical=True
+        )
     else:
-        builder = builder.add_extension(_key_usage(digital_signature=True),
-                                        critical=True)
+        builder = builder.add_extension(_key_usage(digital_signature=True), critical=True)
     builder = builder.add_extension(
-        x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+    )
     try:
-        issuer_key_id = ca_cert.extensions.get_extension_for_class(
-            x509.SubjectKeyIdentifier).value
+        issuer_key_id = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     except x509.ExtensionNotFound:
         pass
     else:
         builder = builder.add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_key_id),
-            critical=False)
+            critical=False,
+        )
     groups, methods, server_names = list(groups), list(methods), list(server_names)
     if groups:
         builder = builder.add_extension(
-            x509.UnrecognizedExtension(GROUPS_OID, encode_string_sequence(groups)),
-            critical=False)
+            x509.UnrecognizedExtension(GROUPS_OID, encode_string_sequence(groups)), critical=False
+        )
     if methods:
         builder = builder.add_extension(
-            x509.UnrecognizedExtension(METHODS_OID, encode_string_sequence(methods)),
-            critical=False)
+            x509.UnrecognizedExtension(METHODS_OID, encode_string_sequence(methods)), critical=False
+        )
     if server_names:
         alt: list[x509.GeneralName] = []
         for name in server_names:
@@ -145,9 +174,9 @@ def key_pem(key: Key) -> bytes:
     """
     A private key as unencrypted PKCS#8 PEM.
     """
-    return key.private_bytes(serialization.Encoding.PEM,
-                             serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def cert_pem(cert: x509.Certificate) -> bytes:
@@ -196,8 +225,10 @@ def ensure_ca(ca_file: str) -> tuple[Key, x509.Certificate, bool]:
     key_path = ca_key_path(ca_file)
     if os.path.exists(ca_file):
         if not os.path.exists(key_path):
-            raise ValueError(f"{ca_file} exists but its key {key_path} does not: cannot "
-                             "sign certificates with it")
+            raise ValueError(
+                f"{ca_file} exists but its key {key_path} does not: cannot "
+                "sign certificates with it"
+            )
         with open(ca_file, "rb") as f:
             cert = x509.load_pem_x509_certificate(f.read())
         return load_key(key_path), cert, False

@@ -144,8 +144,9 @@ class GoInt:
 
     def __post_init__(self) -> None:
         if self.go_type not in GO_INT_RANGES:
-            raise ValueError(f"unknown Go integer type {self.go_type!r}; known: "
-                             f"{', '.join(GO_INT_RANGES)}")
+            raise ValueError(
+                f"unknown Go integer type {self.go_type!r}; known: " f"{', '.join(GO_INT_RANGES)}"
+            )
 
     @property
     def low(self) -> int:
@@ -204,8 +205,7 @@ def _is_ipv4(text: str) -> bool:
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*", re.ASCII)
-_MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(?:([:-])[0-9A-Fa-f]{2})(?:\1[0-9A-Fa-f]{2}){4}",
-                     re.ASCII)
+_MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(?:([:-])[0-9A-Fa-f]{2})(?:\1[0-9A-Fa-f]{2}){4}", re.ASCII)
 
 
 def _is_hostname(text: str) -> bool:
@@ -241,7 +241,10 @@ IPV4 = TextFormat("an IPv4 address", _is_ipv4, "10.2.3.4", 15)
 HOSTNAME = TextFormat(
     "an RFC 1123 host name (labels of letters, digits and '-', 1-63 characters, "
     "not starting or ending with '-'; 253 characters in all)",
-    _is_hostname, "web-1.example.com", 253)
+    _is_hostname,
+    "web-1.example.com",
+    253,
+)
 MAC = TextFormat("a MAC address", _is_mac, "52:54:0a:02:03:04", 17)
 
 Int8 = Annotated[int, GoInt("int8")]
@@ -264,8 +267,13 @@ PathText = Annotated[str, OS_PATH]
 """A file name on this host (see L{OsPath})."""
 
 
-def field(*, omitempty: bool = False, embed: bool = False, default: Any = dataclasses.MISSING,
-          default_factory: Any = dataclasses.MISSING) -> Any:
+def field(
+    *,
+    omitempty: bool = False,
+    embed: bool = False,
+    default: Any = dataclasses.MISSING,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
     """
     A dataclass field with codec options.
     """
@@ -364,8 +372,9 @@ def encode_value(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [encode_value(v) for v in value]
     if isinstance(value, dict):
-        return {_well_formed(k) if isinstance(k, str) else k: encode_value(v)
-                for k, v in value.items()}
+        return {
+            _well_formed(k) if isinstance(k, str) else k: encode_value(v) for k, v in value.items()
+        }
     return value
 
 
@@ -389,8 +398,10 @@ def _encode_typed(tp: Any, value: Any) -> Any:
         return [_encode_typed(element, v) for v in value]
     if origin is dict and isinstance(value, dict):
         item = typing.get_args(base)[1]
-        return {_well_formed(k) if isinstance(k, str) else k: _encode_typed(item, v)
-                for k, v in value.items()}
+        return {
+            _well_formed(k) if isinstance(k, str) else k: _encode_typed(item, v)
+            for k, v in value.items()
+        }
     return encode_value(value)
 
 
@@ -432,7 +443,8 @@ def format_time(value: Optional[datetime.datetime]) -> str:
 
 
 _RFC3339_RE = re.compile(
-    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:Z|[+-]\d{2}:\d{2})", re.ASCII)
+    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:Z|[+-]\d{2}:\d{2})", re.ASCII
+)
 
 
 def parse_time(text: str, *, strict: bool = False) -> Optional[datetime.datetime]:
@@ -446,13 +458,14 @@ def parse_time(text: str, *, strict: bool = False) -> Optional[datetime.datetime
     if text == GO_ZERO_TIME or text.startswith("0001-01-01T00:00:00"):
         return None
     if strict and (len(text) > MAX_TIME_TEXT or _RFC3339_RE.fullmatch(text) is None):
-        raise DecodeError(f"{_show(text)} is not an RFC 3339 time "
-                          "(example: 2024-05-01T12:00:00Z)")
+        raise DecodeError(
+            f"{_show(text)} is not an RFC 3339 time " "(example: 2024-05-01T12:00:00Z)"
+        )
     s = text.replace("Z", "+00:00")
     if "." in s:
         head, _, rest = s.partition(".")
         digits = rest[: len(rest) - len(rest.lstrip("0123456789"))]
-        zone = rest[len(digits):]
+        zone = rest[len(digits) :]
         s = f"{head}.{digits[:6].ljust(6, '0')}{zone}"
     try:
         value = datetime.datetime.fromisoformat(s)
@@ -474,8 +487,15 @@ def _type_name(tp: Any) -> str:
 def _json_kind(value: Any) -> str:
     if isinstance(value, _HugeInt):
         return "number"
-    return {dict: "object", list: "array", str: "string", bool: "boolean",
-            int: "number", float: "number", type(None): "null"}.get(type(value), "value")
+    return {
+        dict: "object",
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        type(None): "null",
+    }.get(type(value), "value")
 
 
 def _show(value: Any, limit: int = 40) -> str:
@@ -542,8 +562,9 @@ class _Mode:
 _STRICT = _Mode(False, None)
 
 
-def _decode_text(value: str, where: str, mode: _Mode, metas: tuple[Any, ...],
-                 default_limit: int) -> str:
+def _decode_text(
+    value: str, where: str, mode: _Mode, metas: tuple[Any, ...], default_limit: int
+) -> str:
     """
     Check (strict) or repair (trusted) one string: well-formed, within its limit,
     in its format.
@@ -553,7 +574,8 @@ def _decode_text(value: str, where: str, mode: _Mode, metas: tuple[Any, ...],
         if not mode.trusted:
             raise DecodeError(
                 f"{where}: not well-formed Unicode (a lone surrogate such as \\ud800 or "
-                f"invalid UTF-8 at character {bad.start()}); send UTF-8 text")
+                f"invalid UTF-8 at character {bad.start()}); send UTF-8 text"
+            )
         # A file name keeps its undecodable bytes (U+DC80-U+DCFF); nothing else does.
         pattern = _NOT_ESCAPED_BYTE if _meta(metas, OsPath) is not None else _SURROGATE
         if pattern.search(value) is not None:
@@ -567,8 +589,9 @@ def _decode_text(value: str, where: str, mode: _Mode, metas: tuple[Any, ...],
     if len(value) > limit:
         raise DecodeError(f"{where}: {len(value)} characters is over the limit of {limit}")
     if fmt is not None and value and not fmt.check(value):
-        raise DecodeError(f"{where}: {_show(value)} is not {fmt.description} "
-                          f"(example: {fmt.example})")
+        raise DecodeError(
+            f"{where}: {_show(value)} is not {fmt.description} " f"(example: {fmt.example})"
+        )
     return value
 
 
@@ -577,13 +600,15 @@ def _decode_int(value: Any, where: str, mode: _Mode, go: GoInt) -> int:
     A JSON number that must be an integer within the Go type's range.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float, _HugeInt)):
-        raise DecodeError(f"{where}: expected an integer ({go.go_type}), got "
-                          f"{_json_kind(value)}")
+        raise DecodeError(
+            f"{where}: expected an integer ({go.go_type}), got " f"{_json_kind(value)}"
+        )
     number: Optional[int]
     if isinstance(value, float):
         if not value.is_integer():  # also NaN and infinities
-            raise DecodeError(f"{where}: expected an integer ({go.go_type}), got "
-                              f"{_show(value)}")
+            raise DecodeError(
+                f"{where}: expected an integer ({go.go_type}), got " f"{_show(value)}"
+            )
         number = int(value)
     elif isinstance(value, _HugeInt):
         number = None
@@ -592,15 +617,16 @@ def _decode_int(value: Any, where: str, mode: _Mode, go: GoInt) -> int:
     if number is not None and go.low <= number <= go.high:
         return number
     if not mode.trusted:
-        raise DecodeError(f"{where}: {_show(number if number is not None else value)} is "
-                          f"out of range for {go.go_type} ({go.low} to {go.high})")
+        raise DecodeError(
+            f"{where}: {_show(number if number is not None else value)} is "
+            f"out of range for {go.go_type} ({go.low} to {go.high})"
+        )
     if number is None:
         negative = isinstance(value, _HugeInt) and value.negative
     else:
         negative = number < 0
     clamped = go.low if negative else go.high
-    mode.repair(where, f"{_show(value)} is out of range for {go.go_type}; clamped to "
-                       f"{clamped}")
+    mode.repair(where, f"{_show(value)} is out of range for {go.go_type}; clamped to " f"{clamped}")
     return clamped
 
 
@@ -632,8 +658,9 @@ def decode_value(tp: Any, value: Any, where: str, mode: Optional[_Mode] = None) 
         if tp is datetime.datetime:
             return None
         if dataclasses.is_dataclass(tp):
-            return from_dict(tp, {}, where, trusted=mode.trusted,  # type: ignore[arg-type]
-                             repairs=mode.repairs)
+            return from_dict(
+                tp, {}, where, trusted=mode.trusted, repairs=mode.repairs  # type: ignore[arg-type]
+            )
         if isinstance(tp, type) and issubclass(tp, TextEnum):
             return list(tp)[0]
         if tp in (int, float, Duration):
@@ -665,8 +692,9 @@ def decode_value(tp: Any, value: Any, where: str, mode: Optional[_Mode] = None) 
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise DecodeError(f"{where}: expected an object, got {_json_kind(value)}")
-        return from_dict(tp, value, where, trusted=mode.trusted,  # type: ignore[arg-type]
-                         repairs=mode.repairs)
+        return from_dict(
+            tp, value, where, trusted=mode.trusted, repairs=mode.repairs  # type: ignore[arg-type]
+        )
     if isinstance(tp, type) and issubclass(tp, TextEnum):
         if not isinstance(value, str):
             raise DecodeError(f"{where}: expected a string, got {_json_kind(value)}")
@@ -680,14 +708,18 @@ def decode_value(tp: Any, value: Any, where: str, mode: Optional[_Mode] = None) 
         return value
     if tp is Duration:
         if isinstance(value, bool) or not isinstance(value, (int, float, _HugeInt)):
-            raise DecodeError(f"{where}: expected nanoseconds (an integer), got "
-                              f"{_json_kind(value)}")
+            raise DecodeError(
+                f"{where}: expected nanoseconds (an integer), got " f"{_json_kind(value)}"
+            )
         return Duration(_decode_int(value, where, mode, _INT64) / 1e9)
     if tp is int:
         return _decode_int(value, where, mode, _meta(metas, GoInt) or _INT64)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                isinstance(value, float) and value != value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (isinstance(value, float) and value != value)
+        ):
             raise DecodeError(f"{where}: expected a number, got {_json_kind(value)}")
         return float(value)
     if tp is str:
@@ -735,8 +767,14 @@ def _hints(cls: type) -> dict[str, Any]:
     return hints
 
 
-def from_dict(cls: Type[T], data: dict[str, Any], where: str = "", *,
-              trusted: bool = False, repairs: Optional[list[str]] = None) -> T:
+def from_dict(
+    cls: Type[T],
+    data: dict[str, Any],
+    where: str = "",
+    *,
+    trusted: bool = False,
+    repairs: Optional[list[str]] = None,
+) -> T:
     """
     Decode a dict into dataclass C{cls} (case-insensitive names, unknown ignored),
     validating every value.
@@ -813,8 +851,13 @@ def loads(data: Union[bytes, bytearray, memoryview, str]) -> Any:
         raise DecodeError(f"malformed JSON: {e}") from None
 
 
-def decode(cls: Type[T], data: Union[bytes, str], *, trusted: bool = False,
-           repairs: Optional[list[str]] = None) -> T:
+def decode(
+    cls: Type[T],
+    data: Union[bytes, str],
+    *,
+    trusted: bool = False,
+    repairs: Optional[list[str]] = None,
+) -> T:
     """
     Decode JSON bytes into C{cls}; malformed JSON or a misfit is a L{DecodeError}.
 

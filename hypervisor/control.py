@@ -137,10 +137,14 @@ class _NoAnswer(Exception):
     """
 
 
-def send_command(path: str, command: str, timeout: float = 600.0,
-                 retry_for: float = RETRY_FOR,
-                 sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+def send_command(
+    path: str,
+    command: str,
+    timeout: float = 600.0,
+    retry_for: float = RETRY_FOR,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
     """
     Send C{command} to a running daemon's control socket and wait as the Go client does.
 
@@ -184,17 +188,14 @@ def _send_once(path: str, command: str, timeout: float) -> None:
             s.connect(path)
         except FileNotFoundError:
             raise ControlError(
-                f"the hypervisor is not running: no control socket at {path} "
-                "(wrong -stateDir?)"
+                f"the hypervisor is not running: no control socket at {path} " "(wrong -stateDir?)"
             ) from None
         except ConnectionRefusedError:
             raise ControlError(
                 f"the hypervisor is not running: nothing listens on {path}"
             ) from None
         except PermissionError:
-            raise ControlError(
-                f"permission denied on {path}: run this as root"
-            ) from None
+            raise ControlError(f"permission denied on {path}: run this as root") from None
         except BlockingIOError:
             raise _NoAnswer("its control socket's queue is full") from None
         except socket.timeout:

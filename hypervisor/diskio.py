@@ -161,8 +161,11 @@ class StateWriter:
 
     log = Logger()
 
-    def __init__(self, runner: IBlockingRunner,
-                 write_file: Callable[[str, Optional[bytes], int], None] = _write) -> None:
+    def __init__(
+        self,
+        runner: IBlockingRunner,
+        write_file: Callable[[str, Optional[bytes], int], None] = _write,
+    ) -> None:
         self.runner = runner
         self.write_file = write_file
         self.writes = 0

@@ -78,7 +78,7 @@ def method_name(name: str) -> str:
     """
     C{Hypervisor.StartVm} -> C{StartVm}; anything else -> "".
     """
-    return name[len(PREFIX):] if name.startswith(PREFIX) else ""
+    return name[len(PREFIX) :] if name.startswith(PREFIX) else ""
 
 
 class Dispatcher:
@@ -88,8 +88,14 @@ class Dispatcher:
 
     log = Logger()
 
-    def __init__(self, api: HypervisorApi, metrics: Metrics, reactor: Any, *,
-                 allow_unauthenticated_reads: bool = False) -> None:
+    def __init__(
+        self,
+        api: HypervisorApi,
+        metrics: Metrics,
+        reactor: Any,
+        *,
+        allow_unauthenticated_reads: bool = False,
+    ) -> None:
         self.api = api
         self.metrics = metrics
         self.reactor = reactor
@@ -127,13 +133,19 @@ class Dispatcher:
                 raise Unauthenticated(f"{name} needs HTTPS with a client certificate")
             users, groups = self.api.hypervisor_owners()
             identity = authorize(
-                identity, method, ACCESS, UNAUTHENTICATED_READS,
+                identity,
+                method,
+                ACCESS,
+                UNAUTHENTICATED_READS,
                 allow_unauthenticated_reads=self.allow_unauthenticated_reads,
-                owner_users=users, owner_groups=groups)
+                owner_users=users,
+                owner_groups=groups,
+            )
             self.api.admit(method, identity)
         except BaseException as e:
-            call = Call(method_name(name), METHODS.get(method_name(name), _NO_SPEC),
-                        identity, label, start)
+            call = Call(
+                method_name(name), METHODS.get(method_name(name), _NO_SPEC), identity, label, start
+            )
             self.classify(call, Failure(e))
             raise
         return Call(method, spec, identity, label, start)
@@ -148,8 +160,10 @@ class Dispatcher:
         @raise InvalidRequest: malformed, naming the field.
         """
         if len(data) > call.spec.max_request:
-            raise RequestTooLarge(f"request JSON of {len(data)} bytes is over the "
-                                  f"{call.spec.max_request}-byte limit")
+            raise RequestTooLarge(
+                f"request JSON of {len(data)} bytes is over the "
+                f"{call.spec.max_request}-byte limit"
+            )
         try:
             return codec.decode(call.spec.request, data.strip() or b"{}")
         except codec.DecodeError as e:
@@ -165,15 +179,21 @@ class Dispatcher:
             return 0
         size = call.spec.upload(request)
         if size > call.spec.max_upload:
-            raise RequestTooLarge(f"an upload of {size} bytes is over the "
-                                  f"{call.spec.max_upload}-byte limit")
+            raise RequestTooLarge(
+                f"an upload of {size} bytes is over the " f"{call.spec.max_upload}-byte limit"
+            )
         return size
 
     # 4. invoke -----------------------------------------------------------------------------------
 
-    def invoke(self, call: Call, request: Any, *,
-               progress: Optional[Callable[[Any], None]] = None,
-               upload: Optional[UploadStream] = None) -> "Deferred[Any]":
+    def invoke(
+        self,
+        call: Call,
+        request: Any,
+        *,
+        progress: Optional[Callable[[Any], None]] = None,
+        upload: Optional[UploadStream] = None,
+    ) -> "Deferred[Any]":
         """
         Run the call. Fires with the response object; for progress streams
         (CreateVm) each progress message goes to C{progress} first; for update
@@ -206,25 +226,32 @@ class Dispatcher:
             status, message = e.status, str(e)
             if status in (401, 403):
                 self.metrics.rpc_denied.labels(label, DENIED_REASONS[status]).inc()
-                self.log.info("Hypervisor.{method} refused: {message}", method=label,
-                              message=message)
+                self.log.info(
+                    "Hypervisor.{method} refused: {message}", method=label, message=message
+                )
         elif isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
-            status, message = 503, ("the hypervisor is out of file descriptors right "
-                                    "now: the operation did not complete; try again "
-                                    "shortly")
+            status, message = 503, (
+                "the hypervisor is out of file descriptors right "
+                "now: the operation did not complete; try again "
+                "shortly"
+            )
             self.log.error("Hypervisor.{method}: {e}", method=label, e=e)
         elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            status, message = 507, (f"no space left on the hypervisor's disk "
-                                    f"({e.strerror}): the operation did not complete; free "
-                                    "space on the state or volume file system and try "
-                                    "again (a VM left destroying is removed by DestroyVm or "
-                                    "at the next start)")
+            status, message = 507, (
+                f"no space left on the hypervisor's disk "
+                f"({e.strerror}): the operation did not complete; free "
+                "space on the state or volume file system and try "
+                "again (a VM left destroying is removed by DestroyVm or "
+                "at the next start)"
+            )
             self.log.error("Hypervisor.{method}: {e}", method=label, e=e)
         elif isinstance(e, OSError):
-            status, message = 500, (f"the hypervisor could not write its state "
-                                    f"({e.strerror}): the operation did not complete (a "
-                                    "half-done one is completed at the next start or by "
-                                    "repeating it); its log has the details")
+            status, message = 500, (
+                f"the hypervisor could not write its state "
+                f"({e.strerror}): the operation did not complete (a "
+                "half-done one is completed at the next start or by "
+                "repeating it); its log has the details"
+            )
             self.log.failure("Hypervisor.{method} failed", failure, method=label)
         else:
             status, message = 500, "internal error; the hypervisor's log has the details"
@@ -243,9 +270,7 @@ class Dispatcher:
             return
         call.finished = True
         self.metrics.rpc_calls.labels(call.label, "ok" if ok else "error").inc()
-        self.metrics.rpc_duration.labels(call.label).observe(
-            self.reactor.seconds() - call.started)
+        self.metrics.rpc_duration.labels(call.label).observe(self.reactor.seconds() - call.started)
 
 
 _NO_SPEC = MethodSpec(request=dict, access="admin")
-

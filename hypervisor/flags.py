@@ -61,9 +61,7 @@ def read_flags_file(path: str) -> list[FlagSetting]:
         name, sep, value = line.partition("=")
         name = name.strip().lstrip("-")
         if not sep or not name:
-            raise FlagsFileError(
-                f"{path}:{number}: expected name=value, got {raw!r}"
-            )
+            raise FlagsFileError(f"{path}:{number}: expected name=value, got {raw!r}")
         settings.append(FlagSetting(name, value.strip(), f"{path}:{number}"))
     return settings
 
@@ -167,9 +165,7 @@ def parse_duration(text: str) -> float:
             seconds += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
             pos = m.end()
         if pos != len(s) or pos == 0:
-            raise ValueError(
-                f"{text!r} is not a duration (examples: 2s, 500ms, 1m30s)"
-            ) from None
+            raise ValueError(f"{text!r} is not a duration (examples: 2s, 500ms, 1m30s)") from None
     if seconds < 0:
         raise ValueError(f"{text!r} is negative")
     return seconds

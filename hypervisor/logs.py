@@ -19,9 +19,9 @@ from typing import Optional
 from twisted.application.service import Service
 from twisted.logger import (
     FileLogObserver,
-    formatEvent,
     ILogObserver,
     Logger,
+    formatEvent,
     formatEventAsClassicLogText,
     globalLogPublisher,
     jsonFileLogObserver,
@@ -71,12 +71,14 @@ class LogBuffer:
         if failure is not None:
             text += "\n" + failure.getTraceback()
         level = event.get("log_level")
-        self.lines.append(LogLine(
-            time=float(event.get("log_time") or 0.0),
-            level=getattr(level, "name", "info"),
-            namespace=str(event.get("log_namespace", "-")),
-            text=text,
-        ))
+        self.lines.append(
+            LogLine(
+                time=float(event.get("log_time") or 0.0),
+                level=getattr(level, "name", "info"),
+                namespace=str(event.get("log_namespace", "-")),
+                text=text,
+            )
+        )
 
     def since(self, start: float) -> list[LogLine]:
         """
@@ -93,8 +95,12 @@ class LogFileService(Service):
     name = "logging"
     log = Logger()
 
-    def __init__(self, directory: str, publisher: object = globalLogPublisher,
-                 buffer: Optional[LogBuffer] = None) -> None:
+    def __init__(
+        self,
+        directory: str,
+        publisher: object = globalLogPublisher,
+        buffer: Optional[LogBuffer] = None,
+    ) -> None:
         self.directory = directory
         self.publisher = publisher
         self.buffer = buffer
@@ -112,13 +118,16 @@ class LogFileService(Service):
             try:
                 os.makedirs(self.directory, mode=0o755, exist_ok=True)
                 self._file = LogFile(
-                    LOG_FILE_NAME, self.directory, rotateLength=ROTATE_LENGTH,
+                    LOG_FILE_NAME,
+                    self.directory,
+                    rotateLength=ROTATE_LENGTH,
                     maxRotatedFiles=MAX_ROTATED_FILES,
                 )
             except OSError as e:
                 self.log.error(
-                    "cannot write logs to {path}: {why}; logging to stderr only "
-                    "(fix -logDir)", path=self.path, why=e,
+                    "cannot write logs to {path}: {why}; logging to stderr only " "(fix -logDir)",
+                    path=self.path,
+                    why=e,
                 )
                 return
             self._observer = jsonFileLogObserver(self._file, recordSeparator="")  # type: ignore[arg-type]

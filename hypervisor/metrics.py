@@ -10,13 +10,34 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST
-from prometheus_client import ProcessCollector
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                   5.0, 10.0, 30.0, 60.0, 300.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+)
 
 
 class Metrics:
@@ -34,14 +55,24 @@ class Metrics:
         ProcessCollector(registry=self.process_registry)
         self.process_figures = self.process_text()
         self.rpc_calls = Counter(
-            "hypervisor_rpc_calls", "RPC calls by method and outcome (ok or error)",
-            ["method", "outcome"], registry=self.registry)
+            "hypervisor_rpc_calls",
+            "RPC calls by method and outcome (ok or error)",
+            ["method", "outcome"],
+            registry=self.registry,
+        )
         self.rpc_denied = Counter(
-            "hypervisor_rpc_denied", "RPC calls refused by access control",
-            ["method", "reason"], registry=self.registry)
+            "hypervisor_rpc_denied",
+            "RPC calls refused by access control",
+            ["method", "reason"],
+            registry=self.registry,
+        )
         self.rpc_duration = Histogram(
-            "hypervisor_rpc_duration_seconds", "RPC call latency by method",
-            ["method"], buckets=LATENCY_BUCKETS, registry=self.registry)
+            "hypervisor_rpc_duration_seconds",
+            "RPC call latency by method",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
 
     def watch_manager(self, manager: Any) -> None:
         """
@@ -105,31 +136,37 @@ class ManagerCollector:
         yield states
         total_mib, available_mib = m.host.memory()
         used = sum(i.MemoryInMiB for i in infos)
-        memory = GaugeMetricFamily("hypervisor_memory_mib", "Host memory in MiB",
-                                   labels=["kind"])
+        memory = GaugeMetricFamily("hypervisor_memory_mib", "Host memory in MiB", labels=["kind"])
         memory.add_metric(["total"], total_mib)
         memory.add_metric(["available"], available_mib)
         memory.add_metric(["allocated"], used)
         yield memory
-        cpus = GaugeMetricFamily("hypervisor_milli_cpus", "CPU in thousandths",
-                                 labels=["kind"])
+        cpus = GaugeMetricFamily("hypervisor_milli_cpus", "CPU in thousandths", labels=["kind"])
         cpus.add_metric(["total"], m.host.num_cpus() * 1000)
         cpus.add_metric(["allocated"], sum(i.MilliCPUs for i in infos))
         yield cpus
-        addresses = GaugeMetricFamily("hypervisor_addresses", "Addresses per subnet",
-                                      labels=["subnet", "kind"])
-        for row in report.pool_by_subnet(m.pool.free, m.pool.registered,
-                                         m._addresses_in_use(), m.subnets):
+        addresses = GaugeMetricFamily(
+            "hypervisor_addresses", "Addresses per subnet", labels=["subnet", "kind"]
+        )
+        for row in report.pool_by_subnet(
+            m.pool.free, m.pool.registered, m._addresses_in_use(), m.subnets
+        ):
             addresses.add_metric([row.subnet, "free"], row.free)
             addresses.add_metric([row.subnet, "registered"], row.registered)
             addresses.add_metric([row.subnet, "used"], row.used)
         yield addresses
-        yield GaugeMetricFamily("hypervisor_disabled", "1 if the hypervisor is disabled",
-                                value=1 if m.disabled else 0)
+        yield GaugeMetricFamily(
+            "hypervisor_disabled", "1 if the hypervisor is disabled", value=1 if m.disabled else 0
+        )
         lv = m.libvirt
-        yield GaugeMetricFamily("hypervisor_libvirt_connected",
-                                "1 while libvirt is connected", value=1 if lv.connected else 0)
-        yield CounterMetricFamily("hypervisor_libvirt_connects",
-                                  "Connections established to libvirt", value=lv.connects)
-        yield CounterMetricFamily("hypervisor_libvirt_disconnects",
-                                  "Connections to libvirt lost", value=lv.disconnects)
+        yield GaugeMetricFamily(
+            "hypervisor_libvirt_connected",
+            "1 while libvirt is connected",
+            value=1 if lv.connected else 0,
+        )
+        yield CounterMetricFamily(
+            "hypervisor_libvirt_connects", "Connections established to libvirt", value=lv.connects
+        )
+        yield CounterMetricFamily(
+            "hypervisor_libvirt_disconnects", "Connections to libvirt lost", value=lv.disconnects
+        )

@@ -219,7 +219,8 @@ class Subnet:
     IpMask: IPv4Text = field(omitempty=True, default="")
     DomainName: Annotated[str, MaxLen(253)] = field(omitempty=True, default="")
     DomainNameServers: Annotated[list[IPv4Text], MaxLen(16)] = field(
-        omitempty=True, default_factory=list)
+        omitempty=True, default_factory=list
+    )
     DisableMetadata: bool = field(omitempty=True, default=False)
     Manage: bool = field(omitempty=True, default=False)
     VlanId: Uint = field(omitempty=True, default=0)
@@ -240,7 +241,8 @@ class Volume:
     Interface: VolumeInterface = field(omitempty=True, default=VolumeInterface.VIRTIO)
     Size: Uint64 = field(omitempty=True, default=0)
     Snapshots: Annotated[dict[NameText, Uint64], MaxLen(1024)] = field(
-        omitempty=True, default_factory=dict)
+        omitempty=True, default_factory=dict
+    )
     Type: VolumeType = field(omitempty=True, default=VolumeType.PERSISTENT)
     VirtualSize: Uint64 = field(omitempty=True, default=0)
 
@@ -287,23 +289,25 @@ class VmInfo:
     MemoryInMiB: Uint64 = 0
     MilliCPUs: Uint = 0
     NetworkEntries: Annotated[list[NetworkEntry], MaxLen(64)] = field(
-        omitempty=True, default_factory=list)
+        omitempty=True, default_factory=list
+    )
     OwnerGroups: NameList = field(omitempty=True, default_factory=list)
     OwnerUsers: NameList = field(omitempty=True, default_factory=list)
     RootFileSystemLabel: Annotated[str, MaxLen(255)] = field(omitempty=True, default="")
     SpreadVolumes: bool = field(omitempty=True, default=False)
     State: StateT = State.STARTING
     SecondaryAddresses: Annotated[list[AddressT], MaxLen(64)] = field(
-        omitempty=True, default_factory=list)
+        omitempty=True, default_factory=list
+    )
     SecondarySubnetIDs: Annotated[list[NameText], MaxLen(64)] = field(
-        omitempty=True, default_factory=list)
+        omitempty=True, default_factory=list
+    )
     SubnetId: NameText = field(omitempty=True, default="")
     Tags: TagsT = field(omitempty=True, default_factory=dict)
     Uncommitted: bool = field(omitempty=True, default=False)
     VirtualCPUs: Uint = field(omitempty=True, default=0)
     VirtualiserImageName: Annotated[str, MaxLen(1024)] = field(omitempty=True, default="")
-    Volumes: Annotated[list[Volume], MaxLen(128)] = field(omitempty=True,
-                                                          default_factory=list)
+    Volumes: Annotated[list[Volume], MaxLen(128)] = field(omitempty=True, default_factory=list)
     WatchdogAction: WatchdogActionT = field(omitempty=True, default=WatchdogAction.NONE)
     WatchdogModel: WatchdogModelT = field(omitempty=True, default=WatchdogModel.NONE)
     CloudInitDatasource: CloudInitDatasourceT = field(
@@ -345,8 +349,7 @@ class LocalVmInfo:
     """
 
     VmInfo: VmInfoT = field(embed=True, default_factory=VmInfo)
-    VolumeLocations: Annotated[list[VolumeLocation], MaxLen(128)] = field(
-        default_factory=list)
+    VolumeLocations: Annotated[list[VolumeLocation], MaxLen(128)] = field(default_factory=list)
 
 
 # Requests and responses (reference §1.11) ---------------------------------------
@@ -398,11 +401,11 @@ class CreateVmRequest:
     MinimumFreeBytes: Uint64 = field(omitempty=True, default=0)
     RoundupPower: Uint64 = field(omitempty=True, default=0)
     SecondaryVolumes: Annotated[list[Volume], MaxLen(128)] = field(
-        omitempty=True, default_factory=list)
+        omitempty=True, default_factory=list
+    )
     SkipBootloader: bool = field(omitempty=True, default=False)
     SkipMemoryCheck: bool = field(omitempty=True, default=False)
-    StorageIndices: Annotated[list[Uint], MaxLen(128)] = field(omitempty=True,
-                                                               default_factory=list)
+    StorageIndices: Annotated[list[Uint], MaxLen(128)] = field(omitempty=True, default_factory=list)
     UserDataSize: Uint64 = field(omitempty=True, default=0)
     KernelURL: str = field(omitempty=True, default="")
     InitrdURL: str = field(omitempty=True, default="")
@@ -471,8 +474,9 @@ class VmFilter:
     IgnoreStateMask: Uint64 = field(omitempty=True, default=0)
     OwnerGroups: NameList = field(omitempty=True, default_factory=list)
     OwnerUsers: NameList = field(omitempty=True, default_factory=list)
-    VmTagsToMatch: Annotated[dict[NameText, Annotated[list[str], MaxLen(1024)]],
-                             MaxLen(1024)] = field(omitempty=True, default_factory=dict)
+    VmTagsToMatch: Annotated[dict[NameText, Annotated[list[str], MaxLen(1024)]], MaxLen(1024)] = (
+        field(omitempty=True, default_factory=dict)
+    )
 
 
 @dataclass
@@ -615,11 +619,12 @@ class ChangeAddressPoolRequest:
     """
 
     AddressesToAdd: Annotated[list[Address], MaxLen(4096)] = field(
-        omitempty=True, default_factory=list)
+        omitempty=True, default_factory=list
+    )
     AddressesToRemove: Annotated[list[Address], MaxLen(4096)] = field(
-        omitempty=True, default_factory=list)
-    MaximumFreeAddresses: dict[NameText, Uint] = field(omitempty=True,
-                                                       default_factory=dict)
+        omitempty=True, default_factory=list
+    )
+    MaximumFreeAddresses: dict[NameText, Uint] = field(omitempty=True, default_factory=dict)
 
 
 @dataclass
@@ -680,8 +685,9 @@ class Update:
     """
 
     HaveAddressPool: bool = field(omitempty=True, default=False)
-    AddressPool: Annotated[list[Address], MaxLen(MANY)] = field(omitempty=True,
-                                                                default_factory=list)
+    AddressPool: Annotated[list[Address], MaxLen(MANY)] = field(
+        omitempty=True, default_factory=list
+    )
     HaveDisabled: bool = field(omitempty=True, default=False)
     Disabled: bool = field(omitempty=True, default=False)
     MemoryInMiB: Optional[Uint64] = field(omitempty=True, default=None)
@@ -690,9 +696,9 @@ class Update:
     NumFreeAddresses: dict[NameText, Uint] = field(omitempty=True, default_factory=dict)
     HealthStatus: NameText = field(omitempty=True, default="")
     HaveSubnets: bool = field(omitempty=True, default=False)
-    Subnets: Annotated[list[Subnet], MaxLen(MANY)] = field(omitempty=True,
-                                                           default_factory=list)
+    Subnets: Annotated[list[Subnet], MaxLen(MANY)] = field(omitempty=True, default_factory=list)
     TotalVolumeBytes: Optional[Uint64] = field(omitempty=True, default=None)
     HaveVMs: bool = field(omitempty=True, default=False)
-    VMs: Annotated[dict[IPv4Text, VmInfo], MaxLen(MANY)] = field(omitempty=True,
-                                                                 default_factory=dict)
+    VMs: Annotated[dict[IPv4Text, VmInfo], MaxLen(MANY)] = field(
+        omitempty=True, default_factory=dict
+    )

@@ -123,15 +123,21 @@ def raise_nofile_limit(
         try:
             setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError) as e:
-            log.warn("could not raise the file descriptor limit from {soft} to {target}"
-                     " ({why}); port connections are capped accordingly",
-                     soft=soft, target=target, why=e)
+            log.warn(
+                "could not raise the file descriptor limit from {soft} to {target}"
+                " ({why}); port connections are capped accordingly",
+                soft=soft,
+                target=target,
+                why=e,
+            )
         else:
             soft = target
-    log.info("file descriptor limit: {soft} (hard limit {hard}); port connections "
-             "at most {budget}", soft=soft,
-             hard="unlimited" if hard == resource.RLIM_INFINITY else hard,
-             budget=descriptor_budget(soft))
+    log.info(
+        "file descriptor limit: {soft} (hard limit {hard}); port connections " "at most {budget}",
+        soft=soft,
+        hard="unlimited" if hard == resource.RLIM_INFINITY else hard,
+        budget=descriptor_budget(soft),
+    )
     return soft
 
 
@@ -232,8 +238,7 @@ def _unsent_bytes(transport: Any) -> int:
     transport counts as having nothing to send.
     """
     try:
-        return (len(transport.dataBuffer) - int(transport.offset)
-                + int(transport._tempDataLen))
+        return len(transport.dataBuffer) - int(transport.offset) + int(transport._tempDataLen)
     except (AttributeError, TypeError):
         return 0
 
@@ -244,8 +249,7 @@ class _Tally:
     at once, the rest as one summary line with counts at the end of the interval.
     """
 
-    def __init__(self, clock: IReactorTime, interval: float,
-                 emit: Callable[[str], None]) -> None:
+    def __init__(self, clock: IReactorTime, interval: float, emit: Callable[[str], None]) -> None:
         self.clock = clock
         self.interval = interval
         self.emit = emit
@@ -292,8 +296,7 @@ class GuardedConnection(ProtocolWrapper):
 
     factory: "ConnectionGuard"
 
-    def __init__(self, factory: "ConnectionGuard", wrapped: IProtocol,
-                 source: str) -> None:
+    def __init__(self, factory: "ConnectionGuard", wrapped: IProtocol, source: str) -> None:
         super().__init__(factory, wrapped)
         self.source = source
         self.phase: Optional[Phase] = None
@@ -423,9 +426,13 @@ class ConnectionGuard(WrappingFactory[GuardedConnection]):
 
     protocol = GuardedConnection
 
-    def __init__(self, wrapped: IProtocolFactory, clock: IReactorTime,
-                 limits: Optional[Limits] = None,
-                 log_interval: float = LOG_INTERVAL) -> None:
+    def __init__(
+        self,
+        wrapped: IProtocolFactory,
+        clock: IReactorTime,
+        limits: Optional[Limits] = None,
+        log_interval: float = LOG_INTERVAL,
+    ) -> None:
         super().__init__(wrapped)
         self.clock = clock
         self.limits = limits or Limits()
@@ -457,8 +464,9 @@ class ConnectionGuard(WrappingFactory[GuardedConnection]):
         self._tally.stop()
         self._emfile.stop()
 
-    def tcp_server(self, port: int, interface: str = "",
-                   backlog: int = LISTEN_BACKLOG) -> internet.TCPServer:
+    def tcp_server(
+        self, port: int, interface: str = "", backlog: int = LISTEN_BACKLOG
+    ) -> internet.TCPServer:
         """
         A C{TCPServer} service listening on C{port} for this guard with
         L{GuardedPort}, which copes with running out of descriptors.
@@ -553,26 +561,40 @@ class ConnectionGuard(WrappingFactory[GuardedConnection]):
         self._emfile.add("connections refused", count)
 
     def _log_tally(self, summary: str) -> None:
-        log.warn("port {port}: {summary} ({open} connections open, {idle} idle; caps "
-                 "{per_source} idle per source, {total} idle in total, {budget} in all;"
-                 " logged at most every {interval:g}s)",
-                 port=self._port_name, summary=summary, open=len(self._open),
-                 idle=len(self._idle), per_source=self.limits.max_idle_per_source,
-                 total=self.limits.max_idle_total, budget=self.max_connections,
-                 interval=self._tally.interval)
+        log.warn(
+            "port {port}: {summary} ({open} connections open, {idle} idle; caps "
+            "{per_source} idle per source, {total} idle in total, {budget} in all;"
+            " logged at most every {interval:g}s)",
+            port=self._port_name,
+            summary=summary,
+            open=len(self._open),
+            idle=len(self._idle),
+            per_source=self.limits.max_idle_per_source,
+            total=self.limits.max_idle_total,
+            budget=self.max_connections,
+            interval=self._tally.interval,
+        )
 
     def _log_emfile(self, summary: str) -> None:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        log.error("port {port}: out of file descriptors accepting connections ({summary};"
-                  " descriptor limit {soft}, {open} connections open on this port; "
-                  "logged at most every {interval:g}s)",
-                  port=self._port_name, summary=summary, soft=soft,
-                  open=len(self._open), interval=self._emfile.interval)
+        log.error(
+            "port {port}: out of file descriptors accepting connections ({summary};"
+            " descriptor limit {soft}, {open} connections open on this port; "
+            "logged at most every {interval:g}s)",
+            port=self._port_name,
+            summary=summary,
+            soft=soft,
+            open=len(self._open),
+            interval=self._emfile.interval,
+        )
 
 
-def guard_factory(factory: IProtocolFactory, reactor: Any,
-                  limits: Optional[Limits] = None,
-                  log_interval: float = LOG_INTERVAL) -> ConnectionGuard:
+def guard_factory(
+    factory: IProtocolFactory,
+    reactor: Any,
+    limits: Optional[Limits] = None,
+    log_interval: float = LOG_INTERVAL,
+) -> ConnectionGuard:
     """
     Wrap the port's factory with connection limits (see L{ConnectionGuard}).
 
@@ -673,8 +695,7 @@ class GuardedPort(tcp.Port):
             else:
                 self.numberAccepts = max(1, accepted)
         except BaseException:
-            log.failure("port {port}: accepting a connection failed",
-                        port=self._realPortNumber)
+            log.failure("port {port}: accepting a connection failed", port=self._realPortNumber)
 
     def _serve(self, skt: socket.socket, addr: Any) -> None:
         """
@@ -708,8 +729,11 @@ class GuardedPort(tcp.Port):
             if guard is not None:
                 guard.refused_without_descriptors(refused)
             else:
-                log.error("port {port}: out of file descriptors; refused {n} connections",
-                          port=self._realPortNumber, n=refused)
+                log.error(
+                    "port {port}: out of file descriptors; refused {n} connections",
+                    port=self._realPortNumber,
+                    n=refused,
+                )
             if refused:
                 return
         # Nothing to free and nothing accepted: stop trying for a moment.

@@ -230,11 +230,7 @@ class Options(usage.Options):
         f"Flags marked {NOT_USED_MARK} are Go flags that are parsed and checked, so "
         "that flags files and command lines written for the Go hypervisor keep "
         "working, but that change nothing yet: "
-        + ", ".join(
-            f"-{name}"
-            for name in PARAMETER_NAMES + BOOLEAN_NAMES
-            if name in NOT_USED_YET
-        )
+        + ", ".join(f"-{name}" for name in PARAMETER_NAMES + BOOLEAN_NAMES if name in NOT_USED_YET)
         + "."
     )
 

@@ -87,9 +87,13 @@ class FakeHost:
     is given.
     """
 
-    def __init__(self, cpus: int = 4, memory_mib: int = 8192,
-                 available_mib: Optional[int] = None,
-                 storage: Optional[tuple[int, int]] = None) -> None:
+    def __init__(
+        self,
+        cpus: int = 4,
+        memory_mib: int = 8192,
+        available_mib: Optional[int] = None,
+        storage: Optional[tuple[int, int]] = None,
+    ) -> None:
         self.cpus = cpus
         self.memory_mib = memory_mib
         self.available_mib = memory_mib if available_mib is None else available_mib
@@ -209,8 +213,11 @@ class FakeDomains:
         """
         The connection state, as a sentence.
         """
-        return ("connected to fake libvirt" if self.connected
-                else "not connected to fake libvirt: it is down")
+        return (
+            "connected to fake libvirt"
+            if self.connected
+            else "not connected to fake libvirt: it is down"
+        )
 
     def add_listener(self, listener: Any) -> None:
         """
@@ -249,10 +256,19 @@ class FakeDomains:
         from hypervisor.virt.domains import DomainSummary
         from hypervisor.virt.domainxml import ip_from_domain_name
 
-        return self._call(lambda: [
-            DomainSummary(name=name, uuid=uuid, state="running", active=True, ours=True,
-                          ip_address=ip_from_domain_name(name))
-            for name, uuid in self.domains.items()])
+        return self._call(
+            lambda: [
+                DomainSummary(
+                    name=name,
+                    uuid=uuid,
+                    state="running",
+                    active=True,
+                    ours=True,
+                    ip_address=ip_from_domain_name(name),
+                )
+                for name, uuid in self.domains.items()
+            ]
+        )
 
     def create(self, xml: str) -> Any:
         """
@@ -297,6 +313,7 @@ class FakeDomains:
         """
         ACPI: the guest powers off (unless C{ignore_shutdown}).
         """
+
         def shutdown() -> bool:
             if self.names.get(uuid) not in self.domains:
                 return False
@@ -310,8 +327,9 @@ class FakeDomains:
         """
         Whether it runs.
         """
-        return self._call(lambda: self.names.get(uuid) in self.domains
-                          and self.domains[self.names[uuid]] == uuid)
+        return self._call(
+            lambda: self.names.get(uuid) in self.domains and self.domains[self.names[uuid]] == uuid
+        )
 
     def force_off(self, uuid: str) -> Any:
         """

@@ -53,15 +53,14 @@ class _ClientCertOptions(ssl.CertificateOptions):
         ctx = super()._makeContext()
         ctx.set_verify(SSL.VERIFY_PEER, lambda conn, cert, errno, depth, ok: True)
         if self._client_cas:
-            ctx.set_client_ca_list([
-                crypto.X509.from_cryptography(c).get_subject() for c in self._client_cas
-            ])
+            ctx.set_client_ca_list(
+                [crypto.X509.from_cryptography(c).get_subject() for c in self._client_cas]
+            )
         ctx.set_session_id(b"smallstack-hypervisor")
         return ctx
 
 
-def server_tls_options(cert_file: str, key_file: str,
-                       trust: TrustStore) -> ssl.CertificateOptions:
+def server_tls_options(cert_file: str, key_file: str, trust: TrustStore) -> ssl.CertificateOptions:
     """
     The server's TLS options.
 
@@ -74,7 +73,8 @@ def server_tls_options(cert_file: str, key_file: str,
         key = crypto.load_privatekey(crypto.FILETYPE_PEM, f.read())
     return _ClientCertOptions(
         trust.full + trust.identity_only,
-        privateKey=key, certificate=certificate,
+        privateKey=key,
+        certificate=certificate,
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
     )
 
@@ -146,10 +146,13 @@ class SniffingFactory(protocol.Factory):
     @ivar tls: the TLS-wrapped factory, or None when TLS is not configured.
     """
 
-    def __init__(self, plain: IProtocolFactory,
-                 tls_options: Optional[ssl.CertificateOptions],
-                 tls_site: Optional[IProtocolFactory] = None,
-                 clock: Optional[IReactorTime] = None) -> None:
+    def __init__(
+        self,
+        plain: IProtocolFactory,
+        tls_options: Optional[ssl.CertificateOptions],
+        tls_site: Optional[IProtocolFactory] = None,
+        clock: Optional[IReactorTime] = None,
+    ) -> None:
         """
         @param clock: what TLS schedules its buffered writes on (the global reactor
             when None).

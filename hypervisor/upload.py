@@ -47,8 +47,9 @@ class UploadStream:
     @ivar on_discard: called once if the consumer gives up before the end.
     """
 
-    def __init__(self, length: int, high_water: int = HIGH_WATER,
-                 low_water: int = LOW_WATER) -> None:
+    def __init__(
+        self, length: int, high_water: int = HIGH_WATER, low_water: int = LOW_WATER
+    ) -> None:
         self.length = length
         self.high_water = high_water
         self.low_water = low_water
@@ -80,8 +81,7 @@ class UploadStream:
         if self._discarded or self._error is not None:
             return
         if self.received + len(data) > self.length:
-            raise UploadAborted(
-                f"the request carries more than the {self.length} bytes announced")
+            raise UploadAborted(f"the request carries more than the {self.length} bytes announced")
         self.received += len(data)
         if not data:
             return
@@ -97,8 +97,9 @@ class UploadStream:
         The transport has no more bytes (the request body ended).
         """
         if self.received < self.length:
-            self.fail(UploadAborted(
-                f"the upload ended after {self.received} of {self.length} bytes"))
+            self.fail(
+                UploadAborted(f"the upload ended after {self.received} of {self.length} bytes")
+            )
 
     def fail(self, reason: BaseException) -> None:
         """
@@ -203,9 +204,15 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 @inlineCallbacks
-def write_to_file(upload: UploadStream, size: int, path: str, runner: IBlockingRunner,
-                  progress: Optional[Callable[[int, int], None]] = None,
-                  mode: int = 0o640, prefix: bytes = b"") -> Any:
+def write_to_file(
+    upload: UploadStream,
+    size: int,
+    path: str,
+    runner: IBlockingRunner,
+    progress: Optional[Callable[[int, int], None]] = None,
+    mode: int = 0o640,
+    prefix: bytes = b"",
+) -> Any:
     """
     Write C{prefix} (bytes already read from the upload, e.g. a header) and then the
     next C{size} bytes of C{upload} into a new file C{path} on C{runner}'s threads,
@@ -213,8 +220,7 @@ def write_to_file(upload: UploadStream, size: int, path: str, runner: IBlockingR
     the partial file for the caller to remove.
     """
     total = len(prefix) + size
-    fd = yield runner.run(os.open, path,
-                          os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    fd = yield runner.run(os.open, path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         done = 0
         if prefix:

@@ -38,7 +38,9 @@ def _make_libvirt_service(options: Options, reactor: Any) -> LibvirtService:
 
 
 def _make_manager_service(
-    options: Options, libvirt: LibvirtService, reactor: Any,
+    options: Options,
+    libvirt: LibvirtService,
+    reactor: Any,
     acks: Optional[DhcpAcknowledgements] = None,
 ) -> Manager:
     """
@@ -67,32 +69,45 @@ def _tls_options(options: Options, trust: TrustStore) -> Optional[Any]:
         log.warn(
             "neither {ca} nor {ica} holds a certificate: RPC over HTTPS is refused "
             "(create them with 'hypervisor make-certs')",
-            ca=options["CAfile"], ica=options["identityCAfile"])
+            ca=options["CAfile"],
+            ica=options["identityCAfile"],
+        )
     try:
         return server_tls_options(options["certFile"], options["keyFile"], trust)
     except (OSError, ValueError) as e:
-        log.warn("no usable server certificate ({why}): HTTPS is off, port {port} "
-                 "serves plain HTTP only (create one with 'hypervisor make-certs')",
-                 why=e, port=options["portNum"])
+        log.warn(
+            "no usable server certificate ({why}): HTTPS is off, port {port} "
+            "serves plain HTTP only (create one with 'hypervisor make-certs')",
+            why=e,
+            port=options["portNum"],
+        )
         return None
 
 
-def _make_dispatcher(options: Options, manager: Manager, reactor: Any,
-                     metrics: Metrics) -> Any:
+def _make_dispatcher(options: Options, manager: Manager, reactor: Any, metrics: Metrics) -> Any:
     """
     The one dispatcher every RPC transport uses.
     """
     from hypervisor.api import HypervisorApi
     from hypervisor.dispatch import Dispatcher
 
-    return Dispatcher(HypervisorApi(manager), metrics, reactor,
-                      allow_unauthenticated_reads=options["allowUnauthenticatedReads"])
+    return Dispatcher(
+        HypervisorApi(manager),
+        metrics,
+        reactor,
+        allow_unauthenticated_reads=options["allowUnauthenticatedReads"],
+    )
 
 
 def _make_web_service(
-    options: Options, manager: Manager, libvirt: LibvirtService, reactor: Any,
-    metrics: Optional[Metrics] = None, logs: Optional[LogBuffer] = None,
-    dispatcher: Optional[Any] = None, trust: Optional[TrustStore] = None,
+    options: Options,
+    manager: Manager,
+    libvirt: LibvirtService,
+    reactor: Any,
+    metrics: Optional[Metrics] = None,
+    logs: Optional[LogBuffer] = None,
+    dispatcher: Optional[Any] = None,
+    trust: Optional[TrustStore] = None,
 ) -> Any:
     from hypervisor.netguard import guard_factory
     from hypervisor.tls import SniffingFactory
@@ -107,8 +122,7 @@ def _make_web_service(
         trust = TrustStore.from_files(options["CAfile"], options["identityCAfile"])
     if dispatcher is None:
         dispatcher = _make_dispatcher(options, manager, reactor, metrics)
-    pages = StatusPages(manager, libvirt, metrics=metrics, logs=logs,
-                        log_dir=options["logDir"])
+    pages = StatusPages(manager, libvirt, metrics=metrics, logs=logs, log_dir=options["logDir"])
     site = Site(make_root(pages, RpcEndpoints()))
     site.requestFactory = request_factory(dispatcher, trust)
     site.protocol = HypervisorChannel  # type: ignore[method-assign,assignment]
@@ -117,9 +131,7 @@ def _make_web_service(
     return factory.tcp_server(options["portNum"])
 
 
-def _make_control_service(
-    options: Options, manager: Manager, reactor: Any
-) -> internet.UNIXServer:
+def _make_control_service(options: Options, manager: Manager, reactor: Any) -> internet.UNIXServer:
     return internet.UNIXServer(
         manager.state.control_path,
         ControlFactory(DaemonControl(manager, reactor)),
@@ -153,9 +165,21 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     metrics = Metrics()
     trust = TrustStore.from_files(options["CAfile"], options["identityCAfile"])
     dispatcher = _make_dispatcher(options, manager, reactor, metrics)
-    named.append(("web", _make_web_service(options, manager, libvirt, reactor,
-                                           metrics=metrics, logs=logs,
-                                           dispatcher=dispatcher, trust=trust)))
+    named.append(
+        (
+            "web",
+            _make_web_service(
+                options,
+                manager,
+                libvirt,
+                reactor,
+                metrics=metrics,
+                logs=logs,
+                dispatcher=dispatcher,
+                trust=trust,
+            ),
+        )
+    )
     named.append(("control", _make_control_service(options, manager, reactor)))
     for name, child in named:
         child.setName(name)

@@ -80,23 +80,31 @@ class TlsDaemon(support.Daemon):
     @ivar volumes: the volume directory.
     """
 
-    def __init__(self, testcase: Any, users: dict[str, str], *flags: str,
-                 env: Optional[dict[str, str]] = None,
-                 prefix: Optional[list[str]] = None) -> None:
+    def __init__(
+        self,
+        testcase: Any,
+        users: dict[str, str],
+        *flags: str,
+        env: Optional[dict[str, str]] = None,
+        prefix: Optional[list[str]] = None,
+    ) -> None:
         super().__init__(testcase, *flags)
         os.chmod(self.dir, 0o755)
         self.pki = os.path.join(self.dir, "pki")
         self.volumes = os.path.join(self.dir, "volumes")
         self.env = dict(env or {})
         self.prefix = list(prefix or [])
-        self.flags += [f"-CAfile={self.pki}/CA.pem",
-                       f"-identityCAfile={self.pki}/none.pem",
-                       f"-certFile={self.pki}/server.pem",
-                       f"-keyFile={self.pki}/server.key",
-                       f"-volumeDirectories={self.volumes}"]
+        self.flags += [
+            f"-CAfile={self.pki}/CA.pem",
+            f"-identityCAfile={self.pki}/none.pem",
+            f"-certFile={self.pki}/server.pem",
+            f"-keyFile={self.pki}/server.key",
+            f"-volumeDirectories={self.volumes}",
+        ]
         for user, methods in users.items():
-            result = self.command("make-certs", "--user", user, "--methods", methods,
-                                  "--out", f"{self.pki}/{user}")
+            result = self.command(
+                "make-certs", "--user", user, "--methods", methods, "--out", f"{self.pki}/{user}"
+            )
             assert result.returncode == 0, result.stderr
         self._contexts: dict[str, ssl.SSLContext] = {}
 
@@ -104,8 +112,9 @@ class TlsDaemon(support.Daemon):
         """
         The daemon's environment.
         """
-        return dict(os.environ, PYTHONPATH=support.REPO,
-                    HYPERVISOR_FLAGS_DIRECTORY=self.dir, **self.env)
+        return dict(
+            os.environ, PYTHONPATH=support.REPO, HYPERVISOR_FLAGS_DIRECTORY=self.dir, **self.env
+        )
 
     def start(self, healthy: bool = False) -> None:
         """
@@ -117,8 +126,11 @@ class TlsDaemon(support.Daemon):
         self._output = open(self.output_path, "ab")
         self.process = subprocess.Popen(
             [*self.prefix, sys.executable, "-m", "hypervisor", *self.flags, "run"],
-            cwd=support.REPO, env=self.environment(), stdout=self._output,
-            stderr=subprocess.STDOUT)
+            cwd=support.REPO,
+            env=self.environment(),
+            stdout=self._output,
+            stderr=subprocess.STDOUT,
+        )
 
         def up() -> bool:
             assert self.process is not None
@@ -180,23 +192,35 @@ class TlsDaemon(support.Daemon):
             context = ssl.create_default_context(cafile=f"{self.pki}/CA.pem")
             context.check_hostname = False
             if user:
-                context.load_cert_chain(f"{self.pki}/{user}/{user}.cert",
-                                        f"{self.pki}/{user}/{user}.key")
+                context.load_cert_chain(
+                    f"{self.pki}/{user}/{user}.cert", f"{self.pki}/{user}/{user}.key"
+                )
             self._contexts[key] = context
         return self._contexts[key]
 
-    def call(self, method: str, body: Any = None, user: Optional[str] = "admin",
-             data: Optional[bytes] = None, timeout: float = 120.0) -> Reply:
+    def call(
+        self,
+        method: str,
+        body: Any = None,
+        user: Optional[str] = "admin",
+        data: Optional[bytes] = None,
+        timeout: float = 120.0,
+    ) -> Reply:
         """
         C{POST /rpc/Hypervisor.<method>} over HTTPS; never raises for network errors.
         """
         if data is None:
             data = json.dumps(body if body is not None else {}).encode()
         connection = http.client.HTTPSConnection(
-            "127.0.0.1", self.port, timeout=timeout, context=self.context(user))
+            "127.0.0.1", self.port, timeout=timeout, context=self.context(user)
+        )
         try:
-            connection.request("POST", f"/rpc/Hypervisor.{method}", body=data,
-                               headers={"Content-Type": "application/json"})
+            connection.request(
+                "POST",
+                f"/rpc/Hypervisor.{method}",
+                body=data,
+                headers={"Content-Type": "application/json"},
+            )
             response = connection.getresponse()
             raw = response.read()
         except (OSError, http.client.HTTPException) as e:
@@ -227,13 +251,21 @@ class TlsDaemon(support.Daemon):
         C{prefix}.2, ... in the pool; returns them.
         """
         support.ensure_bridge()
-        reply = self.call("UpdateSubnets", {"Add": [{
-            "Id": "hvtest", "IpGateway": f"{prefix}.1", "IpMask": "255.255.255.0"}]})
+        reply = self.call(
+            "UpdateSubnets",
+            {"Add": [{"Id": "hvtest", "IpGateway": f"{prefix}.1", "IpMask": "255.255.255.0"}]},
+        )
         assert reply.status == 200 and not reply.error, reply
         ips = [f"{prefix}.{i}" for i in range(2, 2 + count)]
-        reply = self.call("ChangeAddressPool", {"AddressesToAdd": [
-            {"IpAddress": ip, "MacAddress": f"52:54:0a:{mac_byte:02x}:00:{i + 2:02x}"}
-            for i, ip in enumerate(ips)]})
+        reply = self.call(
+            "ChangeAddressPool",
+            {
+                "AddressesToAdd": [
+                    {"IpAddress": ip, "MacAddress": f"52:54:0a:{mac_byte:02x}:00:{i + 2:02x}"}
+                    for i, ip in enumerate(ips)
+                ]
+            },
+        )
         assert reply.status == 200 and not reply.error, reply
         return ips
 
@@ -279,8 +311,13 @@ class TlsDaemon(support.Daemon):
         their files, the volume directory's names.
         """
         out: dict[str, Any] = {}
-        for name in ("address-pool.json", "subnets.json", "disabled", "owners.json",
-                     "dynamic-leases.json"):
+        for name in (
+            "address-pool.json",
+            "subnets.json",
+            "disabled",
+            "owners.json",
+            "dynamic-leases.json",
+        ):
             out[name] = hashlib.sha256(self.read_state(name)).hexdigest()
         for ip in self.vm_dirs():
             directory = os.path.join(self.state_dir, "VMs", ip)
@@ -341,8 +378,13 @@ def request_head(method: str, length: int, extra: Iterable[str] = ()) -> bytes:
     """
     The head of C{POST /rpc/Hypervisor.<method>} with a Content-Length.
     """
-    lines = [f"POST /rpc/Hypervisor.{method} HTTP/1.1", "Host: 127.0.0.1",
-             f"Content-Length: {length}", "Content-Type: application/json", *extra]
+    lines = [
+        f"POST /rpc/Hypervisor.{method} HTTP/1.1",
+        "Host: 127.0.0.1",
+        f"Content-Length: {length}",
+        "Content-Type: application/json",
+        *extra,
+    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -361,9 +403,15 @@ def response_body(data: bytes) -> bytes:
     return data.partition(b"\r\n\r\n")[2]
 
 
-def stream_call(daemon: TlsDaemon, method: str, line: bytes, chunks: Iterable[bytes],
-                length: int, user: Optional[str] = "admin",
-                timeout: float = 300.0) -> Reply:
+def stream_call(
+    daemon: TlsDaemon,
+    method: str,
+    line: bytes,
+    chunks: Iterable[bytes],
+    length: int,
+    user: Optional[str] = "admin",
+    timeout: float = 300.0,
+) -> Reply:
     """
     C{POST /rpc/Hypervisor.<method>} over a TLS socket: the head (announcing
     C{length} bytes), the request line, then C{chunks} as they come from the
@@ -414,8 +462,11 @@ def subnet_domains(prefix: str) -> list[tuple[str, bool]]:
 
     conn = libvirt.open(support.QEMU_URI)
     try:
-        return [(d.name(), bool(d.isActive())) for d in conn.listAllDomains()
-                if d.name().startswith(f"vm-{prefix}.")]
+        return [
+            (d.name(), bool(d.isActive()))
+            for d in conn.listAllDomains()
+            if d.name().startswith(f"vm-{prefix}.")
+        ]
     finally:
         conn.close()
 
@@ -454,11 +505,12 @@ def traceback_excerpt(daemon: TlsDaemon) -> str:
     """
     text = daemon.log_text()
     at = text.find("Traceback")
-    return "" if at < 0 else text[max(0, at - 300):at + 1500]
+    return "" if at < 0 else text[max(0, at - 300) : at + 1500]
 
 
-def exchange(sock: socket.socket, timeout: float,
-             method: str = "POST") -> tuple[Optional[int], bytes, str]:
+def exchange(
+    sock: socket.socket, timeout: float, method: str = "POST"
+) -> tuple[Optional[int], bytes, str]:
     """
     Read one HTTP response from C{sock} (a request was sent): (status, body with
     any chunked coding removed, "") — or (None, b"", why) when the connection
@@ -471,8 +523,7 @@ def exchange(sock: socket.socket, timeout: float,
         response.begin()
     except http.client.RemoteDisconnected:
         return None, b"", "closed"
-    except (http.client.BadStatusLine, http.client.LineTooLong,
-            http.client.HTTPException) as e:
+    except (http.client.BadStatusLine, http.client.LineTooLong, http.client.HTTPException) as e:
         return None, b"", f"malformed: {type(e).__name__}: {e}"
     except socket.timeout:
         return None, b"", "timeout"

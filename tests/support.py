@@ -45,9 +45,7 @@ def libvirtd_answers(uri: str = QEMU_URI) -> bool:
     if shutil.which("virsh") is None:
         return False
     return (
-        subprocess.run(
-            ["virsh", "-c", uri, "version"], capture_output=True, timeout=30
-        ).returncode
+        subprocess.run(["virsh", "-c", uri, "version"], capture_output=True, timeout=30).returncode
         == 0
     )
 
@@ -57,8 +55,10 @@ def require_libvirtd() -> None:
     Skip (or fail in CI) unless a real libvirtd answers on qemu:///system as root.
     """
     require(os.geteuid() == 0, "needs root to use qemu:///system")
-    require(libvirtd_answers(), "libvirtd does not answer on qemu:///system "
-            "(tools/start-libvirtd.sh starts it)")
+    require(
+        libvirtd_answers(),
+        "libvirtd does not answer on qemu:///system " "(tools/start-libvirtd.sh starts it)",
+    )
 
 
 def libvirtd_pid() -> Optional[int]:
@@ -96,8 +96,12 @@ def start_libvirtd(timeout: float = 60.0) -> None:
     """
     Start libvirtd daemonized (it outlives the test) and wait until it answers.
     """
-    subprocess.run([os.path.join(REPO, "tools", "start-libvirtd.sh")], check=True,
-                   capture_output=True, timeout=timeout)
+    subprocess.run(
+        [os.path.join(REPO, "tools", "start-libvirtd.sh")],
+        check=True,
+        capture_output=True,
+        timeout=timeout,
+    )
 
 
 def free_port() -> int:
@@ -149,8 +153,10 @@ class Daemon:
         self.log_dir = os.path.join(self.dir, "log")
         self.port = free_port()
         self.flags = [
-            f"-stateDir={self.state_dir}", f"-logDir={self.log_dir}",
-            f"-portNum={self.port}", *flags,
+            f"-stateDir={self.state_dir}",
+            f"-logDir={self.log_dir}",
+            f"-portNum={self.port}",
+            *flags,
         ]
         self.output_path = os.path.join(self.dir, "output.log")
         self.process: Optional[subprocess.Popen[bytes]] = None
@@ -170,7 +176,11 @@ class Daemon:
         env = dict(os.environ, PYTHONPATH=REPO, HYPERVISOR_FLAGS_DIRECTORY=self.dir)
         return subprocess.run(
             [sys.executable, "-m", "hypervisor", *self.flags, *args],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
     def start(self) -> None:
@@ -181,7 +191,10 @@ class Daemon:
         self._output = open(self.output_path, "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "hypervisor", *self.flags, "run"],
-            cwd=REPO, env=env, stdout=self._output, stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env,
+            stdout=self._output,
+            stderr=subprocess.STDOUT,
         )
 
         def up() -> bool:
@@ -243,8 +256,7 @@ def ensure_bridge(name: str = TEST_BRIDGE) -> str:
     """
     if not os.path.exists(f"/sys/class/net/{name}"):
         subprocess.run(["ip", "link", "add", name, "type", "bridge"], check=True)
-        subprocess.run(["ip", "link", "set", name, "address", "02:00:00:00:7e:57"],
-                       check=True)
+        subprocess.run(["ip", "link", "set", name, "address", "02:00:00:00:7e:57"], check=True)
     subprocess.run(["ip", "link", "set", name, "up"], check=True)
     return name
 
@@ -269,28 +281,44 @@ def tls_daemon(testcase, users: dict[str, str], *flags: str):  # type: ignore[no
     d = Daemon(testcase, *flags)
     os.chmod(d.dir, 0o755)
     pki = os.path.join(d.dir, "pki")
-    d.flags += [f"-CAfile={pki}/CA.pem", f"-identityCAfile={pki}/none.pem",
-                f"-certFile={pki}/server.pem", f"-keyFile={pki}/server.key",
-                f"-volumeDirectories={d.dir}/volumes"]
+    d.flags += [
+        f"-CAfile={pki}/CA.pem",
+        f"-identityCAfile={pki}/none.pem",
+        f"-certFile={pki}/server.pem",
+        f"-keyFile={pki}/server.key",
+        f"-volumeDirectories={d.dir}/volumes",
+    ]
     for user, methods in users.items():
-        result = d.command("make-certs", "--user", user, "--methods", methods,
-                           "--out", f"{pki}/{user}")
+        result = d.command(
+            "make-certs", "--user", user, "--methods", methods, "--out", f"{pki}/{user}"
+        )
         assert result.returncode == 0, result.stderr
     d.start()
 
     def cli(module: str, user: str, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", f"hypervisor.cli.{module}",
-             f"-hypervisorPortNum={d.port}", f"-certDirectory={pki}/{user}",
-             f"-CAfile={pki}/CA.pem", *args],
-            cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
-            capture_output=True, text=True, timeout=120)
+            [
+                sys.executable,
+                "-m",
+                f"hypervisor.cli.{module}",
+                f"-hypervisorPortNum={d.port}",
+                f"-certDirectory={pki}/{user}",
+                f"-CAfile={pki}/CA.pem",
+                *args,
+            ],
+            cwd=REPO,
+            env=dict(os.environ, PYTHONPATH=REPO),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     return d, cli
 
 
-async def until(predicate: Any, timeout: float = 10.0, what: str = "condition",
-                interval: float = 0.02) -> None:
+async def until(
+    predicate: Any, timeout: float = 10.0, what: str = "condition", interval: float = 0.02
+) -> None:
     """
     Wait on the running reactor (without blocking it) until C{predicate()} is true.
 

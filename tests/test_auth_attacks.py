@@ -59,8 +59,9 @@ class OpenSslPki:
         """
         Run openssl; fail with its output if it fails.
         """
-        result = subprocess.run(["openssl", *args], cwd=self.dir, capture_output=True,
-                                text=True, timeout=60)
+        result = subprocess.run(
+            ["openssl", *args], cwd=self.dir, capture_output=True, text=True, timeout=60
+        )
         if result.returncode != 0:
             raise AssertionError(f"openssl {' '.join(args)}:\n{result.stderr}")
 
@@ -68,13 +69,34 @@ class OpenSslPki:
         """
         A self-signed root with C{openssl req -x509} (openssl's defaults: CA:TRUE).
         """
-        self.openssl("req", "-x509", "-newkey", "ec", "-pkeyopt",
-                     "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{name}.key",
-                     "-out", f"{name}.pem", "-subj", f"/CN={cn}", "-days", "2")
+        self.openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.pem",
+            "-subj",
+            f"/CN={cn}",
+            "-days",
+            "2",
+        )
         return self.path(f"{name}.pem")
 
-    def issue(self, name: str, cn: str, issuer: str, *, methods: tuple[str, ...] = (),
-              extensions: tuple[str, ...] = ()) -> str:
+    def issue(
+        self,
+        name: str,
+        cn: str,
+        issuer: str,
+        *,
+        methods: tuple[str, ...] = (),
+        extensions: tuple[str, ...] = (),
+    ) -> str:
         """
         A certificate for C{cn} signed by C{issuer} (the name of an earlier
         certificate) with C{openssl x509 -req}: only the methods extension and the
@@ -82,9 +104,21 @@ class OpenSslPki:
 
         @return: the certificate's path (C{<name>.pem}; key C{<name>.key}).
         """
-        self.openssl("req", "-new", "-newkey", "ec", "-pkeyopt",
-                     "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{name}.key",
-                     "-out", f"{name}.csr", "-subj", f"/CN={cn}")
+        self.openssl(
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={cn}",
+        )
         lines = ["[ext]", *extensions]
         if methods:
             lines.append(f"{METHODS_OID}=ASN1:SEQUENCE:methods_sect")
@@ -93,9 +127,22 @@ class OpenSslPki:
         with open(self.path(f"{name}.cnf"), "w") as f:
             f.write("\n".join(lines) + "\n")
         self.serial += 1
-        args = ["x509", "-req", "-in", f"{name}.csr", "-CA", f"{issuer}.pem", "-CAkey",
-                f"{issuer}.key", "-set_serial", str(self.serial),
-                "-out", f"{name}.pem", "-days", "2"]
+        args = [
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            f"{issuer}.pem",
+            "-CAkey",
+            f"{issuer}.key",
+            "-set_serial",
+            str(self.serial),
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+        ]
         if len(lines) > 1:
             args += ["-extfile", f"{name}.cnf", "-extensions", "ext"]
         self.openssl(*args)
@@ -116,9 +163,13 @@ class OpenSslPki:
         """
         C{openssl x509 -text} of a certificate.
         """
-        return subprocess.run(["openssl", "x509", "-noout", "-text", "-in",
-                               self.path(f"{name}.pem")], capture_output=True, text=True,
-                              timeout=30, check=True).stdout
+        return subprocess.run(
+            ["openssl", "x509", "-noout", "-text", "-in", self.path(f"{name}.pem")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
 
 
 class ChainAttackTests(SynchronousTestCase):
@@ -143,9 +194,17 @@ class ChainAttackTests(SynchronousTestCase):
         pki = cls.pki = OpenSslPki(os.path.join(d.dir, "pki"))
         pki.root("ca", "attack test CA")
         pki.root("idca", "attack test identity CA")
-        pki.issue("server", "localhost", "ca", extensions=(
-            "basicConstraints=critical,CA:FALSE", "keyUsage=critical,digitalSignature",
-            "extendedKeyUsage=serverAuth", "subjectAltName=IP:127.0.0.1,DNS:localhost"))
+        pki.issue(
+            "server",
+            "localhost",
+            "ca",
+            extensions=(
+                "basicConstraints=critical,CA:FALSE",
+                "keyUsage=critical,digitalSignature",
+                "extendedKeyUsage=serverAuth",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            ),
+        )
         pki.issue("admin", "admin", "ca", methods=("*.*",))
         pooler_methods = ("Hypervisor.ChangeAddressPool", "Hypervisor.List*")
         ca_false = ("basicConstraints=critical,CA:FALSE",)
@@ -162,32 +221,49 @@ class ChainAttackTests(SynchronousTestCase):
             pki.issue(f"fakebob{suffix}", "bob", f"alice{suffix}")
             pki.chain(f"fakebob{suffix}", f"fakebob{suffix}", f"alice{suffix}")
         # The control: a real intermediate CA and a leaf it issues.
-        pki.issue("opsca", "ops intermediate CA", "ca", extensions=(
-            "basicConstraints=critical,CA:TRUE", "keyUsage=critical,keyCertSign,cRLSign"))
-        pki.issue("operator", "operator", "opsca",
-                  methods=("Hypervisor.SetDisabledState",))
+        pki.issue(
+            "opsca",
+            "ops intermediate CA",
+            "ca",
+            extensions=(
+                "basicConstraints=critical,CA:TRUE",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ),
+        )
+        pki.issue("operator", "operator", "opsca", methods=("Hypervisor.SetDisabledState",))
         pki.chain("operator", "operator", "opsca")
-        d.flags += [f"-CAfile={pki.path('ca.pem')}",
-                    f"-identityCAfile={pki.path('idca.pem')}",
-                    f"-certFile={pki.path('server.pem')}",
-                    f"-keyFile={pki.path('server.key')}",
-                    f"-volumeDirectories={d.dir}/volumes"]
+        d.flags += [
+            f"-CAfile={pki.path('ca.pem')}",
+            f"-identityCAfile={pki.path('idca.pem')}",
+            f"-certFile={pki.path('server.pem')}",
+            f"-keyFile={pki.path('server.key')}",
+            f"-volumeDirectories={d.dir}/volumes",
+        ]
         import atexit
 
         atexit.register(d.cleanup)
         d.start()
         cls.daemon = d
-        code, body = cls.rpc("UpdateSubnets", {"Add": [{
-            "Id": SUBNET, "IpGateway": f"{PREFIX}.1", "IpMask": "255.255.255.0"}]})
+        code, body = cls.rpc(
+            "UpdateSubnets",
+            {"Add": [{"Id": SUBNET, "IpGateway": f"{PREFIX}.1", "IpMask": "255.255.255.0"}]},
+        )
         assert code == 200, body
-        code, body = cls.rpc("ChangeAddressPool", {"AddressesToAdd": [
-            {"IpAddress": f"{PREFIX}.{i}", "MacAddress": f"52:54:0a:63:00:{i:02x}"}
-            for i in range(2, 6)]})
+        code, body = cls.rpc(
+            "ChangeAddressPool",
+            {
+                "AddressesToAdd": [
+                    {"IpAddress": f"{PREFIX}.{i}", "MacAddress": f"52:54:0a:63:00:{i:02x}"}
+                    for i in range(2, 6)
+                ]
+            },
+        )
         assert code == 200, body
 
     @classmethod
-    def rpc(cls, method: str, request: dict[str, object], cert: str = "admin",
-            key: Optional[str] = None) -> tuple[int, bytes]:
+    def rpc(
+        cls, method: str, request: dict[str, object], cert: str = "admin", key: Optional[str] = None
+    ) -> tuple[int, bytes]:
         """
         C{POST /rpc/Hypervisor.<method>} with curl, presenting the PEM file C{cert}
         (a name of the PKI: C{<cert>.pem}, or a path) and its key.
@@ -199,18 +275,39 @@ class ChainAttackTests(SynchronousTestCase):
         cert_path = cert if os.path.isabs(cert) else pki.path(f"{cert}.pem")
         key_path = pki.path(f"{key or cert}.key")
         result = subprocess.run(
-            ["curl", "-s", "-o", "-", "-w", "\n%{http_code}", "--cacert",
-             pki.path("ca.pem"), "--cert", cert_path, "--key", key_path, "-X", "POST",
-             "--data-binary", "@-",
-             f"https://127.0.0.1:{cls.daemon.port}/rpc/Hypervisor.{method}"],
-            input=json.dumps(request).encode(), capture_output=True, timeout=120)
+            [
+                "curl",
+                "-s",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+                "--cacert",
+                pki.path("ca.pem"),
+                "--cert",
+                cert_path,
+                "--key",
+                key_path,
+                "-X",
+                "POST",
+                "--data-binary",
+                "@-",
+                f"https://127.0.0.1:{cls.daemon.port}/rpc/Hypervisor.{method}",
+            ],
+            input=json.dumps(request).encode(),
+            capture_output=True,
+            timeout=120,
+        )
         body, _, code = result.stdout.rpartition(b"\n")
         return int(code or 0), body
 
     def setUp(self) -> None:
-        support.require(os.geteuid() == 0 and shutil.which("curl") is not None
-                        and shutil.which("openssl") is not None,
-                        "needs root, curl and openssl")
+        support.require(
+            os.geteuid() == 0
+            and shutil.which("curl") is not None
+            and shutil.which("openssl") is not None,
+            "needs root, curl and openssl",
+        )
         support.require_libvirtd()
         support.ensure_bridge()
         if type(self).daemon is None:
@@ -248,8 +345,7 @@ class ChainAttackTests(SynchronousTestCase):
         self.assertFalse(self.disabled())
         for suffix in ("", "-bc"):
             chain = self.pki.chain(f"evil{suffix}", f"evil{suffix}", f"pooler{suffix}")
-            code, body = self.rpc("SetDisabledState", {"Disable": True}, chain,
-                                  key=f"evil{suffix}")
+            code, body = self.rpc("SetDisabledState", {"Disable": True}, chain, key=f"evil{suffix}")
             self.assertEqual(code, 401, body)
             error = json.loads(body)["Error"]
             self.assertIn("'pooler'", error)
@@ -268,15 +364,31 @@ class ChainAttackTests(SynchronousTestCase):
         """
         assert self.daemon is not None
         body = json.dumps({"Disable": True})
-        request = (f"POST /rpc/Hypervisor.SetDisabledState HTTP/1.1\r\nHost: x\r\n"
-                   f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-                   f"{body}").encode()
+        request = (
+            f"POST /rpc/Hypervisor.SetDisabledState HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            f"{body}"
+        ).encode()
         result = subprocess.run(
-            ["openssl", "s_client", "-quiet", "-connect", f"127.0.0.1:{self.daemon.port}",
-             "-CAfile", self.pki.path("ca.pem"), "-cert", self.pki.path("evil.pem"),
-             "-key", self.pki.path("evil.key"), "-cert_chain",
-             self.pki.path("pooler.pem")],
-            input=request, capture_output=True, timeout=60)
+            [
+                "openssl",
+                "s_client",
+                "-quiet",
+                "-connect",
+                f"127.0.0.1:{self.daemon.port}",
+                "-CAfile",
+                self.pki.path("ca.pem"),
+                "-cert",
+                self.pki.path("evil.pem"),
+                "-key",
+                self.pki.path("evil.key"),
+                "-cert_chain",
+                self.pki.path("pooler.pem"),
+            ],
+            input=request,
+            capture_output=True,
+            timeout=60,
+        )
         self.assertIn(b"HTTP/1.1 401", result.stdout, result.stderr)
         self.assertFalse(self.disabled())
 
@@ -287,8 +399,7 @@ class ChainAttackTests(SynchronousTestCase):
         401 — so curl does send the chain, and legitimate chains still work.
         """
         chain = self.pki.chain("operator", "operator", "opsca")
-        code, body = self.rpc("SetDisabledState", {"Disable": False}, chain,
-                              key="operator")
+        code, body = self.rpc("SetDisabledState", {"Disable": False}, chain, key="operator")
         self.assertEqual(code, 200, body)
         code, body = self.rpc("SetDisabledState", {"Disable": False}, "operator")
         self.assertEqual(code, 401, body)
@@ -301,9 +412,18 @@ class ChainAttackTests(SynchronousTestCase):
         bob can then destroy it.
         """
         assert self.daemon is not None
-        code, body = self.rpc("CreateVm", {
-            "MinimumFreeBytes": 1048576, "MemoryInMiB": 64, "MilliCPUs": 100,
-            "DoNotStart": True, "SubnetId": SUBNET, "RoundupPower": 0}, "bob")
+        code, body = self.rpc(
+            "CreateVm",
+            {
+                "MinimumFreeBytes": 1048576,
+                "MemoryInMiB": 64,
+                "MilliCPUs": 100,
+                "DoNotStart": True,
+                "SubnetId": SUBNET,
+                "RoundupPower": 0,
+            },
+            "bob",
+        )
         self.assertEqual(code, 200, body)
         final = json.loads(body.splitlines()[-1])
         self.assertTrue(final.get("Final"), final)
@@ -312,10 +432,8 @@ class ChainAttackTests(SynchronousTestCase):
         self.assertEqual(code, 200, body)
         vm_dir = os.path.join(self.daemon.state_dir, "VMs", ip)
         for suffix in ("", "-bc"):
-            chain = self.pki.chain(f"fakebob{suffix}", f"fakebob{suffix}",
-                                   f"alice{suffix}")
-            code, body = self.rpc("DestroyVm", {"IpAddress": ip}, chain,
-                                  key=f"fakebob{suffix}")
+            chain = self.pki.chain(f"fakebob{suffix}", f"fakebob{suffix}", f"alice{suffix}")
+            code, body = self.rpc("DestroyVm", {"IpAddress": ip}, chain, key=f"fakebob{suffix}")
             self.assertEqual(code, 401, body)
             error = json.loads(body)["Error"]
             self.assertIn("'alice'", error)

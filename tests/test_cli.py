@@ -44,9 +44,18 @@ class HypervisorCommandTests(SynchronousTestCase):
         """
         code, out, _ = run("-h")
         self.assertEqual(code, 0)
-        for word in ("--stateDir", "/var/lib/hypervisor", "--portNum", "6976",
-                     "--domainType", "run", "stop-vms-on-next-stop", "check-vms",
-                     "repair-vm-volume-allocations", "Stop the running daemon"):
+        for word in (
+            "--stateDir",
+            "/var/lib/hypervisor",
+            "--portNum",
+            "6976",
+            "--domainType",
+            "run",
+            "stop-vms-on-next-stop",
+            "check-vms",
+            "repair-vm-volume-allocations",
+            "Stop the running daemon",
+        ):
             self.assertIn(word, out)
 
     def test_help_names_go_flags_not_used_yet(self) -> None:
@@ -61,7 +70,7 @@ class HypervisorCommandTests(SynchronousTestCase):
         for name in NOT_USED_YET:
             self.assertIn(NOT_USED_MARK, by_flag[name], name)
         flat = " ".join(out.split())
-        description = flat[flat.index("Flags may be given"):]
+        description = flat[flat.index("Flags may be given") :]
         self.assertIn(NOT_USED_MARK, description)
         for name in NOT_USED_YET:
             self.assertIn(f"-{name}", description)
@@ -74,13 +83,19 @@ class HypervisorCommandTests(SynchronousTestCase):
         it (and parsing flags) loads nothing from the C{tap} package.
         """
         result = subprocess.run(
-            [sys.executable, "-c",
-             "import sys\n"
-             "from hypervisor.cli import hypervisor as h\n"
-             "h.HypervisorCommand().parseOptions(['-portNum=1', 'check-vms'])\n"
-             "sys.exit(sorted(m for m in sys.modules if m == 'tap' or "
-             "m.startswith('tap.')) and 1 or 0)\n"],
-            cwd=REPO, capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-c",
+                "import sys\n"
+                "from hypervisor.cli import hypervisor as h\n"
+                "h.HypervisorCommand().parseOptions(['-portNum=1', 'check-vms'])\n"
+                "sys.exit(sorted(m for m in sys.modules if m == 'tap' or "
+                "m.startswith('tap.')) and 1 or 0)\n",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
             env=dict(os.environ, PYTHONPATH=REPO),
         )
         self.assertEqual(result.returncode, 0, result.stderr)
@@ -121,9 +136,20 @@ class HypervisorCommandTests(SynchronousTestCase):
         holder.lock()
         self.addCleanup(holder.unlock)
         result = subprocess.run(
-            [sys.executable, "-m", "hypervisor", f"-stateDir={path}",
-             f"-logDir={path}/log", "-portNum=0", "-libvirtUri=test:///default", "run"],
-            cwd=REPO, capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "hypervisor",
+                f"-stateDir={path}",
+                f"-logDir={path}/log",
+                "-portNum=0",
+                "-libvirtUri=test:///default",
+                "run",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
             env=dict(os.environ, PYTHONPATH=REPO),
         )
         self.assertEqual(result.returncode, 1, result.stderr)

@@ -38,8 +38,11 @@ from hypervisor import api, codec, model
 def _model_types() -> list[type]:
     seen: dict[str, type] = {}
     for value in vars(model).values():
-        if (isinstance(value, type) and dataclasses.is_dataclass(value)
-                and value.__module__ == model.__name__):
+        if (
+            isinstance(value, type)
+            and dataclasses.is_dataclass(value)
+            and value.__module__ == model.__name__
+        ):
             seen[value.__name__] = value
     for spec in api.METHODS.values():
         seen.setdefault(spec.request.__name__, spec.request)
@@ -48,16 +51,21 @@ def _model_types() -> list[type]:
 
 TYPES = _model_types()
 FIELDED_TYPES = [t for t in TYPES if dataclasses.fields(t)]
-REQUEST_TYPES = sorted({spec.request for spec in api.METHODS.values()},
-                       key=lambda t: t.__name__)
+REQUEST_TYPES = sorted({spec.request for spec in api.METHODS.values()}, key=lambda t: t.__name__)
 
 # An independent statement of the rules (not the codec's code) ---------------------
 
 GO_RANGES = {
-    "int8": (-128, 127), "int16": (-32768, 32767), "int32": (-(2**31), 2**31 - 1),
-    "int64": (-(2**63), 2**63 - 1), "int": (-(2**63), 2**63 - 1),
-    "uint8": (0, 255), "uint16": (0, 65535), "uint32": (0, 2**32 - 1),
-    "uint64": (0, 2**64 - 1), "uint": (0, 2**64 - 1),
+    "int8": (-128, 127),
+    "int16": (-32768, 32767),
+    "int32": (-(2**31), 2**31 - 1),
+    "int64": (-(2**63), 2**63 - 1),
+    "int": (-(2**63), 2**63 - 1),
+    "uint8": (0, 255),
+    "uint16": (0, 65535),
+    "uint32": (0, 2**32 - 1),
+    "uint64": (0, 2**64 - 1),
+    "uint": (0, 2**64 - 1),
 }
 HEX = set("0123456789abcdefABCDEF")
 LABEL_CHARS = set(string.ascii_letters + string.digits + "-")
@@ -69,8 +77,13 @@ def is_ipv4(text: str) -> bool:
     """
     parts = text.split(".")
     return len(parts) == 4 and all(
-        p and len(p) <= 3 and all(c in "0123456789" for c in p)
-        and str(int(p)) == p and int(p) <= 255 for p in parts)
+        p
+        and len(p) <= 3
+        and all(c in "0123456789" for c in p)
+        and str(int(p)) == p
+        and int(p) <= 255
+        for p in parts
+    )
 
 
 def is_hostname(text: str) -> bool:
@@ -79,9 +92,13 @@ def is_hostname(text: str) -> bool:
     """
     if len(text) > 253:
         return False
-    return all(1 <= len(label) <= 63 and set(label) <= LABEL_CHARS
-               and not label.startswith("-") and not label.endswith("-")
-               for label in text.split("."))
+    return all(
+        1 <= len(label) <= 63
+        and set(label) <= LABEL_CHARS
+        and not label.startswith("-")
+        and not label.endswith("-")
+        for label in text.split(".")
+    )
 
 
 def is_mac(text: str) -> bool:
@@ -91,7 +108,8 @@ def is_mac(text: str) -> bool:
     if len(text) != 17 or text[2] not in ":-":
         return False
     return all(text[i] == text[2] for i in (2, 5, 8, 11, 14)) and all(
-        text[i] in HEX and text[i + 1] in HEX for i in range(0, 17, 3))
+        text[i] in HEX and text[i + 1] in HEX for i in range(0, 17, 3)
+    )
 
 
 FORMATS: dict[str, Callable[[str], bool]] = {
@@ -116,8 +134,9 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, include_extras=True)
 
 
-def problems(value: Any, tp: Any, where: str, strict: bool,
-             default_limit: int = codec.MAX_STRING) -> Iterator[str]:
+def problems(
+    value: Any, tp: Any, where: str, strict: bool, default_limit: int = codec.MAX_STRING
+) -> Iterator[str]:
     """
     Every way C{value} breaks the rules for type C{tp} (limits and syntax only when
     C{strict}); well-formedness and Go ranges always.
@@ -135,8 +154,7 @@ def problems(value: Any, tp: Any, where: str, strict: bool,
             return
         hints = _hints(base)
         for f in dataclasses.fields(base):
-            yield from problems(getattr(value, f.name), hints[f.name],
-                                f"{where}.{f.name}", strict)
+            yield from problems(getattr(value, f.name), hints[f.name], f"{where}.{f.name}", strict)
     elif origin is list:
         if not isinstance(value, list):
             yield f"{where}: not a list"
@@ -160,8 +178,7 @@ def problems(value: Any, tp: Any, where: str, strict: bool,
             yield f"{where}: not a str"
             return
         # A file name of ours may keep its undecodable bytes when trusted.
-        errors = ("surrogateescape" if not strict and _find(metas, codec.OsPath)
-                  else "strict")
+        errors = "surrogateescape" if not strict and _find(metas, codec.OsPath) else "strict"
         try:
             value.encode("utf-8", errors)
         except UnicodeEncodeError:
@@ -183,8 +200,11 @@ def problems(value: Any, tp: Any, where: str, strict: bool,
             yield f"{where}: {value!a} is not a {go.go_type}"
     elif base is codec.Duration:
         # int64 nanoseconds, as seconds in a float (which rounds 2**63 - 1 up).
-        if not isinstance(value, codec.Duration) or not math.isfinite(value) or not (
-                -(2**63) / 1e9 <= value <= (2**63 - 1) / 1e9):
+        if (
+            not isinstance(value, codec.Duration)
+            or not math.isfinite(value)
+            or not (-(2**63) / 1e9 <= value <= (2**63 - 1) / 1e9)
+        ):
             yield f"{where}: {value!a} is not a Duration"
     elif base is bytes:
         if not isinstance(value, bytes):
@@ -195,8 +215,7 @@ def problems(value: Any, tp: Any, where: str, strict: bool,
         if type(value) is not bool:
             yield f"{where}: not a bool"
     elif base is datetime.datetime:
-        if value is not None and (not isinstance(value, datetime.datetime)
-                                  or value.tzinfo is None):
+        if value is not None and (not isinstance(value, datetime.datetime) or value.tzinfo is None):
             yield f"{where}: {value!a} is not an aware datetime"
     elif isinstance(base, type) and issubclass(base, codec.TextEnum):
         if not isinstance(value, base):
@@ -217,15 +236,19 @@ def assert_valid(case: SynchronousTestCase, obj: Any, cls: type, strict: bool) -
 
 HOSTNAMES = st.from_regex(
     r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,8}[a-zA-Z0-9])?(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,8}"
-    r"[a-zA-Z0-9])?){0,3}", fullmatch=True)
+    r"[a-zA-Z0-9])?){0,3}",
+    fullmatch=True,
+)
 LONG_HOSTNAME = ".".join(["a" * 63] * 3 + ["b" * 61])  # 253 characters
 IPV4S = st.ip_addresses(v=4).map(str)
-MACS = st.tuples(st.binary(min_size=6, max_size=6), st.sampled_from(":-"),
-                 st.booleans()).map(
-    lambda t: t[1].join(f"{x:02X}" if t[2] else f"{x:02x}" for x in t[0]))
-TIMES = st.datetimes(min_value=datetime.datetime(1900, 1, 1),
-                     max_value=datetime.datetime(9000, 1, 1),
-                     timezones=st.just(datetime.timezone.utc))
+MACS = st.tuples(st.binary(min_size=6, max_size=6), st.sampled_from(":-"), st.booleans()).map(
+    lambda t: t[1].join(f"{x:02X}" if t[2] else f"{x:02x}" for x in t[0])
+)
+TIMES = st.datetimes(
+    min_value=datetime.datetime(1900, 1, 1),
+    max_value=datetime.datetime(9000, 1, 1),
+    timezones=st.just(datetime.timezone.utc),
+)
 
 
 @functools.lru_cache(maxsize=None)
@@ -241,16 +264,16 @@ def valid(tp: Any, default_limit: int = codec.MAX_STRING) -> st.SearchStrategy[A
     origin = typing.get_origin(base)
     if dataclasses.is_dataclass(base):
         hints = _hints(base)
-        return st.builds(base, **{f.name: valid(hints[f.name])
-                                  for f in dataclasses.fields(base)})
+        return st.builds(base, **{f.name: valid(hints[f.name]) for f in dataclasses.fields(base)})
     if origin is list:
         limit = max_len.limit if max_len else codec.MAX_ITEMS
         return st.lists(valid(typing.get_args(base)[0]), max_size=min(limit, 3))
     if origin is dict:
         key_tp, value_tp = typing.get_args(base)
         limit = max_len.limit if max_len else codec.MAX_ITEMS
-        return st.dictionaries(valid(key_tp, codec.MAX_KEY), valid(value_tp),
-                               max_size=min(limit, 3))
+        return st.dictionaries(
+            valid(key_tp, codec.MAX_KEY), valid(value_tp), max_size=min(limit, 3)
+        )
     if base is str:
         fmt = _find(metas, codec.TextFormat)
         if fmt is codec.IPV4:
@@ -285,43 +308,140 @@ def valid(tp: Any, default_limit: int = codec.MAX_STRING) -> st.SearchStrategy[A
 SURROGATES = st.integers(0xD800, 0xDFFF).map(chr)
 HOSTILE_TEXT = st.one_of(
     st.lists(st.one_of(st.characters(), SURROGATES), max_size=8).map("".join),
-    st.sampled_from(["", "-a", "a-", "a..b", "a_b", "é.example", "a" * 64, " 10.0.0.1",
-                     "10.0.0.256", "01.2.3.4", "1.2.3", "::1", "52:54:0a:02:03",
-                     "52:54:0a:02:03:04:05", "52-54:0a:02:03:04", "\x00", "\udc80x",
-                     "\ud83d", "\ud83d\ude00", "2024-01-01", "0001-01-01T00:30:00+01:00",
-                     "2024-01-01T00:00:00", "9999-12-31T23:59:59-01:00", "running",
-                     "AAAA", "!!"]),
+    st.sampled_from(
+        [
+            "",
+            "-a",
+            "a-",
+            "a..b",
+            "a_b",
+            "é.example",
+            "a" * 64,
+            " 10.0.0.1",
+            "10.0.0.256",
+            "01.2.3.4",
+            "1.2.3",
+            "::1",
+            "52:54:0a:02:03",
+            "52:54:0a:02:03:04:05",
+            "52-54:0a:02:03:04",
+            "\x00",
+            "\udc80x",
+            "\ud83d",
+            "\ud83d\ude00",
+            "2024-01-01",
+            "0001-01-01T00:30:00+01:00",
+            "2024-01-01T00:00:00",
+            "9999-12-31T23:59:59-01:00",
+            "running",
+            "AAAA",
+            "!!",
+        ]
+    ),
     st.integers(0, 3).map(lambda k: "x" * [253, 254, 4097, 65537][k]),
 )
 HOSTILE_NUMBER = st.one_of(
     st.integers(),
-    st.sampled_from([-1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63) - 1, 10**400,
-                     -(10**400), 10**309, 1.5, 1e309, -1e309, 2e9, 1e19, 1.8446744073709552e19,
-                     float("nan"), float("inf"), -0.0]),
+    st.sampled_from(
+        [
+            -1,
+            2**63 - 1,
+            2**63,
+            2**64 - 1,
+            2**64,
+            -(2**63) - 1,
+            10**400,
+            -(10**400),
+            10**309,
+            1.5,
+            1e309,
+            -1e309,
+            2e9,
+            1e19,
+            1.8446744073709552e19,
+            float("nan"),
+            float("inf"),
+            -0.0,
+        ]
+    ),
     st.floats(),
 )
 SCALARS = st.one_of(st.none(), st.booleans(), HOSTILE_NUMBER, HOSTILE_TEXT)
 NEAR_MISSES = {
-    codec.IPV4.description: ["10.0.0", "10.0.0.1.2", "010.0.0.1", "10.0.0.256", " 10.0.0.1",
-                             "10.0.0.1 ", "::1", "::ffff:10.0.0.1", "10.0.0.-1", "1e1.0.0.1",
-                             "\u0661.0.0.1", "10.0.0.1\n"],
-    codec.HOSTNAME.description: ["-a", "a-", "a.-b", "a..b", ".a", "a.", "a_b", "a b",
-                                 "a" * 64, ".".join(["a" * 63] * 4), "caf\u00e9", "a\n",
-                                 "a\x00", "*.example"],
-    codec.MAC.description: ["52:54:00:00:00", "52:54:00:00:00:00:00", "52:54-00:00:00:00",
-                            "5254.0000.0001", "52:54:00:00:00:0g", " 52:54:00:00:00:01",
-                            "525400000001", "52:54:00:00:00:1"],
+    codec.IPV4.description: [
+        "10.0.0",
+        "10.0.0.1.2",
+        "010.0.0.1",
+        "10.0.0.256",
+        " 10.0.0.1",
+        "10.0.0.1 ",
+        "::1",
+        "::ffff:10.0.0.1",
+        "10.0.0.-1",
+        "1e1.0.0.1",
+        "\u0661.0.0.1",
+        "10.0.0.1\n",
+    ],
+    codec.HOSTNAME.description: [
+        "-a",
+        "a-",
+        "a.-b",
+        "a..b",
+        ".a",
+        "a.",
+        "a_b",
+        "a b",
+        "a" * 64,
+        ".".join(["a" * 63] * 4),
+        "caf\u00e9",
+        "a\n",
+        "a\x00",
+        "*.example",
+    ],
+    codec.MAC.description: [
+        "52:54:00:00:00",
+        "52:54:00:00:00:00:00",
+        "52:54-00:00:00:00",
+        "5254.0000.0001",
+        "52:54:00:00:00:0g",
+        " 52:54:00:00:00:01",
+        "525400000001",
+        "52:54:00:00:00:1",
+    ],
 }
 """Values that almost have a field's syntax."""
 
 
 JSON_VALUES = st.recursive(
-    SCALARS, lambda c: st.lists(c, max_size=4) | st.dictionaries(
-        HOSTILE_TEXT | st.sampled_from(
-            ["Address", "IpAddress", "Tags", "Volumes", "VMs", "Subnets", "Free",
-             "MemoryInMiB", "VirtualCPUs", "DhcpTimeout", "Hostname", "State",
-             "OwnerUsers", "StorageIndices", "VmTagsToMatch", "CreatedOn"]),
-        c, max_size=5), max_leaves=20)
+    SCALARS,
+    lambda c: st.lists(c, max_size=4)
+    | st.dictionaries(
+        HOSTILE_TEXT
+        | st.sampled_from(
+            [
+                "Address",
+                "IpAddress",
+                "Tags",
+                "Volumes",
+                "VMs",
+                "Subnets",
+                "Free",
+                "MemoryInMiB",
+                "VirtualCPUs",
+                "DhcpTimeout",
+                "Hostname",
+                "State",
+                "OwnerUsers",
+                "StorageIndices",
+                "VmTagsToMatch",
+                "CreatedOn",
+            ]
+        ),
+        c,
+        max_size=5,
+    ),
+    max_leaves=20,
+)
 """Arbitrary JSON, keyed often by the model's field names."""
 
 
@@ -342,7 +462,8 @@ def hostile(tp: Any, depth: int = 0) -> st.SearchStrategy[Any]:
         unknown = st.tuples(HOSTILE_TEXT, SCALARS)
         if fields:
             known = st.sampled_from(sorted(fields)).flatmap(
-                lambda n: st.tuples(_case(n), hostile(fields[n], depth + 1)))
+                lambda n: st.tuples(_case(n), hostile(fields[n], depth + 1))
+            )
             pairs = st.one_of(known, known, known, unknown)
         else:
             pairs = unknown
@@ -365,8 +486,7 @@ def hostile(tp: Any, depth: int = 0) -> st.SearchStrategy[Any]:
         return st.one_of(lists, lists, lists, too_many, SCALARS)
     if origin is dict:
         key_tp, value_tp = typing.get_args(base)
-        keys = st.one_of(valid(key_tp, codec.MAX_KEY), valid(key_tp, codec.MAX_KEY),
-                         HOSTILE_TEXT)
+        keys = st.one_of(valid(key_tp, codec.MAX_KEY), valid(key_tp, codec.MAX_KEY), HOSTILE_TEXT)
         maps = st.dictionaries(keys, hostile(value_tp, depth + 1), max_size=3)
         max_len = _find(metas, codec.MaxLen)
         limit = max_len.limit if max_len else codec.MAX_ITEMS
@@ -396,14 +516,17 @@ def bad_value(tp: Any) -> st.SearchStrategy[Any]:
         return one_bad(base) if hints_of(base) else SCALARS
     if origin is list:
         element = typing.get_args(base)[0]
-        return st.tuples(st.lists(valid(element).map(codec.encode_value), max_size=2),
-                         bad_value(element), st.integers(0, 2)).map(
-            lambda t: t[0][:t[2]] + [t[1]] + t[0][t[2]:])
+        return st.tuples(
+            st.lists(valid(element).map(codec.encode_value), max_size=2),
+            bad_value(element),
+            st.integers(0, 2),
+        ).map(lambda t: t[0][: t[2]] + [t[1]] + t[0][t[2] :])
         # (too many elements: see hostile())
     if origin is dict:
         key_tp, value_tp = typing.get_args(base)
-        good = st.dictionaries(valid(key_tp, codec.MAX_KEY),
-                               valid(value_tp).map(codec.encode_value), max_size=2)
+        good = st.dictionaries(
+            valid(key_tp, codec.MAX_KEY), valid(value_tp).map(codec.encode_value), max_size=2
+        )
         bad_key = st.tuples(good, HOSTILE_TEXT, valid(value_tp).map(codec.encode_value))
         bad_item = st.tuples(good, valid(key_tp, codec.MAX_KEY), bad_value(value_tp))
         return (bad_key | bad_item).map(lambda t: {**t[0], t[1]: t[2]})
@@ -426,9 +549,14 @@ def one_bad(cls: type) -> st.SearchStrategy[dict[str, Any]]:
     return st.tuples(
         valid(cls).map(codec.encode_value),
         st.sampled_from(sorted(fields)).flatmap(
-            lambda n: st.tuples(_case(n), bad_value(fields[n])))).map(
-        lambda t: {**{k: v for k, v in t[0].items() if k.lower() != t[1][0].lower()},
-                   t[1][0]: t[1][1]})
+            lambda n: st.tuples(_case(n), bad_value(fields[n]))
+        ),
+    ).map(
+        lambda t: {
+            **{k: v for k, v in t[0].items() if k.lower() != t[1][0].lower()},
+            t[1][0]: t[1][1],
+        }
+    )
 
 
 _FLAT: dict[type, dict[str, Any]] = {}
@@ -465,7 +593,7 @@ def serialise(value: Any, how: int) -> bytes:
     if how == 1:
         return raw
     quote = raw.find(b'"')
-    return raw if quote < 0 else raw[:quote + 1] + b"\xff\xc0\xaf" + raw[quote + 1:]
+    return raw if quote < 0 else raw[: quote + 1] + b"\xff\xc0\xaf" + raw[quote + 1 :]
 
 
 # The tests -------------------------------------------------------------------------
@@ -521,8 +649,11 @@ class RoundTripTests(SynchronousTestCase):
         self.assertIn("Empty", names)
         self.assertGreater(len(TYPES), 30)
 
-    @settings(max_examples=EXAMPLES, deadline=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(st.sampled_from(TYPES).flatmap(lambda t: st.tuples(st.just(t), valid(t))))
     def test_round_trip(self, case: tuple[type, Any]) -> None:
         """
@@ -535,10 +666,12 @@ class RoundTripTests(SynchronousTestCase):
         self.assertEqual(codec.decode(cls, data), value)
         self.assertEqual(codec.decode(cls, data, trusted=True), value)
 
-    @settings(max_examples=EXAMPLES, deadline=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(st.sampled_from(REQUEST_TYPES).flatmap(
-        lambda t: st.tuples(st.just(t), valid(t))))
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(st.sampled_from(REQUEST_TYPES).flatmap(lambda t: st.tuples(st.just(t), valid(t))))
     def test_round_trip_requests(self, case: tuple[type, Any]) -> None:
         """
         The same for the request types of the method table alone (more examples
@@ -554,10 +687,16 @@ class HostileInputTests(SynchronousTestCase):
     that keeps every rule; trusted decoding repairs instead.
     """
 
-    @settings(max_examples=EXAMPLES, deadline=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(st.sampled_from(TYPES).flatmap(
-        lambda t: st.tuples(st.just(t), hostile(t), st.integers(0, 2))))
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(
+        st.sampled_from(TYPES).flatmap(
+            lambda t: st.tuples(st.just(t), hostile(t), st.integers(0, 2))
+        )
+    )
     def test_shaped_json(self, case: tuple[type, Any, int]) -> None:
         """
         JSON shaped like the type with hostile leaves (escaped or raw surrogates,
@@ -566,10 +705,16 @@ class HostileInputTests(SynchronousTestCase):
         cls, value, how = case
         check_both_modes(self, cls, serialise(value, how))
 
-    @settings(max_examples=EXAMPLES, deadline=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(st.sampled_from(FIELDED_TYPES).flatmap(
-        lambda t: st.tuples(st.just(t), one_bad(t), st.integers(0, 2))))
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(
+        st.sampled_from(FIELDED_TYPES).flatmap(
+            lambda t: st.tuples(st.just(t), one_bad(t), st.integers(0, 2))
+        )
+    )
     def test_one_bad_value(self, case: tuple[type, Any, int]) -> None:
         """
         A valid object with exactly one hostile value somewhere (a string, key,
@@ -579,8 +724,7 @@ class HostileInputTests(SynchronousTestCase):
         cls, value, how = case
         check_both_modes(self, cls, serialise(value, how))
 
-    @settings(max_examples=EXAMPLES, deadline=None,
-              suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.sampled_from(TYPES), JSON_VALUES, st.integers(0, 2))
     def test_random_json(self, cls: type, value: Any, how: int) -> None:
         """
@@ -605,14 +749,24 @@ class HostileInputTests(SynchronousTestCase):
             assert_valid(self, decoded, cls, strict=True)
         attempt(cls, data, trusted=True)
 
-    @settings(max_examples=EXAMPLES, deadline=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(st.sampled_from(REQUEST_TYPES + [model.LocalVmInfo]).flatmap(
-        lambda t: st.tuples(st.just(t), valid(t))),
-        st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 2),
-                           st.binary(min_size=1, max_size=4)), min_size=1, max_size=4))
-    def test_mutated_bytes(self, case: tuple[type, Any],
-                           edits: list[tuple[int, int, bytes]]) -> None:
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(
+        st.sampled_from(REQUEST_TYPES + [model.LocalVmInfo]).flatmap(
+            lambda t: st.tuples(st.just(t), valid(t))
+        ),
+        st.lists(
+            st.tuples(st.integers(0, 10**6), st.integers(0, 2), st.binary(min_size=1, max_size=4)),
+            min_size=1,
+            max_size=4,
+        ),
+    )
+    def test_mutated_bytes(
+        self, case: tuple[type, Any], edits: list[tuple[int, int, bytes]]
+    ) -> None:
         """
         A valid encoding with bytes replaced, inserted or deleted.
         """
@@ -621,20 +775,23 @@ class HostileInputTests(SynchronousTestCase):
         for position, kind, chunk in edits:
             i = position % (len(data) + 1)
             if kind == 0:
-                data[i:i + len(chunk)] = chunk
+                data[i : i + len(chunk)] = chunk
             elif kind == 1:
                 data[i:i] = chunk
             else:
-                del data[i:i + len(chunk)]
+                del data[i : i + len(chunk)]
         decoded = attempt(cls, bytes(data))
         if decoded is not None:
             assert_valid(self, decoded, cls, strict=True)
         attempt(cls, bytes(data), trusted=True)
 
     @settings(max_examples=60, deadline=None)
-    @given(st.sampled_from(TYPES),
-           st.sampled_from(['[', '{"a":', '{"Tags":[', '{"VMs":{"x":', '[{"":']),
-           st.sampled_from([33, 34, 100, 1000, 100_000]), st.booleans())
+    @given(
+        st.sampled_from(TYPES),
+        st.sampled_from(["[", '{"a":', '{"Tags":[', '{"VMs":{"x":', '[{"":']),
+        st.sampled_from([33, 34, 100, 1000, 100_000]),
+        st.booleans(),
+    )
     def test_deep_nesting(self, cls: type, opener: str, depth: int, closed: bool) -> None:
         """
         Nesting deeper than MAX_DEPTH, closed or not, is a DecodeError (never a
@@ -645,17 +802,16 @@ class HostileInputTests(SynchronousTestCase):
         if closed:
             text += "1" + "".join(closers[c] for c in reversed(text) if c in closers)
         for trusted in (False, True):
-            self.assertRaises(codec.DecodeError, codec.decode, cls, text.encode(),
-                              trusted=trusted)
+            self.assertRaises(codec.DecodeError, codec.decode, cls, text.encode(), trusted=trusted)
 
     def test_nesting_up_to_the_limit(self) -> None:
         """
         Unknown fields nested up to MAX_DEPTH are ignored, one more is refused.
         """
         inner = "[" * (codec.MAX_DEPTH - 1) + "]" * (codec.MAX_DEPTH - 1)
-        self.assertEqual(codec.decode(model.IpRequest, '{"x": %s}' % inner),
-                         model.IpRequest())
+        self.assertEqual(codec.decode(model.IpRequest, '{"x": %s}' % inner), model.IpRequest())
         deeper = "[" * codec.MAX_DEPTH + "]" * codec.MAX_DEPTH
-        e = self.assertRaises(codec.DecodeError, codec.decode, model.IpRequest,
-                              '{"x": %s}' % deeper)
+        e = self.assertRaises(
+            codec.DecodeError, codec.decode, model.IpRequest, '{"x": %s}' % deeper
+        )
         self.assertIn("nested 33 deep; the limit is 32", str(e))

@@ -127,8 +127,7 @@ class ControlSocketTests(TestCase):
         self.addCleanup(shutil.rmtree, self.dir)
         self.path = os.path.join(self.dir, "control")
         self.handler = RecordingHandler()
-        self.port = reactor.listenUNIX(self.path, control.ControlFactory(self.handler),
-                                       mode=0o600)
+        self.port = reactor.listenUNIX(self.path, control.ControlFactory(self.handler), mode=0o600)
         self.addCleanup(self.port.stopListening)
 
     def test_socket_is_private(self) -> None:
@@ -195,8 +194,9 @@ class DroppingServer:
             with conn:
                 if self.seen <= self.drops:
                     if self.reset:
-                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                        struct.pack("ii", 1, 0))
+                        conn.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                        )
                     continue
                 conn.recv(256)
                 conn.sendall(b"ok\n")
@@ -230,8 +230,9 @@ class DroppedConnectionTests(SynchronousTestCase):
         """
         for reset in (False, True):
             directory, server = self.server(drops=3, reset=reset)
-            control.send_command(os.path.join(directory, "control"),
-                                 "stop-vms-on-next-stop", timeout=5, retry_for=10)
+            control.send_command(
+                os.path.join(directory, "control"), "stop-vms-on-next-stop", timeout=5, retry_for=10
+            )
             self.assertEqual(server.seen, 4)
 
     def test_gives_up_with_one_line(self) -> None:
@@ -241,9 +242,14 @@ class DroppedConnectionTests(SynchronousTestCase):
         """
         directory, server = self.server(drops=1000, reset=True)
         started = time.monotonic()
-        e = self.assertRaises(control.ControlError, control.send_command,
-                              os.path.join(directory, "control"), "stop",
-                              timeout=5, retry_for=1)
+        e = self.assertRaises(
+            control.ControlError,
+            control.send_command,
+            os.path.join(directory, "control"),
+            "stop",
+            timeout=5,
+            retry_for=1,
+        )
         self.assertLess(time.monotonic() - started, 3)
         self.assertGreater(server.seen, 2)
         self.assertNotIn("\n", str(e))
@@ -258,8 +264,7 @@ class DroppedConnectionTests(SynchronousTestCase):
         from hypervisor.cli.hypervisor import main
 
         directory, _ = self.server(drops=1000, reset=True)
-        self.patch(control, "send_command",
-                   functools.partial(control.send_command, retry_for=0.5))
+        self.patch(control, "send_command", functools.partial(control.send_command, retry_for=0.5))
         os.environ["HYPERVISOR_FLAGS_DIRECTORY"] = directory
         self.addCleanup(os.environ.pop, "HYPERVISOR_FLAGS_DIRECTORY")
         out, err = io.StringIO(), io.StringIO()
@@ -268,5 +273,6 @@ class DroppedConnectionTests(SynchronousTestCase):
         self.assertEqual(code, 1)
         lines = err.getvalue().splitlines()
         self.assertEqual(len(lines), 1, err.getvalue())
-        self.assertTrue(lines[0].startswith("hypervisor stop: the hypervisor did not "
-                                            "answer"), lines[0])
+        self.assertTrue(
+            lines[0].startswith("hypervisor stop: the hypervisor did not " "answer"), lines[0]
+        )

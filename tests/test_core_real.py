@@ -42,8 +42,13 @@ def empty_vm(start: bool = False, **extra: Any) -> dict[str, Any]:
     """
     A CreateVm request for a small VM with an empty 1 MiB root volume.
     """
-    request: dict[str, Any] = {"MemoryInMiB": 32, "MilliCPUs": 10, "SubnetId": "hvtest",
-                               "MinimumFreeBytes": MiB, "DoNotStart": not start}
+    request: dict[str, Any] = {
+        "MemoryInMiB": 32,
+        "MilliCPUs": 10,
+        "SubnetId": "hvtest",
+        "MinimumFreeBytes": MiB,
+        "DoNotStart": not start,
+    }
     request.update(extra)
     return request
 
@@ -53,8 +58,11 @@ def mount_tmpfs(testcase: SynchronousTestCase, size: str) -> str:
     A fresh tmpfs of C{size} on a temporary directory, unmounted in cleanup.
     """
     path = tempfile.mkdtemp(prefix="hv-tmpfs-")
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=1777",
-                             "tmpfs", path], capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=1777", "tmpfs", path],
+        capture_output=True,
+        text=True,
+    )
     support.require(result.returncode == 0, f"cannot mount a tmpfs: {result.stderr}")
 
     def unmount() -> None:
@@ -87,8 +95,7 @@ class CoreRealTests(SynchronousTestCase):
         A TLS daemon (users admin and alice) on TCG whose domains on C{prefix}.0/24
         are destroyed in cleanup.
         """
-        d = realrpc.TlsDaemon(self, {"admin": "*.*", "alice": ""}, "-domainType=qemu",
-                              **kwargs)
+        d = realrpc.TlsDaemon(self, {"admin": "*.*", "alice": ""}, "-domainType=qemu", **kwargs)
         self.addCleanup(realrpc.destroy_domains, prefix)
         return d
 
@@ -121,9 +128,15 @@ class CoreRealTests(SynchronousTestCase):
             with open(info_path, "rb") as f:
                 info = f.read()
             vm = d.call("GetVmInfo", {"IpAddress": ip})
-            return (vm.status, vm.last.get("VmInfo"), info,
-                    d.read_state("address-pool.json"), d.vm_dirs(), d.volume_entries(),
-                    sorted(os.listdir(os.path.join(d.volumes, ip))))
+            return (
+                vm.status,
+                vm.last.get("VmInfo"),
+                info,
+                d.read_state("address-pool.json"),
+                d.vm_dirs(),
+                d.volume_entries(),
+                sorted(os.listdir(os.path.join(d.volumes, ip))),
+            )
 
         before = view()
         self.assertEqual(before[1]["State"], "stopped")
@@ -139,8 +152,7 @@ class CoreRealTests(SynchronousTestCase):
         self.assertIn("not connected to libvirt", refused.error)
         image = os.urandom(2 * MiB)
         line = json.dumps(empty_vm(start=True, ImageDataSize=len(image))).encode() + b"\n"
-        uploaded = realrpc.stream_call(d, "CreateVm", line, [image],
-                                       len(line) + len(image))
+        uploaded = realrpc.stream_call(d, "CreateVm", line, [image], len(line) + len(image))
         self.assertEqual(uploaded.status, 503, uploaded)
         self.assertIn("not connected to libvirt", uploaded.error)
         self.assertEqual(view(), before)
@@ -148,14 +160,15 @@ class CoreRealTests(SynchronousTestCase):
         support.wait_for(lambda: d.healthz() == 200, 60, "/healthz 200 after libvirtd")
         started = d.call("StartVm", {"IpAddress": ip})
         self.assertEqual(started.status, 200, started)
-        self.assertEqual(d.call("GetVmInfo", {"IpAddress": ip}).last["VmInfo"]["State"],
-                         "running")
+        self.assertEqual(d.call("GetVmInfo", {"IpAddress": ip}).last["VmInfo"]["State"], "running")
         created = d.call("CreateVm", empty_vm(start=True))
         self.assertEqual(created.status, 200, created)
         other = created.last["IpAddress"]
         self.assertEqual(d.call("AcknowledgeVm", {"IpAddress": other}).status, 200)
-        self.assertEqual(sorted(name for name, active in realrpc.subnet_domains("10.81.1")
-                                if active), [f"vm-{ip}", f"vm-{other}"])
+        self.assertEqual(
+            sorted(name for name, active in realrpc.subnet_domains("10.81.1") if active),
+            [f"vm-{ip}", f"vm-{other}"],
+        )
         for address in (ip, other):
             self.assertEqual(d.call("DestroyVm", {"IpAddress": address}).status, 200)
         self.assertEqual(realrpc.subnet_domains("10.81.1"), [])
@@ -183,7 +196,7 @@ class CoreRealTests(SynchronousTestCase):
 
         def pieces() -> Iterator[bytes]:
             for i in range(size // piece):
-                data = block[i % piece:] + block[:i % piece]  # no two pieces alike
+                data = block[i % piece :] + block[: i % piece]  # no two pieces alike
                 digest.update(data)
                 yield data
                 peak[0] = max(peak[0], used_bytes(tmp) - baseline)
@@ -234,8 +247,10 @@ class CoreRealTests(SynchronousTestCase):
         d.start(healthy=True)
         [ip] = d.setup_network("10.81.3", 1, 0x83)
         size = 512 * MiB
-        line = json.dumps(empty_vm(start=True, ImageDataSize=size,
-                                   MinimumFreeBytes=0)).encode() + b"\n"
+        line = (
+            json.dumps(empty_vm(start=True, ImageDataSize=size, MinimumFreeBytes=0)).encode()
+            + b"\n"
+        )
         root = os.path.join(d.volumes, ip, "root")
         piece = os.urandom(4 * MiB)
         seen: dict[str, Any] = {"killed": False, "sizes": []}
@@ -255,8 +270,7 @@ class CoreRealTests(SynchronousTestCase):
                     seen["at"] = current
                     return
 
-        reply = realrpc.stream_call(d, "CreateVm", line, pieces(), len(line) + size,
-                                    timeout=60)
+        reply = realrpc.stream_call(d, "CreateVm", line, pieces(), len(line) + size, timeout=60)
         self.assertTrue(seen["killed"], f"never killed: sizes {seen['sizes']}, {reply}")
         self.assertIsNone(reply.status, reply)
         self.assertLess(seen["at"], size)
@@ -306,9 +320,12 @@ class CoreRealTests(SynchronousTestCase):
         acked = d.call("AcknowledgeVm", {"IpAddress": ip_b})
         self.assertEqual(acked.status, 200, acked)
         self.assertEqual(d.call("GetVmInfo", {"IpAddress": ip_a}).status, 200)
-        support.wait_for(lambda: d.call("GetVmInfo", {"IpAddress": ip_a}).status == 404,
-                         ACKNOWLEDGE_TIMEOUT + 20, "the unacknowledged VM to go",
-                         interval=0.25)
+        support.wait_for(
+            lambda: d.call("GetVmInfo", {"IpAddress": ip_a}).status == 404,
+            ACKNOWLEDGE_TIMEOUT + 20,
+            "the unacknowledged VM to go",
+            interval=0.25,
+        )
         gone = time.monotonic()
         self.assertGreaterEqual(gone - before_start, ACKNOWLEDGE_TIMEOUT - 1)
         self.assertLessEqual(gone - after_start, ACKNOWLEDGE_TIMEOUT + 10)
@@ -319,8 +336,7 @@ class CoreRealTests(SynchronousTestCase):
         time.sleep(2)
         kept = d.call("GetVmInfo", {"IpAddress": ip_b})
         self.assertEqual(kept.status, 200, kept)
-        self.assertFalse(os.path.exists(os.path.join(d.state_dir, "VMs", ip_b,
-                                                     "pending.json")))
+        self.assertFalse(os.path.exists(os.path.join(d.state_dir, "VMs", ip_b, "pending.json")))
         d.stop()
         check = d.command("check-vms")
         self.assertEqual(check.returncode, 0, check.stdout + check.stderr)

@@ -59,7 +59,9 @@ class RealDaemonTests(SynchronousTestCase):
         name = f"hv-test-{uuid.uuid4().hex[:8]}"
         metadata = (
             f"<metadata><hv:vm xmlns:hv='{domains.METADATA_NAMESPACE}'>"
-            "<hv:ipAddress>10.99.0.2</hv:ipAddress></hv:vm></metadata>" if ours else ""
+            "<hv:ipAddress>10.99.0.2</hv:ipAddress></hv:vm></metadata>"
+            if ours
+            else ""
         )
         self.guests.append(name)
         return self.conn.createXML(GUEST.format(name=name, metadata=metadata), 0)
@@ -75,26 +77,35 @@ class RealDaemonTests(SynchronousTestCase):
         """
         daemon = support.Daemon(self, "-domainType=qemu")
         daemon.start()
-        support.wait_for(lambda: support.http_get(daemon.url + "/healthz")[0] == 200,
-                         30, "healthz 200")
+        support.wait_for(
+            lambda: support.http_get(daemon.url + "/healthz")[0] == 200, 30, "healthz 200"
+        )
         guest = self.start_guest(ours=True)
         support.wait_for(
             lambda: "1 managed by this hypervisor" in support.http_get(daemon.url + "/")[1],
-            30, "the status page to count the guest")
+            30,
+            "the status page to count the guest",
+        )
         try:
             support.kill_libvirtd()
             status, body = support.wait_for(
                 lambda: (lambda r: r if r[0] == 503 else None)(
-                    support.http_get(daemon.url + "/healthz")),
-                30, "healthz 503")
+                    support.http_get(daemon.url + "/healthz")
+                ),
+                30,
+                "healthz 503",
+            )
             self.assertIn("not connected to libvirt at qemu:///system", body)
             self.assertIn("connection lost", body)
             page = support.http_get(daemon.url + "/")[1]
             self.assertIn("not connected", page)
         finally:
             support.start_libvirtd()
-        support.wait_for(lambda: support.http_get(daemon.url + "/healthz")[0] == 200,
-                         60, "healthz 200 after libvirtd restart")
+        support.wait_for(
+            lambda: support.http_get(daemon.url + "/healthz")[0] == 200,
+            60,
+            "healthz 200 after libvirtd restart",
+        )
         self.assertIsNone(daemon.process.poll(), "the daemon restarted or died")
         self.conn = self.libvirt.open(support.QEMU_URI)
         self.assertTrue(self.alive(guest), "the guest did not survive libvirtd restart")
@@ -133,8 +144,9 @@ class RealDaemonTests(SynchronousTestCase):
         """
         daemon = support.Daemon(self, "-domainType=qemu", "-vmShutdownTimeout=3s")
         daemon.start()
-        support.wait_for(lambda: support.http_get(daemon.url + "/healthz")[0] == 200,
-                         30, "healthz 200")
+        support.wait_for(
+            lambda: support.http_get(daemon.url + "/healthz")[0] == 200, 30, "healthz 200"
+        )
         ours, theirs = self.start_guest(ours=True), self.start_guest(ours=False)
         result = daemon.command("stop-vms-on-next-stop")
         self.assertEqual(result.returncode, 0, result.stderr)
@@ -145,6 +157,5 @@ class RealDaemonTests(SynchronousTestCase):
         self.assertFalse(self.alive(ours), daemon.output())
         self.assertTrue(self.alive(theirs))
         output = daemon.output()
-        self.assertIn(f"VM {ours.name()} did not power down within 3s: forcing it off",
-                      output)
+        self.assertIn(f"VM {ours.name()} did not power down within 3s: forcing it off", output)
         self.assertNotIn(theirs.name(), output)

@@ -65,8 +65,10 @@ class Recorder:
         self.results: list[tuple[str, Any]] = []
 
     def watch(self, d: "Deferred[Any]", name: str) -> None:
-        d.addCallbacks(lambda r: self.results.append((name, "ok")),
-                       lambda f: self.results.append((name, f.value)))
+        d.addCallbacks(
+            lambda r: self.results.append((name, "ok")),
+            lambda f: self.results.append((name, f.value)),
+        )
 
     def of(self, name: str) -> Optional[Any]:
         for n, r in self.results:
@@ -314,8 +316,7 @@ class StateWriterTests(SynchronousTestCase):
         self.assertEqual(self.runner.queue, [])
         self.assertEqual(self.content(), b"three")
         self.assertEqual(self.writer.writes, 2)
-        self.assertEqual(sorted(self.rec.results),
-                         [("one", "ok"), ("three", "ok"), ("two", "ok")])
+        self.assertEqual(sorted(self.rec.results), [("one", "ok"), ("three", "ok"), ("two", "ok")])
 
     def test_failed_write_fails_its_waiters_and_keeps_old_content(self) -> None:
         """
@@ -413,8 +414,7 @@ class StateWriterTests(SynchronousTestCase):
 
         def again(_: object) -> None:
             order.append(b"one")
-            writer.write(self.path(), b"two").addCallback(
-                lambda _: order.append(b"two"))
+            writer.write(self.path(), b"two").addCallback(lambda _: order.append(b"two"))
 
         writer.write(self.path(), b"one").addCallback(again)
         self.assertEqual(order, [b"one", b"two"])

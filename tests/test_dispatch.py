@@ -80,9 +80,13 @@ class FakeApi:
         self.stop = Deferred()
         return self.stop
 
-    def CreateVm(self, identity: Identity, request: CreateVmRequest,
-                 send: Callable[[Any], None],
-                 upload: Optional[UploadStream] = None) -> "Deferred[Any]":
+    def CreateVm(
+        self,
+        identity: Identity,
+        request: CreateVmRequest,
+        send: Callable[[Any], None],
+        upload: Optional[UploadStream] = None,
+    ) -> "Deferred[Any]":
         self.calls.append(("CreateVm", upload))
         send(CreateVmResponse(ProgressMessage="one"))
         send(CreateVmResponse(ProgressMessage="two"))
@@ -104,21 +108,39 @@ class DispatcherTestCase(SynchronousTestCase):
         self.dispatcher = self.make()
 
     def make(self, allow_unauthenticated_reads: bool = False, api: Any = None) -> Dispatcher:
-        return Dispatcher(api or self.api, self.metrics, self.clock,  # type: ignore[arg-type]
-                          allow_unauthenticated_reads=allow_unauthenticated_reads)
+        return Dispatcher(
+            api or self.api,
+            self.metrics,
+            self.clock,  # type: ignore[arg-type]
+            allow_unauthenticated_reads=allow_unauthenticated_reads,
+        )
 
     def calls(self, method: str, outcome: str) -> float:
-        return self.metrics.registry.get_sample_value(
-            "hypervisor_rpc_calls_total", {"method": method, "outcome": outcome}) or 0
+        return (
+            self.metrics.registry.get_sample_value(
+                "hypervisor_rpc_calls_total", {"method": method, "outcome": outcome}
+            )
+            or 0
+        )
 
     def denied(self, method: str, reason: str) -> float:
-        return self.metrics.registry.get_sample_value(
-            "hypervisor_rpc_denied_total", {"method": method, "reason": reason}) or 0
+        return (
+            self.metrics.registry.get_sample_value(
+                "hypervisor_rpc_denied_total", {"method": method, "reason": reason}
+            )
+            or 0
+        )
 
-    def refused(self, name: str, identity: Identity, secure: bool = True,
-                dispatcher: Optional[Dispatcher] = None) -> HypervisorError:
-        return self.assertRaises(HypervisorError, (dispatcher or self.dispatcher).admit,
-                                 name, identity, secure)
+    def refused(
+        self,
+        name: str,
+        identity: Identity,
+        secure: bool = True,
+        dispatcher: Optional[Dispatcher] = None,
+    ) -> HypervisorError:
+        return self.assertRaises(
+            HypervisorError, (dispatcher or self.dispatcher).admit, name, identity, secure
+        )
 
 
 class AdmitTests(DispatcherTestCase):
@@ -131,8 +153,13 @@ class AdmitTests(DispatcherTestCase):
         An unknown method, or a name without the C{Hypervisor.} prefix, is 404 and
         counted as an "unknown" error; the service layer is not asked.
         """
-        for name in ("Hypervisor.Nope", "StartVm", "Other.StartVm", "Hypervisor.",
-                     "Hypervisor.GetVmLastPatchLog"):
+        for name in (
+            "Hypervisor.Nope",
+            "StartVm",
+            "Other.StartVm",
+            "Hypervisor.",
+            "Hypervisor.GetVmLastPatchLog",
+        ):
             error = self.refused(name, ALICE)
             self.assertIsInstance(error, NotFound)
             self.assertEqual(error.status, 404)
@@ -147,8 +174,9 @@ class AdmitTests(DispatcherTestCase):
         """
         self.clock.advance(7)
         call = self.dispatcher.admit("Hypervisor.StopVm", ALICE, True)
-        self.assertEqual((call.method, call.label, call.identity, call.started),
-                         ("StopVm", "StopVm", ALICE, 7))
+        self.assertEqual(
+            (call.method, call.label, call.identity, call.started), ("StopVm", "StopVm", ALICE, 7)
+        )
         self.assertIs(call.spec, METHODS["StopVm"])
         self.assertEqual(self.api.calls, [("admit", "StopVm")])
 
@@ -202,8 +230,7 @@ class AdmitTests(DispatcherTestCase):
         call = self.dispatcher.admit("Hypervisor.ChangeAddressPool", ALICE, True)
         self.assertTrue(call.identity.hypervisor_owner)
         self.api.owners = (frozenset({"alice"}), frozenset())
-        self.assertEqual(self.refused("Hypervisor.SetDisabledState", ANONYMOUS).status,
-                         401)
+        self.assertEqual(self.refused("Hypervisor.SetDisabledState", ANONYMOUS).status, 401)
 
     def test_service_layer_refusal(self) -> None:
         """
@@ -225,8 +252,9 @@ class RealApiAdmitTests(SynchronousTestCase):
         from hypervisor.api import HypervisorApi
 
         self.daemon = ClockDaemon(self).start()
-        self.dispatcher = Dispatcher(HypervisorApi(self.daemon.manager), Metrics(),
-                                     self.daemon.clock)
+        self.dispatcher = Dispatcher(
+            HypervisorApi(self.daemon.manager), Metrics(), self.daemon.clock
+        )
 
     def test_create_refused_while_disabled(self) -> None:
         """
@@ -235,8 +263,9 @@ class RealApiAdmitTests(SynchronousTestCase):
         CreateVm is admitted again.
         """
         fired(self.daemon.api.SetDisabledState(ROOT, SetDisabledStateRequest(Disable=True)))
-        error = self.assertRaises(Unavailable, self.dispatcher.admit,
-                                  "Hypervisor.CreateVm", ALICE, True)
+        error = self.assertRaises(
+            Unavailable, self.dispatcher.admit, "Hypervisor.CreateVm", ALICE, True
+        )
         self.assertEqual(error.status, 503)
         self.assertIn("SetDisabledState", str(error))
         self.dispatcher.admit("Hypervisor.StopVm", ALICE, True)
@@ -247,8 +276,9 @@ class RealApiAdmitTests(SynchronousTestCase):
         """
         Hypervisor owners set with ChangeOwners may call admin methods.
         """
-        self.assertRaises(AccessDenied, self.dispatcher.admit,
-                          "Hypervisor.SetDisabledState", ALICE, True)
+        self.assertRaises(
+            AccessDenied, self.dispatcher.admit, "Hypervisor.SetDisabledState", ALICE, True
+        )
         fired(self.daemon.api.ChangeOwners(ROOT, ChangeOwnersRequest(OwnerUsers=["alice"])))
         call = self.dispatcher.admit("Hypervisor.SetDisabledState", ALICE, True)
         self.assertTrue(call.identity.hypervisor_owner)
@@ -278,12 +308,15 @@ class DecodeTests(DispatcherTestCase):
         """
         A misfit or malformed JSON is 400 naming the field.
         """
-        for body, words in ((b'{"IpAddress": 5}', "IpAddress"),
-                            (b'{"IpAddress": "1.2.3"}', "IpAddress"),
-                            (b'{"IpAddress": ', "malformed request"),
-                            (b"[]", "malformed request")):
-            error = self.assertRaises(InvalidRequest, self.dispatcher.decode,
-                                      self.call("GetVmInfo"), body)
+        for body, words in (
+            (b'{"IpAddress": 5}', "IpAddress"),
+            (b'{"IpAddress": "1.2.3"}', "IpAddress"),
+            (b'{"IpAddress": ', "malformed request"),
+            (b"[]", "malformed request"),
+        ):
+            error = self.assertRaises(
+                InvalidRequest, self.dispatcher.decode, self.call("GetVmInfo"), body
+            )
             self.assertEqual(error.status, 400)
             self.assertIn(words, str(error))
 
@@ -292,8 +325,12 @@ class DecodeTests(DispatcherTestCase):
         JSON over the method's limit is 413, before it is parsed.
         """
         spec = MethodSpec(IpRequest, "public", max_request=10)
-        error = self.assertRaises(RequestTooLarge, self.dispatcher.decode,
-                                  self.call("GetVmInfo", spec), b'{"IpAddress": ""}')
+        error = self.assertRaises(
+            RequestTooLarge,
+            self.dispatcher.decode,
+            self.call("GetVmInfo", spec),
+            b'{"IpAddress": ""}',
+        )
         self.assertEqual(error.status, 413)
         self.assertIn("10-byte limit", str(error))
 
@@ -305,10 +342,12 @@ class DecodeTests(DispatcherTestCase):
         request = CreateVmRequest(ImageDataSize=1000, UserDataSize=24)
         self.assertEqual(self.dispatcher.upload_size(self.call("CreateVm"), request), 1024)
         self.assertEqual(self.dispatcher.upload_size(self.call("GetVmInfo"), IpRequest()), 0)
-        spec = MethodSpec(CreateVmRequest, "public", upload=METHODS["CreateVm"].upload,
-                          max_upload=1000)
-        error = self.assertRaises(RequestTooLarge, self.dispatcher.upload_size,
-                                  self.call("CreateVm", spec), request)
+        spec = MethodSpec(
+            CreateVmRequest, "public", upload=METHODS["CreateVm"].upload, max_upload=1000
+        )
+        error = self.assertRaises(
+            RequestTooLarge, self.dispatcher.upload_size, self.call("CreateVm", spec), request
+        )
         self.assertEqual(error.status, 413)
 
 
@@ -353,8 +392,9 @@ class InvokeTests(DispatcherTestCase):
         call = self.dispatcher.admit("Hypervisor.CreateVm", ALICE, True)
         messages: list[Any] = []
         upload = UploadStream(0)
-        final = fired(self.dispatcher.invoke(call, CreateVmRequest(),
-                                             progress=messages.append, upload=upload))
+        final = fired(
+            self.dispatcher.invoke(call, CreateVmRequest(), progress=messages.append, upload=upload)
+        )
         self.assertEqual([m.ProgressMessage for m in messages], ["one", "two"])
         self.assertTrue(final.Final)
         self.assertEqual(self.api.calls[-1], ("CreateVm", upload))
@@ -390,13 +430,17 @@ class ClassifyTests(DispatcherTestCase):
         """
         Service-layer errors keep their status and sentence.
         """
-        for error, status in ((InvalidRequest("bad"), 400), (AccessDenied("no"), 403),
-                              (NotFound("none"), 404), (WrongState("state"), 409),
-                              (RequestTooLarge("big"), 413),
-                              (Unavailable("disabled"), 503),
-                              (NotConnected("libvirt down"), 503),
-                              (InsufficientCapacity("full"), 507),
-                              (Unauthenticated("who"), 401)):
+        for error, status in (
+            (InvalidRequest("bad"), 400),
+            (AccessDenied("no"), 403),
+            (NotFound("none"), 404),
+            (WrongState("state"), 409),
+            (RequestTooLarge("big"), 413),
+            (Unavailable("disabled"), 503),
+            (NotConnected("libvirt down"), 503),
+            (InsufficientCapacity("full"), 507),
+            (Unauthenticated("who"), 401),
+        ):
             self.assertEqual(self.classify(error), (status, str(error)))
         self.assertEqual(self.flushLoggedErrors(), [])
 
@@ -413,8 +457,12 @@ class ClassifyTests(DispatcherTestCase):
         Out of file descriptors is 503 and out of space 507, each with a sentence
         saying the operation did not complete; neither is an internal error.
         """
-        for code, status in ((errno.EMFILE, 503), (errno.ENFILE, 503),
-                             (errno.ENOSPC, 507), (errno.EDQUOT, 507)):
+        for code, status in (
+            (errno.EMFILE, 503),
+            (errno.ENFILE, 503),
+            (errno.ENOSPC, 507),
+            (errno.EDQUOT, 507),
+        ):
             got, message = self.classify(OSError(code, "x"))
             self.assertEqual(got, status)
             self.assertIn("did not complete", message)
@@ -425,8 +473,7 @@ class ClassifyTests(DispatcherTestCase):
         Another OSError is 500 with its strerror, no traceback or path shown, and is
         logged with its traceback.
         """
-        status, message = self.classify(OSError(errno.EIO, "Input/output error",
-                                                "/secret/path"))
+        status, message = self.classify(OSError(errno.EIO, "Input/output error", "/secret/path"))
         self.assertEqual(status, 500)
         self.assertIn("Input/output error", message)
         self.assertNotIn("/secret/path", message)
@@ -456,10 +503,18 @@ class ClassifyTests(DispatcherTestCase):
         self.dispatcher.classify(call, Failure(WrongState("later")))
         self.assertEqual(self.calls("StopVm", "ok"), 1)
         self.assertEqual(self.calls("StopVm", "error"), 0)
-        self.assertEqual(self.metrics.registry.get_sample_value(
-            "hypervisor_rpc_duration_seconds_sum", {"method": "StopVm"}), 3)
-        self.assertEqual(self.metrics.registry.get_sample_value(
-            "hypervisor_rpc_duration_seconds_count", {"method": "StopVm"}), 1)
+        self.assertEqual(
+            self.metrics.registry.get_sample_value(
+                "hypervisor_rpc_duration_seconds_sum", {"method": "StopVm"}
+            ),
+            3,
+        )
+        self.assertEqual(
+            self.metrics.registry.get_sample_value(
+                "hypervisor_rpc_duration_seconds_count", {"method": "StopVm"}
+            ),
+            1,
+        )
 
     def test_error_counted(self) -> None:
         """

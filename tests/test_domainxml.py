@@ -23,12 +23,18 @@ from hypervisor.virt.domains import METADATA_NAMESPACE
 
 
 def build(info: VmInfo, **spec: object) -> ElementTree.Element:
-    defaults: dict = dict(domain_type="qemu", bootlog="/s/VMs/10.0.0.2/bootlog",
-                          disks=[domainxml.DiskFile("/v/10.0.0.2/root")],
-                          bridges=["br@net"], host_cpus=4, hypervisor_uuid="abc")
+    defaults: dict = dict(
+        domain_type="qemu",
+        bootlog="/s/VMs/10.0.0.2/bootlog",
+        disks=[domainxml.DiskFile("/v/10.0.0.2/root")],
+        bridges=["br@net"],
+        host_cpus=4,
+        hypervisor_uuid="abc",
+    )
     defaults.update(spec)
-    return ElementTree.fromstring(domainxml.build_domain_xml(
-        info, domainxml.DomainSpec(**defaults)))
+    return ElementTree.fromstring(
+        domainxml.build_domain_xml(info, domainxml.DomainSpec(**defaults))
+    )
 
 
 class DomainXmlTests(SynchronousTestCase):
@@ -37,8 +43,12 @@ class DomainXmlTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.info = VmInfo(Address=Address("10.0.0.2", "52:54:0a:00:00:02"),
-                           MemoryInMiB=256, MilliCPUs=1500, Tags={"Name": "<web>"})
+        self.info = VmInfo(
+            Address=Address("10.0.0.2", "52:54:0a:00:00:02"),
+            MemoryInMiB=256,
+            MilliCPUs=1500,
+            Tags={"Name": "<web>"},
+        )
 
     def test_basics(self) -> None:
         """
@@ -49,8 +59,12 @@ class DomainXmlTests(SynchronousTestCase):
         self.assertEqual(root.get("type"), "qemu")
         self.assertEqual(root.findtext("name"), "vm-10.0.0.2")
         self.assertEqual(root.findtext("title"), "<web>")
-        self.assertEqual(root.findtext(f"metadata/{{{METADATA_NAMESPACE}}}vm/"
-                                       f"{{{METADATA_NAMESPACE}}}ipAddress"), "10.0.0.2")
+        self.assertEqual(
+            root.findtext(
+                f"metadata/{{{METADATA_NAMESPACE}}}vm/" f"{{{METADATA_NAMESPACE}}}ipAddress"
+            ),
+            "10.0.0.2",
+        )
         self.assertEqual(root.findtext("memory"), "256")
         self.assertEqual(root.findtext("vcpu"), "2")
         nic = root.find("devices/interface")
@@ -58,8 +72,7 @@ class DomainXmlTests(SynchronousTestCase):
         self.assertEqual(nic.find("mac").get("address"), "52:54:0a:00:00:02")
         self.assertEqual(nic.find("source").get("bridge"), "br@net")
         self.assertEqual(nic.find("model").get("type"), "virtio")
-        self.assertEqual(root.find("devices/serial/log").get("file"),
-                         "/s/VMs/10.0.0.2/bootlog")
+        self.assertEqual(root.find("devices/serial/log").get("file"), "/s/VMs/10.0.0.2/bootlog")
         self.assertIsNone(root.find("cpu"))
 
     def test_kvm_cpu_and_vcpu_cap(self) -> None:
@@ -77,14 +90,14 @@ class DomainXmlTests(SynchronousTestCase):
         seed URL; product SmallStack either way.
         """
         root = build(self.info)
-        self.assertEqual(root.findtext("sysinfo/chassis/entry[@name='asset']"),
-                         "OpenStack Nova")
-        self.assertEqual(root.findtext("sysinfo/system/entry[@name='product']"),
-                         "SmallStack")
+        self.assertEqual(root.findtext("sysinfo/chassis/entry[@name='asset']"), "OpenStack Nova")
+        self.assertEqual(root.findtext("sysinfo/system/entry[@name='product']"), "SmallStack")
         self.assertEqual(root.find("os/smbios").get("mode"), "sysinfo")
         root = build(self.info, datasource=CloudInitDatasource.NOCLOUD)
-        self.assertEqual(root.findtext("sysinfo/system/entry[@name='serial']"),
-                         "ds=nocloud;s=http://169.254.169.254/nocloud/")
+        self.assertEqual(
+            root.findtext("sysinfo/system/entry[@name='serial']"),
+            "ds=nocloud;s=http://169.254.169.254/nocloud/",
+        )
         self.assertIsNone(root.find("sysinfo/chassis"))
 
     def test_direct_kernel_boot(self) -> None:
@@ -95,9 +108,10 @@ class DomainXmlTests(SynchronousTestCase):
         root = build(self.info, kernel="/v/k", initrd="/v/i")
         self.assertEqual(root.findtext("os/kernel"), "/v/k")
         self.assertEqual(root.findtext("os/initrd"), "/v/i")
-        self.assertEqual(root.findtext("os/cmdline"),
-                         "console=ttyS0 net.ifnames=0 root=LABEL=rootfs@0a000002 "
-                         "quiet hv.mode=stay")
+        self.assertEqual(
+            root.findtext("os/cmdline"),
+            "console=ttyS0 net.ifnames=0 root=LABEL=rootfs@0a000002 " "quiet hv.mode=stay",
+        )
 
     def test_disks_nics_console(self) -> None:
         """
@@ -107,14 +121,25 @@ class DomainXmlTests(SynchronousTestCase):
         self.info.SecondaryAddresses = [Address("10.1.0.2", "52:54:0a:01:00:02")]
         self.info.NetworkEntries = [NetworkEntry(NumQueues=4)]
         self.info.ConsoleType = ConsoleType.VNC
-        root = build(self.info, bridges=["br@net", "br@b"], vnc_socket="/s/vnc", disks=[
-            domainxml.DiskFile("/v/root", VolumeFormat.QCOW2),
-            domainxml.DiskFile("/v/sec", VolumeFormat.RAW, VolumeInterface.IDE)])
+        root = build(
+            self.info,
+            bridges=["br@net", "br@b"],
+            vnc_socket="/s/vnc",
+            disks=[
+                domainxml.DiskFile("/v/root", VolumeFormat.QCOW2),
+                domainxml.DiskFile("/v/sec", VolumeFormat.RAW, VolumeInterface.IDE),
+            ],
+        )
         disks = root.findall("devices/disk")
         self.assertEqual([d.find("driver").get("type") for d in disks], ["qcow2", "raw"])
         self.assertEqual([d.find("target").get("dev") for d in disks], ["vda", "hdb"])
         nics = root.findall("devices/interface")
         self.assertEqual([n.find("model").get("type") for n in nics], ["e1000", "e1000"])
         self.assertEqual(root.find("devices/graphics").get("socket"), "/s/vnc")
-        self.assertRaises(InvalidRequest, build, self.info, bridges=["a", "b"], disks=[
-            domainxml.DiskFile("/v/x", interface=VolumeInterface.NVME)])
+        self.assertRaises(
+            InvalidRequest,
+            build,
+            self.info,
+            bridges=["a", "b"],
+            disks=[domainxml.DiskFile("/v/x", interface=VolumeInterface.NVME)],
+        )

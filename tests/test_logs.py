@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 
-from twisted.logger import LogPublisher, Logger
+from twisted.logger import Logger, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from hypervisor.logs import LogFileService
@@ -40,8 +40,7 @@ class LogFileServiceTests(SynchronousTestCase):
         with open(os.path.join(directory, "hypervisor.log")) as f:
             lines = f.read().splitlines()
         events = [json.loads(line) for line in lines]
-        self.assertEqual([e["log_format"] for e in events],
-                         ["VM {ip} started", "disk {n} full"])
+        self.assertEqual([e["log_format"] for e in events], ["VM {ip} started", "disk {n} full"])
         self.assertEqual(events[0]["ip"], "10.0.0.2")
         self.assertEqual(events[1]["log_level"]["name"], "error")
 

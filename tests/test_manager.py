@@ -28,8 +28,10 @@ OURS = (
 
 def domain_xml(name: str, ip: str = "") -> str:
     metadata = OURS.format(ip=ip) if ip else ""
-    return (f"<domain type='test'><name>{name}</name><memory>8192</memory>"
-            f"{metadata}<os><type>hvm</type></os></domain>")
+    return (
+        f"<domain type='test'><name>{name}</name><memory>8192</memory>"
+        f"{metadata}<os><type>hvm</type></os></domain>"
+    )
 
 
 class ManagerTests(TestCase):
@@ -42,9 +44,13 @@ class ManagerTests(TestCase):
         self.dir = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, self.dir)
         self.libvirt = LibvirtService("test:///default", reactor)
-        self.manager = Manager(StateDirectory(os.path.join(self.dir, "state")),
-                               self.libvirt, reactor, domain_type="qemu",
-                               vm_shutdown_timeout=5)
+        self.manager = Manager(
+            StateDirectory(os.path.join(self.dir, "state")),
+            self.libvirt,
+            reactor,
+            domain_type="qemu",
+            vm_shutdown_timeout=5,
+        )
         self.conn = libvirt.open("test:///default")
         self.addCleanup(self.conn.close)
         self.created: list[Any] = []
@@ -116,8 +122,12 @@ class ManagerTests(TestCase):
         self.start()
         await until(lambda: self.manager.domains_current)
         ours = self.create(ip="10.9.8.5")
-        self.manager.table.add(Vm(LocalVmInfo(VmInfo=VmInfo(
-            Address=Address("10.9.8.5", "52:54:00:09:08:05"))), "/nonexistent"))
+        self.manager.table.add(
+            Vm(
+                LocalVmInfo(VmInfo=VmInfo(Address=Address("10.9.8.5", "52:54:00:09:08:05"))),
+                "/nonexistent",
+            )
+        )
         theirs = self.create()
         other_daemons = self.create(ip="10.9.8.7")
         self.manager.stop_vms_on_next_stop = True

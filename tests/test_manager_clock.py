@@ -87,9 +87,14 @@ class ClockDaemon:
     tested with the store, and thousands of fsyncs would make these tests slow.
     """
 
-    def __init__(self, testcase: SynchronousTestCase, root: Optional[str] = None,
-                 domains: Optional[FakeDomains] = None, clock: Optional[Clock] = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        testcase: SynchronousTestCase,
+        root: Optional[str] = None,
+        domains: Optional[FakeDomains] = None,
+        clock: Optional[Clock] = None,
+        **kwargs: Any,
+    ) -> None:
         testcase.patch(os, "fsync", _no_fsync)
         if root is None:
             root = tempfile.mkdtemp()
@@ -103,13 +108,17 @@ class ClockDaemon:
         self.runner = SynchronousRunner()
         self.volumes = os.path.join(root, "volumes")
         settings: dict[str, Any] = dict(
-            domain_type="qemu", volume_directories=[self.volumes],
+            domain_type="qemu",
+            volume_directories=[self.volumes],
             host=FakeHost(cpus=4, memory_mib=8192, storage=(100 * GiB, 50 * GiB)),
-            bridges=lambda: {"br0": 0}, runner=self.runner, domains=self.domains,
-            acknowledge_timeout=ACK_TIMEOUT, stop_timeout=2.0)
+            bridges=lambda: {"br0": 0},
+            runner=self.runner,
+            domains=self.domains,
+            acknowledge_timeout=ACK_TIMEOUT,
+            stop_timeout=2.0,
+        )
         settings.update(kwargs)
-        self.manager = Manager(StateDirectory(os.path.join(root, "state")), None, clock,
-                               **settings)
+        self.manager = Manager(StateDirectory(os.path.join(root, "state")), None, clock, **settings)
         self.api = HypervisorApi(self.manager)
         self.running = False
         testcase.addCleanup(self.stop)
@@ -148,28 +157,53 @@ class ClockDaemon:
         """
         Add the subnet and its addresses.
         """
-        assert fired(self.api.UpdateSubnets(ROOT, UpdateSubnetsRequest(Add=[Subnet(
-            Id="net", IpGateway="10.5.0.1", IpMask="255.255.255.0",
-            DomainNameServers=["10.5.0.1"])]))).Error == ""
-        assert fired(self.api.ChangeAddressPool(ROOT, ChangeAddressPoolRequest(
-            AddressesToAdd=[Address(f"10.5.0.{i}", f"52:54:0a:05:00:{i:02x}")
-                            for i in (2, 3, 4)]))).Error == ""
+        assert (
+            fired(
+                self.api.UpdateSubnets(
+                    ROOT,
+                    UpdateSubnetsRequest(
+                        Add=[
+                            Subnet(
+                                Id="net",
+                                IpGateway="10.5.0.1",
+                                IpMask="255.255.255.0",
+                                DomainNameServers=["10.5.0.1"],
+                            )
+                        ]
+                    ),
+                )
+            ).Error
+            == ""
+        )
+        assert (
+            fired(
+                self.api.ChangeAddressPool(
+                    ROOT,
+                    ChangeAddressPoolRequest(
+                        AddressesToAdd=[
+                            Address(f"10.5.0.{i}", f"52:54:0a:05:00:{i:02x}") for i in (2, 3, 4)
+                        ]
+                    ),
+                )
+            ).Error
+            == ""
+        )
         return self
 
     def request(self, **fields: Any) -> CreateVmRequest:
         """
         A CreateVm request for a small VM with an empty 1 MiB root volume.
         """
-        info = VmInfo(MemoryInMiB=fields.pop("MemoryInMiB", 64),
-                      MilliCPUs=fields.pop("MilliCPUs", 500),
-                      **{k: fields.pop(k) for k in list(fields)
-                         if k in VmInfo.__dataclass_fields__})
-        return CreateVmRequest(VmInfo=info,
-                               MinimumFreeBytes=fields.pop("MinimumFreeBytes", MiB),
-                               **fields)
+        info = VmInfo(
+            MemoryInMiB=fields.pop("MemoryInMiB", 64),
+            MilliCPUs=fields.pop("MilliCPUs", 500),
+            **{k: fields.pop(k) for k in list(fields) if k in VmInfo.__dataclass_fields__},
+        )
+        return CreateVmRequest(
+            VmInfo=info, MinimumFreeBytes=fields.pop("MinimumFreeBytes", MiB), **fields
+        )
 
-    def create(self, identity: Identity = ALICE, acknowledge: bool = True,
-               **fields: Any) -> str:
+    def create(self, identity: Identity = ALICE, acknowledge: bool = True, **fields: Any) -> str:
         """
         CreateVm (and AcknowledgeVm unless told not to); the VM's IP.
         """
@@ -179,8 +213,9 @@ class ClockDaemon:
         assert response.Final, response
         self.settle()
         if acknowledge:
-            assert fired(self.api.AcknowledgeVm(identity, IpRequest(response.IpAddress))
-                         ).Error == ""
+            assert (
+                fired(self.api.AcknowledgeVm(identity, IpRequest(response.IpAddress))).Error == ""
+            )
         return str(response.IpAddress)
 
     def state(self, ip: str) -> State:
@@ -253,8 +288,9 @@ class ControlledDomains(FakeDomains):
         d.chainDeferred(later)
 
 
-def after_restart(testcase: SynchronousTestCase, old: ClockDaemon,
-                  advance: float = 0.0) -> ClockDaemon:
+def after_restart(
+    testcase: SynchronousTestCase, old: ClockDaemon, advance: float = 0.0
+) -> ClockDaemon:
     """
     Stop C{old}, then start a new manager over the same state directory, with
     libvirt's domains surviving (as they do: they belong to libvirtd).
@@ -371,8 +407,9 @@ class LifecycleTests(SynchronousTestCase):
         self.assertEqual(self.d.stored_state(ip), "stopped")
         self.assertFalse(self.d.running_domain(ip))
 
-        self.assertEqual(fired(self.api.StartVm(ALICE, StartVmRequest(IpAddress=ip))
-                               ).DhcpTimedOut, False)
+        self.assertEqual(
+            fired(self.api.StartVm(ALICE, StartVmRequest(IpAddress=ip))).DhcpTimedOut, False
+        )
         self.d.settle()
         self.assertEqual(self.d.state(ip), State.RUNNING)
         self.assertTrue(self.d.running_domain(ip))
@@ -578,8 +615,9 @@ class AcknowledgementTests(SynchronousTestCase):
         AcknowledgeVm removes it and the VM outlives the timeout.
         """
         ip = self.d.create(acknowledge=False)
-        self.assertEqual(self.d.pending(ip),
-                         {"Phase": "acknowledge", "Deadline": START + ACK_TIMEOUT})
+        self.assertEqual(
+            self.d.pending(ip), {"Phase": "acknowledge", "Deadline": START + ACK_TIMEOUT}
+        )
         self.d.clock.advance(ACK_TIMEOUT - 1)
         self.assertEqual(fired(self.d.api.AcknowledgeVm(ALICE, IpRequest(ip))).Error, "")
         self.assertIsNone(self.d.pending(ip))
@@ -676,12 +714,15 @@ class HoldingRunner(SynchronousRunner):
         self.held: list[tuple[Deferred[Any], Any]] = []
 
     def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if (self.hold_removal_of and len(args) == 3 and args[1] is None
-                and str(args[0]).endswith(self.hold_removal_of)):
+        if (
+            self.hold_removal_of
+            and len(args) == 3
+            and args[1] is None
+            and str(args[0]).endswith(self.hold_removal_of)
+        ):
             self.hold_removal_of = ""
             later: Deferred[Any] = Deferred()
-            self.held.append((later, lambda: super(HoldingRunner, self).run(
-                fn, *args, **kwargs)))
+            self.held.append((later, lambda: super(HoldingRunner, self).run(fn, *args, **kwargs)))
             return later
         return super().run(fn, *args, **kwargs)
 

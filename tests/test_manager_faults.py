@@ -87,44 +87,71 @@ def create_request(ip: str, start: bool) -> CreateVmRequest:
     A small VM with an empty root volume at C{ip}.
     """
     return CreateVmRequest(
-        VmInfo=VmInfo(Address=Address(IpAddress=ip), MemoryInMiB=64, MilliCPUs=100,
-                      SubnetId="net"),
-        MinimumFreeBytes=MiB, DoNotStart=not start)
+        VmInfo=VmInfo(Address=Address(IpAddress=ip), MemoryInMiB=64, MilliCPUs=100, SubnetId="net"),
+        MinimumFreeBytes=MiB,
+        DoNotStart=not start,
+    )
 
 
 def sequence(api: HypervisorApi, fake: FakeDomains) -> list[tuple[str, Callable[[], Any]]]:
     """
     The steps: (label, call). A call may return a Deferred.
     """
+
     def power_off(ip: str) -> Callable[[], None]:
         return lambda: fake.power_off(f"vm-{ip}")
 
     return [
-        ("UpdateSubnets", lambda: api.UpdateSubnets(ROOT, UpdateSubnetsRequest(Add=[
-            Subnet(Id="net", IpGateway="10.9.0.1", IpMask="255.255.255.0")]))),
-        ("ChangeAddressPool", lambda: api.ChangeAddressPool(
-            ROOT, ChangeAddressPoolRequest(AddressesToAdd=list(ADDRESSES)))),
+        (
+            "UpdateSubnets",
+            lambda: api.UpdateSubnets(
+                ROOT,
+                UpdateSubnetsRequest(
+                    Add=[Subnet(Id="net", IpGateway="10.9.0.1", IpMask="255.255.255.0")]
+                ),
+            ),
+        ),
+        (
+            "ChangeAddressPool",
+            lambda: api.ChangeAddressPool(
+                ROOT, ChangeAddressPoolRequest(AddressesToAdd=list(ADDRESSES))
+            ),
+        ),
         ("CreateVm A", lambda: api.CreateVm(ROOT, create_request(A, start=True))),
         ("AcknowledgeVm A", lambda: api.AcknowledgeVm(ROOT, IpRequest(A))),
         ("CreateVm B DoNotStart", lambda: api.CreateVm(ROOT, create_request(B, start=False))),
         ("AcknowledgeVm B", lambda: api.AcknowledgeVm(ROOT, IpRequest(B))),
         ("StartVm B", lambda: api.StartVm(ROOT, StartVmRequest(IpAddress=B))),
-        ("ChangeVmTags A", lambda: api.ChangeVmTags(
-            ROOT, ChangeVmTagsRequest(IpAddress=A, Tags={"Name": "a"}))),
+        (
+            "ChangeVmTags A",
+            lambda: api.ChangeVmTags(ROOT, ChangeVmTagsRequest(IpAddress=A, Tags={"Name": "a"})),
+        ),
         ("StopVm A", lambda: api.StopVm(ROOT, AccessRequest(IpAddress=A))),
-        ("ChangeVmSize A", lambda: api.ChangeVmSize(
-            ROOT, ChangeVmSizeRequest(IpAddress=A, MemoryInMiB=96))),
-        ("ChangeVmHostname B", lambda: api.ChangeVmHostname(
-            ROOT, ChangeVmHostnameRequest(IpAddress=B, Hostname="bee"))),
+        (
+            "ChangeVmSize A",
+            lambda: api.ChangeVmSize(ROOT, ChangeVmSizeRequest(IpAddress=A, MemoryInMiB=96)),
+        ),
+        (
+            "ChangeVmHostname B",
+            lambda: api.ChangeVmHostname(
+                ROOT, ChangeVmHostnameRequest(IpAddress=B, Hostname="bee")
+            ),
+        ),
         ("guest B powers off", power_off(B)),
         ("StartVm B again", lambda: api.StartVm(ROOT, StartVmRequest(IpAddress=B))),
-        ("SetDisabledState on", lambda: api.SetDisabledState(
-            ROOT, SetDisabledStateRequest(Disable=True))),
-        ("SetDisabledState off", lambda: api.SetDisabledState(
-            ROOT, SetDisabledStateRequest(Disable=False))),
+        (
+            "SetDisabledState on",
+            lambda: api.SetDisabledState(ROOT, SetDisabledStateRequest(Disable=True)),
+        ),
+        (
+            "SetDisabledState off",
+            lambda: api.SetDisabledState(ROOT, SetDisabledStateRequest(Disable=False)),
+        ),
         ("DestroyVm A", lambda: api.DestroyVm(ROOT, AccessRequest(IpAddress=A))),
-        ("CreateVm C (never acknowledged)",
-         lambda: api.CreateVm(ROOT, create_request(C, start=True))),
+        (
+            "CreateVm C (never acknowledged)",
+            lambda: api.CreateVm(ROOT, create_request(C, start=True)),
+        ),
         ("guest B crashes", lambda: fake.power_off(f"vm-{B}", crashed=True)),
         ("StartVm B after crash", lambda: api.StartVm(ROOT, StartVmRequest(IpAddress=B))),
     ]
@@ -163,8 +190,9 @@ class Row:
     def line(self) -> str:
         files = ", ".join(sorted({os.path.basename(p) for p in self.failed})) or "-"
         ok = "OK" if not self.problems else "BROKEN: " + "; ".join(self.problems)
-        return f"{self.mode:<10} {self.n:>3}  {files:<32} {self.step:<32} " \
-               f"{self.answer:<52} {ok}"
+        return (
+            f"{self.mode:<10} {self.n:>3}  {files:<32} {self.step:<32} " f"{self.answer:<52} {ok}"
+        )
 
 
 class Fixture:
@@ -184,11 +212,18 @@ class Fixture:
         """
         A started manager (not yet reconciled).
         """
-        manager = Manager(StateDirectory(self.state_path), None, self.clock,
-                          domain_type="qemu", volume_directories=[self.volumes],
-                          host=FakeHost(storage=(64 << 30, 32 << 30)),
-                          bridges=lambda: {"br0": 0}, runner=SynchronousRunner(),
-                          domains=self.fake, write_file=write_file)
+        manager = Manager(
+            StateDirectory(self.state_path),
+            None,
+            self.clock,
+            domain_type="qemu",
+            volume_directories=[self.volumes],
+            host=FakeHost(storage=(64 << 30, 32 << 30)),
+            bridges=lambda: {"br0": 0},
+            runner=SynchronousRunner(),
+            domains=self.fake,
+            write_file=write_file,
+        )
         manager.privilegedStartService()
         manager.startService()
         return manager
@@ -220,7 +255,6 @@ class Fixture:
         if manager in self.fake.listeners:
             self.fake.listeners.remove(manager)
 
-
     def crash(self, manager: Manager) -> None:
         """
         The daemon dies at once (kill -9): nothing more of it runs (its timers and
@@ -234,8 +268,9 @@ class Fixture:
         self.fake.reactor = self.clock
 
 
-def run(root: str, writer: Optional[FailingWrites], mode: str, n: int,
-        crash: bool = False) -> tuple[Row, int]:
+def run(
+    root: str, writer: Optional[FailingWrites], mode: str, n: int, crash: bool = False
+) -> tuple[Row, int]:
     """
     Run the sequence with C{writer}'s faults, restart, reconcile and check.
 
@@ -262,8 +297,7 @@ def run(root: str, writer: Optional[FailingWrites], mode: str, n: int,
         d.addCallbacks(lambda _: outcome.append(None), outcome.append)
         fx.settle(d)
         failure = outcome[0] if outcome else Failure(AssertionError("never answered"))
-        steps.append((label, before, writer.count if writer is not None else 0,
-                      answer_of(failure)))
+        steps.append((label, before, writer.count if writer is not None else 0, answer_of(failure)))
         ok = failure is None
         ip = {"A": A, "B": B, "C": C}.get((label.split() + [""])[1], "")
         if label.startswith("CreateVm"):
@@ -308,8 +342,13 @@ def run(root: str, writer: Optional[FailingWrites], mode: str, n: int,
     return row, writes
 
 
-def check(fx: Fixture, manager: Manager, must_exist: set[str], must_not_exist: set[str],
-          promised: dict[str, dict[str, Any]]) -> list[str]:
+def check(
+    fx: Fixture,
+    manager: Manager,
+    must_exist: set[str],
+    must_not_exist: set[str],
+    promised: dict[str, dict[str, Any]],
+) -> list[str]:
     """
     The invariants after a restart and reconciliation, as sentences (empty = all hold).
     """
@@ -334,9 +373,11 @@ def check(fx: Fixture, manager: Manager, must_exist: set[str], must_not_exist: s
                 held[key] = ip
     for address in manager.pool.free:
         if address.IpAddress in held or address.MacAddress in held:
-            problems.append(f"{address.IpAddress} is free but VM "
-                            f"{held.get(address.IpAddress) or held.get(address.MacAddress)}"
-                            " holds it")
+            problems.append(
+                f"{address.IpAddress} is free but VM "
+                f"{held.get(address.IpAddress) or held.get(address.MacAddress)}"
+                " holds it"
+            )
     free_macs = {a.MacAddress for a in manager.pool.free}
     for address in manager.pool.registered:
         if address.MacAddress not in free_macs and address.MacAddress not in held:
@@ -345,8 +386,10 @@ def check(fx: Fixture, manager: Manager, must_exist: set[str], must_not_exist: s
     vms_path = manager.state.vms_path
     for name in sorted(os.listdir(vms_path)) if os.path.isdir(vms_path) else []:
         if name not in vms:
-            problems.append(f"VMs/{name} is left without a VM "
-                            f"({', '.join(sorted(os.listdir(os.path.join(vms_path, name))))})")
+            problems.append(
+                f"VMs/{name} is left without a VM "
+                f"({', '.join(sorted(os.listdir(os.path.join(vms_path, name))))})"
+            )
     for name in sorted(os.listdir(fx.volumes)):
         if name not in vms:
             problems.append(f"volume directory {name} is left without a VM")
@@ -362,8 +405,10 @@ def check(fx: Fixture, manager: Manager, must_exist: set[str], must_not_exist: s
             continue
         for name, value in fields.items():
             if getattr(vm.info, name) != value:
-                problems.append(f"VM {ip}: {name} was changed to {value!r} (answered OK) "
-                                f"but is {getattr(vm.info, name)!r} after the restart")
+                problems.append(
+                    f"VM {ip}: {name} was changed to {value!r} (answered OK) "
+                    f"but is {getattr(vm.info, name)!r} after the restart"
+                )
     return problems
 
 
@@ -373,8 +418,7 @@ class FaultInjectionTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) \
-            else None
+        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
         self.base = tempfile.mkdtemp(prefix="hv-faults-", dir=base)
         self.addCleanup(shutil.rmtree, self.base, True)
         self.runs = 0
@@ -389,8 +433,7 @@ class FaultInjectionTests(SynchronousTestCase):
         self.assertEqual(row.problems, [])
         return writes
 
-    def sweep(self, mode: str, make: Callable[[int], FailingWrites],
-              crash: bool = False) -> None:
+    def sweep(self, mode: str, make: Callable[[int], FailingWrites], crash: bool = False) -> None:
         writes = self.count_writes(crash)
         self.assertGreater(writes, 20)
         rows = []
@@ -404,11 +447,11 @@ class FaultInjectionTests(SynchronousTestCase):
         if os.environ.get("HYPERVISOR_FAULT_TABLE"):
             print(f"\n{mode}: {writes} writes in the sequence\n{table}")
         broken = [row for row in rows if row.problems]
-        self.assertEqual(broken, [], "invariants broken:\n" + "\n".join(
-            row.line() for row in broken))
+        self.assertEqual(
+            broken, [], "invariants broken:\n" + "\n".join(row.line() for row in broken)
+        )
         self.assertEqual(unexpected, [])
-        self.assertTrue(all(row.failed for row in rows),
-                        "some runs injected no fault:\n" + table)
+        self.assertTrue(all(row.failed for row in rows), "some runs injected no fault:\n" + table)
 
     def test_no_fault(self) -> None:
         """
@@ -444,11 +487,14 @@ class FaultInjectionTests(SynchronousTestCase):
         problems = check(fx, manager, {A, "10.9.0.6"}, set(), {A: {"Hostname": "x"}})
         fx.stop(manager)
         text = "\n".join(problems)
-        for expected in ("domain vm-10.9.0.9 runs but its VM is unknown",
-                         f"{A} is free but VM {A} holds it", "VMs/10.9.0.8 is left",
-                         "volume directory 10.9.0.7 is left",
-                         "VM 10.9.0.6 was acknowledged but is lost",
-                         "Hostname was changed to 'x'"):
+        for expected in (
+            "domain vm-10.9.0.9 runs but its VM is unknown",
+            f"{A} is free but VM {A} holds it",
+            "VMs/10.9.0.8 is left",
+            "volume directory 10.9.0.7 is left",
+            "VM 10.9.0.6 was acknowledged but is lost",
+            "Hostname was changed to 'x'",
+        ):
             self.assertIn(expected, text)
 
     def test_eio_at_each_write(self) -> None:
@@ -469,8 +515,7 @@ class FaultInjectionTests(SynchronousTestCase):
         sequence (the failed write never retried): the invariants hold after the
         restart.
         """
-        self.sweep("EIO+kill", lambda n: FailingWrites(fail_at=n, error=errno.EIO),
-                   crash=True)
+        self.sweep("EIO+kill", lambda n: FailingWrites(fail_at=n, error=errno.EIO), crash=True)
 
     def test_fault_lasting_three_writes(self) -> None:
         """

@@ -27,8 +27,12 @@ class BridgeTests(SynchronousTestCase):
         """
         root = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, root)
-        for name, ports in (("br0", ["eth0"]), ("br1", ["eth0.20", "tap1"]),
-                            ("br@x", []), ("eth0", None)):
+        for name, ports in (
+            ("br0", ["eth0"]),
+            ("br1", ["eth0.20", "tap1"]),
+            ("br@x", []),
+            ("eth0", None),
+        ):
             os.makedirs(os.path.join(root, name))
             if ports is not None:
                 os.makedirs(os.path.join(root, name, "bridge"))
@@ -37,22 +41,23 @@ class BridgeTests(SynchronousTestCase):
                     os.makedirs(os.path.join(root, name, "brif", port))
         vlan = os.path.join(root, "vlan-config")
         with open(vlan, "w") as f:
-            f.write("VLAN Dev name | VLAN ID\nName-Type: VLAN_NAME_TYPE_RAW_PLUS_VID_NO_PAD\n"
-                    "eth0.20        | 20  | eth0\n")
-        self.assertEqual(network.discover_bridges(root, vlan),
-                         {"br0": 0, "br1": 20, "br@x": 0})
+            f.write(
+                "VLAN Dev name | VLAN ID\nName-Type: VLAN_NAME_TYPE_RAW_PLUS_VID_NO_PAD\n"
+                "eth0.20        | 20  | eth0\n"
+            )
+        self.assertEqual(network.discover_bridges(root, vlan), {"br0": 0, "br1": 20, "br@x": 0})
 
     def test_bridge_for_subnet(self) -> None:
         """
         br@<Id> first, then the bridge on the subnet's VLAN; otherwise a clear error.
         """
         bridges = {"br0": 0, "br1": 20, "br@special": 0}
-        self.assertEqual(network.bridge_for_subnet(Subnet(Id="special"), bridges),
-                         "br@special")
+        self.assertEqual(network.bridge_for_subnet(Subnet(Id="special"), bridges), "br@special")
         self.assertEqual(network.bridge_for_subnet(Subnet(Id="a", VlanId=20), bridges), "br1")
         self.assertEqual(network.bridge_for_subnet(Subnet(Id="b"), bridges), "br0")
-        e = self.assertRaises(InvalidRequest, network.bridge_for_subnet,
-                              Subnet(Id="c", VlanId=30), bridges)
+        e = self.assertRaises(
+            InvalidRequest, network.bridge_for_subnet, Subnet(Id="c", VlanId=30), bridges
+        )
         self.assertIn("br@c", str(e))
 
     def test_macs(self) -> None:

@@ -51,14 +51,25 @@ class Listener:
         self.calls.append(("subnets", [s.Id for s in subnets]))
 
 
-def make_vm(directory: str, ip: str = "10.5.0.2", mac: str = "52:54:0a:05:00:02",
-            secondary: Optional[list[Address]] = None,
-            secondary_subnets: Optional[list[str]] = None, **fields: Any) -> Vm:
-    info = VmInfo(Address=Address(ip, mac), SubnetId=fields.pop("SubnetId", "net"),
-                  SecondaryAddresses=secondary or [],
-                  SecondarySubnetIDs=secondary_subnets or [], State=State.RUNNING,
-                  MemoryInMiB=64, MilliCPUs=500, Hostname=fields.pop("Hostname", "web"),
-                  **fields)
+def make_vm(
+    directory: str,
+    ip: str = "10.5.0.2",
+    mac: str = "52:54:0a:05:00:02",
+    secondary: Optional[list[Address]] = None,
+    secondary_subnets: Optional[list[str]] = None,
+    **fields: Any,
+) -> Vm:
+    info = VmInfo(
+        Address=Address(ip, mac),
+        SubnetId=fields.pop("SubnetId", "net"),
+        SecondaryAddresses=secondary or [],
+        SecondarySubnetIDs=secondary_subnets or [],
+        State=State.RUNNING,
+        MemoryInMiB=64,
+        MilliCPUs=500,
+        Hostname=fields.pop("Hostname", "web"),
+        **fields,
+    )
     path = os.path.join(directory, ip)
     os.makedirs(path, exist_ok=True)
     return Vm(LocalVmInfo(VmInfo=info), path)
@@ -236,8 +247,7 @@ class RecordTests(TableTestCase):
         self.clock.advance(RETRY_INTERVAL)
         stored = self.stored(vm)
         assert stored is not None
-        self.assertEqual((stored.VmInfo.State, stored.VmInfo.Hostname),
-                         (State.STOPPED, "renamed"))
+        self.assertEqual((stored.VmInfo.State, stored.VmInfo.Hostname), (State.STOPPED, "renamed"))
 
     def test_commit_clears_unsaved(self) -> None:
         """
@@ -253,8 +263,7 @@ class RecordTests(TableTestCase):
         self.assertEqual(self.table.unsaved, [])
         stored = self.stored(vm)
         assert stored is not None
-        self.assertEqual((stored.VmInfo.State, stored.VmInfo.Tags),
-                         (State.STOPPED, {"a": "b"}))
+        self.assertEqual((stored.VmInfo.State, stored.VmInfo.Tags), (State.STOPPED, {"a": "b"}))
 
     def test_no_retry_for_removed_vm(self) -> None:
         """
@@ -302,8 +311,9 @@ class IndexTests(TableTestCase):
         A VM is found by its primary and its secondary addresses; unknown
         addresses find nothing; L{VmTable.get} wants the primary.
         """
-        vm = self.add(secondary=[Address("10.6.0.7", "52:54:0a:06:00:07")],
-                      secondary_subnets=["back"])
+        vm = self.add(
+            secondary=[Address("10.6.0.7", "52:54:0a:06:00:07")], secondary_subnets=["back"]
+        )
         self.assertIs(self.table.by_address("10.5.0.2"), vm)
         self.assertIs(self.table.by_address("10.6.0.7"), vm)
         self.assertIsNone(self.table.by_address("10.5.0.9"))
@@ -316,33 +326,42 @@ class IndexTests(TableTestCase):
         Leases by MAC (any case) for the primary and secondary interfaces, with the
         hostname and the subnet (named, or found by address).
         """
-        self.add(secondary=[Address("10.6.0.7", "52:54:0a:06:00:07"),
-                            Address("10.6.0.8", "52:54:0a:06:00:08")],
-                 secondary_subnets=["back"])
+        self.add(
+            secondary=[
+                Address("10.6.0.7", "52:54:0a:06:00:07"),
+                Address("10.6.0.8", "52:54:0a:06:00:08"),
+            ],
+            secondary_subnets=["back"],
+        )
         primary = self.table.lease("52:54:0A:05:00:02")
         assert primary is not None
-        self.assertEqual((primary.IpAddress, primary.Hostname, primary.primary,
-                          primary.vm_ip), ("10.5.0.2", "web", True, "10.5.0.2"))
+        self.assertEqual(
+            (primary.IpAddress, primary.Hostname, primary.primary, primary.vm_ip),
+            ("10.5.0.2", "web", True, "10.5.0.2"),
+        )
         assert primary.Subnet is not None
         self.assertEqual(primary.Subnet.Id, "net")
         second = self.table.lease("52:54:0a:06:00:07")
         assert second is not None and second.Subnet is not None
-        self.assertEqual((second.IpAddress, second.primary, second.Subnet.Id),
-                         ("10.6.0.7", False, "back"))
+        self.assertEqual(
+            (second.IpAddress, second.primary, second.Subnet.Id), ("10.6.0.7", False, "back")
+        )
         third = self.table.lease("52:54:0a:06:00:08")  # no subnet id: by address
         assert third is not None and third.Subnet is not None
         self.assertEqual(third.Subnet.Id, "back")
         self.assertIsNone(self.table.lease("52:54:00:00:00:01"))
-        self.assertEqual([lease.IpAddress for lease in self.table.leases()],
-                         ["10.5.0.2", "10.6.0.7", "10.6.0.8"])
+        self.assertEqual(
+            [lease.IpAddress for lease in self.table.leases()], ["10.5.0.2", "10.6.0.7", "10.6.0.8"]
+        )
 
     def test_readdressing_reindexes(self) -> None:
         """
         A committed change of addresses moves the indexes: the old address and MAC
         find nothing, the new ones find the VM.
         """
-        vm = self.add(secondary=[Address("10.6.0.7", "52:54:0a:06:00:07")],
-                      secondary_subnets=["back"])
+        vm = self.add(
+            secondary=[Address("10.6.0.7", "52:54:0a:06:00:07")], secondary_subnets=["back"]
+        )
         new = self.table.copy(vm)
         new.VmInfo.SecondaryAddresses = [Address("10.6.0.9", "52:54:0a:06:00:09")]
         fired(self.table.commit(vm, new))
@@ -375,6 +394,7 @@ class IndexTests(TableTestCase):
         Listeners hear about subnet changes; one that raises is logged and does not
         keep the others from being told.
         """
+
         class Broken(Listener):
             def subnets_changed(self, subnets: list[Subnet]) -> None:
                 raise ZeroDivisionError()
@@ -389,11 +409,16 @@ class IndexTests(TableTestCase):
         User data and identity files are in the VM's directory.
         """
         vm = self.add()
-        self.assertEqual(self.table.user_data_path("10.5.0.2"),
-                         os.path.join(vm.directory, "user-data.raw"))
-        self.assertEqual(self.table.identity_paths("10.5.0.2"),
-                         (os.path.join(vm.directory, "identity.cert"),
-                          os.path.join(vm.directory, "identity.key")))
+        self.assertEqual(
+            self.table.user_data_path("10.5.0.2"), os.path.join(vm.directory, "user-data.raw")
+        )
+        self.assertEqual(
+            self.table.identity_paths("10.5.0.2"),
+            (
+                os.path.join(vm.directory, "identity.cert"),
+                os.path.join(vm.directory, "identity.key"),
+            ),
+        )
 
 
 class LoadTests(TableTestCase):
@@ -414,8 +439,9 @@ class LoadTests(TableTestCase):
         pending.json (an interrupted creation or removal) is removed; a directory
         with other files but no info.json is left alone.
         """
-        good = make_vm(self.state.vms_path, "10.5.0.2",
-                       secondary=[Address("10.6.0.7", "52:54:0a:06:00:07")])
+        good = make_vm(
+            self.state.vms_path, "10.5.0.2", secondary=[Address("10.6.0.7", "52:54:0a:06:00:07")]
+        )
         self.write("10.5.0.2", "info.json", codec.encode(good.local))
         self.write("10.5.0.2", PENDING_FILE, b'{"Phase": "acknowledge", "Deadline": 5}')
         other = make_vm(self.state.vms_path, "10.5.0.3", mac="52:54:0a:05:00:03")
@@ -429,14 +455,16 @@ class LoadTests(TableTestCase):
             f.write("x")
         self.table.load()
         self.assertEqual(sorted(self.table.vms), ["10.5.0.2", "10.5.0.3"])
-        self.assertEqual(self.table.vms["10.5.0.2"].pending,
-                         {"Phase": "acknowledge", "Deadline": 5})
+        self.assertEqual(
+            self.table.vms["10.5.0.2"].pending, {"Phase": "acknowledge", "Deadline": 5}
+        )
         self.assertIsNone(self.table.vms["10.5.0.3"].pending)
         self.assertIsNotNone(self.table.by_address("10.6.0.7"))
         self.assertIsNotNone(self.table.lease("52:54:0a:05:00:03"))
         left = sorted(os.listdir(self.state.vms_path))
-        self.assertEqual(left, ["10.5.0.2", "10.5.0.3", "10.5.0.4", "10.5.0.5",
-                                "10.5.0.7", "stray"])
+        self.assertEqual(
+            left, ["10.5.0.2", "10.5.0.3", "10.5.0.4", "10.5.0.5", "10.5.0.7", "stray"]
+        )
 
     def test_unreadable_pending_is_creating(self) -> None:
         """
@@ -628,14 +656,15 @@ class HostStatsTests(SynchronousTestCase):
         self.b = os.path.join(self.dir, "b")
         os.makedirs(self.a)
         os.makedirs(self.b)
-        self.host = FakeHost(cpus=8, memory_mib=4096, available_mib=1000,
-                             storage=(100 * GiB, 10 * GiB))
+        self.host = FakeHost(
+            cpus=8, memory_mib=4096, available_mib=1000, storage=(100 * GiB, 10 * GiB)
+        )
         self.clock = Clock()
 
-    def stats(self, directories: Optional[list[str]] = None,
-              runner: Any = None) -> HostStats:
-        stats = HostStats(self.host, directories or [self.a, self.b],
-                          runner or SynchronousRunner(), self.clock)
+    def stats(self, directories: Optional[list[str]] = None, runner: Any = None) -> HostStats:
+        stats = HostStats(
+            self.host, directories or [self.a, self.b], runner or SynchronousRunner(), self.clock
+        )
         stats.load()
         return stats
 

@@ -73,10 +73,15 @@ class Daemon:
         self.host = host
         self.libvirt = LibvirtService(TEST_URI, reactor)
         self.manager = Manager(
-            StateDirectory(os.path.join(root, "state")), self.libvirt, reactor,
-            domain_type="qemu", volume_directories=[os.path.join(root, "volumes")],
-            images_directory=os.path.join(root, "images"), host=host,
-            bridges=lambda: {"br@net": 0, "br@other": 0}, stop_timeout=2,
+            StateDirectory(os.path.join(root, "state")),
+            self.libvirt,
+            reactor,
+            domain_type="qemu",
+            volume_directories=[os.path.join(root, "volumes")],
+            images_directory=os.path.join(root, "images"),
+            host=host,
+            bridges=lambda: {"br@net": 0, "br@other": 0},
+            stop_timeout=2,
             acknowledge_timeout=15,
         )
         self.api = HypervisorApi(self.manager)
@@ -130,11 +135,27 @@ class ManagerTestCase(TestCase):
 
     async def prepare(self) -> None:
         await self.daemon.start()
-        await self.api.UpdateSubnets(ROOT, UpdateSubnetsRequest(Add=[Subnet(
-            Id="net", IpGateway="10.5.0.1", IpMask="255.255.255.0",
-            DomainNameServers=["10.5.0.1"])]))
-        await self.api.ChangeAddressPool(ROOT, ChangeAddressPoolRequest(AddressesToAdd=[
-            Address(f"10.5.0.{i}", f"52:54:0a:05:00:{i:02x}") for i in (2, 3, 4)]))
+        await self.api.UpdateSubnets(
+            ROOT,
+            UpdateSubnetsRequest(
+                Add=[
+                    Subnet(
+                        Id="net",
+                        IpGateway="10.5.0.1",
+                        IpMask="255.255.255.0",
+                        DomainNameServers=["10.5.0.1"],
+                    )
+                ]
+            ),
+        )
+        await self.api.ChangeAddressPool(
+            ROOT,
+            ChangeAddressPoolRequest(
+                AddressesToAdd=[
+                    Address(f"10.5.0.{i}", f"52:54:0a:05:00:{i:02x}") for i in (2, 3, 4)
+                ]
+            ),
+        )
 
     def image(self, name: str, data: bytes) -> str:
         path = os.path.join(self.root, "images", name)
@@ -147,14 +168,18 @@ class ManagerTestCase(TestCase):
 
     async def _create(self, identity: Identity = ALICE, **fields: Any) -> str:
         request = CreateVmRequest(
-            VmInfo=VmInfo(MemoryInMiB=fields.pop("MemoryInMiB", 64),
-                          MilliCPUs=fields.pop("MilliCPUs", 500),
-                          **{k: fields.pop(k) for k in list(fields)
-                             if k in VmInfo.__dataclass_fields__}),
-            MinimumFreeBytes=fields.pop("MinimumFreeBytes", MiB), **fields)
+            VmInfo=VmInfo(
+                MemoryInMiB=fields.pop("MemoryInMiB", 64),
+                MilliCPUs=fields.pop("MilliCPUs", 500),
+                **{k: fields.pop(k) for k in list(fields) if k in VmInfo.__dataclass_fields__},
+            ),
+            MinimumFreeBytes=fields.pop("MinimumFreeBytes", MiB),
+            **fields,
+        )
         messages: list[str] = []
-        response = await self.api.CreateVm(identity, request,
-                                           lambda r: messages.append(r.ProgressMessage))
+        response = await self.api.CreateVm(
+            identity, request, lambda r: messages.append(r.ProgressMessage)
+        )
         self.assertTrue(response.Final)
         await self.api.AcknowledgeVm(identity, IpRequest(response.IpAddress))
         return response.IpAddress
@@ -220,12 +245,19 @@ class CreateTests(ManagerTestCase):
         """
         await self.prepare()
         raw = self.image("disk.raw", b"\x01" * 3000)
-        qcow2 = self.image("disk.qcow2", b"QFI\xfb" + b"\0" * 20 + struct.pack(">Q", 10 * MiB)
-                           + b"\0" * 100)
+        qcow2 = self.image(
+            "disk.qcow2", b"QFI\xfb" + b"\0" * 20 + struct.pack(">Q", 10 * MiB) + b"\0" * 100
+        )
         kernel = self.image("vmlinux", b"kernel")
         initrd = self.image("initrd", b"initrd")
-        ip = await self.create(ImageURL=raw, MinimumFreeBytes=0, RoundupPower=20,
-                               KernelURL=kernel, InitrdURL=initrd, DoNotStart=True)
+        ip = await self.create(
+            ImageURL=raw,
+            MinimumFreeBytes=0,
+            RoundupPower=20,
+            KernelURL=kernel,
+            InitrdURL=initrd,
+            DoNotStart=True,
+        )
         info = self.api.GetVmInfo(ALICE, IpRequest(ip)).VmInfo
         self.assertEqual(info.State, State.STOPPED)
         self.assertEqual(info.Volumes[0].Size, MiB)
@@ -255,15 +287,24 @@ class CreateTests(ManagerTestCase):
             (dict(SubnetId="nope"), errors.NotFound, "known subnets: net"),
             (dict(ImageURL="http://x/y"), errors.InvalidRequest, "file://"),
             (dict(ImageURL="file://" + outside), errors.InvalidRequest, "outside"),
-            (dict(ImageURL="file://" + self.root + "/images/link"),
-             errors.InvalidRequest, "outside"),
-            (dict(ImageURL="file://" + self.root + "/images/none"),
-             errors.NotFound, "no such file"),
+            (
+                dict(ImageURL="file://" + self.root + "/images/link"),
+                errors.InvalidRequest,
+                "outside",
+            ),
+            (
+                dict(ImageURL="file://" + self.root + "/images/none"),
+                errors.NotFound,
+                "no such file",
+            ),
             (dict(ImageName="debian"), errors.InvalidRequest, "image server"),
             (dict(MilliCPUs=5000), errors.InsufficientCapacity, "1000 short"),
             (dict(MemoryInMiB=9000), errors.InsufficientCapacity, "808 MiB short"),
-            (dict(Address=Address("10.5.0.9")), errors.InsufficientCapacity,
-             "not found in free pool"),
+            (
+                dict(Address=Address("10.5.0.9")),
+                errors.InsufficientCapacity,
+                "not found in free pool",
+            ),
             (dict(SecondaryVolumes=[Volume(Size=-1)]), errors.InvalidRequest, "positive"),
         ]
         for fields, error, words in cases:
@@ -281,9 +322,12 @@ class CreateTests(ManagerTestCase):
         await self.prepare()
         conn = libvirt.open(TEST_URI)
         self.addCleanup(conn.close)
-        blocker = conn.createXML("<domain type='test'><name>vm-10.5.0.2</name>"
-                                 "<memory>8192</memory><os><type>hvm</type></os>"
-                                 "</domain>", 0)
+        blocker = conn.createXML(
+            "<domain type='test'><name>vm-10.5.0.2</name>"
+            "<memory>8192</memory><os><type>hvm</type></os>"
+            "</domain>",
+            0,
+        )
         self.addCleanup(lambda: blocker.isActive() and blocker.destroy())
         e = await self.assertFailure(self.create(), errors.WrongState)
         self.assertIn("failed to start", str(e))
@@ -297,8 +341,10 @@ class CreateTests(ManagerTestCase):
         """
         await self.prepare()
         self.manager.ctx.settings.acknowledge_timeout = 0.2
-        response = await self.api.CreateVm(ALICE, CreateVmRequest(
-            VmInfo=VmInfo(MemoryInMiB=64, MilliCPUs=100), MinimumFreeBytes=MiB))
+        response = await self.api.CreateVm(
+            ALICE,
+            CreateVmRequest(VmInfo=VmInfo(MemoryInMiB=64, MilliCPUs=100), MinimumFreeBytes=MiB),
+        )
         ip = response.IpAddress
         await until(lambda: ip not in self.manager.vms, what="auto-destroy")
         await until(lambda: not self.domain_active(ip), what="domain gone")
@@ -313,8 +359,9 @@ class CreateTests(ManagerTestCase):
         await self.api.SetDisabledState(ROOT, SetDisabledStateRequest(Disable=True))
         self.assertTrue(os.path.exists(os.path.join(self.root, "state", "disabled")))
         await self.assertFailure(self.create(), errors.Unavailable)
-        await self.assertFailure(self.api.StartVm(ALICE, StartVmRequest(IpAddress=ip)),
-                                 errors.Unavailable)
+        await self.assertFailure(
+            self.api.StartVm(ALICE, StartVmRequest(IpAddress=ip)), errors.Unavailable
+        )
         await self.api.SetDisabledState(ROOT, SetDisabledStateRequest(Disable=False))
         await self.api.StartVm(ALICE, StartVmRequest(IpAddress=ip))
         self.assertEqual(self.manager.vms[ip].info.State, State.RUNNING)
@@ -336,8 +383,9 @@ class LifecycleTests(ManagerTestCase):
         self.assertEqual(self.manager.vms[ip].info.State, State.STOPPED)
         self.assertFalse(self.domain_active(ip))
         self.assertEqual(self.info_file(ip)["State"], "stopped")
-        e = await self.assertFailure(self.api.StopVm(ALICE, AccessRequest(IpAddress=ip)),
-                                     errors.WrongState)
+        e = await self.assertFailure(
+            self.api.StopVm(ALICE, AccessRequest(IpAddress=ip)), errors.WrongState
+        )
         self.assertIn("it is stopped", str(e))
         response = await self.api.StartVm(ALICE, StartVmRequest(IpAddress=ip))
         self.assertFalse(response.DhcpTimedOut)
@@ -349,8 +397,9 @@ class LifecycleTests(ManagerTestCase):
         self.assertFalse(os.path.exists(volume_dir))
         self.assertFalse(os.path.exists(os.path.join(self.root, "state", "VMs", ip)))
         self.assertIn(ip, [a.IpAddress for a in self.manager.pool.free])
-        await self.assertFailure(self.api.DestroyVm(ALICE, AccessRequest(IpAddress=ip)),
-                                 errors.NotFound)
+        await self.assertFailure(
+            self.api.DestroyVm(ALICE, AccessRequest(IpAddress=ip)), errors.NotFound
+        )
 
     async def test_guest_power_off_and_crash(self) -> None:
         """
@@ -381,8 +430,9 @@ class LifecycleTests(ManagerTestCase):
         self.outside(b, "shutdown")
         await until(lambda: self.manager.vms[b].info.State == State.STOPPED, what="b stopped")
         await self.api.StartVm(ALICE, StartVmRequest(IpAddress=b))
-        e = await self.assertFailure(self.api.DestroyVm(ALICE, AccessRequest(IpAddress=b)),
-                                     errors.WrongState)
+        e = await self.assertFailure(
+            self.api.DestroyVm(ALICE, AccessRequest(IpAddress=b)), errors.WrongState
+        )
         self.assertIn("DestroyProtection", str(e))
         await self.manager.changes.change_vm_destroy_protection(ALICE, b, False)
         await self.api.DestroyVm(ALICE, AccessRequest(IpAddress=b))
@@ -394,14 +444,16 @@ class LifecycleTests(ManagerTestCase):
         """
         await self.prepare()
         ip = await self.create(OwnerGroups=["team"])
-        await self.assertFailure(self.api.StopVm(BOB, AccessRequest(IpAddress=ip)),
-                                 errors.AccessDenied)
+        await self.assertFailure(
+            self.api.StopVm(BOB, AccessRequest(IpAddress=ip)), errors.AccessDenied
+        )
         self.assertEqual(self.manager.vms[ip].info.State, State.RUNNING)
         self.assertEqual(self.api.GetVmInfo(BOB, IpRequest(ip)).VmInfo.State, State.RUNNING)
         await self.manager.changes.change_vm_tags(CAROL, ip, {"by": "carol"})
         self.assertEqual(self.manager.vms[ip].info.Tags, {"by": "carol"})
-        await self.raises(errors.AccessDenied, self.api.ChangeAddressPool, ALICE,
-                          ChangeAddressPoolRequest())
+        await self.raises(
+            errors.AccessDenied, self.api.ChangeAddressPool, ALICE, ChangeAddressPoolRequest()
+        )
 
     async def test_changes(self) -> None:
         """
@@ -421,19 +473,23 @@ class LifecycleTests(ManagerTestCase):
         self.assertEqual(self.info_file(ip)["Hostname"], "web-1")
         await self.raises(errors.InvalidRequest, m.changes.change_vm_hostname, ALICE, ip, "a b")
         # memory needs a stopped VM; milliCPUs within the same vCPU count do not
-        await self.assertFailure(self.api.ChangeVmSize(
-            ALICE, ChangeVmSizeRequest(IpAddress=ip, MemoryInMiB=128)), errors.WrongState)
+        await self.assertFailure(
+            self.api.ChangeVmSize(ALICE, ChangeVmSizeRequest(IpAddress=ip, MemoryInMiB=128)),
+            errors.WrongState,
+        )
         await self.api.ChangeVmSize(ALICE, ChangeVmSizeRequest(IpAddress=ip, MilliCPUs=900))
         self.assertEqual(m.vms[ip].info.MilliCPUs, 900)
-        await self.assertFailure(self.api.ChangeVmSize(
-            ALICE, ChangeVmSizeRequest(IpAddress=ip, MilliCPUs=1500)), errors.WrongState)
+        await self.assertFailure(
+            self.api.ChangeVmSize(ALICE, ChangeVmSizeRequest(IpAddress=ip, MilliCPUs=1500)),
+            errors.WrongState,
+        )
         await self.api.StopVm(ALICE, AccessRequest(IpAddress=ip))
-        await self.api.ChangeVmSize(ALICE, ChangeVmSizeRequest(IpAddress=ip,
-                                                               MemoryInMiB=256))
+        await self.api.ChangeVmSize(ALICE, ChangeVmSizeRequest(IpAddress=ip, MemoryInMiB=256))
         self.assertEqual(self.info_file(ip)["MemoryInMiB"], 256)
-        e = await self.assertFailure(self.api.ChangeVmSize(
-            ALICE, ChangeVmSizeRequest(IpAddress=ip, MemoryInMiB=100000)),
-            errors.InsufficientCapacity)
+        e = await self.assertFailure(
+            self.api.ChangeVmSize(ALICE, ChangeVmSizeRequest(IpAddress=ip, MemoryInMiB=100000)),
+            errors.InsufficientCapacity,
+        )
         self.assertIn("MiB short", str(e))
         self.assertEqual(m.vms[ip].info.MemoryInMiB, 256)
 
@@ -447,11 +503,13 @@ class LifecycleTests(ManagerTestCase):
         response = await self.api.RebootVm(ALICE, RebootVmRequest(IpAddress=ip))
         self.assertFalse(response.DhcpTimedOut)
         self.assertEqual(self.manager.vms[ip].info.State, State.RUNNING)
-        await self.assertFailure(self.api.RebootVm(BOB, RebootVmRequest(IpAddress=ip)),
-                                 errors.AccessDenied)
+        await self.assertFailure(
+            self.api.RebootVm(BOB, RebootVmRequest(IpAddress=ip)), errors.AccessDenied
+        )
         await self.api.StopVm(ALICE, AccessRequest(IpAddress=ip))
-        e = await self.assertFailure(self.api.RebootVm(ALICE, RebootVmRequest(IpAddress=ip)),
-                                     errors.WrongState)
+        e = await self.assertFailure(
+            self.api.RebootVm(ALICE, RebootVmRequest(IpAddress=ip)), errors.WrongState
+        )
         self.assertIn("cannot reboot", str(e))
 
     async def test_per_vm_locking(self) -> None:
@@ -483,8 +541,9 @@ class LifecycleTests(ManagerTestCase):
         c = await self.create(identity=CAROL, Tags={"env": "prod", "x": "1"})
 
         def ips(**f: Any) -> list[str]:
-            return self.api.ListVMs(ALICE, ListVMsRequest(Filter=VmFilter(**f),
-                                                          Sort=True)).IpAddresses
+            return self.api.ListVMs(
+                ALICE, ListVMsRequest(Filter=VmFilter(**f), Sort=True)
+            ).IpAddresses
 
         self.assertEqual(ips(), [a, b, c])
         self.assertEqual(ips(IgnoreStateMask=1 << State.STOPPED.number), [a, c])
@@ -509,16 +568,22 @@ class PoolAndSubnetTests(ManagerTestCase):
         await self.prepare()
         pool = self.manager.pool
         add = lambda *a: self.api.ChangeAddressPool(  # noqa: E731
-            ROOT, ChangeAddressPoolRequest(AddressesToAdd=list(a)))
+            ROOT, ChangeAddressPoolRequest(AddressesToAdd=list(a))
+        )
         await self.raises(errors.InvalidRequest, add, Address("10.5.0.2", "52:54:00:00:00:99"))
         await self.raises(errors.InvalidRequest, add, Address("10.9.0.2", "52:54:00:00:00:98"))
         await self.raises(errors.InvalidRequest, add, Address("10.5.0.20", "zz"))
         ip = await self.create()
-        e = await self.raises(errors.InvalidRequest, self.api.ChangeAddressPool, ROOT,
-                              ChangeAddressPoolRequest(AddressesToRemove=[Address(ip)]))
+        e = await self.raises(
+            errors.InvalidRequest,
+            self.api.ChangeAddressPool,
+            ROOT,
+            ChangeAddressPoolRequest(AddressesToRemove=[Address(ip)]),
+        )
         self.assertIn("used by a VM", str(e))
-        await self.api.ChangeAddressPool(ROOT, ChangeAddressPoolRequest(
-            MaximumFreeAddresses={"net": 1}))
+        await self.api.ChangeAddressPool(
+            ROOT, ChangeAddressPoolRequest(MaximumFreeAddresses={"net": 1})
+        )
         self.assertEqual(len(pool.free), 1)
         with open(os.path.join(self.root, "state", "address-pool.json")) as f:
             saved = json.load(f)
@@ -532,18 +597,33 @@ class PoolAndSubnetTests(ManagerTestCase):
         refused; the only permitted subnet is chosen; several need a choice.
         """
         await self.prepare()
-        update = lambda **k: self.api.UpdateSubnets(  # noqa: E731
-            ROOT, UpdateSubnetsRequest(**k))
-        await self.raises(errors.InvalidRequest, update, Add=[Subnet(
-            Id="dup", IpGateway="10.5.0.100", IpMask="255.255.0.0")])
-        await self.raises(errors.InvalidRequest, update, Add=[Subnet(
-            Id="hypervisor", IpGateway="10.6.0.1", IpMask="255.255.255.0")])
-        await self.raises(errors.InvalidRequest, update, Add=[Subnet(
-            Id="bad", IpGateway="10.6.0.1", IpMask="255.0.255.0")])
-        await update(Add=[Subnet(Id="other", IpGateway="10.6.0.1", IpMask="255.255.255.0",
-                           AllowedUsers=["bob"])])
-        await self.api.ChangeAddressPool(ROOT, ChangeAddressPoolRequest(AddressesToAdd=[
-            Address("10.6.0.2", "52:54:0a:06:00:02")]))
+        update = lambda **k: self.api.UpdateSubnets(ROOT, UpdateSubnetsRequest(**k))  # noqa: E731
+        await self.raises(
+            errors.InvalidRequest,
+            update,
+            Add=[Subnet(Id="dup", IpGateway="10.5.0.100", IpMask="255.255.0.0")],
+        )
+        await self.raises(
+            errors.InvalidRequest,
+            update,
+            Add=[Subnet(Id="hypervisor", IpGateway="10.6.0.1", IpMask="255.255.255.0")],
+        )
+        await self.raises(
+            errors.InvalidRequest,
+            update,
+            Add=[Subnet(Id="bad", IpGateway="10.6.0.1", IpMask="255.0.255.0")],
+        )
+        await update(
+            Add=[
+                Subnet(
+                    Id="other", IpGateway="10.6.0.1", IpMask="255.255.255.0", AllowedUsers=["bob"]
+                )
+            ]
+        )
+        await self.api.ChangeAddressPool(
+            ROOT,
+            ChangeAddressPoolRequest(AddressesToAdd=[Address("10.6.0.2", "52:54:0a:06:00:02")]),
+        )
         ip = await self.create(identity=ALICE)  # only "net" is permitted to alice
         self.assertEqual(self.manager.vms[ip].info.SubnetId, "net")
         e = await self.assertFailure(self.create(identity=BOB), errors.InvalidRequest)
@@ -577,8 +657,7 @@ class UpdatesTests(ManagerTestCase):
             seen.append(await stream.get())
         vm_updates = [u.VMs[ip] for u in seen if u.HaveVMs and ip in u.VMs]
         self.assertEqual(vm_updates[-1].State, State.RUNNING)
-        self.assertTrue(any(u.HaveAddressPool and u.NumFreeAddresses == {"net": 2}
-                            for u in seen))
+        self.assertTrue(any(u.HaveAddressPool and u.NumFreeAddresses == {"net": 2} for u in seen))
         await self.api.DestroyVm(ALICE, AccessRequest(IpAddress=ip))
         after = []
         while len(stream):

@@ -118,7 +118,8 @@ def tls_options() -> ssl.CertificateOptions:
     key, cert = certs.make_ca("netguard test")
     return ssl.CertificateOptions(
         privateKey=crypto.PKey.from_cryptography_key(key),
-        certificate=crypto.X509.from_cryptography(cert))
+        certificate=crypto.X509.from_cryptography(cert),
+    )
 
 
 class GuardHarness:
@@ -127,17 +128,25 @@ class GuardHarness:
     L{FakeTCP}.
     """
 
-    def __init__(self, limits: Optional[Limits] = None, tls: bool = False,
-                 log_interval: float = netguard.LOG_INTERVAL) -> None:
+    def __init__(
+        self,
+        limits: Optional[Limits] = None,
+        tls: bool = False,
+        log_interval: float = netguard.LOG_INTERVAL,
+    ) -> None:
         self.clock = Clock()
         self.site = make_site(self.clock)
         self.guard = ConnectionGuard(
             SniffingFactory(self.site, tls_options() if tls else None, clock=self.clock),
-            self.clock, limits or Limits(max_connections=1000), log_interval)
+            self.clock,
+            limits or Limits(max_connections=1000),
+            log_interval,
+        )
         self.guard.doStart()
 
-    def connect(self, host: str = "10.0.0.1",
-                port: int = 40000) -> tuple[Optional[GuardedConnection], FakeTCP]:
+    def connect(
+        self, host: str = "10.0.0.1", port: int = 40000
+    ) -> tuple[Optional[GuardedConnection], FakeTCP]:
         """
         A new connection from C{host}; the protocol is None if refused.
         """
@@ -323,8 +332,8 @@ class TlsTests(SynchronousTestCase):
                 received.append(data)
 
         client_factory = TLSMemoryBIOFactory(
-            ssl.CertificateOptions(), True,
-            protocol.Factory.forProtocol(Client), clock=h.clock)
+            ssl.CertificateOptions(), True, protocol.Factory.forProtocol(Client), clock=h.clock
+        )
         client = client_factory.buildProtocol(IPv4Address("TCP", "10.0.0.9", 6976))
         client_t = FakeTCP(h.clock, None)
         client_t.protocol = client
@@ -436,8 +445,7 @@ class CapTests(SynchronousTestCase):
         Connections with a request in progress do not count against the idle caps
         and are never shed, whatever the number of idle connections.
         """
-        h = GuardHarness(Limits(max_idle_per_source=2, max_idle_total=3,
-                                max_connections=1000))
+        h = GuardHarness(Limits(max_idle_per_source=2, max_idle_total=3, max_connections=1000))
         busy = []
         for i in range(5):
             conn, t = h.connect(port=i)
@@ -477,14 +485,16 @@ class CapTests(SynchronousTestCase):
         """
         IPv4 addresses count alone, IPv6 addresses by /64, IPv4-mapped as IPv4.
         """
-        self.assertEqual(netguard.source_key(IPv4Address("TCP", "10.1.2.3", 1)),
-                         "10.1.2.3")
-        self.assertEqual(netguard.source_key(IPv6Address("TCP", "2001:db8::1", 1)),
-                         netguard.source_key(IPv6Address("TCP", "2001:db8::ffff:1", 1)))
-        self.assertNotEqual(netguard.source_key(IPv6Address("TCP", "2001:db8::1", 1)),
-                            netguard.source_key(IPv6Address("TCP", "2001:db8:0:1::1", 1)))
-        self.assertEqual(netguard.source_key(IPv6Address("TCP", "::ffff:10.1.2.3", 1)),
-                         "10.1.2.3")
+        self.assertEqual(netguard.source_key(IPv4Address("TCP", "10.1.2.3", 1)), "10.1.2.3")
+        self.assertEqual(
+            netguard.source_key(IPv6Address("TCP", "2001:db8::1", 1)),
+            netguard.source_key(IPv6Address("TCP", "2001:db8::ffff:1", 1)),
+        )
+        self.assertNotEqual(
+            netguard.source_key(IPv6Address("TCP", "2001:db8::1", 1)),
+            netguard.source_key(IPv6Address("TCP", "2001:db8:0:1::1", 1)),
+        )
+        self.assertEqual(netguard.source_key(IPv6Address("TCP", "::ffff:10.1.2.3", 1)), "10.1.2.3")
 
     def test_budget_follows_descriptor_limit(self) -> None:
         """
@@ -508,17 +518,18 @@ class LoggingTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
     def guard_lines(self) -> list[dict[str, Any]]:
-        return [e for e in self.events
-                if e.get("log_namespace") == "hypervisor.netguard"
-                and "summary" in e]
+        return [
+            e
+            for e in self.events
+            if e.get("log_namespace") == "hypervisor.netguard" and "summary" in e
+        ]
 
     def test_aborts_logged_once_per_interval(self) -> None:
         """
         A thousand aborts in one interval give one line at once and one summary
         line with the count at the end of the interval.
         """
-        h = GuardHarness(Limits(max_idle_per_source=1, max_connections=5000),
-                         log_interval=3)
+        h = GuardHarness(Limits(max_idle_per_source=1, max_connections=5000), log_interval=3)
         for i in range(1001):
             h.connect(port=i)
         self.assertEqual(len(self.guard_lines()), 1)
@@ -555,8 +566,7 @@ class NofileLimitTests(SynchronousTestCase):
         The soft limit is raised to the hard limit.
         """
         calls: list[tuple[int, int]] = []
-        soft = netguard.raise_nofile_limit(lambda r: (1024, 524288),
-                                           lambda r, v: calls.append(v))
+        soft = netguard.raise_nofile_limit(lambda r: (1024, 524288), lambda r, v: calls.append(v))
         self.assertEqual(calls, [(524288, 524288)])
         self.assertEqual(soft, 524288)
 
@@ -566,8 +576,9 @@ class NofileLimitTests(SynchronousTestCase):
         keeps the old limit (and is logged).
         """
         calls: list[tuple[int, int]] = []
-        netguard.raise_nofile_limit(lambda r: (1024, resource.RLIM_INFINITY),
-                                    lambda r, v: calls.append(v))
+        netguard.raise_nofile_limit(
+            lambda r: (1024, resource.RLIM_INFINITY), lambda r, v: calls.append(v)
+        )
         self.assertEqual(calls, [(netguard.NOFILE_CEILING, resource.RLIM_INFINITY)])
 
         def refuse(r: int, v: tuple[int, int]) -> None:
@@ -582,11 +593,20 @@ class NofileLimitTests(SynchronousTestCase):
         """
         support.require(os.path.exists("/usr/bin/prlimit"), "needs prlimit (util-linux)")
         result = subprocess.run(
-            ["prlimit", "--nofile=1024:4096", sys.executable, "-c",
-             "import resource; from hypervisor.netguard import raise_nofile_limit; "
-             "raise_nofile_limit(); print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])"],
-            cwd=support.REPO, capture_output=True, text=True, timeout=60,
-            env=dict(os.environ, PYTHONPATH=support.REPO))
+            [
+                "prlimit",
+                "--nofile=1024:4096",
+                sys.executable,
+                "-c",
+                "import resource; from hypervisor.netguard import raise_nofile_limit; "
+                "raise_nofile_limit(); print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])",
+            ],
+            cwd=support.REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=dict(os.environ, PYTHONPATH=support.REPO),
+        )
         self.assertEqual(result.stdout.strip(), "4096", result.stderr)
 
 
@@ -624,8 +644,12 @@ class OutOfDescriptorsTests(SynchronousTestCase):
         self.addCleanup(log.close)
         process = subprocess.Popen(
             ["prlimit", "--nofile=64:64", sys.executable, "-c", EMFILE_SERVER],
-            cwd=support.REPO, env=dict(os.environ, PYTHONPATH=support.REPO),
-            stdout=subprocess.PIPE, stderr=log, text=True)
+            cwd=support.REPO,
+            env=dict(os.environ, PYTHONPATH=support.REPO),
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
         self.addCleanup(process.wait, 10)
         self.addCleanup(process.kill)
         assert process.stdout is not None
@@ -746,13 +770,23 @@ class LimitedDaemon(support.Daemon):
         """
         Start the daemon under prlimit and wait until its pages answer.
         """
-        env = dict(os.environ, PYTHONPATH=support.REPO,
-                   HYPERVISOR_FLAGS_DIRECTORY=self.dir)
+        env = dict(os.environ, PYTHONPATH=support.REPO, HYPERVISOR_FLAGS_DIRECTORY=self.dir)
         self._output = open(self.output_path, "wb")
         self.process = subprocess.Popen(
-            ["prlimit", f"--nofile={self.nofile}", sys.executable, "-m", "hypervisor",
-             *self.flags, "run"],
-            cwd=support.REPO, env=env, stdout=self._output, stderr=subprocess.STDOUT)
+            [
+                "prlimit",
+                f"--nofile={self.nofile}",
+                sys.executable,
+                "-m",
+                "hypervisor",
+                *self.flags,
+                "run",
+            ],
+            cwd=support.REPO,
+            env=env,
+            stdout=self._output,
+            stderr=subprocess.STDOUT,
+        )
 
         def up() -> bool:
             assert self.process is not None
@@ -802,14 +836,20 @@ class RealDaemonTests(SynchronousTestCase):
     """
 
     def start(self) -> LimitedDaemon:
-        support.require(os.geteuid() == 0 and os.path.exists("/usr/bin/prlimit"),
-                        "needs root and prlimit")
+        support.require(
+            os.geteuid() == 0 and os.path.exists("/usr/bin/prlimit"), "needs root and prlimit"
+        )
         d = LimitedDaemon(self, "-libvirtUri=test:///default", "-domainType=qemu")
         pki = os.path.join(d.dir, "pki")
-        d.flags += [f"-CAfile={pki}/CA.pem", f"-identityCAfile={pki}/none.pem",
-                    f"-certFile={pki}/server.pem", f"-keyFile={pki}/server.key"]
-        result = d.command("make-certs", "--user", "admin", "--methods", "*.*",
-                           "--out", f"{pki}/users")
+        d.flags += [
+            f"-CAfile={pki}/CA.pem",
+            f"-identityCAfile={pki}/none.pem",
+            f"-certFile={pki}/server.pem",
+            f"-keyFile={pki}/server.key",
+        ]
+        result = d.command(
+            "make-certs", "--user", "admin", "--methods", "*.*", "--out", f"{pki}/users"
+        )
         self.assertEqual(result.returncode, 0, result.stderr)
         d.start()
         self.pki = pki
@@ -890,18 +930,24 @@ class RealDaemonTests(SynchronousTestCase):
         self.addCleanup(lambda: [s.close() for s in idle2])
         self.assertEqual(support.http_get(d.url + "/healthz")[0], 200)
         result = d.command("stop", timeout=60)
-        self.assertEqual((result.returncode, result.stdout.strip()),
-                         (0, "hypervisor stopped"), result.stderr)
+        self.assertEqual(
+            (result.returncode, result.stdout.strip()), (0, "hypervisor stopped"), result.stderr
+        )
         self.assertEqual(d.wait(30), 0)
         output = d.output()
-        emfile = [line for line in output.splitlines() if "EMFILE" in line
-                  or "out of file descriptors" in line]
+        emfile = [
+            line
+            for line in output.splitlines()
+            if "EMFILE" in line or "out of file descriptors" in line
+        ]
         guard = [line for line in output.splitlines() if "connections open" in line]
-        print(f"\n  flood of 1100 idle sockets opened in {flood_seconds:.2f}s; "
-              f"{shed_at_once} shed at once; all closed {all_closed_after:.1f}s after "
-              f"the flood ended; slowloris cut after {slow_cut:.1f}s, stalled TLS "
-              f"handshake after {stalled_cut:.1f}s; EMFILE lines: {len(emfile)}; "
-              f"guard log lines: {len(guard)}")
+        print(
+            f"\n  flood of 1100 idle sockets opened in {flood_seconds:.2f}s; "
+            f"{shed_at_once} shed at once; all closed {all_closed_after:.1f}s after "
+            f"the flood ended; slowloris cut after {slow_cut:.1f}s, stalled TLS "
+            f"handshake after {stalled_cut:.1f}s; EMFILE lines: {len(emfile)}; "
+            f"guard log lines: {len(guard)}"
+        )
         self.assertEqual(emfile, [])
         self.assertLessEqual(len(guard), 8, "\n".join(guard))
 

@@ -108,10 +108,18 @@ class OptionsTests(SynchronousTestCase):
         C{-name value}, C{-name=value}, C{--name value} and bare booleans all work.
         """
         o = self.parse(
-            "-stateDir", "/srv/hv", "-portNum=7000", "--imageServerHostname", "img",
-            "--libvirtUri=test:///default", "-allowUnauthenticatedReads",
-            "--showVGA=true", "-volumeDirectories=/a,/b", "-objectCacheSize=512M",
-            "-lockLogTimeout", "1m30s",
+            "-stateDir",
+            "/srv/hv",
+            "-portNum=7000",
+            "--imageServerHostname",
+            "img",
+            "--libvirtUri=test:///default",
+            "-allowUnauthenticatedReads",
+            "--showVGA=true",
+            "-volumeDirectories=/a,/b",
+            "-objectCacheSize=512M",
+            "-lockLogTimeout",
+            "1m30s",
         )
         self.assertEqual(o["stateDir"], "/srv/hv")
         self.assertEqual(o["portNum"], 7000)
@@ -127,8 +135,10 @@ class OptionsTests(SynchronousTestCase):
         """
         flags.default < flags.extra < command line; comments and blanks are ignored.
         """
-        self.write("flags.default", "# defaults\nportNum=7001\nusername=alice\n\n"
-                   "showVGA=true\nstateDir=/from/default\n")
+        self.write(
+            "flags.default",
+            "# defaults\nportNum=7001\nusername=alice\n\n" "showVGA=true\nstateDir=/from/default\n",
+        )
         self.write("flags.extra", "portNum = 7002\nshowVGA=false\n")
         o = self.parse("-stateDir=/from/cli")
         self.assertEqual(o["portNum"], 7002)
@@ -201,8 +211,16 @@ class OptionsTests(SynchronousTestCase):
         text = str(Options(flags_directory=self.dir))
         for name in PARAMETER_NAMES + BOOLEAN_NAMES:
             self.assertIn(f"--{name}", text)
-        for default in ("/var/lib/hypervisor", "6976", "pxelinux.%d", "10G", "2s",
-                        "qemu:///system", "/etc/ssl/CA.pem", "/var/log/hypervisor"):
+        for default in (
+            "/var/lib/hypervisor",
+            "6976",
+            "pxelinux.%d",
+            "10G",
+            "2s",
+            "qemu:///system",
+            "/etc/ssl/CA.pem",
+            "/var/log/hypervisor",
+        ):
             self.assertIn(default, text)
 
     def test_help_marks_go_flags_not_used_yet(self) -> None:
@@ -219,7 +237,7 @@ class OptionsTests(SynchronousTestCase):
             else:
                 self.assertNotIn(NOT_USED_MARK, by_flag[name], name)
         flat = " ".join(text.split())
-        description = flat[flat.index("Flags may be given"):]
+        description = flat[flat.index("Flags may be given") :]
         for name in NOT_USED_YET:
             self.assertIn(f"-{name}", description)
         self.assertIn("[default: 10G]", by_flag["objectCacheSize"])
@@ -244,8 +262,10 @@ class OptionsTests(SynchronousTestCase):
         Flags that are not used yet are still parsed, validated and passed on by
         L{Options.go_flags}, so Go flags files keep working.
         """
-        self.write("flags.default", "username=vmuser\nshowVGA=true\n"
-                   "objectCacheSize=1G\nidentityProvider=https://idp\n")
+        self.write(
+            "flags.default",
+            "username=vmuser\nshowVGA=true\n" "objectCacheSize=1G\nidentityProvider=https://idp\n",
+        )
         o = self.parse("-imageServerPortNum=7001", "-dhcpServerOnBridgesOnly")
         self.assertEqual(o["username"], "vmuser")
         self.assertIs(o["showVGA"], True)
@@ -275,8 +295,14 @@ class OptionsTests(SynchronousTestCase):
         """
         L{Options.go_flags} parses back to the same settings (used by C{run}).
         """
-        o = self.parse("-stateDir=/s", "-portNum=1", "-volumeDirectories=/a,/b",
-                       "-showVGA", "-lockCheckInterval=250ms", "-objectCacheSize=3")
+        o = self.parse(
+            "-stateDir=/s",
+            "-portNum=1",
+            "-volumeDirectories=/a,/b",
+            "-showVGA",
+            "-lockCheckInterval=250ms",
+            "-objectCacheSize=3",
+        )
         again = self.parse(*o.go_flags())
         for name in PARAMETER_NAMES + BOOLEAN_NAMES:
             self.assertEqual(again[name], o[name], name)
@@ -331,8 +357,6 @@ class FlagHelperTests(SynchronousTestCase):
         """
         Flag rewriting stops at the first non-flag argument, as Go's flag package does.
         """
-        argv, bools = flags.normalize_argv(
-            ["-a", "1", "-b", "stop", "-a", "2"], ["a"], ["b"]
-        )
+        argv, bools = flags.normalize_argv(["-a", "1", "-b", "stop", "-a", "2"], ["a"], ["b"])
         self.assertEqual(argv, ["--a", "1", "stop", "-a", "2"])
         self.assertEqual(bools, [("b", True)])

@@ -60,22 +60,31 @@ class PagesFixture(TestCase):
         self.libvirt = LibvirtService("qemu:///system", reactor)
         self.volumes = os.path.join(self.root, "volumes")
         os.makedirs(self.volumes)
-        self.manager = Manager(StateDirectory(os.path.join(self.root, "state")),
-                               self.libvirt, reactor, domain_type="qemu",
-                               volume_directories=[self.volumes],
-                               host=FakeHost(cpus=8, memory_mib=16384),
-                               runner=SynchronousRunner())
+        self.manager = Manager(
+            StateDirectory(os.path.join(self.root, "state")),
+            self.libvirt,
+            reactor,
+            domain_type="qemu",
+            volume_directories=[self.volumes],
+            host=FakeHost(cpus=8, memory_mib=16384),
+            runner=SynchronousRunner(),
+        )
         self.manager.privilegedStartService()
         self.addCleanup(self.manager.state.unlock)
-        self.manager.admin.update_subnets([Subnet(Id="net", IpGateway="10.4.0.1",
-                                                  IpMask="255.255.255.0")], [], [])
+        self.manager.admin.update_subnets(
+            [Subnet(Id="net", IpGateway="10.4.0.1", IpMask="255.255.255.0")], [], []
+        )
         self.manager.admin.change_address_pool(
-            [Address(f"10.4.0.{i}", f"52:54:0a:04:00:{i:02x}") for i in range(2, 8)],
-            [], {})
-        for i, (state, owner) in enumerate([(State.RUNNING, "alice"),
-                                            (State.STOPPED, "bob"),
-                                            (State.CRASHED, "alice"),
-                                            (State.RUNNING, "carol")]):
+            [Address(f"10.4.0.{i}", f"52:54:0a:04:00:{i:02x}") for i in range(2, 8)], [], {}
+        )
+        for i, (state, owner) in enumerate(
+            [
+                (State.RUNNING, "alice"),
+                (State.STOPPED, "bob"),
+                (State.CRASHED, "alice"),
+                (State.RUNNING, "carol"),
+            ]
+        ):
             self.add_vm(f"10.4.0.{i + 2}", state, owner)
         self.logs = LogBuffer()
         self.metrics = Metrics()
@@ -84,8 +93,14 @@ class PagesFixture(TestCase):
         os.makedirs(self.log_dir)
         with open(os.path.join(self.log_dir, "hypervisor.log"), "w") as f:
             f.write('{"log_format": "hello"}\n')
-        self.pages = StatusPages(self.manager, self.libvirt, hostname="hv1",
-                                 metrics=self.metrics, logs=self.logs, log_dir=self.log_dir)
+        self.pages = StatusPages(
+            self.manager,
+            self.libvirt,
+            hostname="hv1",
+            metrics=self.metrics,
+            logs=self.logs,
+            log_dir=self.log_dir,
+        )
         from twisted.web.server import Site
 
         self.port = reactor.listenTCP(0, Site(self.pages.resource()), interface="127.0.0.1")
@@ -96,14 +111,28 @@ class PagesFixture(TestCase):
 
     def add_vm(self, ip: str, state: State, owner: str) -> None:
         address = self.manager.pool.allocate(self.manager.subnets.get("net"), ip)
-        info = VmInfo(Address=address, MemoryInMiB=512, MilliCPUs=1500, State=state,
-                      OwnerUsers=[owner], SubnetId="net", Hostname=f"h{ip[-1]}",
-                      Tags={"Name": HOSTILE if ip.endswith(".2") else f"vm{ip[-1]}"},
-                      Volumes=[Volume(Size=1 << 30)])
+        info = VmInfo(
+            Address=address,
+            MemoryInMiB=512,
+            MilliCPUs=1500,
+            State=state,
+            OwnerUsers=[owner],
+            SubnetId="net",
+            Hostname=f"h{ip[-1]}",
+            Tags={"Name": HOSTILE if ip.endswith(".2") else f"vm{ip[-1]}"},
+            Volumes=[Volume(Size=1 << 30)],
+        )
         directory = os.path.join(self.manager.state.vms_path, ip)
         os.makedirs(directory)
-        vm = Vm(LocalVmInfo(VmInfo=info, VolumeLocations=[VolumeLocation(
-            self.volumes, os.path.join(self.volumes, ip, "root"))]), directory)
+        vm = Vm(
+            LocalVmInfo(
+                VmInfo=info,
+                VolumeLocations=[
+                    VolumeLocation(self.volumes, os.path.join(self.volumes, ip, "root"))
+                ],
+            ),
+            directory,
+        )
         self.manager.table.add(vm)
         self.manager.table.record(vm, vm.local)
 
@@ -127,8 +156,16 @@ class PagesTests(PagesFixture):
         """
         Every page carries the reference's security headers.
         """
-        for path in ("/", "/listVMs", "/showVM?10.4.0.2", "/showDhcpStatus", "/logs",
-                     "/listSubnets", "/showVM?nope", "/healthz"):
+        for path in (
+            "/",
+            "/listVMs",
+            "/showVM?10.4.0.2",
+            "/showDhcpStatus",
+            "/logs",
+            "/listSubnets",
+            "/showVM?nope",
+            "/healthz",
+        ):
             _, _, headers = await self.get(path)
             self.assertEqual(headers.getRawHeaders("X-Frame-Options"), ["DENY"], path)
             self.assertEqual(headers.getRawHeaders("X-Content-Type-Options"), ["nosniff"])
@@ -147,9 +184,19 @@ class PagesTests(PagesFixture):
         self.assertIn("6000 of 8000 milliCPUs allocated", body)
         self.assertIn("2.0 GiB allocated to VMs", body)
         self.assertIn("10.4.0.0/24", body)
-        for link in ("/listVMs", "/showDhcpStatus", "/logs", "/metrics", "/healthz",
-                     "/listSubnets", "/listAvailableAddresses", "/listRegisteredAddresses",
-                     "/listVolumeDirectories", "/showVolumeDirectories", "/rpc"):
+        for link in (
+            "/listVMs",
+            "/showDhcpStatus",
+            "/logs",
+            "/metrics",
+            "/healthz",
+            "/listSubnets",
+            "/listAvailableAddresses",
+            "/listRegisteredAddresses",
+            "/listVolumeDirectories",
+            "/showVolumeDirectories",
+            "/rpc",
+        ):
             self.assertIn(f'href="{link}', body)
 
     async def test_list_vms(self) -> None:
@@ -191,9 +238,15 @@ class PagesTests(PagesFixture):
         """
         code, body, _ = await self.get("/showVM?10.4.0.2")
         self.assertEqual(code, 200)
-        for words in ("52:54:0a:04:00:02", "h2", "<strong>alice</strong> (primary)",
-                      "1.0 GiB", "&lt;script&gt;", "/showVM?10.4.0.2&amp;output=json",
-                      'id="vm-state">running<'):
+        for words in (
+            "52:54:0a:04:00:02",
+            "h2",
+            "<strong>alice</strong> (primary)",
+            "1.0 GiB",
+            "&lt;script&gt;",
+            "/showVM?10.4.0.2&amp;output=json",
+            'id="vm-state">running<',
+        ):
             self.assertIn(words, body)
         self.assertNotIn(HOSTILE, body)
         code, body, _ = await self.get("/showVM?10.4.0.2&output=json")
@@ -210,8 +263,7 @@ class PagesTests(PagesFixture):
         """
         The serial log as text with CRLF turned into LF, and its tail.
         """
-        with open(os.path.join(self.manager.state.vms_path, "10.4.0.2", "bootlog"),
-                  "wb") as f:
+        with open(os.path.join(self.manager.state.vms_path, "10.4.0.2", "bootlog"), "wb") as f:
             f.write(b"".join(b"line %d\r\n" % i for i in range(200)))
         code, body, headers = await self.get("/showVmBootLog?10.4.0.2")
         self.assertEqual(code, 200)
@@ -258,8 +310,11 @@ class PagesTests(PagesFixture):
         log = Logger(observer=self.logs)
         log.info("VM {ip} started", ip="10.4.0.2")
         log.error("disk <full>")
-        self.logs.lines.appendleft(type(self.logs.lines[0])(
-            time=time.time() - 7200, level="info", namespace="x", text="old line"))
+        self.logs.lines.appendleft(
+            type(self.logs.lines[0])(
+                time=time.time() - 7200, level="info", namespace="x", text="old line"
+            )
+        )
         _, body, _ = await self.get("/logs")
         self.assertIn("VM 10.4.0.2 started", body)
         self.assertIn("disk &lt;full&gt;", body)
@@ -281,6 +336,7 @@ class PagesTests(PagesFixture):
         /metrics parses as Prometheus text, counts VMs by state, and changes when a VM
         is added.
         """
+
         def values(text: str) -> dict[tuple[str, tuple], float]:
             out = {}
             for family in text_string_to_metric_families(text):
@@ -297,8 +353,7 @@ class PagesTests(PagesFixture):
         _, body, _ = await self.get("/metrics")
         after = values(body)
         self.assertEqual(after[("hypervisor_vms", (("state", "running"),))], 3)
-        self.assertEqual(after[("hypervisor_addresses", (("kind", "free"),
-                                                         ("subnet", "net")))], 1)
+        self.assertEqual(after[("hypervisor_addresses", (("kind", "free"), ("subnet", "net")))], 1)
 
     async def test_unknown_page(self) -> None:
         """
@@ -363,20 +418,26 @@ class HostilePagesTests(PagesFixture):
         """
         return await deferToThread(raw_request, self.port.getHost().port, data)
 
-    async def fetch(self, path: str, method: bytes = b"GET",
-                    headers: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    async def fetch(
+        self, path: str, method: bytes = b"GET", headers: bytes = b""
+    ) -> tuple[int, dict[str, str], bytes]:
         """
         C{method} C{path} (sent as is) over a raw connection.
         """
-        return await self.raw(method + b" " + path.encode("latin-1") + b" HTTP/1.1\r\n"
-                              b"Host: hv\r\nConnection: close\r\n" + headers + b"\r\n")
+        return await self.raw(
+            method + b" " + path.encode("latin-1") + b" HTTP/1.1\r\n"
+            b"Host: hv\r\nConnection: close\r\n" + headers + b"\r\n"
+        )
 
     def tracebacks(self) -> list[dict]:
         """
         The log events logged with a failure since the test started.
         """
-        return [e for e in self.events if e.get("log_failure") is not None
-                or "Traceback" in str(e.get("log_format", ""))]
+        return [
+            e
+            for e in self.events
+            if e.get("log_failure") is not None or "Traceback" in str(e.get("log_format", ""))
+        ]
 
     def make_hostile(self) -> None:
         """
@@ -397,9 +458,16 @@ class HostilePagesTests(PagesFixture):
         with U+FFFD in place of each surrogate, in HTML, text and JSON forms.
         """
         self.make_hostile()
-        for path in ("/", "/listVMs", "/showVM?10.4.0.3", "/showDhcpStatus",
-                     "/listVMs?output=json", "/listVMs?output=text",
-                     "/showVM?10.4.0.3&output=json", "/listVMs?primaryOwner=bob%EF%BF%BD"):
+        for path in (
+            "/",
+            "/listVMs",
+            "/showVM?10.4.0.3",
+            "/showDhcpStatus",
+            "/listVMs?output=json",
+            "/listVMs?output=text",
+            "/showVM?10.4.0.3&output=json",
+            "/listVMs?primaryOwner=bob%EF%BF%BD",
+        ):
             code, headers, body = await self.fetch(path)
             self.assertEqual(code, 200, path)
             self.assertEqual(int(headers["content-length"]), len(body), path)
@@ -413,8 +481,10 @@ class HostilePagesTests(PagesFixture):
             self.assertIn(text.encode(), body)
         _, _, body = await self.fetch("/showVM?10.4.0.3&output=json")
         # the JSON is escaped ASCII; the codec may already write U+FFFD instead
-        self.assertIn(ascii(json.loads(body)["Tags"]["Name"]),
-                      {ascii("bad\ud800name"), ascii("bad\ufffdname")})
+        self.assertIn(
+            ascii(json.loads(body)["Tags"]["Name"]),
+            {ascii("bad\ud800name"), ascii("bad\ufffdname")},
+        )
         self.assertEqual(self.tracebacks(), [])
 
     async def test_rendering_failure_is_a_finished_500(self) -> None:
@@ -422,6 +492,7 @@ class HostilePagesTests(PagesFixture):
         A page that fails while rendering answers a 500 page (no traceback in it) that
         finishes the request; the failure is logged once, with its traceback.
         """
+
         def broken() -> tuple[int, int]:
             raise RuntimeError("memory went away")
 
@@ -438,6 +509,7 @@ class HostilePagesTests(PagesFixture):
         """
         Even when the error page cannot be rendered, the request gets a plain 500.
         """
+
         def broken(*args: Any, **kwargs: Any) -> str:
             raise RuntimeError("templates gone")
 
@@ -459,7 +531,10 @@ class HostilePagesTests(PagesFixture):
             "/showVmBootLog?10.4.0.2&tail=-3": (400, b"number of lines"),
             "/showVmBootLog?10.4.0.2&tail=1000001": (400, b"number of lines"),
             "/showVmBootLog?10.4.0.2&tail=%EF%BC%93": (400, b"number of lines"),
-            "/showVmBootLog?10.4.0.2&lines=3": (400, b"has no parameter &#39;lines&#39;; it takes tail"),
+            "/showVmBootLog?10.4.0.2&lines=3": (
+                400,
+                b"has no parameter &#39;lines&#39;; it takes tail",
+            ),
             "/showVmBootLog?nope": (400, b"is not an IP address"),
             "/showVmBootLog": (400, b"give one IP address"),
             "/showVmBootLog?10.4.0.99": (404, b"no VM with IP 10.4.0.99"),
@@ -512,8 +587,9 @@ class HostilePagesTests(PagesFixture):
         code, _, body = await self.fetch("/showVM?10.4.0.2&output=json&bad=1")
         self.assertEqual(code, 400)
         self.assertIn("no parameter 'bad'", json.loads(body)["Error"])
-        code, _, _ = await self.raw(b"GET / HTTP/1.1\r\nHost: \xff\xfe\r\n"
-                                    b"Connection: close\r\n\r\n")
+        code, _, _ = await self.raw(
+            b"GET / HTTP/1.1\r\nHost: \xff\xfe\r\n" b"Connection: close\r\n\r\n"
+        )
         self.assertEqual(code, 400)
         self.assertEqual(self.tracebacks(), [])
 
@@ -523,16 +599,31 @@ class HostilePagesTests(PagesFixture):
         unknown paths and static files alike; HEAD answers GET's headers without a
         body.
         """
-        for method in (b"TRACE", b"PUT", b"DELETE", b"OPTIONS", b"POST", b"PATCH",
-                       b"PROPFIND", b"BREW"):
+        for method in (
+            b"TRACE",
+            b"PUT",
+            b"DELETE",
+            b"OPTIONS",
+            b"POST",
+            b"PATCH",
+            b"PROPFIND",
+            b"BREW",
+        ):
             for path in ("/", "/listVMs", "/metrics", "/static/style.css", "/nope"):
                 code, headers, body = await self.fetch(path, method)
                 self.assertEqual(code, 405, (method, path))
                 self.assertEqual(headers["allow"], "GET, HEAD")
                 self.assertEqual(headers["x-frame-options"], "DENY")
                 self.assertIn(b"GET and HEAD only", body)
-        for path in ("/", "/listVMs", "/showVM?10.4.0.2", "/metrics", "/nope",
-                     "/static/style.css", "/showVM?bad"):
+        for path in (
+            "/",
+            "/listVMs",
+            "/showVM?10.4.0.2",
+            "/metrics",
+            "/nope",
+            "/static/style.css",
+            "/showVM?bad",
+        ):
             get_code, get_headers, get_body = await self.fetch(path)
             code, headers, body = await self.fetch(path, b"HEAD")
             self.assertEqual((code, body), (get_code, b""), path)
@@ -548,20 +639,24 @@ class HostilePagesTests(PagesFixture):
         """
         code, _, body = await self.raw(
             b"GET /listVMs HTTP/1.1\r\nHost: hv\r\nConnection: close\r\n"
-            b"Content-Length: 5\r\n\r\nhello")
+            b"Content-Length: 5\r\n\r\nhello"
+        )
         self.assertEqual(code, 413)
         self.assertIn(b"takes no request body", body)
         code, _, _ = await self.raw(
             b"GET /listVMs HTTP/1.1\r\nHost: hv\r\nConnection: close\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
         self.assertEqual(code, 413)
         code, _, _ = await self.raw(
             b"PUT /listVMs HTTP/1.1\r\nHost: hv\r\nConnection: close\r\n"
-            b"Content-Length: 5\r\n\r\nhello")
+            b"Content-Length: 5\r\n\r\nhello"
+        )
         self.assertEqual(code, 405)
         code, _, _ = await self.raw(
             b"GET /listVMs HTTP/1.1\r\nHost: hv\r\nConnection: close\r\n"
-            b"Content-Length: 0\r\n\r\n")
+            b"Content-Length: 0\r\n\r\n"
+        )
         self.assertEqual(code, 200)
 
     async def test_security_headers_on_every_response(self) -> None:
@@ -569,22 +664,27 @@ class HostilePagesTests(PagesFixture):
         Every response carries the security headers: /metrics, /healthz, static
         files, errors (400, 404, 405, 413, 500) included.
         """
+
         def broken(*args: Any) -> Any:
             raise RuntimeError("no totals")
 
         self.patch(report, "totals", broken)
-        for method, path, status in ((b"GET", "/metrics", 200), (b"GET", "/healthz", 503),
-                                     (b"GET", "/static/style.css", 200),
-                                     (b"GET", "/static/x.css", 404),
-                                     (b"GET", "/nope", 404), (b"GET", "/%ff", 400),
-                                     (b"GET", "/?x", 400), (b"TRACE", "/", 405),
-                                     (b"GET", "/listVMs", 500),
-                                     (b"HEAD", "/metrics", 200)):
+        for method, path, status in (
+            (b"GET", "/metrics", 200),
+            (b"GET", "/healthz", 503),
+            (b"GET", "/static/style.css", 200),
+            (b"GET", "/static/x.css", 404),
+            (b"GET", "/nope", 404),
+            (b"GET", "/%ff", 400),
+            (b"GET", "/?x", 400),
+            (b"TRACE", "/", 405),
+            (b"GET", "/listVMs", 500),
+            (b"HEAD", "/metrics", 200),
+        ):
             code, headers, _ = await self.fetch(path, method)
             self.assertEqual(code, status, path)
             for name, value in SECURITY_HEADERS.items():
-                self.assertEqual(headers.get(name.decode().lower()), value.decode(),
-                                 (path, name))
+                self.assertEqual(headers.get(name.decode().lower()), value.decode(), (path, name))
         self.flushLoggedErrors(RuntimeError)
 
     async def test_log_directory_links_and_odd_names(self) -> None:
@@ -624,8 +724,7 @@ class HostilePagesTests(PagesFixture):
         secret = os.path.join(self.root, "secret")
         with open(secret, "w") as f:
             f.write("root-cookie\n")
-        os.symlink(secret, os.path.join(self.manager.state.vms_path, "10.4.0.2",
-                                        "bootlog"))
+        os.symlink(secret, os.path.join(self.manager.state.vms_path, "10.4.0.2", "bootlog"))
         code, _, body = await self.fetch("/showVmBootLog?10.4.0.2")
         self.assertEqual(code, 404)
         self.assertIn(b"not a regular file", body)
@@ -646,8 +745,7 @@ class HostilePagesTests(PagesFixture):
         self.assertIsNone(read_tail_in(directory, b"missing", 4))
         for name in (b"l", b"p", b"d", b"../logs/a", b"", b".", b".."):
             self.assertRaises(NotARegularFile, read_tail_in, directory, name, 4)
-        self.assertEqual([e.name for e in list_log_files(directory)],
-                         [b"a", b"hypervisor.log"])
+        self.assertEqual([e.name for e in list_log_files(directory)], [b"a", b"hypervisor.log"])
 
     async def test_root_dispatch_non_utf8(self) -> None:
         """
@@ -663,14 +761,15 @@ class HostilePagesTests(PagesFixture):
                 leaf.isLeaf = True
                 return leaf
 
-        port = reactor.listenTCP(0, Site(make_root(self.pages, FakeRpc())),
-                                 interface="127.0.0.1")
+        port = reactor.listenTCP(0, Site(make_root(self.pages, FakeRpc())), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
 
         async def get(path: bytes) -> tuple[int, dict[str, str], bytes]:
             return await deferToThread(
-                raw_request, port.getHost().port,
-                b"GET " + path + b" HTTP/1.1\r\nHost: hv\r\nConnection: close\r\n\r\n")
+                raw_request,
+                port.getHost().port,
+                b"GET " + path + b" HTTP/1.1\r\nHost: hv\r\nConnection: close\r\n\r\n",
+            )
 
         code, _, body = await get(b"/rpc/Hypervisor.ListVMs")
         self.assertEqual((code, body), (200, b"rpc here\n"))

@@ -17,9 +17,16 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests import support
 
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--hide-scrollbars",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
 ]
 
 
@@ -41,8 +48,12 @@ class BrowserTests(SynchronousTestCase):
     def browser(self, *args: str) -> subprocess.CompletedProcess[str]:
         profile = tempfile.mkdtemp(prefix="chromium-")
         self.addCleanup(shutil.rmtree, profile, True)
-        return subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                               *args], capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     def dom(self, url: str) -> str:
         result = self.browser("--dump-dom", url)
@@ -67,8 +78,9 @@ class BrowserTests(SynchronousTestCase):
         support.require_libvirtd()
         guest = support.tiny_guest()
         support.ensure_bridge()
-        d, run = support.tls_daemon(self, {"admin": "*.*"}, "-domainType=qemu",
-                                    f"-localImagesDirectory={guest}")
+        d, run = support.tls_daemon(
+            self, {"admin": "*.*"}, "-domainType=qemu", f"-localImagesDirectory={guest}"
+        )
 
         def cli(module: str, *args: str) -> str:
             r = run(module, "admin", *args)
@@ -78,13 +90,22 @@ class BrowserTests(SynchronousTestCase):
         cli("hyper_control", "add-subnet", "hvtest", "10.77.0.1", "255.255.255.0")
         for i in (2, 3):
             cli("hyper_control", "add-address", f"52:54:0a:4d:00:{i:02x}", f"10.77.0.{i}")
-        boot = [f"-kernelURL=file://{guest}/vmlinux",
-                f"-initrdURL=file://{guest}/initrd.cpio",
-                "-extraKernelOptions", "quiet hv.dhcp=no hv.mode=stay", "-memory", "128M",
-                "-milliCPUs", "500", "-minFreeBytes", "16M", "-roundupPower", "0"]
+        boot = [
+            f"-kernelURL=file://{guest}/vmlinux",
+            f"-initrdURL=file://{guest}/initrd.cpio",
+            "-extraKernelOptions",
+            "quiet hv.dhcp=no hv.mode=stay",
+            "-memory",
+            "128M",
+            "-milliCPUs",
+            "500",
+            "-minFreeBytes",
+            "16M",
+            "-roundupPower",
+            "0",
+        ]
         web = cli("vm_control", *boot, "-tags", "Name=web-frontend", create_ip := "create-vm")
-        db = cli("vm_control", *boot, "-tags", "Name=<b>database</b>", "-doNotStart",
-                 create_ip)
+        db = cli("vm_control", *boot, "-tags", "Name=<b>database</b>", "-doNotStart", create_ip)
         self.addCleanup(lambda: cli("vm_control", "destroy-vm", web))
         self.addCleanup(lambda: cli("vm_control", "destroy-vm", db))
 
@@ -107,7 +128,9 @@ class BrowserTests(SynchronousTestCase):
         self.assertIn(f"/showVmBootLog?{web}", show)
         missing = self.dom(d.url + "/showVM?10.77.0.99")
         self.assertIn("no VM with IP 10.77.0.99", missing)
-        for url, name, height in ((d.url + "/", "index.png", 1300),
-                                  (d.url + "/listVMs", "listVMs.png", 700),
-                                  (f"{d.url}/showVM?{web}", "showVM.png", 1100)):
+        for url, name, height in (
+            (d.url + "/", "index.png", 1300),
+            (d.url + "/listVMs", "listVMs.png", 700),
+            (f"{d.url}/showVM?{web}", "showVM.png", 1100),
+        ):
             self.screenshot(url, name, height)

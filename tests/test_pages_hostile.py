@@ -31,41 +31,80 @@ from web.status import SECURITY_HEADERS
 
 HOSTILE_IP = "10.99.7.2"
 RAW_IP = "10.99.7.3"
-PAGES = ("/", "/listVMs", f"/showVM?{HOSTILE_IP}", f"/showVM?{RAW_IP}",
-         "/showDhcpStatus", "/listVMs?output=json", "/listVMs?output=text",
-         f"/showVM?{HOSTILE_IP}&output=json", f"/showVmBootLog?{HOSTILE_IP}",
-         "/listSubnets", "/listAvailableAddresses", "/listRegisteredAddresses",
-         "/listVolumeDirectories", "/showVolumeDirectories", "/logs", "/logs/dump",
-         "/logs/showLast?1m", "/metrics", "/healthz", "/static/style.css")
-MALFORMED = (f"/showVmBootLog?{HOSTILE_IP}&tail=%C2%B2",
-             f"/showVmBootLog?{HOSTILE_IP}&tail=" + "9" * 5000,
-             f"/showVmBootLog?{HOSTILE_IP}&tail=-1", "/showVmBootLog?not-an-ip",
-             "/showVM?10.99.7", "/showVM?%ff", f"/showVM?{HOSTILE_IP}&output=xml",
-             "/listVMs?output=csv", "/listVMs?state=flying", "/listVMs?x=%ff",
-             "/logs/showLast?nan", "/logs/showLast?1e309", "/%ff", "/listVMs/%ff%fe",
-             "/?surprise=1", "/metrics?x")
+PAGES = (
+    "/",
+    "/listVMs",
+    f"/showVM?{HOSTILE_IP}",
+    f"/showVM?{RAW_IP}",
+    "/showDhcpStatus",
+    "/listVMs?output=json",
+    "/listVMs?output=text",
+    f"/showVM?{HOSTILE_IP}&output=json",
+    f"/showVmBootLog?{HOSTILE_IP}",
+    "/listSubnets",
+    "/listAvailableAddresses",
+    "/listRegisteredAddresses",
+    "/listVolumeDirectories",
+    "/showVolumeDirectories",
+    "/logs",
+    "/logs/dump",
+    "/logs/showLast?1m",
+    "/metrics",
+    "/healthz",
+    "/static/style.css",
+)
+MALFORMED = (
+    f"/showVmBootLog?{HOSTILE_IP}&tail=%C2%B2",
+    f"/showVmBootLog?{HOSTILE_IP}&tail=" + "9" * 5000,
+    f"/showVmBootLog?{HOSTILE_IP}&tail=-1",
+    "/showVmBootLog?not-an-ip",
+    "/showVM?10.99.7",
+    "/showVM?%ff",
+    f"/showVM?{HOSTILE_IP}&output=xml",
+    "/listVMs?output=csv",
+    "/listVMs?state=flying",
+    "/listVMs?x=%ff",
+    "/logs/showLast?nan",
+    "/logs/showLast?1e309",
+    "/%ff",
+    "/listVMs/%ff%fe",
+    "/?surprise=1",
+    "/metrics?x",
+)
 
 
 def stored_vm(ip: str, mac: str) -> dict:
     """
     The JSON of C{VMs/<ip>/info.json} for a stopped VM, as a dict to tamper with.
     """
-    info = LocalVmInfo(VmInfo=VmInfo(
-        Address=Address(ip, mac), MemoryInMiB=64, MilliCPUs=100, State=State.STOPPED,
-        OwnerUsers=["alice"], Hostname="plain", Tags={"Name": "plain"},
-        Volumes=[Volume(Size=1 << 20)]))
+    info = LocalVmInfo(
+        VmInfo=VmInfo(
+            Address=Address(ip, mac),
+            MemoryInMiB=64,
+            MilliCPUs=100,
+            State=State.STOPPED,
+            OwnerUsers=["alice"],
+            Hostname="plain",
+            Tags={"Name": "plain"},
+            Volumes=[Volume(Size=1 << 20)],
+        )
+    )
     result: dict = json.loads(codec.encode(info))
     return result
 
 
-def http(daemon: support.Daemon, path: str, method: str = "GET",
-         extra: bytes = b"", timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+def http(
+    daemon: support.Daemon, path: str, method: str = "GET", extra: bytes = b"", timeout: float = 5.0
+) -> tuple[int, dict[str, str], bytes]:
     """
     One request on a raw socket that must be answered (and closed) within
     C{timeout} seconds.
     """
-    data = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-            .encode("latin-1") + extra + b"\r\n")
+    data = (
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n".encode("latin-1")
+        + extra
+        + b"\r\n"
+    )
     return raw_request(daemon.port, data, timeout=timeout)
 
 
@@ -105,8 +144,7 @@ class HostilePagesDaemonTests(SynchronousTestCase):
         with open(self.secret, "w") as f:
             f.write("TOP-SECRET-COOKIE\n")
         os.symlink(self.secret, os.path.join(self.daemon.log_dir, "secret.log"))
-        with open(os.path.join(os.fsencode(self.daemon.log_dir), b"old-\xff.log"),
-                  "wb") as f:
+        with open(os.path.join(os.fsencode(self.daemon.log_dir), b"old-\xff.log"), "wb") as f:
             f.write(b"an old log\n")
         self.daemon.start()
         self.log_start = len(self.daemon_log())
@@ -127,7 +165,7 @@ class HostilePagesDaemonTests(SynchronousTestCase):
         The daemon logged no traceback since it started (given a moment to flush).
         """
         time.sleep(0.3)
-        self.assertNotIn("Traceback", self.daemon_log()[self.log_start:])
+        self.assertNotIn("Traceback", self.daemon_log()[self.log_start :])
 
     def test_hostile_values_never_hang(self) -> None:
         """
@@ -161,8 +199,9 @@ class HostilePagesDaemonTests(SynchronousTestCase):
             self.assertIn("evil\ufffdtag", body.decode("utf-8"))
         else:
             self.assertEqual(statuses[f"/showVM?{HOSTILE_IP}"], 404)
-            self.assertIn(f"cannot load VM from {self.daemon.state_dir}/VMs/{HOSTILE_IP}",
-                          self.daemon_log())
+            self.assertIn(
+                f"cannot load VM from {self.daemon.state_dir}/VMs/{HOSTILE_IP}", self.daemon_log()
+            )
         # The daemon still answers at once: no connection was left hanging.
         self.assertEqual(http(self.daemon, "/healthz", timeout=2)[0], 200)
 
@@ -195,7 +234,10 @@ class HostilePagesDaemonTests(SynchronousTestCase):
         def curl(*args: str) -> tuple[int, dict[str, str], str]:
             result = subprocess.run(
                 ["curl", "-s", "-m", "5", "-D", "-", "-o", os.devnull, *args],
-                capture_output=True, text=True, timeout=30)
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             lines = result.stdout.strip().splitlines()
             headers = {}
             for line in lines[1:]:
@@ -214,8 +256,7 @@ class HostilePagesDaemonTests(SynchronousTestCase):
         for path in ("/metrics", "/healthz", "/static/style.css", "/nope", "/%ff"):
             _, headers, _ = curl(self.daemon.url + path)
             for name, value in SECURITY_HEADERS.items():
-                self.assertEqual(headers.get(name.decode().lower()), value.decode(),
-                                 (path, name))
+                self.assertEqual(headers.get(name.decode().lower()), value.decode(), (path, name))
         self.assert_no_traceback()
 
     def test_request_bodies_refused(self) -> None:
@@ -224,13 +265,17 @@ class HostilePagesDaemonTests(SynchronousTestCase):
         refused from its Content-Length before it is read.
         """
         code, _, body = raw_request(
-            self.daemon.port, b"GET /listVMs HTTP/1.1\r\nHost: h\r\nConnection: close"
-            b"\r\nContent-Length: 5\r\n\r\nhello")
+            self.daemon.port,
+            b"GET /listVMs HTTP/1.1\r\nHost: h\r\nConnection: close"
+            b"\r\nContent-Length: 5\r\n\r\nhello",
+        )
         self.assertEqual(code, 413)
         self.assertIn(b"takes no request body", body)
         code, _, _ = raw_request(
-            self.daemon.port, b"GET /listVMs HTTP/1.1\r\nHost: h\r\nConnection: close"
-            b"\r\nContent-Length: 1099511627776\r\n\r\nxxxx")
+            self.daemon.port,
+            b"GET /listVMs HTTP/1.1\r\nHost: h\r\nConnection: close"
+            b"\r\nContent-Length: 1099511627776\r\n\r\nxxxx",
+        )
         self.assertEqual(code, 413)
 
     def test_log_directory_symlink_not_followed(self) -> None:
@@ -243,8 +288,7 @@ class HostilePagesDaemonTests(SynchronousTestCase):
         self.assertNotIn(b"secret.log", body)
         self.assertIn(b"hypervisor.log", body)
         self.assertIn("old-\ufffd.log".encode(), body)
-        for path in ("/logs/file?secret.log", "/logs/file?..%2Fsecret",
-                     "/logs/file?%2E%2E"):
+        for path in ("/logs/file?secret.log", "/logs/file?..%2Fsecret", "/logs/file?%2E%2E"):
             code, _, body = http(self.daemon, path)
             self.assertEqual(code, 404, path)
             self.assertNotIn(b"TOP-SECRET-COOKIE", body)

@@ -83,26 +83,68 @@ from web.status import StatusPages
 MiB = 1024 * 1024
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OURS = (os.path.join(REPO, "hypervisor") + os.sep, os.path.join(REPO, "web") + os.sep)
-HARNESS = (os.path.join(REPO, "tests") + os.sep,
-           os.path.join(REPO, "hypervisor", "testing.py"))
+HARNESS = (os.path.join(REPO, "tests") + os.sep, os.path.join(REPO, "hypervisor", "testing.py"))
 # Logging, and the reactor's waker (a pipe written by callFromThread): not disk I/O.
-LOGGING = (os.sep + os.path.join("twisted", "logger") + os.sep,
-           os.sep + os.path.join("twisted", "python", "log.py"),
-           os.sep + os.path.join("twisted", "internet", "_signals.py"))
+LOGGING = (
+    os.sep + os.path.join("twisted", "logger") + os.sep,
+    os.sep + os.path.join("twisted", "python", "log.py"),
+    os.sep + os.path.join("twisted", "internet", "_signals.py"),
+)
 
 # (module, attribute) of every file-system function watched.
-WATCHED = [
-    (os, name) for name in (
-        "stat", "lstat", "fstat", "statvfs", "fstatvfs", "fsync", "fdatasync", "open",
-        "read", "pread", "write", "pwrite", "listdir", "scandir", "rename", "replace",
-        "unlink", "remove", "rmdir", "mkdir", "makedirs", "access", "readlink",
-        "posix_fallocate", "ftruncate", "truncate", "copy_file_range", "fchmod", "chmod",
-        "utime", "walk")
-] + [
-    (posixpath, name) for name in (
-        "exists", "lexists", "isfile", "isdir", "islink", "ismount", "getsize",
-        "getmtime", "realpath")
-] + [(shutil, "rmtree"), (shutil, "copyfile"), (builtins, "open"), (io, "open")]
+WATCHED = (
+    [
+        (os, name)
+        for name in (
+            "stat",
+            "lstat",
+            "fstat",
+            "statvfs",
+            "fstatvfs",
+            "fsync",
+            "fdatasync",
+            "open",
+            "read",
+            "pread",
+            "write",
+            "pwrite",
+            "listdir",
+            "scandir",
+            "rename",
+            "replace",
+            "unlink",
+            "remove",
+            "rmdir",
+            "mkdir",
+            "makedirs",
+            "access",
+            "readlink",
+            "posix_fallocate",
+            "ftruncate",
+            "truncate",
+            "copy_file_range",
+            "fchmod",
+            "chmod",
+            "utime",
+            "walk",
+        )
+    ]
+    + [
+        (posixpath, name)
+        for name in (
+            "exists",
+            "lexists",
+            "isfile",
+            "isdir",
+            "islink",
+            "ismount",
+            "getsize",
+            "getmtime",
+            "realpath",
+        )
+    ]
+    + [(shutil, "rmtree"), (shutil, "copyfile"), (builtins, "open"), (io, "open")]
+)
 
 
 class Monitor:
@@ -140,8 +182,9 @@ class Monitor:
     def _wrap(self, label: str, original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
         def watched(*args: Any, **kwargs: Any) -> Any:
-            if threading.current_thread() is self.main and \
-                    not getattr(self._inside, "active", False):
+            if threading.current_thread() is self.main and not getattr(
+                self._inside, "active", False
+            ):
                 self._inside.active = True
                 try:
                     self._check(label, args)
@@ -201,8 +244,11 @@ def parse_response(raw: bytes) -> tuple[int, bytes]:
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     status = int(lines[0].split()[1])
-    headers = {line.split(b":", 1)[0].strip().lower(): line.split(b":", 1)[1].strip()
-               for line in lines[1:] if b":" in line}
+    headers = {
+        line.split(b":", 1)[0].strip().lower(): line.split(b":", 1)[1].strip()
+        for line in lines[1:]
+        if b":" in line
+    }
     if headers.get(b"transfer-encoding") == b"chunked":
         out = b""
         while body:
@@ -211,7 +257,7 @@ def parse_response(raw: bytes) -> tuple[int, bytes]:
             if size == 0:
                 break
             out += rest[:size]
-            body = rest[size + 2:]
+            body = rest[size + 2 :]
         body = out
     return status, body
 
@@ -239,12 +285,19 @@ class ReactorIOTests(TestCase):
         self.fake = FakeDomains(reactor)
         self.libvirt = StubLibvirt()
         self.manager = Manager(
-            StateDirectory(os.path.join(self.root, "state")), self.libvirt, reactor,
-            domain_type="qemu", volume_directories=[self.volumes],
+            StateDirectory(os.path.join(self.root, "state")),
+            self.libvirt,
+            reactor,
+            domain_type="qemu",
+            volume_directories=[self.volumes],
             images_directory=self.images,
-            bridges=functools.partial(discover_bridges, sysfs,
-                                      os.path.join(self.root, "no-vlan-config")),
-            domains=self.fake, stop_timeout=5, acknowledge_timeout=60)
+            bridges=functools.partial(
+                discover_bridges, sysfs, os.path.join(self.root, "no-vlan-config")
+            ),
+            domains=self.fake,
+            stop_timeout=5,
+            acknowledge_timeout=60,
+        )
         self.manager.privilegedStartService()
         self.manager.startService()
         self.addCleanup(self.manager.stopService)
@@ -252,8 +305,14 @@ class ReactorIOTests(TestCase):
         self.api = HypervisorApi(self.manager)
         metrics = Metrics()
         metrics.watch_manager(self.manager)
-        pages = StatusPages(self.manager, self.libvirt, hostname="hv",  # type: ignore
-                            metrics=metrics, logs=LogBuffer(), log_dir=self.log_dir)
+        pages = StatusPages(
+            self.manager,
+            self.libvirt,
+            hostname="hv",  # type: ignore
+            metrics=metrics,
+            logs=LogBuffer(),
+            log_dir=self.log_dir,
+        )
         dispatcher = Dispatcher(self.api, metrics, reactor)
         self.site = Site(make_root(pages, RpcEndpoints()))
         self.site.requestFactory = request_factory(dispatcher, TrustStore([], []))
@@ -273,7 +332,8 @@ class ReactorIOTests(TestCase):
         channel.makeConnection(transport)
         channel.dataReceived(
             f"{method} {path} HTTP/1.1\r\nHost: hv\r\nConnection: close\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        )
         for _ in range(1000):
             if transport.disconnecting:
                 break
@@ -311,18 +371,30 @@ class ReactorIOTests(TestCase):
         Every RPC through the service layer.
         """
         api = self.api
-        await api.UpdateSubnets(ROOT, UpdateSubnetsRequest(Add=[Subnet(
-            Id="net", IpGateway="10.7.0.1", IpMask="255.255.255.0")]))
-        await api.ChangeAddressPool(ROOT, ChangeAddressPoolRequest(AddressesToAdd=[
-            Address(f"10.7.0.{i}", f"52:54:0a:07:00:{i:02x}") for i in range(2, 12)]))
+        await api.UpdateSubnets(
+            ROOT,
+            UpdateSubnetsRequest(
+                Add=[Subnet(Id="net", IpGateway="10.7.0.1", IpMask="255.255.255.0")]
+            ),
+        )
+        await api.ChangeAddressPool(
+            ROOT,
+            ChangeAddressPoolRequest(
+                AddressesToAdd=[
+                    Address(f"10.7.0.{i}", f"52:54:0a:07:00:{i:02x}") for i in range(2, 12)
+                ]
+            ),
+        )
 
         def vm(ip: str) -> VmInfo:
-            return VmInfo(Address=Address(IpAddress=ip), MemoryInMiB=64, MilliCPUs=100,
-                          SubnetId="net")
+            return VmInfo(
+                Address=Address(IpAddress=ip), MemoryInMiB=64, MilliCPUs=100, SubnetId="net"
+            )
 
         # An empty root volume, not started.
-        await api.CreateVm(ROOT, CreateVmRequest(VmInfo=vm("10.7.0.2"),
-                                                 MinimumFreeBytes=MiB, DoNotStart=True))
+        await api.CreateVm(
+            ROOT, CreateVmRequest(VmInfo=vm("10.7.0.2"), MinimumFreeBytes=MiB, DoNotStart=True)
+        )
         await api.AcknowledgeVm(ROOT, IpRequest("10.7.0.2"))
         await api.StartVm(ROOT, StartVmRequest(IpAddress="10.7.0.2"))
         # Started, with an uploaded image and user data.
@@ -332,30 +404,47 @@ class ReactorIOTests(TestCase):
         reactor.callLater(0, stream.write, image[:4096])
         reactor.callLater(0.01, stream.write, image[4096:] + user_data)
         messages: list[Any] = []
-        await api.CreateVm(ROOT, CreateVmRequest(
-            VmInfo=vm("10.7.0.3"), ImageDataSize=len(image), UserDataSize=len(user_data)),
-            messages.append, upload=stream)
+        await api.CreateVm(
+            ROOT,
+            CreateVmRequest(
+                VmInfo=vm("10.7.0.3"), ImageDataSize=len(image), UserDataSize=len(user_data)
+            ),
+            messages.append,
+            upload=stream,
+        )
         await api.AcknowledgeVm(ROOT, IpRequest("10.7.0.3"))
         # From a local image file.
-        await api.CreateVm(ROOT, CreateVmRequest(
-            VmInfo=VmInfo(Address=Address(IpAddress="10.7.0.4"), MemoryInMiB=64,
-                          MilliCPUs=100, SubnetId="net",
-                          ImageURL=f"file://{self.images}/disk.raw")))
+        await api.CreateVm(
+            ROOT,
+            CreateVmRequest(
+                VmInfo=VmInfo(
+                    Address=Address(IpAddress="10.7.0.4"),
+                    MemoryInMiB=64,
+                    MilliCPUs=100,
+                    SubnetId="net",
+                    ImageURL=f"file://{self.images}/disk.raw",
+                )
+            ),
+        )
         await api.AcknowledgeVm(ROOT, IpRequest("10.7.0.4"))
         await api.StopVm(ROOT, AccessRequest(IpAddress="10.7.0.2"))
-        await api.ChangeVmTags(ROOT, ChangeVmTagsRequest(IpAddress="10.7.0.2",
-                                                         Tags={"Name": "two"}))
-        await api.ChangeVmSize(ROOT, ChangeVmSizeRequest(IpAddress="10.7.0.2",
-                                                         MemoryInMiB=128))
-        await api.ChangeVmHostname(ROOT, ChangeVmHostnameRequest(IpAddress="10.7.0.3",
-                                                                 Hostname="three"))
-        await api.ChangeVmOwnerUsers(ROOT, ChangeVmOwnerUsersRequest(
-            IpAddress="10.7.0.3", OwnerUsers=["bob"]))
-        await api.ChangeVmOwnerGroups(ROOT, ChangeVmOwnerGroupsRequest(
-            IpAddress="10.7.0.3", OwnerGroups=["team"]))
+        await api.ChangeVmTags(
+            ROOT, ChangeVmTagsRequest(IpAddress="10.7.0.2", Tags={"Name": "two"})
+        )
+        await api.ChangeVmSize(ROOT, ChangeVmSizeRequest(IpAddress="10.7.0.2", MemoryInMiB=128))
+        await api.ChangeVmHostname(
+            ROOT, ChangeVmHostnameRequest(IpAddress="10.7.0.3", Hostname="three")
+        )
+        await api.ChangeVmOwnerUsers(
+            ROOT, ChangeVmOwnerUsersRequest(IpAddress="10.7.0.3", OwnerUsers=["bob"])
+        )
+        await api.ChangeVmOwnerGroups(
+            ROOT, ChangeVmOwnerGroupsRequest(IpAddress="10.7.0.3", OwnerGroups=["team"])
+        )
         await api.BecomePrimaryVmOwner(ROOT, IpRequest("10.7.0.3"))
-        await api.ChangeVmDestroyProtection(ROOT, ChangeVmDestroyProtectionRequest(
-            IpAddress="10.7.0.3", DestroyProtection=False))
+        await api.ChangeVmDestroyProtection(
+            ROOT, ChangeVmDestroyProtectionRequest(IpAddress="10.7.0.3", DestroyProtection=False)
+        )
         await api.RebootVm(ROOT, RebootVmRequest(IpAddress="10.7.0.3"))
         api.GetVmInfo(ROOT, IpRequest("10.7.0.3"))
         api.ListVMs(ROOT, ListVMsRequest())
@@ -368,44 +457,71 @@ class ReactorIOTests(TestCase):
         await api.GetVmCreateRequest(ROOT, IpRequest("10.7.0.3"))
         await api.SetDisabledState(ROOT, SetDisabledStateRequest(Disable=True))
         await api.SetDisabledState(ROOT, SetDisabledStateRequest(Disable=False))
-        await api.ChangeAddressPool(ROOT, ChangeAddressPoolRequest(
-            AddressesToRemove=[Address("10.7.0.11", "52:54:0a:07:00:0b")]))
-        await api.UpdateSubnets(ROOT, UpdateSubnetsRequest(Add=[Subnet(
-            Id="other", IpGateway="10.8.0.1", IpMask="255.255.255.0")]))
+        await api.ChangeAddressPool(
+            ROOT,
+            ChangeAddressPoolRequest(AddressesToRemove=[Address("10.7.0.11", "52:54:0a:07:00:0b")]),
+        )
+        await api.UpdateSubnets(
+            ROOT,
+            UpdateSubnetsRequest(
+                Add=[Subnet(Id="other", IpGateway="10.8.0.1", IpMask="255.255.255.0")]
+            ),
+        )
         # A guest powers itself off: a libvirt event, recorded on disk.
         self.fake.power_off("vm-10.7.0.4")
-        await self.until(lambda: self.manager.vms["10.7.0.4"].info.State.value
-                         == "stopped")
+        await self.until(lambda: self.manager.vms["10.7.0.4"].info.State.value == "stopped")
         await self.until(self.manager.writer.idle)
         # libvirtd restarts and VM 10.7.0.3's domain is gone: reconciliation starts it.
         self.fake.lose_connection()
         del self.fake.domains["vm-10.7.0.3"]
         self.fake.reconnect()
-        await self.until(lambda: "vm-10.7.0.3" in self.fake.domains
-                         and not self.manager.reconciler.reconciling)
+        await self.until(
+            lambda: "vm-10.7.0.3" in self.fake.domains and not self.manager.reconciler.reconciling
+        )
         await api.DestroyVm(ROOT, AccessRequest(IpAddress="10.7.0.2"))
 
     async def http_paths(self) -> None:
         """
         The RPCs through the HTTP adapter, then every status page.
         """
-        await self.rpc("CreateVm", CreateVmRequest(VmInfo=VmInfo(
-            Address=Address(IpAddress="10.7.0.5"), MemoryInMiB=64, MilliCPUs=100,
-            SubnetId="net"), MinimumFreeBytes=MiB, DoNotStart=True))
+        await self.rpc(
+            "CreateVm",
+            CreateVmRequest(
+                VmInfo=VmInfo(
+                    Address=Address(IpAddress="10.7.0.5"),
+                    MemoryInMiB=64,
+                    MilliCPUs=100,
+                    SubnetId="net",
+                ),
+                MinimumFreeBytes=MiB,
+                DoNotStart=True,
+            ),
+        )
         await self.rpc("AcknowledgeVm", IpRequest("10.7.0.5"))
         image = b"\2" * MiB
-        await self.rpc("CreateVm", CreateVmRequest(VmInfo=VmInfo(
-            Address=Address(IpAddress="10.7.0.6"), MemoryInMiB=64, MilliCPUs=100,
-            SubnetId="net"), ImageDataSize=len(image)), upload=image)
+        await self.rpc(
+            "CreateVm",
+            CreateVmRequest(
+                VmInfo=VmInfo(
+                    Address=Address(IpAddress="10.7.0.6"),
+                    MemoryInMiB=64,
+                    MilliCPUs=100,
+                    SubnetId="net",
+                ),
+                ImageDataSize=len(image),
+            ),
+            upload=image,
+        )
         await self.rpc("AcknowledgeVm", IpRequest("10.7.0.6"))
         await self.rpc("StartVm", StartVmRequest(IpAddress="10.7.0.5"))
         await self.rpc("StopVm", AccessRequest(IpAddress="10.7.0.5"))
-        await self.rpc("ChangeVmTags", ChangeVmTagsRequest(IpAddress="10.7.0.5",
-                                                           Tags={"Name": "five"}))
-        await self.rpc("ChangeVmSize", ChangeVmSizeRequest(IpAddress="10.7.0.5",
-                                                           MemoryInMiB=96))
-        await self.rpc("ChangeVmHostname", ChangeVmHostnameRequest(IpAddress="10.7.0.6",
-                                                                   Hostname="six"))
+        await self.rpc(
+            "ChangeVmTags", ChangeVmTagsRequest(IpAddress="10.7.0.5", Tags={"Name": "five"})
+        )
+        await self.rpc("ChangeVmSize", ChangeVmSizeRequest(IpAddress="10.7.0.5", MemoryInMiB=96))
+        await self.rpc(
+            "ChangeVmHostname", ChangeVmHostnameRequest(IpAddress="10.7.0.6", Hostname="six")
+        )
         await self.rpc("GetVmInfo", IpRequest("10.7.0.6"))
         await self.rpc("ListVMs", ListVMsRequest())
         await self.rpc("GetVmInfos", GetVmInfosRequest())
@@ -414,21 +530,38 @@ class ReactorIOTests(TestCase):
         await self.rpc("GetVmCreateRequest", IpRequest("10.7.0.6"))
         await self.rpc("SetDisabledState", SetDisabledStateRequest(Disable=True))
         await self.rpc("SetDisabledState", SetDisabledStateRequest(Disable=False))
-        await self.rpc("ChangeAddressPool", ChangeAddressPoolRequest(AddressesToAdd=[
-            Address("10.7.0.12", "52:54:0a:07:00:0c")]))
+        await self.rpc(
+            "ChangeAddressPool",
+            ChangeAddressPoolRequest(AddressesToAdd=[Address("10.7.0.12", "52:54:0a:07:00:0c")]),
+        )
         await self.rpc("UpdateSubnets", UpdateSubnetsRequest(Delete=["other"]))
         await self.updates_over_http()
-        with open(os.path.join(self.manager.vms["10.7.0.6"].directory, "bootlog"),
-                  "wb") as f:
+        with open(os.path.join(self.manager.vms["10.7.0.6"].directory, "bootlog"), "wb") as f:
             f.write(b"booting\r\n")
-        for path in ("/", "/listVMs", "/listVMs?output=json", "/listVMs?output=text",
-                     "/showVM?10.7.0.6", "/showVM?10.7.0.5", "/showVM?10.7.0.6&output=json",
-                     "/showVmBootLog?10.7.0.6", "/showVmBootLog?10.7.0.5",
-                     "/listSubnets", "/listAvailableAddresses",
-                     "/listRegisteredAddresses", "/listVolumeDirectories",
-                     "/showVolumeDirectories", "/showDhcpStatus", "/metrics", "/healthz",
-                     "/logs", "/logs/dump", "/logs/showLast?1m", "/logs/file?hypervisor.log",
-                     "/rpc"):
+        for path in (
+            "/",
+            "/listVMs",
+            "/listVMs?output=json",
+            "/listVMs?output=text",
+            "/showVM?10.7.0.6",
+            "/showVM?10.7.0.5",
+            "/showVM?10.7.0.6&output=json",
+            "/showVmBootLog?10.7.0.6",
+            "/showVmBootLog?10.7.0.5",
+            "/listSubnets",
+            "/listAvailableAddresses",
+            "/listRegisteredAddresses",
+            "/listVolumeDirectories",
+            "/showVolumeDirectories",
+            "/showDhcpStatus",
+            "/metrics",
+            "/healthz",
+            "/logs",
+            "/logs/dump",
+            "/logs/showLast?1m",
+            "/logs/file?hypervisor.log",
+            "/rpc",
+        ):
             await self.page(path)
         await self.rpc("DestroyVm", AccessRequest(IpAddress="10.7.0.5"))
 
@@ -440,10 +573,13 @@ class ReactorIOTests(TestCase):
         assert channel is not None
         transport = TlsTransport()
         channel.makeConnection(transport)
-        channel.dataReceived(b"POST /rpc/Hypervisor.GetUpdates HTTP/1.1\r\nHost: hv\r\n"
-                             b"Content-Length: 2\r\n\r\n{}")
-        await self.until(lambda: b"\r\n\r\n" in transport.value()
-                         and b"HaveVMs" in transport.value())
+        channel.dataReceived(
+            b"POST /rpc/Hypervisor.GetUpdates HTTP/1.1\r\nHost: hv\r\n"
+            b"Content-Length: 2\r\n\r\n{}"
+        )
+        await self.until(
+            lambda: b"\r\n\r\n" in transport.value() and b"HaveVMs" in transport.value()
+        )
         channel.connectionLost(Failure(ConnectionDone()))
 
     async def until(self, predicate: Callable[[], Any], timeout: float = 10) -> None:
@@ -471,9 +607,11 @@ class ReactorIOTests(TestCase):
         finally:
             self.monitor.uninstall()
         report = "\n\n".join(f"{call}\n{stack}" for call, stack in self.monitor.violations)
-        self.assertEqual(len(self.monitor.violations), 0,
-                         f"{len(self.monitor.violations)} calls on the reactor thread:"
-                         f"\n\n{report}")
+        self.assertEqual(
+            len(self.monitor.violations),
+            0,
+            f"{len(self.monitor.violations)} calls on the reactor thread:" f"\n\n{report}",
+        )
 
     def test_monitor_sees_a_violation(self) -> None:
         """
@@ -500,5 +638,4 @@ class ReactorIOTests(TestCase):
         self.assertTrue(done.is_set())
         self.assertTrue(monitor.violations)
         self.assertTrue(all("hoststats.py" in stack for _, stack in monitor.violations))
-        self.assertTrue(all("threading.py" not in stack
-                            for _, stack in monitor.violations))
+        self.assertTrue(all("threading.py" not in stack for _, stack in monitor.violations))

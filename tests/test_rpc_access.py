@@ -54,17 +54,28 @@ from web.status import StatusPages
 
 VM_IP = "10.8.0.2"
 VM_OWNER_METHODS = {
-    "AcknowledgeVm", "BecomePrimaryVmOwner", "ChangeVmDestroyProtection",
-    "ChangeVmHostname", "ChangeVmOwnerGroups", "ChangeVmOwnerUsers", "ChangeVmSize",
-    "ChangeVmTags", "DestroyVm", "GetVmCreateRequest", "RebootVm", "StartVm", "StopVm",
+    "AcknowledgeVm",
+    "BecomePrimaryVmOwner",
+    "ChangeVmDestroyProtection",
+    "ChangeVmHostname",
+    "ChangeVmOwnerGroups",
+    "ChangeVmOwnerUsers",
+    "ChangeVmSize",
+    "ChangeVmTags",
+    "DestroyVm",
+    "GetVmCreateRequest",
+    "RebootVm",
+    "StartVm",
+    "StopVm",
 }
 
 # A request body for each method: valid, aimed at the fixture VM where it has one.
 REQUESTS: dict[str, dict[str, Any]] = {
     "AcknowledgeVm": {"IpAddress": VM_IP},
     "BecomePrimaryVmOwner": {"IpAddress": VM_IP},
-    "ChangeAddressPool": {"AddressesToAdd": [{"IpAddress": "10.8.0.200",
-                                              "MacAddress": "52:54:0a:08:00:c8"}]},
+    "ChangeAddressPool": {
+        "AddressesToAdd": [{"IpAddress": "10.8.0.200", "MacAddress": "52:54:0a:08:00:c8"}]
+    },
     "ChangeOwners": {"OwnerUsers": ["someone"]},
     "ChangeVmDestroyProtection": {"IpAddress": VM_IP, "DestroyProtection": False},
     "ChangeVmHostname": {"IpAddress": VM_IP, "Hostname": "renamed"},
@@ -72,8 +83,7 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "ChangeVmOwnerUsers": {"IpAddress": VM_IP, "OwnerUsers": ["zed"]},
     "ChangeVmSize": {"IpAddress": VM_IP, "MilliCPUs": 20},
     "ChangeVmTags": {"IpAddress": VM_IP, "Tags": {"changed": "yes"}},
-    "CreateVm": {"MemoryInMiB": 16, "MilliCPUs": 10, "MinimumFreeBytes": 65536,
-                 "SubnetId": "net"},
+    "CreateVm": {"MemoryInMiB": 16, "MilliCPUs": 10, "MinimumFreeBytes": 65536, "SubnetId": "net"},
     "DestroyVm": {"IpAddress": VM_IP},
     "GetCapacity": {},
     "GetUpdates": {},
@@ -86,8 +96,7 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "SetDisabledState": {"Disable": False},
     "StartVm": {"IpAddress": VM_IP},
     "StopVm": {"IpAddress": VM_IP},
-    "UpdateSubnets": {"Add": [{"Id": "extra", "IpGateway": "10.9.0.1",
-                               "IpMask": "255.255.255.0"}]},
+    "UpdateSubnets": {"Add": [{"Id": "extra", "IpGateway": "10.9.0.1", "IpMask": "255.255.255.0"}]},
 }
 
 
@@ -113,8 +122,9 @@ class Caller:
         if self.refused:
             # Only callers without any certificate get the unauthenticated reads; a
             # certificate that does not verify is refused (Go fails its handshake).
-            anonymous_read = (unauthenticated_reads and not self.presented
-                              and method in UNAUTHENTICATED_READS)
+            anonymous_read = (
+                unauthenticated_reads and not self.presented and method in UNAUTHENTICATED_READS
+            )
             return "allow" if anonymous_read else "401"
         if self.power(method):
             return "allow"
@@ -139,8 +149,9 @@ class ClientPolicy:
                 self.client = ssl.PrivateCertificate.loadPEM(c.read() + k.read())
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
-        return ssl.optionsForClientTLS(hostname.decode(), trustRoot=self.trust,
-                                       clientCertificate=self.client)
+        return ssl.optionsForClientTLS(
+            hostname.decode(), trustRoot=self.trust, clientCertificate=self.client
+        )
 
 
 class _FirstLine(Protocol):
@@ -188,10 +199,10 @@ class AccessMatrixTests(TestCase):
             with open(os.path.join(d, path), "wb") as f:
                 f.write(certs.cert_pem(cert))
         self.ca_pem = certs.cert_pem(ca)
-        key, server = certs.make_certificate(ca_key, ca, "localhost",
-                                             server_names=["localhost", "127.0.0.1"])
-        certs.write_pair(os.path.join(d, "server.pem"), os.path.join(d, "server.key"),
-                         key, server)
+        key, server = certs.make_certificate(
+            ca_key, ca, "localhost", server_names=["localhost", "127.0.0.1"]
+        )
+        certs.write_pair(os.path.join(d, "server.pem"), os.path.join(d, "server.key"), key, server)
 
         def user(name: str, issuer: tuple[Any, Any], **kw: Any) -> tuple[str, str]:
             k, c = certs.make_certificate(issuer[0], issuer[1], name, **kw)
@@ -202,18 +213,27 @@ class AccessMatrixTests(TestCase):
         full, ident = (ca_key, ca), (id_key, id_ca)
         self.callers = [
             Caller("no certificate", None, refused=True, presented=False),
-            Caller("foreign CA", user("mallory", (foreign_key, foreign),
-                                      methods=["*.*"]), refused=True),
-            Caller("IdentityCA claiming *.*", user("idonly", ident, methods=["*.*"],
-                                                   groups=["other"])),
-            Caller("CA Hypervisor.*", user("fleet", full, methods=["Hypervisor.*"]),
-                   patterns=("Hypervisor.*",)),
-            Caller("CA one admin method", user("disabler", full,
-                                               methods=["Hypervisor.SetDisabledState"]),
-                   patterns=("Hypervisor.SetDisabledState",)),
-            Caller("CA glob Hypervisor.Change*", user("changer", full,
-                                                      methods=["Hypervisor.Change*"]),
-                   patterns=("Hypervisor.Change*",)),
+            Caller(
+                "foreign CA", user("mallory", (foreign_key, foreign), methods=["*.*"]), refused=True
+            ),
+            Caller(
+                "IdentityCA claiming *.*", user("idonly", ident, methods=["*.*"], groups=["other"])
+            ),
+            Caller(
+                "CA Hypervisor.*",
+                user("fleet", full, methods=["Hypervisor.*"]),
+                patterns=("Hypervisor.*",),
+            ),
+            Caller(
+                "CA one admin method",
+                user("disabler", full, methods=["Hypervisor.SetDisabledState"]),
+                patterns=("Hypervisor.SetDisabledState",),
+            ),
+            Caller(
+                "CA glob Hypervisor.Change*",
+                user("changer", full, methods=["Hypervisor.Change*"]),
+                patterns=("Hypervisor.Change*",),
+            ),
             Caller("VM owner", user("alice", full), owner=True),
             Caller("owner group member", user("carol", full, groups=["team"]), owner=True),
             Caller("stranger", user("bob", full, groups=["other"])),
@@ -223,11 +243,16 @@ class AccessMatrixTests(TestCase):
         d = self.root
         self.libvirt = LibvirtService("test:///default", reactor)
         state = os.path.join(d, f"state-{unauthenticated_reads}")
-        self.manager = Manager(StateDirectory(state), self.libvirt, reactor,
-                               domain_type="qemu",
-                               volume_directories=[os.path.join(d, "volumes")],
-                               host=FakeHost(cpus=64, memory_mib=1 << 20),
-                               bridges=lambda: {"br@net": 0}, stop_timeout=1)
+        self.manager = Manager(
+            StateDirectory(state),
+            self.libvirt,
+            reactor,
+            domain_type="qemu",
+            volume_directories=[os.path.join(d, "volumes")],
+            host=FakeHost(cpus=64, memory_mib=1 << 20),
+            bridges=lambda: {"br@net": 0},
+            stop_timeout=1,
+        )
         self.manager.privilegedStartService()
         self.libvirt.startService()
         self.manager.startService()
@@ -235,20 +260,33 @@ class AccessMatrixTests(TestCase):
         self.addCleanup(self.manager.stopService)
         api = HypervisorApi(self.manager)
         self.api = api
-        await api.UpdateSubnets(ROOT, UpdateSubnetsRequest(Add=[Subnet(
-            Id="net", IpGateway="10.8.0.1", IpMask="255.255.255.0")]))
-        await api.ChangeAddressPool(ROOT, ChangeAddressPoolRequest(AddressesToAdd=[
-            Address(f"10.8.0.{i}", f"52:54:0a:08:00:{i:02x}") for i in range(2, 60)]))
-        trust = TrustStore.from_files(os.path.join(d, "CA.pem"),
-                                      os.path.join(d, "IdentityCA.pem"))
+        await api.UpdateSubnets(
+            ROOT,
+            UpdateSubnetsRequest(
+                Add=[Subnet(Id="net", IpGateway="10.8.0.1", IpMask="255.255.255.0")]
+            ),
+        )
+        await api.ChangeAddressPool(
+            ROOT,
+            ChangeAddressPoolRequest(
+                AddressesToAdd=[
+                    Address(f"10.8.0.{i}", f"52:54:0a:08:00:{i:02x}") for i in range(2, 60)
+                ]
+            ),
+        )
+        trust = TrustStore.from_files(os.path.join(d, "CA.pem"), os.path.join(d, "IdentityCA.pem"))
         metrics = Metrics()
-        dispatcher = Dispatcher(api, metrics, reactor,
-                                allow_unauthenticated_reads=unauthenticated_reads)
-        site = Site(make_root(StatusPages(self.manager, self.libvirt, metrics=metrics),
-                              RpcEndpoints()))
+        dispatcher = Dispatcher(
+            api, metrics, reactor, allow_unauthenticated_reads=unauthenticated_reads
+        )
+        site = Site(
+            make_root(StatusPages(self.manager, self.libvirt, metrics=metrics), RpcEndpoints())
+        )
         site.requestFactory = request_factory(dispatcher, trust)
-        factory = SniffingFactory(site, server_tls_options(
-            os.path.join(d, "server.pem"), os.path.join(d, "server.key"), trust))
+        factory = SniffingFactory(
+            site,
+            server_tls_options(os.path.join(d, "server.pem"), os.path.join(d, "server.key"), trust),
+        )
         self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
         self.pool = HTTPConnectionPool(reactor, persistent=False)
@@ -260,15 +298,28 @@ class AccessMatrixTests(TestCase):
         The fixture VM: running, owned by alice, owner group "team".
         """
         vm = self.manager.vms.get(VM_IP)
-        if vm is not None and vm.info.OwnerUsers[:1] == ["alice"] and \
-                vm.info.OwnerGroups == ["team"]:
+        if (
+            vm is not None
+            and vm.info.OwnerUsers[:1] == ["alice"]
+            and vm.info.OwnerGroups == ["team"]
+        ):
             return
         if vm is not None:
             await self.manager.lifecycle.destroy_vm(ROOT, VM_IP)
-        response = await self.api.CreateVm(ROOT, CreateVmRequest(
-            VmInfo=VmInfo(Address=Address(VM_IP), MemoryInMiB=16, MilliCPUs=10,
-                          OwnerUsers=["alice"], OwnerGroups=["team"], SubnetId="net"),
-            MinimumFreeBytes=65536))
+        response = await self.api.CreateVm(
+            ROOT,
+            CreateVmRequest(
+                VmInfo=VmInfo(
+                    Address=Address(VM_IP),
+                    MemoryInMiB=16,
+                    MilliCPUs=10,
+                    OwnerUsers=["alice"],
+                    OwnerGroups=["team"],
+                    SubnetId="net",
+                ),
+                MinimumFreeBytes=65536,
+            ),
+        )
         await self.api.AcknowledgeVm(ROOT, IpRequest(response.IpAddress))
         vm = self.manager.vms[VM_IP]
         new = self.manager.table.copy(vm)
@@ -277,21 +328,27 @@ class AccessMatrixTests(TestCase):
 
     def snapshot(self) -> str:
         m = self.manager
-        return json.dumps({
-            "vms": {ip: codec.to_dict(vm.local) for ip, vm in m.vms.items()},
-            "free": [codec.to_dict(a) for a in m.pool.free],
-            "registered": [codec.to_dict(a) for a in m.pool.registered],
-            "subnets": [codec.to_dict(s) for s in m.subnets.list(sort=True)],
-            "disabled": m.disabled,
-            "owners": sorted(m.owner_users),
-        }, sort_keys=True, default=str)
+        return json.dumps(
+            {
+                "vms": {ip: codec.to_dict(vm.local) for ip, vm in m.vms.items()},
+                "free": [codec.to_dict(a) for a in m.pool.free],
+                "registered": [codec.to_dict(a) for a in m.pool.registered],
+                "subnets": [codec.to_dict(s) for s in m.subnets.list(sort=True)],
+                "disabled": m.disabled,
+                "owners": sorted(m.owner_users),
+            },
+            sort_keys=True,
+            default=str,
+        )
 
     async def call(self, caller: Caller, method: str) -> tuple[int, bytes]:
-        agent = Agent(reactor, contextFactory=ClientPolicy(self.ca_pem, caller.cert),
-                      pool=self.pool)
+        agent = Agent(
+            reactor, contextFactory=ClientPolicy(self.ca_pem, caller.cert), pool=self.pool
+        )
         url = f"https://localhost:{self.port.getHost().port}/rpc/Hypervisor.{method}"
-        from twisted.web.client import FileBodyProducer
         import io
+
+        from twisted.web.client import FileBodyProducer
 
         body = FileBodyProducer(io.BytesIO(json.dumps(REQUESTS[method]).encode()))
         response = await agent.request(b"POST", url.encode(), Headers(), body)
@@ -303,8 +360,9 @@ class AccessMatrixTests(TestCase):
 
     async def run_matrix(self, unauthenticated_reads: bool) -> None:
         await self.start(unauthenticated_reads)
-        self.assertEqual(sorted(REQUESTS), sorted(METHODS),
-                         "every method of the service layer is in the matrix")
+        self.assertEqual(
+            sorted(REQUESTS), sorted(METHODS), "every method of the service layer is in the matrix"
+        )
         failures = []
         for caller in self.callers:
             for method in sorted(METHODS):
@@ -314,13 +372,13 @@ class AccessMatrixTests(TestCase):
                 want = caller.expected(method, unauthenticated_reads)
                 got = str(code) if code in (401, 403) else "allow"
                 if got != want:
-                    failures.append(f"{caller.name} {method}: expected {want}, got "
-                                    f"{code} {body[:200]!r}")
+                    failures.append(
+                        f"{caller.name} {method}: expected {want}, got " f"{code} {body[:200]!r}"
+                    )
                 if got != "allow":
                     self.assertIn(b'"Error"', body)
                     if self.snapshot() != before:
-                        failures.append(f"{caller.name} {method}: denied but changed "
-                                        "state")
+                        failures.append(f"{caller.name} {method}: denied but changed " "state")
                 elif code >= 500:
                     failures.append(f"{caller.name} {method}: {code} {body[:200]!r}")
         self.assertEqual(failures, [], "\n" + "\n".join(failures))

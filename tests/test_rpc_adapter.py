@@ -101,7 +101,7 @@ class Response:
                     self.complete = True
                     break
                 body += rest[:size]
-                rest = rest[size + 2:]
+                rest = rest[size + 2 :]
             self.body = body
         else:
             self.body = rest
@@ -130,8 +130,11 @@ class AdapterTestCase(SynchronousTestCase):
         self.api = api
         self.metrics = Metrics()
         self.dispatcher = Dispatcher(
-            api, self.metrics, self.clock,
-            allow_unauthenticated_reads=self.allow_unauthenticated_reads)
+            api,
+            self.metrics,
+            self.clock,
+            allow_unauthenticated_reads=self.allow_unauthenticated_reads,
+        )
         self.site = Site(make_root(Pages(), RpcEndpoints()), reactor=self.clock)
         self.site.requestFactory = request_factory(self.dispatcher, TrustStore([], []))
         self.site.protocol = HypervisorChannel  # type: ignore[assignment]
@@ -141,8 +144,11 @@ class AdapterTestCase(SynchronousTestCase):
         A channel over TLS with C{identity}'s certificate, or over plain HTTP.
         """
         channel = self.site.buildProtocol(IPv4Address("TCP", "10.0.0.9", 40000))
-        transport = (TLSTransport(identity) if identity is not None
-                     else StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.9", 40000)))
+        transport = (
+            TLSTransport(identity)
+            if identity is not None
+            else StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.9", 40000))
+        )
         channel.makeConnection(transport)
         self.addCleanup(self.close, channel)
         return channel, transport
@@ -151,17 +157,26 @@ class AdapterTestCase(SynchronousTestCase):
         if channel.transport is not None and channel.connected:
             channel.connectionLost(Failure(ConnectionDone()))
 
-    def headers(self, method: str, length: Optional[int], *extra: bytes,
-                verb: bytes = b"POST", path: Optional[bytes] = None) -> bytes:
-        lines = [verb + b" " + (path or b"/rpc/Hypervisor." + method.encode())
-                 + b" HTTP/1.1", b"Host: hypervisor"]
+    def headers(
+        self,
+        method: str,
+        length: Optional[int],
+        *extra: bytes,
+        verb: bytes = b"POST",
+        path: Optional[bytes] = None,
+    ) -> bytes:
+        lines = [
+            verb + b" " + (path or b"/rpc/Hypervisor." + method.encode()) + b" HTTP/1.1",
+            b"Host: hypervisor",
+        ]
         if length is not None:
             lines.append(b"Content-Length: %d" % length)
         lines.extend(extra)
         return b"\r\n".join(lines) + b"\r\n\r\n"
 
-    def call(self, method: str, body: bytes = b"{}",
-             identity: Optional[Identity] = ALICE) -> Response:
+    def call(
+        self, method: str, body: bytes = b"{}", identity: Optional[Identity] = ALICE
+    ) -> Response:
         """
         One whole request; the response so far.
         """
@@ -171,8 +186,12 @@ class AdapterTestCase(SynchronousTestCase):
         return Response(transport.value())
 
     def create_line(self, image: int = 0, user_data: int = 0, **fields: Any) -> bytes:
-        request = {"MemoryInMiB": 64, "MilliCPUs": 500,  # VmInfo is embedded
-                   "ImageDataSize": image, "UserDataSize": user_data}
+        request = {
+            "MemoryInMiB": 64,
+            "MilliCPUs": 500,  # VmInfo is embedded
+            "ImageDataSize": image,
+            "UserDataSize": user_data,
+        }
         request.update(fields)
         return json.dumps(request).encode() + b"\n"
 
@@ -183,8 +202,14 @@ class RefusalTests(AdapterTestCase):
     closed.
     """
 
-    def refused(self, method: str, identity: Optional[Identity], status: int,
-                *extra: bytes, length: int = 1000) -> Response:
+    def refused(
+        self,
+        method: str,
+        identity: Optional[Identity],
+        status: int,
+        *extra: bytes,
+        length: int = 1000,
+    ) -> Response:
         channel, transport = self.connect(identity)
         channel.dataReceived(self.headers(method, length, *extra))
         response = Response(transport.value())
@@ -261,8 +286,7 @@ class RefusalTests(AdapterTestCase):
         413 as soon as it does.
         """
         channel, transport = self.connect(ALICE)
-        channel.dataReceived(self.headers("GetVmInfo", None,
-                                          b"Transfer-Encoding: chunked"))
+        channel.dataReceived(self.headers("GetVmInfo", None, b"Transfer-Encoding: chunked"))
         chunk = b"x" * (600 * 1024)
         for _ in range(2):
             channel.dataReceived(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
@@ -275,12 +299,18 @@ class RefusalTests(AdapterTestCase):
         Refusals are counted once, as denials and errors.
         """
         self.refused("SetDisabledState", ALICE, 403)
-        self.assertEqual(self.metrics.registry.get_sample_value(
-            "hypervisor_rpc_denied_total",
-            {"method": "SetDisabledState", "reason": "denied"}), 1)
-        self.assertEqual(self.metrics.registry.get_sample_value(
-            "hypervisor_rpc_calls_total",
-            {"method": "SetDisabledState", "outcome": "error"}), 1)
+        self.assertEqual(
+            self.metrics.registry.get_sample_value(
+                "hypervisor_rpc_denied_total", {"method": "SetDisabledState", "reason": "denied"}
+            ),
+            1,
+        )
+        self.assertEqual(
+            self.metrics.registry.get_sample_value(
+                "hypervisor_rpc_calls_total", {"method": "SetDisabledState", "outcome": "error"}
+            ),
+            1,
+        )
 
 
 class UnauthenticatedReadTests(AdapterTestCase):
@@ -326,10 +356,10 @@ class ReplyTests(AdapterTestCase):
         self.assertEqual(response.status, 400)
         self.assertIn("IpAddress", response.json()["Error"])
         self.assertEqual(self.call("GetVmInfo", b'{"IpAddress": "10.5.0.9"}').status, 404)
-        self.assertEqual(self.call("StopVm", json.dumps({"IpAddress": ip}).encode(),
-                                   identity=BOB).status, 403)
-        self.assertEqual(self.call("RebootVm", json.dumps({"IpAddress": ip}).encode()
-                                   ).status, 409)
+        self.assertEqual(
+            self.call("StopVm", json.dumps({"IpAddress": ip}).encode(), identity=BOB).status, 403
+        )
+        self.assertEqual(self.call("RebootVm", json.dumps({"IpAddress": ip}).encode()).status, 409)
 
     def test_libvirt_down(self) -> None:
         """
@@ -381,8 +411,9 @@ class ReplyTests(AdapterTestCase):
         kept).
         """
         channel, transport = self.connect(None)
-        channel.dataReceived(self.headers("", None, b"Transfer-Encoding: chunked",
-                                          verb=b"POST", path=b"/page"))
+        channel.dataReceived(
+            self.headers("", None, b"Transfer-Encoding: chunked", verb=b"POST", path=b"/page")
+        )
         channel.dataReceived(b"5\r\nhello\r\n0\r\n\r\n")
         response = Response(transport.value())
         self.assertEqual(response.status, 413)
@@ -470,19 +501,18 @@ class CreateStreamTests(AdapterTestCase):
         vm = self.daemon.manager.vms.get("10.5.0.2")
         self.assertIsNotNone(vm)
         root = vm.local.VolumeLocations[0].Filename
-        channel.dataReceived(image[100:128 * 1024])
+        channel.dataReceived(image[100 : 128 * 1024])
         self.daemon.settle()
         with open(root, "rb") as f:
-            self.assertEqual(f.read(128 * 1024), image[:128 * 1024])
+            self.assertEqual(f.read(128 * 1024), image[: 128 * 1024])
         self.assertEqual(transport.value(), b"")  # the reply waits for the body
-        channel.dataReceived(image[128 * 1024:] + user_data)
+        channel.dataReceived(image[128 * 1024 :] + user_data)
         self.daemon.settle()
         response = Response(transport.value())
         self.assertEqual(response.status, 200)
         lines = response.lines()
         self.assertEqual(lines[-1]["IpAddress"], "10.5.0.2", lines)
-        self.assertTrue(any("uploaded image" in line.get("ProgressMessage", "")
-                            for line in lines))
+        self.assertTrue(any("uploaded image" in line.get("ProgressMessage", "") for line in lines))
         with open(root, "rb") as f:
             self.assertEqual(f.read(len(image)), image)
         with open(os.path.join(self.daemon.vm_dir("10.5.0.2"), "user-data.raw"), "rb") as f:
@@ -521,7 +551,7 @@ class CreateStreamTests(AdapterTestCase):
         line = self.create_line(len(image))
         channel, transport = self.connect(ALICE)
         channel.dataReceived(self.headers("CreateVm", len(line) + len(image)))
-        channel.dataReceived(line + image[:32 * 1024])
+        channel.dataReceived(line + image[: 32 * 1024])
         self.daemon.settle()
         self.assertIn("10.5.0.2", self.daemon.manager.vms)
         channel.connectionLost(Failure(ConnectionDone()))
@@ -559,6 +589,7 @@ class FullDiskRunner(SynchronousRunner):
 
     def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         if getattr(fn, "__name__", "") == "_write_all":
+
             def full(*args: Any) -> None:
                 raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -571,8 +602,9 @@ class SlowReaderApi(FakeApi):
     A service layer whose CreateVm reads its upload only when the test says.
     """
 
-    def CreateVm(self, identity: Identity, request: Any, send: Any,
-                 upload: Optional[UploadStream] = None) -> "Deferred[Any]":
+    def CreateVm(
+        self, identity: Identity, request: Any, send: Any, upload: Optional[UploadStream] = None
+    ) -> "Deferred[Any]":
         self.upload = upload
         self.done: Deferred[Any] = Deferred()
         return self.done
@@ -704,7 +736,9 @@ class UpdatesTests(AdapterTestCase):
         channel.resumeProducing()
         lines = Response(transport.value()).lines()
         self.assertEqual(len(lines), 1 + MAX_QUEUED)
-        self.assertEqual([line.get("Disabled", False) for line in lines[1:]],
-                         [bool(i % 2) for i in range(MAX_QUEUED)])
+        self.assertEqual(
+            [line.get("Disabled", False) for line in lines[1:]],
+            [bool(i % 2) for i in range(MAX_QUEUED)],
+        )
         self.publish(True)
         self.assertEqual(len(Response(transport.value()).lines()), 2 + MAX_QUEUED)

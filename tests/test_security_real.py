@@ -56,8 +56,13 @@ def empty_vm(**extra: Any) -> dict[str, Any]:
     """
     A CreateVm request for a small stopped VM with an empty 1 MiB root volume.
     """
-    request: dict[str, Any] = {"MemoryInMiB": 32, "MilliCPUs": 10, "SubnetId": "hvtest",
-                               "MinimumFreeBytes": MiB, "DoNotStart": True}
+    request: dict[str, Any] = {
+        "MemoryInMiB": 32,
+        "MilliCPUs": 10,
+        "SubnetId": "hvtest",
+        "MinimumFreeBytes": MiB,
+        "DoNotStart": True,
+    }
     request.update(extra)
     return request
 
@@ -75,8 +80,9 @@ class SecurityTestCase(SynchronousTestCase):
         """
         A started TLS daemon with users admin (every method) and alice (none).
         """
-        d = realrpc.TlsDaemon(self, {"admin": "*.*", "alice": ""}, "-domainType=qemu",
-                              *flags, **kwargs)
+        d = realrpc.TlsDaemon(
+            self, {"admin": "*.*", "alice": ""}, "-domainType=qemu", *flags, **kwargs
+        )
         d.start(healthy=True)
         return d
 
@@ -140,8 +146,7 @@ class EarlyRefusalTests(SecurityTestCase):
                     raise
                 how = "refused more bytes"
         closed = time.monotonic() - began
-        self.assertTrue(how and how != "timeout",
-                        f"the connection stayed open after {sent} bytes")
+        self.assertTrue(how and how != "timeout", f"the connection stayed open after {sent} bytes")
         self.assertLess(closed, 10)
         return {"answered": answered, "sent": sent, "how": how, "closed": closed}
 
@@ -176,17 +181,17 @@ class EarlyRefusalTests(SecurityTestCase):
         enabled = d.call("SetDisabledState", {"Disable": False})
         self.assertEqual(enabled.status, 200, enabled)
         image = os.urandom(8 * MiB)
-        line = json.dumps(empty_vm(ImageDataSize=len(image), MinimumFreeBytes=0)
-                          ).encode() + b"\n"
+        line = json.dumps(empty_vm(ImageDataSize=len(image), MinimumFreeBytes=0)).encode() + b"\n"
         created = realrpc.stream_call(d, "CreateVm", line, [image], len(line) + len(image))
         self.assertEqual(created.status, 200, created)
         ip = created.last["IpAddress"]
         self.assertEqual(d.call("AcknowledgeVm", {"IpAddress": ip}).status, 200)
         import hashlib
 
-        self.assertEqual(realrpc.file_sha256(os.path.join(d.volumes, ip, "root"),
-                                             len(image)),
-                         hashlib.sha256(image).hexdigest())
+        self.assertEqual(
+            realrpc.file_sha256(os.path.join(d.volumes, ip, "root"), len(image)),
+            hashlib.sha256(image).hexdigest(),
+        )
         self.assertEqual(os.listdir(tmp), [])
         self.assertEqual(d.healthz(), 200)
         self.assert_no_traceback(d)
@@ -217,8 +222,9 @@ class DescriptorTests(SecurityTestCase):
                     return int(soft), int(hard)
         raise AssertionError("no descriptor limit in /proc/PID/limits")
 
-    def starved_call(self, d: realrpc.TlsDaemon, method: str,
-                     body: dict[str, Any]) -> realrpc.Reply:
+    def starved_call(
+        self, d: realrpc.TlsDaemon, method: str, body: dict[str, Any]
+    ) -> realrpc.Reply:
         """
         Call C{method} with the daemon's soft descriptor limit at its lowest free
         descriptor + 1; the limit is restored before returning.
@@ -239,16 +245,23 @@ class DescriptorTests(SecurityTestCase):
                 break
             used = now
         lowest = next(n for n in range(len(used) + 1) if n not in used)
-        subprocess.run(["prlimit", "--pid", str(pid), f"--nofile={lowest + 1}:{hard}"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["prlimit", "--pid", str(pid), f"--nofile={lowest + 1}:{hard}"],
+            check=True,
+            capture_output=True,
+        )
         try:
             return d.call(method, body, timeout=30)
         finally:
-            subprocess.run(["prlimit", "--pid", str(pid), f"--nofile={soft}:{hard}"],
-                           check=True, capture_output=True)
+            subprocess.run(
+                ["prlimit", "--pid", str(pid), f"--nofile={soft}:{hard}"],
+                check=True,
+                capture_output=True,
+            )
 
-    def until_starved(self, d: realrpc.TlsDaemon, method: str,
-                      body: dict[str, Any]) -> realrpc.Reply:
+    def until_starved(
+        self, d: realrpc.TlsDaemon, method: str, body: dict[str, Any]
+    ) -> realrpc.Reply:
         """
         L{starved_call} until it answers 503 (at most 5 tries). Another try is a
         200 (something else took the last descriptor after the call's state write
@@ -284,13 +297,24 @@ class DescriptorTests(SecurityTestCase):
         def view() -> tuple[Any, ...]:
             with open(info_path, "rb") as f:
                 info = f.read()
-            return (d.call("GetVmInfo", {"IpAddress": ip}).last.get("VmInfo"), info,
-                    d.read_state("address-pool.json"), d.vm_dirs(), d.volume_entries())
+            return (
+                d.call("GetVmInfo", {"IpAddress": ip}).last.get("VmInfo"),
+                info,
+                d.read_state("address-pool.json"),
+                d.vm_dirs(),
+                d.volume_entries(),
+            )
 
         calls = [
             ("ChangeVmTags", {"IpAddress": ip, "Tags": {"k": "after"}}),
-            ("ChangeAddressPool", {"AddressesToAdd": [
-                {"IpAddress": "10.82.2.99", "MacAddress": "52:54:0a:93:00:99"}]}),
+            (
+                "ChangeAddressPool",
+                {
+                    "AddressesToAdd": [
+                        {"IpAddress": "10.82.2.99", "MacAddress": "52:54:0a:93:00:99"}
+                    ]
+                },
+            ),
             ("CreateVm", empty_vm()),
         ]
         for method, body in calls:
@@ -322,8 +346,9 @@ class MalformedInputTests(SecurityTestCase):
     Finding 6: malformed JSON is a 400 with a sentence, never a 500.
     """
 
-    def post(self, d: realrpc.TlsDaemon, method: str, data: bytes,
-             how: Optional[str]) -> tuple[Optional[int], bytes]:
+    def post(
+        self, d: realrpc.TlsDaemon, method: str, data: bytes, how: Optional[str]
+    ) -> tuple[Optional[int], bytes]:
         """
         POST C{data} to C{method}: C{how} is a user (TLS with a certificate),
         C{"tls"} (TLS without one) or C{None} (plain HTTP).
@@ -364,8 +389,7 @@ class MalformedInputTests(SecurityTestCase):
                             self.assertIn(b"nested", body, where)
                         error = json.loads(body.split(b"\n")[0])["Error"]
                         self.assertGreater(len(error.split()), 3, where)
-                        seen[(status, how or "plain")] = seen.get(
-                            (status, how or "plain"), 0) + 1
+                        seen[(status, how or "plain")] = seen.get((status, how or "plain"), 0) + 1
         self.assertEqual(sum(seen.values()), len(METHODS) * 2 * 3 * 3)
         self.assertEqual(d.healthz(), 200)
         self.assert_no_traceback(d)
@@ -382,12 +406,18 @@ class MalformedInputTests(SecurityTestCase):
         ip = created.last["IpAddress"]
         self.assertEqual(d.call("AcknowledgeVm", {"IpAddress": ip}).status, 200)
         before = d.snapshot()
-        for number in (b"1" + b"0" * 309, b"-1" + b"0" * 400, b"1e309", b"-1e309",
-                       b"9223372036854775808"):
+        for number in (
+            b"1" + b"0" * 309,
+            b"-1" + b"0" * 400,
+            b"1e309",
+            b"-1e309",
+            b"9223372036854775808",
+        ):
             for method, prefix in (
-                    ("StartVm", b'{"IpAddress":"%s",' % ip.encode()),
-                    ("RebootVm", b'{"IpAddress":"%s",' % ip.encode()),
-                    ("CreateVm", json.dumps(empty_vm()).encode()[:-1] + b",")):
+                ("StartVm", b'{"IpAddress":"%s",' % ip.encode()),
+                ("RebootVm", b'{"IpAddress":"%s",' % ip.encode()),
+                ("CreateVm", json.dumps(empty_vm()).encode()[:-1] + b","),
+            ):
                 data = prefix + b'"DhcpTimeout":' + number + b"}"
                 reply = d.call(method, data=data)
                 self.assertEqual(reply.status, 400, (method, number[:20], reply))
@@ -412,8 +442,10 @@ class FramingTests(SecurityTestCase):
         d = self.daemon()
         body = b'{"IpAddress": "' + b"a" * 300000 + b'"}'
         for length in (b"-0", b"+5", b"abc", b"2\r\nContent-Length: 3"):
-            data = (b"POST /rpc/Hypervisor.GetVmCreateRequest HTTP/1.1\r\nHost: x\r\n"
-                    b"Content-Length: " + length + b"\r\nConnection: close\r\n\r\n" + body)
+            data = (
+                b"POST /rpc/Hypervisor.GetVmCreateRequest HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Length: " + length + b"\r\nConnection: close\r\n\r\n" + body
+            )
             for how in ("admin", None):
                 sock = d.tls_socket(how) if how else d.plain_socket()
                 with sock:

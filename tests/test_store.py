@@ -50,8 +50,9 @@ class AtomicWriteTests(SynchronousTestCase):
             "store.atomic_write(sys.argv[1], b'new content', "
             "_before_rename=lambda tmp: os._exit(3))"
         )
-        result = subprocess.run([sys.executable, "-c", code, self.path], cwd=REPO,
-                                env=dict(os.environ, PYTHONPATH=REPO))
+        result = subprocess.run(
+            [sys.executable, "-c", code, self.path], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO)
+        )
         self.assertEqual(result.returncode, 3)
         with open(self.path, "rb") as f:
             self.assertEqual(f.read(), b"old content")
@@ -72,8 +73,7 @@ class AtomicWriteTests(SynchronousTestCase):
         def fail(tmp: str) -> None:
             raise OSError("disk full")
 
-        self.assertRaises(OSError, store.atomic_write, self.path, b"new",
-                          _before_rename=fail)
+        self.assertRaises(OSError, store.atomic_write, self.path, b"new", _before_rename=fail)
         with open(self.path, "rb") as f:
             self.assertEqual(f.read(), b"old")
         self.assertEqual(os.listdir(self.dir), ["info.json"])

@@ -31,11 +31,11 @@ class MakeServiceTests(SynchronousTestCase):
         options.parseOptions(["-stateDir=/tmp/hv-tap-test", "-portNum=0"])
         service = tap.makeService(options, reactor=MemoryReactorClock())
         self.assertIsInstance(service, MultiService)
-        self.assertEqual([s.name for s in service],
-                         ["logging", "libvirt", "manager", "web", "control"])
+        self.assertEqual(
+            [s.name for s in service], ["logging", "libvirt", "manager", "web", "control"]
+        )
         self.assertEqual(service.getServiceNamed("libvirt").uri, "qemu:///system")
-        self.assertEqual(service.getServiceNamed("control").args[0],
-                         "/tmp/hv-tap-test/control")
+        self.assertEqual(service.getServiceNamed("control").args[0], "/tmp/hv-tap-test/control")
 
 
 class PluginTests(SynchronousTestCase):
@@ -48,9 +48,17 @@ class PluginTests(SynchronousTestCase):
         C{twistd hypervisor --help} lists every flag with its default.
         """
         result = subprocess.run(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-             "hypervisor", "--help"],
-            cwd=REPO, capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "hypervisor",
+                "--help",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
             env=dict(os.environ, PYTHONPATH=REPO),
         )
         self.assertEqual(result.returncode, 0, result.stderr)

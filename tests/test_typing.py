@@ -26,8 +26,18 @@ class MypyTests(SynchronousTestCase):
         except ImportError:
             support.require(False, "mypy is not installed (pip install '.[test]')")
         result = subprocess.run(
-            [sys.executable, "-m", "mypy", "--config-file", "mypy.ini",
-             "--cache-dir", "/tmp/hypervisor-mypy-cache"],
-            cwd=support.REPO, capture_output=True, text=True, timeout=600,
+            [
+                sys.executable,
+                "-m",
+                "mypy",
+                "--config-file",
+                "mypy.ini",
+                "--cache-dir",
+                "/tmp/hypervisor-mypy-cache",
+            ],
+            cwd=support.REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)

@@ -274,9 +274,15 @@ class WriteToFileTests(SynchronousTestCase):
         runner = FunctionsRunner()
         stream = UploadStream(12)
         progress: list[tuple[int, int]] = []
-        d = write_to_file(stream, 8, self.path, runner,
-                          lambda done, total: progress.append((done, total)),
-                          mode=0o600, prefix=b"HDR")
+        d = write_to_file(
+            stream,
+            8,
+            self.path,
+            runner,
+            lambda done, total: progress.append((done, total)),
+            mode=0o600,
+            prefix=b"HDR",
+        )
         self.assertFalse(d.called)
         stream.write(b"01234")
         stream.write(b"567")
@@ -304,7 +310,7 @@ class WriteToFileTests(SynchronousTestCase):
         stream.register_producer(producer)
         data = os.urandom(5000)
         for i in range(0, 5000, 2500):
-            stream.write(data[i:i + 2500])
+            stream.write(data[i : i + 2500])
         self.assertTrue(producer.paused)
         d = write_to_file(stream, 5000, self.path, SynchronousRunner())
         self.assertEqual(result_of(d), 5000)

@@ -59,9 +59,14 @@ class ReconnectTests(TestCase):
     """
 
     def make(self, opener: FakeOpener) -> tuple[LibvirtService, RecordingListener]:
-        service = LibvirtService("qemu:///fake", reactor, open_connection=opener,
-                                 min_backoff=0.01, max_backoff=0.05,
-                                 use_event_loop=False)
+        service = LibvirtService(
+            "qemu:///fake",
+            reactor,
+            open_connection=opener,
+            min_backoff=0.01,
+            max_backoff=0.05,
+            use_event_loop=False,
+        )
         listener = RecordingListener()
         service.add_listener(listener)
         self.addCleanup(lambda: service.running and service.stopService())
@@ -202,11 +207,12 @@ class TestDriverTests(TestCase):
         started = listener.wait("lifecycle")
         dom = other.createXML(
             f"<domain type='test'><name>{name}</name><memory>8192</memory>"
-            "<os><type>hvm</type></os></domain>", 0)
+            "<os><type>hvm</type></os></domain>",
+            0,
+        )
         self.addCleanup(lambda: dom.isActive() and dom.destroy())
         await with_timeout(started)
-        self.assertIn(("lifecycle", name, libvirt.VIR_DOMAIN_EVENT_STARTED),
-                      listener.events)
+        self.assertIn(("lifecycle", name, libvirt.VIR_DOMAIN_EVENT_STARTED), listener.events)
 
     async def test_bad_uri_reported(self) -> None:
         """
@@ -214,8 +220,7 @@ class TestDriverTests(TestCase):
         reason, retrying.
         """
         start_event_loop()
-        service = LibvirtService("test:///nonexistent/file.xml", reactor,
-                                 min_backoff=10)
+        service = LibvirtService("test:///nonexistent/file.xml", reactor, min_backoff=10)
         service.startService()
         self.addCleanup(service.stopService)
         await deferLater(reactor, 0.5, lambda: None)

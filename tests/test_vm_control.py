@@ -47,12 +47,14 @@ class UsageTests(SynchronousTestCase):
         Unknown subcommands, missing arguments and bad flag values exit 2 with a
         sentence.
         """
-        for argv, words in [(["fly"], "unknown subcommand"),
-                            (["stop-vm"], "stop-vm takes IP"),
-                            (["-memory", "lots", "create-vm"], "not a size"),
-                            (["-tags", "novalue", "create-vm"], "not key=value"),
-                            (["-nope", "1", "list-vms"], "unknown flag -nope"),
-                            ([], "no subcommand")]:
+        for argv, words in [
+            (["fly"], "unknown subcommand"),
+            (["stop-vm"], "stop-vm takes IP"),
+            (["-memory", "lots", "create-vm"], "not a size"),
+            (["-tags", "novalue", "create-vm"], "not key=value"),
+            (["-nope", "1", "list-vms"], "unknown flag -nope"),
+            ([], "no subcommand"),
+        ]:
             code, _, err = self.run_main(vm_control, *argv)
             self.assertEqual(code, 2, argv)
             self.assertIn(words, err)
@@ -62,10 +64,20 @@ class UsageTests(SynchronousTestCase):
         A hypervisor that is not there is an error naming it, exit 1. (A subprocess:
         the command runs its own reactor.)
         """
-        r = subprocess.run([sys.executable, "-m", "hypervisor.cli.vm_control",
-                            f"-hypervisorPortNum={support.free_port()}", "list-vms"],
-                           cwd=support.REPO, env=dict(os.environ, PYTHONPATH=support.REPO),
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "hypervisor.cli.vm_control",
+                f"-hypervisorPortNum={support.free_port()}",
+                "list-vms",
+            ],
+            cwd=support.REPO,
+            env=dict(os.environ, PYTHONPATH=support.REPO),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         self.assertEqual(r.returncode, 1)
         self.assertIn("cannot reach the hypervisor", r.stderr)
 
@@ -84,21 +96,47 @@ class EndToEndTests(SynchronousTestCase):
         support.require_libvirtd()
         guest = support.tiny_guest()
         support.ensure_bridge()
-        d, cli = support.tls_daemon(self, {"admin": "Hypervisor.*", "bob": ""},
-                                    "-domainType=qemu", f"-localImagesDirectory={guest}")
+        d, cli = support.tls_daemon(
+            self,
+            {"admin": "Hypervisor.*", "bob": ""},
+            "-domainType=qemu",
+            f"-localImagesDirectory={guest}",
+        )
 
-        r = cli("hyper_control", "admin", "add-subnet", "hvtest", "10.77.0.1",
-                "255.255.255.0", "10.77.0.1")
+        r = cli(
+            "hyper_control",
+            "admin",
+            "add-subnet",
+            "hvtest",
+            "10.77.0.1",
+            "255.255.255.0",
+            "10.77.0.1",
+        )
         self.assertEqual(r.returncode, 0, r.stderr)
         r = cli("hyper_control", "bob", "add-address", "52:54:0a:4d:00:09", "10.77.0.9")
         self.assertEqual(r.returncode, 1)
         self.assertIn("denied", r.stderr)
         r = cli("hyper_control", "admin", "add-address", "52:54:0a:4d:00:02", "10.77.0.2")
         self.assertEqual(r.returncode, 0, r.stderr)
-        r = cli("vm_control", "admin", "-memory", "128M", "-milliCPUs", "500",
-                "-minFreeBytes", "1M", "-roundupPower", "0", "-tags", "Name=tiny",
-                f"-kernelURL=file://{guest}/vmlinux", f"-initrdURL=file://{guest}/initrd.cpio",
-                "-extraKernelOptions", "quiet hv.dhcp=no hv.mode=stay", "create-vm")
+        r = cli(
+            "vm_control",
+            "admin",
+            "-memory",
+            "128M",
+            "-milliCPUs",
+            "500",
+            "-minFreeBytes",
+            "1M",
+            "-roundupPower",
+            "0",
+            "-tags",
+            "Name=tiny",
+            f"-kernelURL=file://{guest}/vmlinux",
+            f"-initrdURL=file://{guest}/initrd.cpio",
+            "-extraKernelOptions",
+            "quiet hv.dhcp=no hv.mode=stay",
+            "create-vm",
+        )
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual(r.stdout.strip(), "10.77.0.2")
         self.assertIn("starting VM 10.77.0.2", r.stderr)
@@ -109,8 +147,9 @@ class EndToEndTests(SynchronousTestCase):
         self.assertEqual(r.returncode, 1)
         self.assertIn("no access to VM 10.77.0.2", r.stderr)
         bootlog = os.path.join(d.state_dir, "VMs", "10.77.0.2", "bootlog")
-        support.wait_for(lambda: "staying up" in open(bootlog, errors="replace").read(),
-                         90, "the guest to boot")
+        support.wait_for(
+            lambda: "staying up" in open(bootlog, errors="replace").read(), 90, "the guest to boot"
+        )
         r = cli("vm_control", "admin", "stop-vm", "10.77.0.2")
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn("power button", open(bootlog, errors="replace").read())

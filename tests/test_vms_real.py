@@ -46,10 +46,20 @@ def setup_network(api: HypervisorApi, count: int = 4) -> "Deferred[Any]":
     """
     Subnet "hvtest" (10.77.0.0/24 on br@hvtest) with C{count} addresses.
     """
-    d1 = api.UpdateSubnets(ROOT, UpdateSubnetsRequest(Add=[Subnet(
-        Id="hvtest", IpGateway="10.77.0.1", IpMask="255.255.255.0")]))
-    d2 = api.ChangeAddressPool(ROOT, ChangeAddressPoolRequest(AddressesToAdd=[
-        Address(f"10.77.0.{i}", f"52:54:0a:4d:00:{i:02x}") for i in range(2, 2 + count)]))
+    d1 = api.UpdateSubnets(
+        ROOT,
+        UpdateSubnetsRequest(
+            Add=[Subnet(Id="hvtest", IpGateway="10.77.0.1", IpMask="255.255.255.0")]
+        ),
+    )
+    d2 = api.ChangeAddressPool(
+        ROOT,
+        ChangeAddressPoolRequest(
+            AddressesToAdd=[
+                Address(f"10.77.0.{i}", f"52:54:0a:4d:00:{i:02x}") for i in range(2, 2 + count)
+            ]
+        ),
+    )
     return DeferredList([d1, d2], fireOnOneErrback=True, consumeErrors=True)
 
 
@@ -58,10 +68,16 @@ def guest_request(guest: str, mode: str) -> CreateVmRequest:
     A CreateVm request booting the tiny guest directly (no DHCP server yet).
     """
     return CreateVmRequest(
-        VmInfo=VmInfo(MemoryInMiB=128, MilliCPUs=500, SubnetId="hvtest",
-                      ExtraKernelOptions=f"quiet hv.dhcp=no hv.mode={mode}"),
+        VmInfo=VmInfo(
+            MemoryInMiB=128,
+            MilliCPUs=500,
+            SubnetId="hvtest",
+            ExtraKernelOptions=f"quiet hv.dhcp=no hv.mode={mode}",
+        ),
         MinimumFreeBytes=MiB,
-        KernelURL=f"file://{guest}/vmlinux", InitrdURL=f"file://{guest}/initrd.cpio")
+        KernelURL=f"file://{guest}/vmlinux",
+        InitrdURL=f"file://{guest}/initrd.cpio",
+    )
 
 
 class RealVmTests(TestCase):
@@ -83,10 +99,15 @@ class RealVmTests(TestCase):
 
     def make(self) -> tuple[Manager, HypervisorApi]:
         libvirt = LibvirtService(support.QEMU_URI, reactor, max_backoff=1.0)
-        manager = Manager(StateDirectory(os.path.join(self.root, "state")), libvirt,
-                          reactor, domain_type="qemu",
-                          volume_directories=[os.path.join(self.root, "volumes")],
-                          images_directory=self.guest, stop_timeout=20)
+        manager = Manager(
+            StateDirectory(os.path.join(self.root, "state")),
+            libvirt,
+            reactor,
+            domain_type="qemu",
+            volume_directories=[os.path.join(self.root, "volumes")],
+            images_directory=self.guest,
+            stop_timeout=20,
+        )
         manager.privilegedStartService()
         libvirt.startService()
         manager.startService()
@@ -109,8 +130,9 @@ class RealVmTests(TestCase):
 
     def bootlog(self, ip: str) -> str:
         try:
-            with open(os.path.join(self.root, "state", "VMs", ip, "bootlog"),
-                      errors="replace") as f:
+            with open(
+                os.path.join(self.root, "state", "VMs", ip, "bootlog"), errors="replace"
+            ) as f:
                 return f.read()
         except FileNotFoundError:
             return ""
@@ -134,8 +156,11 @@ class RealVmTests(TestCase):
         manager, api = self.make()
         ip = await self.create_guest(manager, api, "poweroff")
         self.assertEqual(manager.vms[ip].info.State, State.RUNNING)
-        await until(lambda: manager.vms[ip].info.State == State.STOPPED, 90,
-                    f"the guest to power off (bootlog: {self.bootlog(ip)[-500:]!r})")
+        await until(
+            lambda: manager.vms[ip].info.State == State.STOPPED,
+            90,
+            f"the guest to power off (bootlog: {self.bootlog(ip)[-500:]!r})",
+        )
         log = self.bootlog(ip)
         self.assertIn("tiny-guest: booted", log)
         self.assertIn("tiny-guest: powering off", log)
@@ -143,8 +168,11 @@ class RealVmTests(TestCase):
             self.assertEqual(json.load(f)["State"], "stopped")
         await api.StartVm(ALICE, StartVmRequest(IpAddress=ip))
         self.assertEqual(manager.vms[ip].info.State, State.RUNNING)
-        await until(lambda: log.count("tiny-guest: booted") < self.bootlog(ip).count(
-            "tiny-guest: booted"), 90, "the second boot")
+        await until(
+            lambda: log.count("tiny-guest: booted") < self.bootlog(ip).count("tiny-guest: booted"),
+            90,
+            "the second boot",
+        )
         await api.DestroyVm(ALICE, AccessRequest(IpAddress=ip))
         self.assertNotIn(ip, manager.vms)
         self.assertEqual(manager.check_invariants(), [])
@@ -241,9 +269,14 @@ class KillTests(TestCase):
         os.chmod(daemon.dir, 0o755)
         flags = daemon.flags + [f"-volumeDirectories={daemon.dir}/volumes"]
         env = dict(os.environ, PYTHONPATH=support.REPO)
-        runner = subprocess.Popen([sys.executable, "-c", RUNNER, *flags, "2"],
-                                  cwd=support.REPO, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True)
+        runner = subprocess.Popen(
+            [sys.executable, "-c", RUNNER, *flags, "2"],
+            cwd=support.REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.addCleanup(lambda: runner.poll() is None and runner.kill())
         ips = []
         assert runner.stdout is not None
@@ -272,11 +305,12 @@ class KillTests(TestCase):
         runner.wait(30)
         daemon.flags = flags
         daemon.start()
-        support.wait_for(lambda: support.http_get(daemon.url + "/healthz")[0] == 200,
-                         60, "healthz")
+        support.wait_for(lambda: support.http_get(daemon.url + "/healthz")[0] == 200, 60, "healthz")
         support.wait_for(
             lambda: "2 managed by this hypervisor" in support.http_get(daemon.url + "/")[1],
-            30, "both VMs on the status page")
+            30,
+            "both VMs on the status page",
+        )
         result = daemon.command("stop")
         self.assertEqual(result.returncode, 0, result.stderr)
         daemon.wait(60)
@@ -286,12 +320,12 @@ class KillTests(TestCase):
             self.assertEqual(dom.UUIDString(), uuids[ip], "the VM was restarted")
             with open(os.path.join(daemon.state_dir, "VMs", ip, "info.json")) as f:
                 self.assertEqual(json.load(f)["State"], "running")
-        self.assertNotIn("should be running but its domain is not running",
-                         daemon.output())
+        self.assertNotIn("should be running but its domain is not running", daemon.output())
         # the pool, as the next daemon would load it
         state = StateDirectory(daemon.state_dir)
-        manager = Manager(state, LibvirtService(support.QEMU_URI, reactor), reactor,
-                          domain_type="qemu")
+        manager = Manager(
+            state, LibvirtService(support.QEMU_URI, reactor), reactor, domain_type="qemu"
+        )
         manager.privilegedStartService()
         self.addCleanup(state.unlock)
         self.assertEqual(sorted(manager.vms), sorted(ips))

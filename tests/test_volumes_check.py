@@ -48,8 +48,7 @@ class CheckVmsTests(SynchronousTestCase):
         info = {
             "Address": {"IpAddress": ip, "MacAddress": "52:54:00:00:00:01"},
             "Volumes": [{"Size": size} for _, size, _ in files],
-            "VolumeLocations": [{"Filename": p, "DirectoryToCleanup": self.volumes}
-                                for p in paths],
+            "VolumeLocations": [{"Filename": p, "DirectoryToCleanup": self.volumes} for p in paths],
         }
         with open(os.path.join(self.state.vms_path, ip, "info.json"), "w") as f:
             json.dump(info, f)
@@ -75,8 +74,7 @@ class CheckVmsTests(SynchronousTestCase):
         A sparse volume is reported with the missing bytes; repair allocates them
         without changing size or content; a second check passes.
         """
-        (root, data) = self.add_vm("10.0.0.3", [("root", 4 * MiB, 0),
-                                                ("data", 2 * MiB, MiB)])
+        root, data = self.add_vm("10.0.0.3", [("root", 4 * MiB, 0), ("data", 2 * MiB, MiB)])
         with open(root, "r+b") as f:
             f.write(b"boot sector")
         code, out = self.run_command(repair=False)

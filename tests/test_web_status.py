@@ -16,8 +16,8 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from hypervisor.manager.manager import Manager
 from hypervisor.store import StateDirectory
-from hypervisor.virt.connection import LibvirtService
 from hypervisor.testing import SynchronousRunner
+from hypervisor.virt.connection import LibvirtService
 from hypervisor.virt.domains import DomainSummary
 from web.status import (
     SECURITY_HEADERS,
@@ -44,8 +44,12 @@ class StatusPagesTests(TestCase):
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
         self.libvirt = LibvirtService("qemu:///system", self.clock)
-        self.manager = Manager(StateDirectory(os.path.join(self.dir, "s")),
-                               self.libvirt, self.clock, runner=SynchronousRunner())
+        self.manager = Manager(
+            StateDirectory(os.path.join(self.dir, "s")),
+            self.libvirt,
+            self.clock,
+            runner=SynchronousRunner(),
+        )
         self.manager.privilegedStartService()
         self.addCleanup(self.manager.state.unlock)
         self.manager.startService()
@@ -139,8 +143,12 @@ class HostileRequestTests(TestCase):
         self.addCleanup(shutil.rmtree, self.dir)
         self.clock = Clock()
         self.libvirt = LibvirtService("qemu:///system", self.clock)
-        self.manager = Manager(StateDirectory(os.path.join(self.dir, "s")),
-                               self.libvirt, self.clock, runner=SynchronousRunner())
+        self.manager = Manager(
+            StateDirectory(os.path.join(self.dir, "s")),
+            self.libvirt,
+            self.clock,
+            runner=SynchronousRunner(),
+        )
         self.manager.privilegedStartService()
         self.addCleanup(self.manager.state.unlock)
         self.manager.startService()
@@ -193,8 +201,9 @@ class HostileRequestTests(TestCase):
         _, _, get_headers = await self.request("GET", "/listVMs")
         code, body, headers = await self.request("HEAD", "/listVMs")
         self.assertEqual((code, body), (200, b""))
-        self.assertEqual(headers.getRawHeaders("Content-Type"),
-                         get_headers.getRawHeaders("Content-Type"))
+        self.assertEqual(
+            headers.getRawHeaders("Content-Type"), get_headers.getRawHeaders("Content-Type")
+        )
         self.assert_secure(headers)
 
     async def test_metrics_and_static_headers(self) -> None:
@@ -219,6 +228,7 @@ class HostileRequestTests(TestCase):
         """
         A page that raises answers a finished 500 page and logs the failure once.
         """
+
         def broken() -> float:
             raise ValueError("clock broke")
 
@@ -247,8 +257,12 @@ class QueryParsingTests(TestCase):
         """
         Positional words and named parameters are split and percent-decoded.
         """
-        words, params = split_query(self.request(b"/showVM?10.0.0.2&output=json+x%21"),
-                                    "/showVM", positional=(1, 1), names=("output",))
+        words, params = split_query(
+            self.request(b"/showVM?10.0.0.2&output=json+x%21"),
+            "/showVM",
+            positional=(1, 1),
+            names=("output",),
+        )
         self.assertEqual((words, params), (["10.0.0.2"], {"output": "json x!"}))
 
     def test_split_query_refusals(self) -> None:
@@ -256,19 +270,30 @@ class QueryParsingTests(TestCase):
         Unknown names, repeated names, too many words and non-UTF-8 text are
         refused with a 400 and a sentence.
         """
-        cases = [(b"/?a=1", (0, 0), (), "/ has no parameter 'a'; it takes none"),
-                 (b"/?a", (0, 0), (), "/ has no parameter 'a'; it takes none"),
-                 (b"/x?b=1", (0, 0), ("output", "state"),
-                  "/x has no parameter 'b'; it takes output, state"),
-                 (b"/x?output=1&output=2", (0, 0), ("output",), "give output once"),
-                 (b"/x?1&2", (0, 1), (), "give at most 1 window"),
-                 (b"/x", (1, 1), (), "give one window"),
-                 (b"/x?%ff", (0, 1), (), "the query of /x is not UTF-8"),
-                 (b"/x?output=%ed%a0%80", (0, 0), ("output",), "not UTF-8")]
+        cases = [
+            (b"/?a=1", (0, 0), (), "/ has no parameter 'a'; it takes none"),
+            (b"/?a", (0, 0), (), "/ has no parameter 'a'; it takes none"),
+            (
+                b"/x?b=1",
+                (0, 0),
+                ("output", "state"),
+                "/x has no parameter 'b'; it takes output, state",
+            ),
+            (b"/x?output=1&output=2", (0, 0), ("output",), "give output once"),
+            (b"/x?1&2", (0, 1), (), "give at most 1 window"),
+            (b"/x", (1, 1), (), "give one window"),
+            (b"/x?%ff", (0, 1), (), "the query of /x is not UTF-8"),
+            (b"/x?output=%ed%a0%80", (0, 0), ("output",), "not UTF-8"),
+        ]
         for uri, positional, names, message in cases:
             with self.assertRaises(PageError) as caught:
-                split_query(self.request(uri), uri.partition(b"?")[0].decode(),
-                            positional=positional, names=names, word="window")
+                split_query(
+                    self.request(uri),
+                    uri.partition(b"?")[0].decode(),
+                    positional=positional,
+                    names=names,
+                    word="window",
+                )
             self.assertEqual(caught.exception.status, 400)
             self.assertIn(message, caught.exception.message)
 

@@ -24,9 +24,8 @@ def limit_for(path: bytes) -> int:
     """
     path = path.split(b"?", 1)[0]
     if path.startswith(RPC_PREFIX):
-        name = path[len(RPC_PREFIX):].decode("utf-8", "replace")
-        spec = METHODS.get(name[len("Hypervisor."):] if name.startswith("Hypervisor.")
-                           else "")
+        name = path[len(RPC_PREFIX) :].decode("utf-8", "replace")
+        spec = METHODS.get(name[len("Hypervisor.") :] if name.startswith("Hypervisor.") else "")
         if spec is not None:
             return spec.max_request + spec.max_upload
         return MAX_JSON

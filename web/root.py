@@ -45,8 +45,15 @@ class NonUtf8Path(Resource):
         request.setHeader(b"Content-Type", b"application/json")
         for name, value in SECURITY_HEADERS.items():
             request.setHeader(name, value)
-        return json.dumps({"Error": "the path is not UTF-8; percent-encode UTF-8 "
-                                    "text (POST /rpc/Hypervisor.<Method>)"}).encode() + b"\n"
+        return (
+            json.dumps(
+                {
+                    "Error": "the path is not UTF-8; percent-encode UTF-8 "
+                    "text (POST /rpc/Hypervisor.<Method>)"
+                }
+            ).encode()
+            + b"\n"
+        )
 
 
 class PathDispatch(Resource):

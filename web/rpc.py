@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import io
 import json
-from urllib.parse import unquote_to_bytes
 from typing import Any, Optional
+from urllib.parse import unquote_to_bytes
 
 from klein import Klein
 from twisted.internet.interfaces import IPushProducer
@@ -163,12 +163,22 @@ class RpcEndpoints:
         request.setHeader(b"Content-Type", JSON_TYPE)
         for name, value in SECURITY_HEADERS.items():
             request.setHeader(name, value)
-        return json.dumps([
-            {"Method": "Hypervisor." + name, "Access": spec.access,
-             "UnauthenticatedRead": name in UNAUTHENTICATED_READS,
-             "Reply": spec.kind, "Upload": spec.upload is not None}
-            for name, spec in sorted(METHODS.items())
-        ], indent=2).encode() + b"\n"
+        return (
+            json.dumps(
+                [
+                    {
+                        "Method": "Hypervisor." + name,
+                        "Access": spec.access,
+                        "UnauthenticatedRead": name in UNAUTHENTICATED_READS,
+                        "Reply": spec.kind,
+                        "Upload": spec.upload is not None,
+                    }
+                    for name, spec in sorted(METHODS.items())
+                ],
+                indent=2,
+            ).encode()
+            + b"\n"
+        )
 
     @app.route("/rpc", methods=["PUT", "DELETE", "PATCH", "OPTIONS"], branch=False)
     def listing_wrong_method(self, request: Request) -> bytes:
@@ -179,11 +189,11 @@ class RpcEndpoints:
         request.setResponseCode(405)
         request.setHeader(b"Allow", b"GET, HEAD")
         request.setHeader(b"Content-Type", JSON_TYPE)
-        return error_body("GET /rpc lists the methods; RPC calls are "
-                          "POST /rpc/Hypervisor.<Method>")
+        return error_body(
+            "GET /rpc lists the methods; RPC calls are " "POST /rpc/Hypervisor.<Method>"
+        )
 
-    @app.route("/rpc/", methods=["GET", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"],
-               branch=True)
+    @app.route("/rpc/", methods=["GET", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"], branch=True)
     def wrong_method(self, request: Request) -> bytes:
         """
         Calls are POSTs.
@@ -202,8 +212,7 @@ class RpcCall:
 
     log = Logger()
 
-    def __init__(self, request: "HypervisorRequest", name: str,
-                 length: Optional[int]) -> None:
+    def __init__(self, request: "HypervisorRequest", name: str, length: Optional[int]) -> None:
         self.request = request
         self.dispatcher = request.dispatcher
         self.name = name
@@ -226,8 +235,7 @@ class RpcCall:
         Decide access before any of the body is read; answer and close if refused.
         """
         try:
-            secure, identity = peer_identity(self.request.channel.transport,
-                                             self.request.trust)
+            secure, identity = peer_identity(self.request.channel.transport, self.request.trust)
         except CertificateRefused as e:
             self.dispatcher.classify(None, Failure(e))
             self.refuse(e.status, str(e))
@@ -240,9 +248,12 @@ class RpcCall:
         spec = self.call.spec
         limit = spec.max_request + (spec.max_upload if spec.upload else 0)
         if self.length is not None and self.length > limit:
-            self.fail_early(RequestTooLarge(
-                f"request body of {self.length} bytes is over the {limit}-byte limit for "
-                f"{self.name}"))
+            self.fail_early(
+                RequestTooLarge(
+                    f"request body of {self.length} bytes is over the {limit}-byte limit for "
+                    f"{self.name}"
+                )
+            )
             return False
         self.state = "line" if spec.upload is not None else "body"
         return True
@@ -283,18 +294,19 @@ class RpcCall:
             if newline < 0:
                 self._keep(data, limit)
                 return
-            self._keep(data[:newline + 1], limit)
+            self._keep(data[: newline + 1], limit)
             if self.closed:
                 return
-            self._start_upload(data[newline + 1:])
+            self._start_upload(data[newline + 1 :])
             return
         self._keep(data, limit)
 
     def _keep(self, data: bytes, limit: int) -> None:
         self.received += len(data)
         if self.received > limit:
-            what = "request JSON" + (" (it must be on the first line)"
-                                     if self.state == "line" else "")
+            what = "request JSON" + (
+                " (it must be on the first line)" if self.state == "line" else ""
+            )
             self.fail_early(RequestTooLarge(f"{what} is over the {limit}-byte limit"))
             return
         self.buffer.write(data)
@@ -308,7 +320,8 @@ class RpcCall:
             if self.length is not None and self.length - len(line) != size:
                 raise InvalidRequest(
                     f"the body has {self.length - len(line)} bytes after the request line, "
-                    f"but the request announces {size}")
+                    f"but the request announces {size}"
+                )
         except HypervisorError as e:
             self.fail_early(e)
             return
@@ -339,8 +352,9 @@ class RpcCall:
                 if self.state == "line":
                     size = self.dispatcher.upload_size(self.call, parsed)
                     if size:
-                        raise InvalidRequest(f"the request announces {size} bytes of data "
-                                             "but none followed it")
+                        raise InvalidRequest(
+                            f"the request announces {size} bytes of data " "but none followed it"
+                        )
             except HypervisorError as e:
                 self._reply_error(Failure(e))
                 return
@@ -359,8 +373,7 @@ class RpcCall:
 
     def _invoke(self, parsed: Any, upload: Optional[UploadStream]) -> None:
         assert self.call is not None
-        d = self.dispatcher.invoke(self.call, parsed, progress=self._progress,
-                                   upload=upload)
+        d = self.dispatcher.invoke(self.call, parsed, progress=self._progress, upload=upload)
         d.addCallbacks(self._result, self._failed)
         d.addErrback(lambda f: self.log.failure("answering {name}", f, name=self.name))
 
@@ -472,17 +485,19 @@ class HypervisorRequest(Request):
         self.content = io.BytesIO()
         if command == b"POST" and path.startswith(RPC_PREFIX):
             try:
-                name = unquote_to_bytes(path[len(RPC_PREFIX):]).decode("utf-8")
+                name = unquote_to_bytes(path[len(RPC_PREFIX) :]).decode("utf-8")
             except UnicodeDecodeError:
-                self.answer_and_close(400, "the method name is not UTF-8; calls are POST "
-                                           "/rpc/Hypervisor.<Method>")
+                self.answer_and_close(
+                    400, "the method name is not UTF-8; calls are POST " "/rpc/Hypervisor.<Method>"
+                )
                 return
             self.rpc = RpcCall(self, name, length)
             self.rpc.admit()
             return
         if length is not None and length > MAX_PAGE_BODY:
-            self.answer_and_close(413, f"a request body of {length} bytes was sent; "
-                                       "a page takes no request body")
+            self.answer_and_close(
+                413, f"a request body of {length} bytes was sent; " "a page takes no request body"
+            )
 
     def handleContentChunk(self, data: bytes) -> None:
         """
@@ -550,24 +565,25 @@ class HypervisorRequest(Request):
         transport: Any = self.channel.transport
         body = error_body(message)
         reason = RESPONSES.get(status, b"Error")
-        headers = b"".join(name + b": " + value + b"\r\n"
-                           for name, value in SECURITY_HEADERS.items())
+        headers = b"".join(
+            name + b": " + value + b"\r\n" for name, value in SECURITY_HEADERS.items()
+        )
         transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
-            b"Content-Length: %d\r\n%s\r\n" % (status, reason, len(body), headers) + body)
+            b"Content-Length: %d\r\n%s\r\n" % (status, reason, len(body), headers) + body
+        )
         self.channel.loseConnection()
         # A client still sending its body may never complete a TLS close: cut the
         # connection underneath after a grace period (cancelled if it closes).
         tcp: Any = network_producer(transport)
         if tcp is not None and hasattr(tcp, "abortConnection"):
-            self._abort = self.dispatcher.reactor.callLater(CLOSE_GRACE,
-                                                            tcp.abortConnection)
+            self._abort = self.dispatcher.reactor.callLater(CLOSE_GRACE, tcp.abortConnection)
 
 
 def request_factory(dispatcher: Dispatcher, trust: TrustStore) -> type[HypervisorRequest]:
     """
     A L{HypervisorRequest} class bound to this daemon's dispatcher and trust store.
     """
-    return type("BoundHypervisorRequest", (HypervisorRequest,),
-                {"dispatcher": dispatcher, "trust": trust})
-
+    return type(
+        "BoundHypervisorRequest", (HypervisorRequest,), {"dispatcher": dispatcher, "trust": trust}
+    )

@@ -80,18 +80,30 @@ SECURITY_HEADERS = {
 ALLOWED_METHODS = (b"GET", b"HEAD")
 ALLOW = b", ".join(ALLOWED_METHODS)
 
-CONTENT_TYPES = {".css": b"text/css; charset=utf-8", ".js": b"text/javascript",
-                 ".png": b"image/png", ".svg": b"image/svg+xml"}
+CONTENT_TYPES = {
+    ".css": b"text/css; charset=utf-8",
+    ".js": b"text/javascript",
+    ".png": b"image/png",
+    ".svg": b"image/svg+xml",
+}
 
 HTML = b"text/html; charset=utf-8"
 TEXT = b"text/plain; charset=utf-8"
 JSON = b"application/json"
 
-REASONS = {400: "bad request", 404: "not found", 405: "method not allowed",
-           413: "request body not accepted", 500: "error", 503: "unavailable"}
+REASONS = {
+    400: "bad request",
+    404: "not found",
+    405: "method not allowed",
+    413: "request body not accepted",
+    500: "error",
+    503: "unavailable",
+}
 
-_LAST_RESORT = (b"<!DOCTYPE html>\n<title>500</title>\n<h1>500: error</h1>\n"
-                b"<p>internal error; the log has the details</p>\n")
+_LAST_RESORT = (
+    b"<!DOCTYPE html>\n<title>500</title>\n<h1>500: error</h1>\n"
+    b"<p>internal error; the log has the details</p>\n"
+)
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _TAIL = re.compile("[0-9]{1,7}", re.ASCII)
 
@@ -236,8 +248,12 @@ def raw_query(request: Request) -> tuple[list[bytes], list[tuple[bytes, bytes]]]
 
 
 def split_query(
-    request: Request, page: str, positional: tuple[int, int] = (0, 0),
-    names: Sequence[str] = (), word: str = "", usage: str = "",
+    request: Request,
+    page: str,
+    positional: tuple[int, int] = (0, 0),
+    names: Sequence[str] = (),
+    word: str = "",
+    usage: str = "",
     json_errors: bool = False,
 ) -> tuple[list[str], dict[str, str]]:
     """
@@ -257,13 +273,17 @@ def split_query(
         try:
             return value.decode("utf-8")
         except UnicodeDecodeError:
-            raise PageError(400, f"the query of {page} is not UTF-8; percent-encode "
-                            f"UTF-8 text{example}", as_json) from None
+            raise PageError(
+                400,
+                f"the query of {page} is not UTF-8; percent-encode " f"UTF-8 text{example}",
+                as_json,
+            ) from None
 
     def unknown(key: str) -> PageError:
         takes = ("it takes " + ", ".join(names)) if names else "it takes none"
-        return PageError(400, f"{page} has no parameter {_shown(key)}; {takes}"
-                         f"{example}", as_json)
+        return PageError(
+            400, f"{page} has no parameter {_shown(key)}; {takes}" f"{example}", as_json
+        )
 
     words = [text(w) for w in raw_positional]
     params: dict[str, str] = {}
@@ -292,8 +312,9 @@ def parse_ip(text: str, page: str, as_json: bool = False) -> str:
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:
-        raise PageError(400, f"{_shown(text)} is not an IP address; give one: "
-                        f"{page}?10.2.3.4", as_json) from None
+        raise PageError(
+            400, f"{_shown(text)} is not an IP address; give one: " f"{page}?10.2.3.4", as_json
+        ) from None
 
 
 def parse_tail(text: str) -> int:
@@ -304,8 +325,11 @@ def parse_tail(text: str) -> int:
     """
     if _TAIL.fullmatch(text) and 1 <= int(text) <= MAX_TAIL:
         return int(text)
-    raise PageError(400, f"tail={_shown(text)} is not a number of lines from 1 to "
-                    f"{MAX_TAIL} (example: tail=100)")
+    raise PageError(
+        400,
+        f"tail={_shown(text)} is not a number of lines from 1 to "
+        f"{MAX_TAIL} (example: tail=100)",
+    )
 
 
 def parse_window(text: str) -> float:
@@ -317,11 +341,13 @@ def parse_window(text: str) -> float:
     try:
         seconds = flags.parse_duration(text)
     except ValueError as e:
-        raise PageError(400, f"bad window: {e} (examples: /logs/showLast?1m, ?2h)") \
-            from None
+        raise PageError(400, f"bad window: {e} (examples: /logs/showLast?1m, ?2h)") from None
     if not math.isfinite(seconds) or seconds > MAX_WINDOW:
-        raise PageError(400, f"window {_shown(text)} is out of range; give at most 10 "
-                        "years (examples: /logs/showLast?1m, ?2h)")
+        raise PageError(
+            400,
+            f"window {_shown(text)} is out of range; give at most 10 "
+            "years (examples: /logs/showLast?1m, ?2h)",
+        )
     return seconds
 
 
@@ -347,8 +373,11 @@ def read_tail_in(directory: str, name: bytes, limit: int) -> Optional[bytes]:
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-                         | os.O_NOCTTY, dir_fd=dir_fd)
+            fd = os.open(
+                name,
+                os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY,
+                dir_fd=dir_fd,
+            )
         except FileNotFoundError:
             return None
         except OSError as e:
@@ -434,8 +463,7 @@ def _answering(handler: Callable[..., Any]) -> Callable[..., Deferred[bytes]]:
     """
 
     @functools.wraps(handler)
-    def answer(pages: StatusPages, request: Request, *args: Any,
-               **kwargs: Any) -> Deferred[bytes]:
+    def answer(pages: StatusPages, request: Request, *args: Any, **kwargs: Any) -> Deferred[bytes]:
         d: Deferred[Any] = maybeDeferred(handler, pages, request, *args, **kwargs)
         d.addCallback(pages._body, request)
         d.addErrback(pages._failed, request)
@@ -495,8 +523,12 @@ class StatusPages:
     log = Logger()
 
     def __init__(
-        self, manager: Manager, libvirt: LibvirtService, hostname: str = "",
-        metrics: Optional[Metrics] = None, logs: Optional[LogBuffer] = None,
+        self,
+        manager: Manager,
+        libvirt: LibvirtService,
+        hostname: str = "",
+        metrics: Optional[Metrics] = None,
+        logs: Optional[LogBuffer] = None,
         log_dir: str = "",
     ) -> None:
         self.manager = manager
@@ -535,20 +567,26 @@ class StatusPages:
         if request.method not in ALLOWED_METHODS:
             request.setHeader(b"Allow", ALLOW)
             method = request.method.decode("latin-1")
-            return self._error_page(request, 405, f"the pages answer GET and HEAD only, "
-                                    f"not {_shown(method, 20)}")
+            return self._error_page(
+                request, 405, f"the pages answer GET and HEAD only, " f"not {_shown(method, 20)}"
+            )
         content = request.content
         if content is not None:
             content.seek(0, os.SEEK_END)
             if content.tell():
-                return self._error_page(request, 413, "a page takes no request body; "
-                                        "send a GET without one")
+                return self._error_page(
+                    request, 413, "a page takes no request body; " "send a GET without one"
+                )
         try:
             b"/".join((request.prepath or []) + (request.postpath or [])).decode("utf-8")
         except UnicodeDecodeError:
-            return self._error_page(request, 400, "the path is not UTF-8; "
-                                    "percent-encode UTF-8 text (the status page / "
-                                    "links to every page)")
+            return self._error_page(
+                request,
+                400,
+                "the path is not UTF-8; "
+                "percent-encode UTF-8 text (the status page / "
+                "links to every page)",
+            )
         try:
             request.getRequestHostname().decode("utf-8")
         except UnicodeDecodeError:
@@ -559,12 +597,16 @@ class StatusPages:
         self._headers(request, HTML)
         m = self.manager
         return self.templates.get_template(template).render(
-            hostname=self.hostname, version=hypervisor.__version__,
-            disabled=m.disabled, now=format_time(self.manager.reactor.seconds()),
-            **context)
+            hostname=self.hostname,
+            version=hypervisor.__version__,
+            disabled=m.disabled,
+            now=format_time(self.manager.reactor.seconds()),
+            **context,
+        )
 
-    def _error_page(self, request: Request, status: int, message: str,
-                    as_json: bool = False) -> bytes:
+    def _error_page(
+        self, request: Request, status: int, message: str, as_json: bool = False
+    ) -> bytes:
         """
         An error page (or JSON error) as bytes; never raises.
         """
@@ -573,9 +615,15 @@ class StatusPages:
             if as_json:
                 self._headers(request, JSON)
                 return json.dumps({"Error": clean_text(message)}).encode() + b"\n"
-            return to_utf8(self._render(request, "error.html", status=status,
-                                        reason=REASONS.get(status, "error"),
-                                        message=message))
+            return to_utf8(
+                self._render(
+                    request,
+                    "error.html",
+                    status=status,
+                    reason=REASONS.get(status, "error"),
+                    message=message,
+                )
+            )
         except Exception:
             self.log.failure("the error page for {status} failed", status=status)
             self._headers(request, HTML)
@@ -606,10 +654,10 @@ class StatusPages:
         if isinstance(error, PageError):
             body = self._error_page(request, error.status, error.message, error.as_json)
         else:
-            self.log.failure("page {path} failed", failure,
-                             path=request.uri.decode("latin-1")[:200])
-            body = self._error_page(request, 500,
-                                    "internal error; the log has the details")
+            self.log.failure(
+                "page {path} failed", failure, path=request.uri.decode("latin-1")[:200]
+            )
+            body = self._error_page(request, 500, "internal error; the log has the details")
         request.setHeader(b"Content-Length", b"%d" % len(body))
         return body
 
@@ -633,7 +681,8 @@ class StatusPages:
         allocated_cpu = sum(i.MilliCPUs for i in infos)
         doms = list(m.domains.values())
         return self._render(
-            request, "index.html",
+            request,
+            "index.html",
             uuid=m.state.uuid,
             start_time=format_time(m.start_time) if m.start_time else "not started",
             uptime=m.uptime,
@@ -650,10 +699,14 @@ class StatusPages:
             state_dir=m.state.path,
             states=report.states(infos),
             num_vms=len(infos),
-            cpus=cpus, allocated_cpu=allocated_cpu,
-            total_mib=total_mib, available_mib=available_mib, allocated_mib=allocated_mib,
-            pool=report.pool_by_subnet(m.pool.free, m.pool.registered,
-                                       m._addresses_in_use(), m.subnets),
+            cpus=cpus,
+            allocated_cpu=allocated_cpu,
+            total_mib=total_mib,
+            available_mib=available_mib,
+            allocated_mib=allocated_mib,
+            pool=report.pool_by_subnet(
+                m.pool.free, m.pool.registered, m._addresses_in_use(), m.subnets
+            ),
             subnets=m.subnets.list(sort=True),
             volume_directories=report.volume_directories(m.volume_directories, m.host),
             owners=sorted(m.owner_users) + [f"group {g}" for g in sorted(m.owner_groups)],
@@ -664,21 +717,27 @@ class StatusPages:
         """
         The VM table, or its JSON/text forms; filters C{state=} and C{primaryOwner=}.
         """
-        _, params = split_query(request, "/listVMs",
-                                names=("output", "state", "primaryOwner"),
-                                usage="/listVMs?state=running&output=json",
-                                json_errors=True)
+        _, params = split_query(
+            request,
+            "/listVMs",
+            names=("output", "state", "primaryOwner"),
+            usage="/listVMs?state=running&output=json",
+            json_errors=True,
+        )
         output = params.get("output", "html")
         state = params.get("state", "")
         if state and state not in {s.value for s in State}:
-            raise PageError(400, f"unknown state {_shown(state)}; states are: "
-                            + ", ".join(s.value for s in State), output == "json")
+            raise PageError(
+                400,
+                f"unknown state {_shown(state)}; states are: " + ", ".join(s.value for s in State),
+                output == "json",
+            )
         if output not in ("html", "json", "text"):
-            raise PageError(400, f"unknown output {_shown(output)}; use html, json or "
-                            "text")
+            raise PageError(400, f"unknown output {_shown(output)}; use html, json or " "text")
         m = self.manager
-        infos = report.select([vm.info for vm in m.vms.values()], state,
-                              params.get("primaryOwner", ""))
+        infos = report.select(
+            [vm.info for vm in m.vms.values()], state, params.get("primaryOwner", "")
+        )
         if output == "json":
             return self._json(request, infos)
         if output == "text":
@@ -687,24 +746,40 @@ class StatusPages:
         rows = [report.vm_row(i, m.host.num_cpus()) for i in infos]
         total, owners = report.totals(rows)
         total_mib, _ = m.host.memory()
-        capacity_storage = sum(v.Size for v in report.volume_directories(
-            m.volume_directories, m.host))
+        capacity_storage = sum(
+            v.Size for v in report.volume_directories(m.volume_directories, m.host)
+        )
         return self._render(
-            request, "list_vms.html", rows=rows, total=total, owners=owners,
-            state=state, primary_owner=params.get("primaryOwner", ""),
+            request,
+            "list_vms.html",
+            rows=rows,
+            total=total,
+            owners=owners,
+            state=state,
+            primary_owner=params.get("primaryOwner", ""),
             states=[s.value for s in State],
-            capacity={"memory_mib": total_mib, "milli_cpus": m.host.num_cpus() * 1000,
-                      "vcpus": m.host.num_cpus(), "storage": capacity_storage})
+            capacity={
+                "memory_mib": total_mib,
+                "milli_cpus": m.host.num_cpus() * 1000,
+                "vcpus": m.host.num_cpus(),
+                "storage": capacity_storage,
+            },
+        )
 
     @app.route("/showVM", branch=False)
     async def show_vm(self, request: Request) -> Any:
         """
         One VM in full; C{&output=json} for its VmInfo.
         """
-        positional, params = split_query(request, "/showVM", positional=(1, 1),
-                                         names=("output",), word="IP address",
-                                         usage="/showVM?10.2.3.4&output=json",
-                                         json_errors=True)
+        positional, params = split_query(
+            request,
+            "/showVM",
+            positional=(1, 1),
+            names=("output",),
+            word="IP address",
+            usage="/showVM?10.2.3.4&output=json",
+            json_errors=True,
+        )
         output = params.get("output", "html")
         as_json = output == "json"
         if output not in ("html", "json"):
@@ -717,34 +792,48 @@ class StatusPages:
             return self._json(request, vm.info)
         info = vm.info
         volumes = [
-            {"index": i, "volume": v,
-             "file": vm.local.VolumeLocations[i].Filename
-             if i < len(vm.local.VolumeLocations) else ""}
-            for i, v in enumerate(info.Volumes)]
-        has_bootlog = await deferToThread(os.path.exists,
-                                          os.path.join(vm.directory, "bootlog"))
+            {
+                "index": i,
+                "volume": v,
+                "file": (
+                    vm.local.VolumeLocations[i].Filename
+                    if i < len(vm.local.VolumeLocations)
+                    else ""
+                ),
+            }
+            for i, v in enumerate(info.Volumes)
+        ]
+        has_bootlog = await deferToThread(os.path.exists, os.path.join(vm.directory, "bootlog"))
         return self._render(
-            request, "show_vm.html", info=info, volumes=volumes,
+            request,
+            "show_vm.html",
+            info=info,
+            volumes=volumes,
             row=report.vm_row(info, self.manager.host.num_cpus()),
             info_json=json.dumps(codec.encode_value(info), indent=4),
-            has_bootlog=has_bootlog)
+            has_bootlog=has_bootlog,
+        )
 
     @app.route("/showVmBootLog", branch=False)
     async def show_boot_log(self, request: Request) -> Any:
         """
         The VM's serial output as text (CRLF -> LF); C{&tail=N} for the last N lines.
         """
-        positional, params = split_query(request, "/showVmBootLog", positional=(1, 1),
-                                         names=("tail",), word="IP address",
-                                         usage="/showVmBootLog?10.2.3.4&tail=100")
+        positional, params = split_query(
+            request,
+            "/showVmBootLog",
+            positional=(1, 1),
+            names=("tail",),
+            word="IP address",
+            usage="/showVmBootLog?10.2.3.4&tail=100",
+        )
         ip = parse_ip(positional[0], "/showVmBootLog")
         tail = parse_tail(params["tail"]) if "tail" in params else 0
         vm = self.manager.vms.get(ip)
         if vm is None or vm.deleted:
             raise PageError(404, f"no VM with IP {ip}")
         try:
-            data = await deferToThread(read_tail_in, vm.directory, b"bootlog",
-                                       BOOTLOG_MAX)
+            data = await deferToThread(read_tail_in, vm.directory, b"bootlog", BOOTLOG_MAX)
         except NotARegularFile:
             raise PageError(404, f"the boot log of {ip} is not a regular file") from None
         text = (data or b"").decode("utf-8", "replace").replace("\r\n", "\n")
@@ -792,11 +881,21 @@ class StatusPages:
         Volume directories with mount point and space, as JSON.
         """
         split_query(request, "/showVolumeDirectories")
-        return self._json(request, [
-            {"Directory": d.Directory, "CanTrim": d.CanTrim, "MountPoint": d.MountPoint,
-             "Size": d.Size, "Available": d.Available}
-            for d in report.volume_directories(self.manager.volume_directories,
-                                               self.manager.host)])
+        return self._json(
+            request,
+            [
+                {
+                    "Directory": d.Directory,
+                    "CanTrim": d.CanTrim,
+                    "MountPoint": d.MountPoint,
+                    "Size": d.Size,
+                    "Available": d.Available,
+                }
+                for d in report.volume_directories(
+                    self.manager.volume_directories, self.manager.host
+                )
+            ],
+        )
 
     @app.route("/showDhcpStatus", branch=False)
     def show_dhcp_status(self, request: Request) -> str:
@@ -805,11 +904,18 @@ class StatusPages:
         """
         split_query(request, "/showDhcpStatus")
         m = self.manager
-        leases = [(lease.MacAddress, lease.IpAddress, lease.Hostname,
-                   lease.Subnet.Id if lease.Subnet is not None else "")
-                  for lease in m.leases()]
-        return self._render(request, "dhcp.html", dhcp_running=m.dhcp_acks is not None,
-                            leases=leases)
+        leases = [
+            (
+                lease.MacAddress,
+                lease.IpAddress,
+                lease.Hostname,
+                lease.Subnet.Id if lease.Subnet is not None else "",
+            )
+            for lease in m.leases()
+        ]
+        return self._render(
+            request, "dhcp.html", dhcp_running=m.dhcp_acks is not None, leases=leases
+        )
 
     @app.route("/logs", branch=False)
     async def logs_page(self, request: Request) -> str:
@@ -818,22 +924,35 @@ class StatusPages:
         """
         split_query(request, "/logs")
         files = await deferToThread(list_log_files, self.log_dir)
-        return self._render(request, "logs.html", lines=list(self.logs.lines)[-500:],
-                            files=files, window="", total=len(self.logs.lines))
+        return self._render(
+            request,
+            "logs.html",
+            lines=list(self.logs.lines)[-500:],
+            files=files,
+            window="",
+            total=len(self.logs.lines),
+        )
 
     @app.route("/logs/showLast", branch=False)
     async def logs_last(self, request: Request) -> str:
         """
         The lines of the last window (C{?1m}, C{?30s}, C{?2h}).
         """
-        positional, _ = split_query(request, "/logs/showLast", positional=(0, 1),
-                                    word="window", usage="/logs/showLast?1m")
+        positional, _ = split_query(
+            request, "/logs/showLast", positional=(0, 1), word="window", usage="/logs/showLast?1m"
+        )
         window = positional[0] if positional else "1m"
         seconds = parse_window(window)
         lines = self.logs.since(self.manager.reactor.seconds() - seconds)
         files = await deferToThread(list_log_files, self.log_dir)
-        return self._render(request, "logs.html", lines=lines, files=files,
-                            window=window, total=len(self.logs.lines))
+        return self._render(
+            request,
+            "logs.html",
+            lines=lines,
+            files=files,
+            window=window,
+            total=len(self.logs.lines),
+        )
 
     @app.route("/logs/dump", branch=False)
     def logs_dump(self, request: Request) -> str:
@@ -842,8 +961,10 @@ class StatusPages:
         """
         split_query(request, "/logs/dump")
         self._headers(request, TEXT)
-        return "".join(f"{format_time(line.time)} [{line.level}] {line.namespace}: "
-                       f"{line.text}\n" for line in self.logs.lines)
+        return "".join(
+            f"{format_time(line.time)} [{line.level}] {line.namespace}: " f"{line.text}\n"
+            for line in self.logs.lines
+        )
 
     @app.route("/logs/file", branch=False)
     async def logs_file(self, request: Request) -> Any:
@@ -878,6 +999,7 @@ class StatusPages:
         request.setHeader(b"Content-Type", self.metrics.content_type.encode())
         body = self.metrics.own_text() + self.metrics.process_figures
         if self._process_refresh is None:
+
             def done(_: object) -> None:
                 self._process_refresh = None
 
@@ -922,17 +1044,22 @@ class StatusPages:
         """
         if failure.check(RouteNotFound, RequestRedirect):
             path = request.path.decode("utf-8", "replace")
-            body = self._error_page(request, 404, f"no page at {_shown(path)}; the "
-                                    "status page / links to every page")
-        elif failure.check(HTTPException) and isinstance(failure.value, HTTPException) \
-                and failure.value.code and failure.value.code < 500:
+            body = self._error_page(
+                request, 404, f"no page at {_shown(path)}; the " "status page / links to every page"
+            )
+        elif (
+            failure.check(HTTPException)
+            and isinstance(failure.value, HTTPException)
+            and failure.value.code
+            and failure.value.code < 500
+        ):
             error = failure.value
             assert error.code is not None
             body = self._error_page(request, error.code, str(error.name))
         else:
-            self.log.failure("page {path} failed", failure,
-                             path=request.uri.decode("latin-1")[:200])
-            body = self._error_page(request, 500, "internal error; the log has the "
-                                    "details")
+            self.log.failure(
+                "page {path} failed", failure, path=request.uri.decode("latin-1")[:200]
+            )
+            body = self._error_page(request, 500, "internal error; the log has the " "details")
         request.setHeader(b"Content-Length", b"%d" % len(body))
         return body

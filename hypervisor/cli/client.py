@@ -81,8 +81,7 @@ def find_certificates(directory: str) -> list[CertPair]:
             methods = parse_string_sequence(getattr(ext, "value", b""))
         except (x509.ExtensionNotFound, ValueError):
             pass
-        pairs.append(CertPair(cert_path, key_path, methods,
-                              cert.not_valid_after_utc.timestamp()))
+        pairs.append(CertPair(cert_path, key_path, methods, cert.not_valid_after_utc.timestamp()))
     pairs.sort(key=lambda p: p.rank(), reverse=True)
     return pairs
 
@@ -123,12 +122,14 @@ class ClientTLSPolicy:
         The TLS connection creator for the hypervisor.
         """
         if self.trust is not None:
-            return ssl.optionsForClientTLS(hostname.decode(), trustRoot=self.trust,
-                                           clientCertificate=self.client)
+            return ssl.optionsForClientTLS(
+                hostname.decode(), trustRoot=self.trust, clientCertificate=self.client
+            )
         kwargs: dict[str, Any] = {"raiseMinimumTo": ssl.TLSVersion.TLSv1_2}
         if self.client is not None:
-            kwargs.update(privateKey=self.client.privateKey.original,
-                          certificate=self.client.original)
+            kwargs.update(
+                privateKey=self.client.privateKey.original, certificate=self.client.original
+            )
         return _UnverifiedServer(ssl.CertificateOptions(**kwargs))
 
 
@@ -189,8 +190,9 @@ class RpcClient:
     Calls to one hypervisor.
     """
 
-    def __init__(self, reactor: Any, host: str, port: int, cert_directory: str,
-                 ca_file: str) -> None:
+    def __init__(
+        self, reactor: Any, host: str, port: int, cert_directory: str, ca_file: str
+    ) -> None:
         import treq
         from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -199,8 +201,7 @@ class RpcClient:
         pairs = find_certificates(cert_directory)
         self.pair = pairs[0] if pairs else None
         pool = HTTPConnectionPool(reactor, persistent=False)
-        agent = Agent(reactor, contextFactory=ClientTLSPolicy(self.pair, ca_file),
-                      pool=pool)
+        agent = Agent(reactor, contextFactory=ClientTLSPolicy(self.pair, ca_file), pool=pool)
         self.http = treq.client.HTTPClient(agent)
 
     def url(self, method: str) -> str:
@@ -210,10 +211,13 @@ class RpcClient:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"https://{host}:{self.port}/rpc/Hypervisor.{method}"
 
-    async def call(self, method: str, request: dict[str, Any],
-                   tail: Optional[tuple[list[IO[bytes]], list[int]]] = None,
-                   on_message: Optional[Callable[[dict[str, Any]], None]] = None,
-                   ) -> dict[str, Any]:
+    async def call(
+        self,
+        method: str,
+        request: dict[str, Any],
+        tail: Optional[tuple[list[IO[bytes]], list[int]]] = None,
+        on_message: Optional[Callable[[dict[str, Any]], None]] = None,
+    ) -> dict[str, Any]:
         """
         Call a method; for streams, give each message but the last to C{on_message}.
 
@@ -231,12 +235,15 @@ class RpcClient:
             body = ConcatFile([io.BytesIO(line)] + parts, [len(line)] + sizes)
         try:
             response = await self.http.post(
-                self.url(method), data=FileBodyProducer(body),
+                self.url(method),
+                data=FileBodyProducer(body),
                 headers=Headers({b"Content-Type": [b"application/json"]}),
-                unbuffered=True)
+                unbuffered=True,
+            )
         except Exception as e:  # noqa: BLE001 - shown to the user
-            raise ClientError(f"cannot reach the hypervisor at {self.host}:{self.port}: "
-                              f"{_describe(e)}") from None
+            raise ClientError(
+                f"cannot reach the hypervisor at {self.host}:{self.port}: " f"{_describe(e)}"
+            ) from None
         messages: list[dict[str, Any]] = []
         buffer = [b""]
 
@@ -261,8 +268,9 @@ class RpcClient:
         return last
 
 
-def parse_flags(argv: list[str], defaults: dict[str, Any], booleans: list[str],
-                usage: Callable[[], str]) -> tuple[dict[str, Any], list[str]]:
+def parse_flags(
+    argv: list[str], defaults: dict[str, Any], booleans: list[str], usage: Callable[[], str]
+) -> tuple[dict[str, Any], list[str]]:
     """
     Go-style flags before a subcommand (C{-name value}, C{-name=value}, booleans).
 
@@ -306,8 +314,9 @@ def _describe(e: Exception) -> str:
     return str(e) or type(e).__name__
 
 
-def run_client(program: str, name: str, values: dict[str, Any],
-               command: Callable[["RpcClient"], Any]) -> int:
+def run_client(
+    program: str, name: str, values: dict[str, Any], command: Callable[["RpcClient"], Any]
+) -> int:
     """
     Run one subcommand (an async function of the client) under its own reactor;
     return the exit status (1 with the hypervisor's message on errors).
@@ -317,13 +326,20 @@ def run_client(program: str, name: str, values: dict[str, Any],
     status = [0]
 
     async def run(reactor: Any) -> None:
-        client = RpcClient(reactor, values["hypervisorHostname"],
-                           values["hypervisorPortNum"], values["certDirectory"],
-                           values["CAfile"])
+        client = RpcClient(
+            reactor,
+            values["hypervisorHostname"],
+            values["hypervisorPortNum"],
+            values["certDirectory"],
+            values["CAfile"],
+        )
         if client.pair is None:
-            print(f"{program}: no client certificate in {values['certDirectory']} "
-                  "(*.cert + *.key); create one with 'hypervisor make-certs --user "
-                  "NAME'", file=sys.stderr)
+            print(
+                f"{program}: no client certificate in {values['certDirectory']} "
+                "(*.cert + *.key); create one with 'hypervisor make-certs --user "
+                "NAME'",
+                file=sys.stderr,
+            )
         try:
             status[0] = await command(client)
         except ClientError as e:

@@ -69,11 +69,11 @@ def parse(argv: Sequence[str]) -> tuple[dict[str, Any], str, list[str]]:
     return values, rest[0], rest[1:]
 
 
-async def run_command(client: RpcClient, values: dict[str, Any], name: str,
-                      args: list[str]) -> int:
+async def run_command(client: RpcClient, values: dict[str, Any], name: str, args: list[str]) -> int:
     """
     Run one subcommand; return the exit status.
     """
+
     def need(low: int, high: int) -> None:
         if not low <= len(args) <= high:
             spec = next(s[1] for s in SUBCOMMANDS if s[0] == name)
@@ -89,13 +89,22 @@ async def run_command(client: RpcClient, values: dict[str, Any], name: str,
         await client.call("ChangeAddressPool", {"AddressesToRemove": [{key: args[0]}]})
     elif name == "remove-excess-addresses":
         need(1, 1)
-        await client.call("ChangeAddressPool",
-                          {"MaximumFreeAddresses": {"": int(args[0])}})
+        await client.call("ChangeAddressPool", {"MaximumFreeAddresses": {"": int(args[0])}})
     elif name == "add-subnet":
         need(3, 64)
-        await client.call("UpdateSubnets", {"Add": [{
-            "Id": args[0], "IpGateway": args[1], "IpMask": args[2],
-            "DomainNameServers": args[3:]}]})
+        await client.call(
+            "UpdateSubnets",
+            {
+                "Add": [
+                    {
+                        "Id": args[0],
+                        "IpGateway": args[1],
+                        "IpMask": args[2],
+                        "DomainNameServers": args[3:],
+                    }
+                ]
+            },
+        )
     elif name == "change-owners":
         await client.call("ChangeOwners", {"OwnerUsers": args})
     elif name in ("disable-hypervisor", "enable-hypervisor"):
@@ -140,13 +149,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         values, name, rest = parse(args)
     except ValueError as e:
-        print(f"hyper-control: {e}\nRun 'hyper-control -h' for the flags and "
-              "subcommands.", file=sys.stderr)
+        print(
+            f"hyper-control: {e}\nRun 'hyper-control -h' for the flags and " "subcommands.",
+            file=sys.stderr,
+        )
         return 2
     except SystemExit as e:
         return int(e.code or 0)
-    return run_client("hyper-control", name, values,
-                      lambda client: run_command(client, values, name, rest))
+    return run_client(
+        "hyper-control", name, values, lambda client: run_command(client, values, name, rest)
+    )
 
 
 if __name__ == "__main__":

@@ -80,11 +80,15 @@ class MakeCertsOptions(usage.Options):
     optParameters = [
         ["user", "u", "", "Username (certificate CN) of a user certificate to make"],
         ["groups", "g", "", "Comma-separated groups for the user certificate"],
-        ["methods", "m", "", "Comma-separated permitted methods, e.g. 'Hypervisor.*' "
-         "or '*.*' (grants count only with certificates signed by -CAfile)"],
+        [
+            "methods",
+            "m",
+            "",
+            "Comma-separated permitted methods, e.g. 'Hypervisor.*' "
+            "or '*.*' (grants count only with certificates signed by -CAfile)",
+        ],
         ["out", "o", os.path.expanduser("~/.ssl"), "Directory for the user certificate"],
-        ["hostnames", None, "", "Extra comma-separated names/IPs for the daemon's "
-         "certificate"],
+        ["hostnames", None, "", "Extra comma-separated names/IPs for the daemon's " "certificate"],
         ["days", None, 3650, "Validity of new certificates, in days", int],
     ]
 
@@ -100,18 +104,42 @@ class HypervisorCommand(Options):
 
     synopsis = "[flags] [run|stop|stop-vms-on-next-stop|check-vms|repair-vm-volume-allocations]"
     subCommands = [
-        ["run", None, RunOptions,
-         "Run the daemon in the foreground (default when no subcommand is given)"],
-        ["stop", None, StopOptions,
-         "Stop the running daemon, leaving VMs running (unless stop-vms-on-next-stop)"],
-        ["stop-vms-on-next-stop", None, StopVmsOptions,
-         "Make the next stop shut all VMs down first (for host shutdown)"],
-        ["check-vms", None, CheckVmsOptions,
-         "Report VM volumes whose size or disk allocation is wrong (offline)"],
-        ["repair-vm-volume-allocations", None, RepairOptions,
-         "Allocate the missing blocks of under-allocated VM volumes (offline)"],
-        ["make-certs", None, MakeCertsOptions,
-         "Create the CA, the daemon's TLS certificate and user certificates"],
+        [
+            "run",
+            None,
+            RunOptions,
+            "Run the daemon in the foreground (default when no subcommand is given)",
+        ],
+        [
+            "stop",
+            None,
+            StopOptions,
+            "Stop the running daemon, leaving VMs running (unless stop-vms-on-next-stop)",
+        ],
+        [
+            "stop-vms-on-next-stop",
+            None,
+            StopVmsOptions,
+            "Make the next stop shut all VMs down first (for host shutdown)",
+        ],
+        [
+            "check-vms",
+            None,
+            CheckVmsOptions,
+            "Report VM volumes whose size or disk allocation is wrong (offline)",
+        ],
+        [
+            "repair-vm-volume-allocations",
+            None,
+            RepairOptions,
+            "Allocate the missing blocks of under-allocated VM volumes (offline)",
+        ],
+        [
+            "make-certs",
+            None,
+            MakeCertsOptions,
+            "Create the CA, the daemon's TLS certificate and user certificates",
+        ],
     ]
     defaultSubCommand = "run"
 
@@ -121,8 +149,13 @@ def _run(options: HypervisorCommand) -> int:
 
     config = twistd.ServerOptions()
     config.parseOptions(
-        ["--nodaemon", "--pidfile=", "--logger=hypervisor.logs.stderr_observer",
-         "hypervisor", *options.go_flags()]
+        [
+            "--nodaemon",
+            "--pidfile=",
+            "--logger=hypervisor.logs.stderr_observer",
+            "hypervisor",
+            *options.go_flags(),
+        ]
     )
     try:
         twistd.runApp(config)
@@ -151,12 +184,11 @@ def make_certs(options: Options, sub: usage.Options) -> int:
     days = sub["days"]
     if not os.path.exists(options["certFile"]) or not os.path.exists(options["keyFile"]):
         names = certs.default_server_names() + [
-            n.strip() for n in sub["hostnames"].split(",") if n.strip()]
-        key, cert = certs.make_certificate(ca_key, ca_cert, names[0],
-                                           server_names=names, days=days)
+            n.strip() for n in sub["hostnames"].split(",") if n.strip()
+        ]
+        key, cert = certs.make_certificate(ca_key, ca_cert, names[0], server_names=names, days=days)
         certs.write_pair(options["certFile"], options["keyFile"], key, cert)
-        print(f"created the daemon's certificate {options['certFile']} for "
-              f"{', '.join(names)}")
+        print(f"created the daemon's certificate {options['certFile']} for " f"{', '.join(names)}")
     else:
         print(f"using the daemon's certificate {options['certFile']}")
     if sub["user"]:
@@ -170,15 +202,17 @@ def make_certs(options: Options, sub: usage.Options) -> int:
         methods = [m.strip() for m in sub["methods"].split(",") if m.strip()]
         bad = [m for m in methods if m.count(".") != 1]
         if bad:
-            print(f"hypervisor make-certs: methods must be Service.Method: {bad}",
-                  file=sys.stderr)
+            print(f"hypervisor make-certs: methods must be Service.Method: {bad}", file=sys.stderr)
             return 2
-        key, cert = certs.make_certificate(ca_key, ca_cert, sub["user"], groups=groups,
-                                           methods=methods, days=days)
+        key, cert = certs.make_certificate(
+            ca_key, ca_cert, sub["user"], groups=groups, methods=methods, days=days
+        )
         os.makedirs(out, mode=0o700, exist_ok=True)
         certs.write_pair(cert_path, key_path, key, cert)
-        print(f"created user certificate {cert_path} (user {sub['user']}, groups "
-              f"{groups or 'none'}, methods {methods or 'none'})")
+        print(
+            f"created user certificate {cert_path} (user {sub['user']}, groups "
+            f"{groups or 'none'}, methods {methods or 'none'})"
+        )
     return 0
 
 

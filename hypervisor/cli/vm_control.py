@@ -25,8 +25,11 @@ PARAMETERS: list[tuple[str, str, str]] = [
     ("hypervisorHostname", "localhost", "Hostname of hypervisor"),
     ("hypervisorPortNum", "6976", "Port number of hypervisor"),
     ("certDirectory", os.path.expanduser("~/.ssl"), "Directory of client certificates"),
-    ("CAfile", "/etc/ssl/CA.pem", "CA to verify the hypervisor's certificate with "
-     "(not verified if the file is missing)"),
+    (
+        "CAfile",
+        "/etc/ssl/CA.pem",
+        "CA to verify the hypervisor's certificate with " "(not verified if the file is missing)",
+    ),
     ("memory", "1G", "Memory of the VM (e.g. 512M, 2G)"),
     ("milliCPUs", "1000", "CPU allowance in thousandths of a CPU"),
     ("vcpus", "0", "Number of virtual CPUs (0: from milliCPUs)"),
@@ -97,8 +100,9 @@ def parse(argv: Sequence[str]) -> tuple[dict[str, Any], str, list[str]]:
 
     @raise ValueError: a usage error, with a sentence naming the flag.
     """
-    values, rest = parse_flags(list(argv), {n: d for n, d, _ in PARAMETERS},
-                               [b[0] for b in BOOLEANS], usage)
+    values, rest = parse_flags(
+        list(argv), {n: d for n, d, _ in PARAMETERS}, [b[0] for b in BOOLEANS], usage
+    )
     command, args = rest[0], rest[1:]
     known = {name: a for name, a, _ in SUBCOMMANDS}
     if command not in known:
@@ -115,7 +119,8 @@ def parse(argv: Sequence[str]) -> tuple[dict[str, Any], str, list[str]]:
         values["hypervisorPortNum"] = int(values["hypervisorPortNum"])
         values["dhcpTimeout"] = flags.parse_duration(values["dhcpTimeout"])
         values["secondaryVolumeSizes"] = [
-            flags.parse_size(s) for s in values["secondaryVolumeSizes"].split(",") if s]
+            flags.parse_size(s) for s in values["secondaryVolumeSizes"].split(",") if s
+        ]
     except ValueError as e:
         raise ValueError(f"bad flag value: {e}") from None
     values["tags"] = parse_tags(values["tags"])
@@ -159,14 +164,23 @@ async def create_vm(client: RpcClient, v: dict[str, Any]) -> int:
     CreateVm (uploading -imageFile and -userDataFile), then AcknowledgeVm.
     """
     request: dict[str, Any] = {
-        "MemoryInMiB": v["memory"], "MilliCPUs": v["milliCPUs"],
-        "VirtualCPUs": v["vcpus"], "SubnetId": v["subnetId"], "Tags": v["tags"],
-        "OwnerUsers": v["ownerUsers"], "OwnerGroups": v["ownerGroups"],
-        "Hostname": v["hostname"], "DestroyProtection": v["destroyProtection"],
-        "DestroyOnPowerdown": v["destroyOnPowerdown"], "DoNotStart": v["doNotStart"],
-        "DisableVirtIO": v["disableVirtIO"], "MinimumFreeBytes": v["minFreeBytes"],
-        "RoundupPower": v["roundupPower"], "ImageURL": v["imageURL"],
-        "KernelURL": v["kernelURL"], "InitrdURL": v["initrdURL"],
+        "MemoryInMiB": v["memory"],
+        "MilliCPUs": v["milliCPUs"],
+        "VirtualCPUs": v["vcpus"],
+        "SubnetId": v["subnetId"],
+        "Tags": v["tags"],
+        "OwnerUsers": v["ownerUsers"],
+        "OwnerGroups": v["ownerGroups"],
+        "Hostname": v["hostname"],
+        "DestroyProtection": v["destroyProtection"],
+        "DestroyOnPowerdown": v["destroyOnPowerdown"],
+        "DoNotStart": v["doNotStart"],
+        "DisableVirtIO": v["disableVirtIO"],
+        "MinimumFreeBytes": v["minFreeBytes"],
+        "RoundupPower": v["roundupPower"],
+        "ImageURL": v["imageURL"],
+        "KernelURL": v["kernelURL"],
+        "InitrdURL": v["initrdURL"],
         "ExtraKernelOptions": v["extraKernelOptions"],
         "SecondaryVolumes": [{"Size": s} for s in v["secondaryVolumeSizes"]],
         "DhcpTimeout": int(v["dhcpTimeout"] * 1e9),
@@ -193,8 +207,7 @@ async def create_vm(client: RpcClient, v: dict[str, Any]) -> int:
     ip = final["IpAddress"]
     await client.call("AcknowledgeVm", {"IpAddress": ip})
     if final.get("DhcpTimedOut"):
-        print(f"VM {ip}: no DHCP ACK within {v['dhcpTimeout']:g}s: destroying it",
-              file=sys.stderr)
+        print(f"VM {ip}: no DHCP ACK within {v['dhcpTimeout']:g}s: destroying it", file=sys.stderr)
         await client.call("DestroyVm", {"IpAddress": ip})
         return 1
     print(ip)
@@ -213,6 +226,7 @@ def command(name: str) -> Callable[[Any], Any]:
     """
     Register a subcommand implementation.
     """
+
     def register(fn: Any) -> Any:
         COMMANDS[name] = fn
         return fn
@@ -220,8 +234,12 @@ def command(name: str) -> Callable[[Any], Any]:
     return register
 
 
-def _simple(name: str, method: str, build: Callable[[dict[str, Any], str], dict[str, Any]],
-            show: Optional[str] = None) -> None:
+def _simple(
+    name: str,
+    method: str,
+    build: Callable[[dict[str, Any], str], dict[str, Any]],
+    show: Optional[str] = None,
+) -> None:
     async def run(client: RpcClient, v: dict[str, Any], args: list[str]) -> int:
         reply = await client.call(method, build(v, args[0] if args else ""))
         if show:
@@ -233,31 +251,56 @@ def _simple(name: str, method: str, build: Callable[[dict[str, Any], str], dict[
     COMMANDS[name] = run
 
 
-_simple("start-vm", "StartVm",
-        lambda v, ip: {"IpAddress": ip, "DhcpTimeout": int(v["dhcpTimeout"] * 1e9)})
+_simple(
+    "start-vm",
+    "StartVm",
+    lambda v, ip: {"IpAddress": ip, "DhcpTimeout": int(v["dhcpTimeout"] * 1e9)},
+)
 _simple("stop-vm", "StopVm", lambda v, ip: {"IpAddress": ip})
-_simple("reboot-vm", "RebootVm",
-        lambda v, ip: {"IpAddress": ip, "DhcpTimeout": int(v["dhcpTimeout"] * 1e9)})
+_simple(
+    "reboot-vm",
+    "RebootVm",
+    lambda v, ip: {"IpAddress": ip, "DhcpTimeout": int(v["dhcpTimeout"] * 1e9)},
+)
 _simple("destroy-vm", "DestroyVm", lambda v, ip: {"IpAddress": ip})
 _simple("become-primary-vm-owner", "BecomePrimaryVmOwner", lambda v, ip: {"IpAddress": ip})
-_simple("change-vm-cpus", "ChangeVmSize",
-        lambda v, ip: {"IpAddress": ip, "MilliCPUs": v["milliCPUs"]})
-_simple("change-vm-vcpus", "ChangeVmSize",
-        lambda v, ip: {"IpAddress": ip, "VirtualCPUs": v["vcpus"]})
-_simple("change-vm-memory", "ChangeVmSize",
-        lambda v, ip: {"IpAddress": ip, "MemoryInMiB": v["memory"]})
+_simple(
+    "change-vm-cpus", "ChangeVmSize", lambda v, ip: {"IpAddress": ip, "MilliCPUs": v["milliCPUs"]}
+)
+_simple(
+    "change-vm-vcpus", "ChangeVmSize", lambda v, ip: {"IpAddress": ip, "VirtualCPUs": v["vcpus"]}
+)
+_simple(
+    "change-vm-memory", "ChangeVmSize", lambda v, ip: {"IpAddress": ip, "MemoryInMiB": v["memory"]}
+)
 _simple("change-vm-tags", "ChangeVmTags", lambda v, ip: {"IpAddress": ip, "Tags": v["tags"]})
-_simple("change-vm-owner-users", "ChangeVmOwnerUsers",
-        lambda v, ip: {"IpAddress": ip, "OwnerUsers": v["ownerUsers"]})
-_simple("change-vm-owner-groups", "ChangeVmOwnerGroups",
-        lambda v, ip: {"IpAddress": ip, "OwnerGroups": v["ownerGroups"]})
-_simple("change-vm-destroy-protection", "ChangeVmDestroyProtection",
-        lambda v, ip: {"IpAddress": ip, "DestroyProtection": v["destroyProtection"]})
-_simple("change-vm-hostname", "ChangeVmHostname",
-        lambda v, ip: {"IpAddress": ip, "Hostname": v["hostname"]})
+_simple(
+    "change-vm-owner-users",
+    "ChangeVmOwnerUsers",
+    lambda v, ip: {"IpAddress": ip, "OwnerUsers": v["ownerUsers"]},
+)
+_simple(
+    "change-vm-owner-groups",
+    "ChangeVmOwnerGroups",
+    lambda v, ip: {"IpAddress": ip, "OwnerGroups": v["ownerGroups"]},
+)
+_simple(
+    "change-vm-destroy-protection",
+    "ChangeVmDestroyProtection",
+    lambda v, ip: {"IpAddress": ip, "DestroyProtection": v["destroyProtection"]},
+)
+_simple(
+    "change-vm-hostname",
+    "ChangeVmHostname",
+    lambda v, ip: {"IpAddress": ip, "Hostname": v["hostname"]},
+)
 _simple("get-vm-info", "GetVmInfo", lambda v, ip: {"IpAddress": ip}, show="VmInfo")
-_simple("get-vm-create-request", "GetVmCreateRequest", lambda v, ip: {"IpAddress": ip},
-        show="CreateRequest")
+_simple(
+    "get-vm-create-request",
+    "GetVmCreateRequest",
+    lambda v, ip: {"IpAddress": ip},
+    show="CreateRequest",
+)
 _simple("get-vm-infos", "GetVmInfos", lambda v, ip: _filter(v), show="VmInfos")
 
 
@@ -285,13 +328,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         values, name, rest = parse(args)
     except ValueError as e:
-        print(f"vm-control: {e}\nRun 'vm-control -h' for the flags and subcommands.",
-              file=sys.stderr)
+        print(
+            f"vm-control: {e}\nRun 'vm-control -h' for the flags and subcommands.", file=sys.stderr
+        )
         return 2
     except SystemExit as e:
         return int(e.code or 0)
-    return run_client("vm-control", name, values,
-                      lambda client: COMMANDS[name](client, values, rest))
+    return run_client(
+        "vm-control", name, values, lambda client: COMMANDS[name](client, values, rest)
+    )
 
 
 if __name__ == "__main__":

@@ -96,8 +96,13 @@ def usage(vms: Iterable[VmInfo]) -> Usage:
     return Usage(cpu, mem)
 
 
-def check_cpu_and_memory(host: IHost, vms: Iterable[VmInfo], milli_cpus: int,
-                         memory_mib: int, check_available: bool = True) -> None:
+def check_cpu_and_memory(
+    host: IHost,
+    vms: Iterable[VmInfo],
+    milli_cpus: int,
+    memory_mib: int,
+    check_available: bool = True,
+) -> None:
     """
     Refuse an allocation of C{milli_cpus} and C{memory_mib} that does not fit.
     """

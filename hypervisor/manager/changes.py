@@ -37,8 +37,9 @@ class Changes:
     def __init__(self, ctx: ManagerContext) -> None:
         self.ctx = ctx
 
-    def change(self, identity: Identity, ip: str, method: str,
-               fn: Callable[[Vm, VmInfo], None]) -> "Deferred[None]":
+    def change(
+        self, identity: Identity, ip: str, method: str, fn: Callable[[Vm, VmInfo], None]
+    ) -> "Deferred[None]":
         """
         Run C{fn(vm, new_info)} on a copy under the VM's lock, then commit it.
         """
@@ -68,8 +69,9 @@ class Changes:
             raise NotFound(f"VM {ip} has no stored create request") from None
         return codec.decode(CreateVmRequest, data, trusted=True)
 
-    def change_vm_size(self, identity: Identity, ip: str, memory_mib: int,
-                       milli_cpus: int, virtual_cpus: int) -> "Deferred[None]":
+    def change_vm_size(
+        self, identity: Identity, ip: str, memory_mib: int, milli_cpus: int, virtual_cpus: int
+    ) -> "Deferred[None]":
         """
         ChangeVmSize: memory changes need a stopped VM; CPU changes of a running VM
         must keep its vCPU count; increases must fit.
@@ -96,39 +98,46 @@ class Changes:
                     raise WrongState(f"VM {ip} must be stopped to change its vCPU count")
             others = [v.info for v in ctx.table.vms.values() if v is not vm]
             capacity.check_cpu_and_memory(
-                ctx.stats, others + [info], max(0, new_cpus - info.MilliCPUs),
-                max(0, new_memory - info.MemoryInMiB), check_available=False)
-            info.MemoryInMiB, info.MilliCPUs, info.VirtualCPUs = (
-                new_memory, new_cpus, new_vcpus)
+                ctx.stats,
+                others + [info],
+                max(0, new_cpus - info.MilliCPUs),
+                max(0, new_memory - info.MemoryInMiB),
+                check_available=False,
+            )
+            info.MemoryInMiB, info.MilliCPUs, info.VirtualCPUs = (new_memory, new_cpus, new_vcpus)
 
         return self.change(identity, ip, "ChangeVmSize", change)
 
-    def change_vm_tags(self, identity: Identity, ip: str,
-                       tags: dict[str, str]) -> "Deferred[None]":
+    def change_vm_tags(self, identity: Identity, ip: str, tags: dict[str, str]) -> "Deferred[None]":
         """
         ChangeVmTags: replace all tags.
         """
+
         def change(vm: Vm, info: VmInfo) -> None:
             info.Tags = dict(tags)
 
         return self.change(identity, ip, "ChangeVmTags", change)
 
-    def change_vm_owner_users(self, identity: Identity, ip: str,
-                              users: list[str]) -> "Deferred[None]":
+    def change_vm_owner_users(
+        self, identity: Identity, ip: str, users: list[str]
+    ) -> "Deferred[None]":
         """
         ChangeVmOwnerUsers: keep the primary owner, replace the others.
         """
+
         def change(vm: Vm, info: VmInfo) -> None:
             primary = info.OwnerUsers[:1]
             info.OwnerUsers = list(dict.fromkeys(primary + [u for u in users if u]))
 
         return self.change(identity, ip, "ChangeVmOwnerUsers", change)
 
-    def change_vm_owner_groups(self, identity: Identity, ip: str,
-                               groups: list[str]) -> "Deferred[None]":
+    def change_vm_owner_groups(
+        self, identity: Identity, ip: str, groups: list[str]
+    ) -> "Deferred[None]":
         """
         ChangeVmOwnerGroups: replace the owner groups (duplicates dropped).
         """
+
         def change(vm: Vm, info: VmInfo) -> None:
             info.OwnerGroups = list(dict.fromkeys(g for g in groups if g))
 
@@ -147,25 +156,26 @@ class Changes:
 
         return self.change(identity, ip, "BecomePrimaryVmOwner", change)
 
-    def change_vm_destroy_protection(self, identity: Identity, ip: str,
-                                     protect: bool) -> "Deferred[None]":
+    def change_vm_destroy_protection(
+        self, identity: Identity, ip: str, protect: bool
+    ) -> "Deferred[None]":
         """
         ChangeVmDestroyProtection (any state).
         """
+
         def change(vm: Vm, info: VmInfo) -> None:
             info.DestroyProtection = protect
 
         return self.change(identity, ip, "ChangeVmDestroyProtection", change)
 
-    def change_vm_hostname(self, identity: Identity, ip: str,
-                           hostname: str) -> "Deferred[None]":
+    def change_vm_hostname(self, identity: Identity, ip: str, hostname: str) -> "Deferred[None]":
         """
         ChangeVmHostname (served by DHCP option 12).
         """
-        if hostname and not all(c.isascii() and (c.isalnum() or c in "-.")
-                                for c in hostname):
-            raise InvalidRequest(f"hostname {hostname!r} has characters other than "
-                                 "letters, digits, - and .")
+        if hostname and not all(c.isascii() and (c.isalnum() or c in "-.") for c in hostname):
+            raise InvalidRequest(
+                f"hostname {hostname!r} has characters other than " "letters, digits, - and ."
+            )
         if len(hostname) > 253:
             raise InvalidRequest("hostname longer than 253 characters")
 

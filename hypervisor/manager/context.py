@@ -89,8 +89,10 @@ class ManagerContext:
         Refuse with 503 while the hypervisor is disabled.
         """
         if self.disabled:
-            raise Unavailable("Hypervisor is disabled; enable it with SetDisabledState "
-                              "(hyper-control set-disabled-state -disable=false)")
+            raise Unavailable(
+                "Hypervisor is disabled; enable it with SetDisabledState "
+                "(hyper-control set-disabled-state -disable=false)"
+            )
 
     def require_libvirt(self) -> None:
         """
@@ -99,8 +101,10 @@ class ManagerContext:
         if not self.domains.connected:
             from hypervisor.virt.connection import NotConnected
 
-            raise NotConnected(f"{self.domains.describe()}; nothing was changed: try "
-                               "again once libvirtd is back")
+            raise NotConnected(
+                f"{self.domains.describe()}; nothing was changed: try "
+                "again once libvirtd is back"
+            )
 
     @staticmethod
     def check_owner(vm: Vm, identity: Identity, method: str) -> None:
@@ -123,8 +127,13 @@ class ManagerContext:
         Write C{address-pool.json} from memory and tell subscribers.
         """
         yield self.writer.write(self.pool.path, self.pool.encode())
-        self.hub.publish(Update(HaveAddressPool=True, AddressPool=list(self.pool.registered),
-                                NumFreeAddresses=self.pool.num_free()))
+        self.hub.publish(
+            Update(
+                HaveAddressPool=True,
+                AddressPool=list(self.pool.registered),
+                NumFreeAddresses=self.pool.num_free(),
+            )
+        )
 
     @inlineCallbacks
     def release_addresses(self, addresses: list[Address]) -> Any:
@@ -141,9 +150,12 @@ class ManagerContext:
         except OSError as e:
             from twisted.logger import Logger
 
-            Logger().error("cannot write the address pool after freeing {ips}: {e}; "
-                           "it is written again at the next change",
-                           ips=", ".join(a.IpAddress for a in addresses), e=e)
+            Logger().error(
+                "cannot write the address pool after freeing {ips}: {e}; "
+                "it is written again at the next change",
+                ips=", ".join(a.IpAddress for a in addresses),
+                e=e,
+            )
         finally:
             self.pool_lock.release()
 
@@ -168,5 +180,3 @@ class ManagerContext:
             return taken
         finally:
             self.pool_lock.release()
-
-

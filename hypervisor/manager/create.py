@@ -85,26 +85,33 @@ def validate(request: CreateVmRequest, has_upload: bool) -> None:
     if info.MilliCPUs <= 0:
         raise InvalidRequest("MilliCPUs must be positive")
     if info.VirtualCPUs < 0 or request.MinimumFreeBytes < 0 or request.RoundupPower < 0:
-        raise InvalidRequest("VirtualCPUs, MinimumFreeBytes and RoundupPower must not be "
-                             "negative")
+        raise InvalidRequest(
+            "VirtualCPUs, MinimumFreeBytes and RoundupPower must not be " "negative"
+        )
     if request.RoundupPower > 40:
         raise InvalidRequest("RoundupPower must be at most 40")
     if info.ImageName:
-        raise InvalidRequest("ImageName needs an image server, which this hypervisor "
-                             "does not use yet; use ImageURL (file://) instead")
+        raise InvalidRequest(
+            "ImageName needs an image server, which this hypervisor "
+            "does not use yet; use ImageURL (file://) instead"
+        )
     if request.ImageDataSize < 0 or request.UserDataSize < 0:
         raise InvalidRequest("ImageDataSize and UserDataSize must not be negative")
     if request.UserDataSize > MAX_USER_DATA:
-        raise InvalidRequest(f"UserDataSize {request.UserDataSize} is over the "
-                             f"{MAX_USER_DATA}-byte limit")
+        raise InvalidRequest(
+            f"UserDataSize {request.UserDataSize} is over the " f"{MAX_USER_DATA}-byte limit"
+        )
     if (request.ImageDataSize or request.UserDataSize) and not has_upload:
-        raise InvalidRequest("ImageDataSize/UserDataSize announce data that did not come "
-                             "with the request")
+        raise InvalidRequest(
+            "ImageDataSize/UserDataSize announce data that did not come " "with the request"
+        )
     if request.ImageDataSize and info.ImageURL:
         raise InvalidRequest("give ImageURL or image data (ImageDataSize), not both")
     if not info.ImageURL and not request.ImageDataSize and request.MinimumFreeBytes <= 0:
-        raise InvalidRequest("give ImageURL (a file:// image), image data (ImageDataSize) "
-                             "or MinimumFreeBytes (an empty root volume)")
+        raise InvalidRequest(
+            "give ImageURL (a file:// image), image data (ImageDataSize) "
+            "or MinimumFreeBytes (an empty root volume)"
+        )
     if request.InitrdURL and not request.KernelURL:
         raise InvalidRequest("InitrdURL needs KernelURL")
     for i, volume in enumerate(request.SecondaryVolumes):
@@ -113,20 +120,21 @@ def validate(request: CreateVmRequest, has_upload: bool) -> None:
         if volume.Format != VolumeFormat.RAW:
             raise InvalidRequest(f"SecondaryVolumes[{i}]: only raw volumes")
         if volume.Type == VolumeType.MEMORY:
-            raise InvalidRequest(f"SecondaryVolumes[{i}]: memory volumes are not "
-                                 "supported yet")
+            raise InvalidRequest(f"SecondaryVolumes[{i}]: memory volumes are not " "supported yet")
     for volume in [Volume()] + request.SecondaryVolumes:
         if volume.Interface not in (VolumeInterface.VIRTIO, VolumeInterface.IDE):
-            raise InvalidRequest(f"volume interface {volume.Interface.value!r} is not "
-                                 "supported yet")
+            raise InvalidRequest(
+                f"volume interface {volume.Interface.value!r} is not " "supported yet"
+            )
     if info.Address.IpAddress:
         parse_ipv4(info.Address.IpAddress, "Address.IpAddress")
     if len(info.SecondarySubnetIDs) > 8:
         raise InvalidRequest("at most 8 secondary subnets")
 
 
-def check_identity(request: CreateVmRequest, creator: str,
-                   now: datetime.datetime) -> tuple[str, Optional[datetime.datetime]]:
+def check_identity(
+    request: CreateVmRequest, creator: str, now: datetime.datetime
+) -> tuple[str, Optional[datetime.datetime]]:
     """
     Validate an identity certificate and key given to a new VM (reference §2.4).
 
@@ -143,16 +151,16 @@ def check_identity(request: CreateVmRequest, creator: str,
     try:
         key = serialization.load_pem_private_key(request.IdentityKey, password=None)
     except (ValueError, TypeError) as e:
-        raise InvalidRequest(f"IdentityKey is not an unencrypted PEM private key: {e}"
-                             ) from None
-    public = key.public_key().public_bytes(serialization.Encoding.DER,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+        raise InvalidRequest(f"IdentityKey is not an unencrypted PEM private key: {e}") from None
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     if public != cert.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ):
         raise InvalidRequest("IdentityKey does not match IdentityCertificate")
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise InvalidRequest("IdentityCertificate is not valid now (expired or not yet "
-                             "valid)")
+        raise InvalidRequest("IdentityCertificate is not valid now (expired or not yet " "valid)")
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     name = str(names[0].value) if names else ""
     if not name:
@@ -174,9 +182,13 @@ class Creator:
         self.lifecycle = lifecycle
 
     @inlineCallbacks
-    def create_vm(self, identity: Identity, request: CreateVmRequest,
-                  progress: Callable[[str], None] = lambda message: None,
-                  upload: Optional[UploadStream] = None) -> Any:
+    def create_vm(
+        self,
+        identity: Identity,
+        request: CreateVmRequest,
+        progress: Callable[[str], None] = lambda message: None,
+        upload: Optional[UploadStream] = None,
+    ) -> Any:
         """
         Create a VM; fires with the final L{CreateVmResponse}. Anything that fails
         leaves nothing behind (and discards the rest of the upload).
@@ -190,8 +202,13 @@ class Creator:
         return response
 
     @inlineCallbacks
-    def _create(self, identity: Identity, request: CreateVmRequest,
-                progress: Callable[[str], None], upload: Optional[UploadStream]) -> Any:
+    def _create(
+        self,
+        identity: Identity,
+        request: CreateVmRequest,
+        progress: Callable[[str], None],
+        upload: Optional[UploadStream],
+    ) -> Any:
         ctx = self.ctx
         ctx.require_enabled()
         if not identity.username:
@@ -200,34 +217,40 @@ class Creator:
         if upload is not None and upload.length != upload_size(request):
             raise InvalidRequest(
                 f"the request announces {upload_size(request)} bytes of image and user "
-                f"data but {upload.length} follow it")
+                f"data but {upload.length} follow it"
+            )
         if not request.DoNotStart:
             ctx.require_libvirt()
         info = request.VmInfo
-        identity_name, identity_expires = check_identity(request, identity.username,
-                                                         ctx.now())
+        identity_name, identity_expires = check_identity(request, identity.username, ctx.now())
         subnet = ctx.subnets.choose(info.SubnetId, identity)
         secondary = [ctx.subnets.choose(sid, identity) for sid in info.SecondarySubnetIDs]
         bridges_found = yield ctx.runner.run(ctx.bridges)  # reads /sys: off the reactor
         for s in [subnet] + secondary:
             bridge_for_subnet(s, bridges_found)
-        capacity.check_cpu_and_memory(ctx.stats, ctx.table.infos(), info.MilliCPUs,
-                                      info.MemoryInMiB)
+        capacity.check_cpu_and_memory(
+            ctx.stats, ctx.table.infos(), info.MilliCPUs, info.MemoryInMiB
+        )
         # What the root volume will be.
         image_path = ""
         header = b""
         virtual_size = 0
         if info.ImageURL:
             image_path, image_format, root_size, virtual_size = yield ctx.runner.run(
-                images.inspect_local_image, info.ImageURL, ctx.settings.images_directory,
-                request.MinimumFreeBytes, request.RoundupPower)
+                images.inspect_local_image,
+                info.ImageURL,
+                ctx.settings.images_directory,
+                request.MinimumFreeBytes,
+                request.RoundupPower,
+            )
         elif request.ImageDataSize:
             assert upload is not None
             header = yield upload.read_exactly(min(HEADER, request.ImageDataSize))
             image_format, virtual_size = images.header_format(header, request.ImageDataSize)
             if image_format == VolumeFormat.RAW:
-                root_size = images.round_up(request.ImageDataSize + request.MinimumFreeBytes,
-                                            request.RoundupPower)
+                root_size = images.round_up(
+                    request.ImageDataSize + request.MinimumFreeBytes, request.RoundupPower
+                )
                 virtual_size = 0
             else:
                 root_size = request.ImageDataSize
@@ -236,22 +259,38 @@ class Creator:
             root_size = images.round_up(request.MinimumFreeBytes, request.RoundupPower)
         kernel_path = initrd_path = ""
         if request.KernelURL:
-            kernel_path = yield ctx.runner.run(images.local_image_path, request.KernelURL,
-                                               ctx.settings.images_directory, "KernelURL")
+            kernel_path = yield ctx.runner.run(
+                images.local_image_path,
+                request.KernelURL,
+                ctx.settings.images_directory,
+                "KernelURL",
+            )
         if request.InitrdURL:
-            initrd_path = yield ctx.runner.run(images.local_image_path, request.InitrdURL,
-                                               ctx.settings.images_directory, "InitrdURL")
+            initrd_path = yield ctx.runner.run(
+                images.local_image_path,
+                request.InitrdURL,
+                ctx.settings.images_directory,
+                "InitrdURL",
+            )
         needed = root_size + sum(v.Size for v in request.SecondaryVolumes)
         volume_directory = ctx.stats.reserve(needed)
         try:
-            addresses = yield ctx.allocate_addresses([subnet] + secondary,
-                                                     info.Address.IpAddress)
+            addresses = yield ctx.allocate_addresses([subnet] + secondary, info.Address.IpAddress)
         except BaseException:
             ctx.stats.release(volume_directory, needed, used=False)
             raise
-        vm = self._new_vm(identity, request, subnet.Id, addresses, volume_directory,
-                          image_format, root_size, virtual_size, identity_name,
-                          identity_expires)
+        vm = self._new_vm(
+            identity,
+            request,
+            subnet.Id,
+            addresses,
+            volume_directory,
+            image_format,
+            root_size,
+            virtual_size,
+            identity_name,
+            identity_expires,
+        )
         ip = vm.ip
         if ip in ctx.table.vms:  # the pool prevents this
             ctx.stats.release(volume_directory, needed, used=False)
@@ -261,8 +300,9 @@ class Creator:
         reserved = True
         yield vm.lock.acquire()
         try:
-            yield self._build(vm, request, image_path, header, kernel_path, initrd_path,
-                              progress, upload)
+            yield self._build(
+                vm, request, image_path, header, kernel_path, initrd_path, progress, upload
+            )
             ctx.stats.release(volume_directory, needed, used=True)
             reserved = False
             if request.DoNotStart:
@@ -292,10 +332,19 @@ class Creator:
             vm.lock.release()
         return CreateVmResponse(DhcpTimedOut=timed_out, Final=True, IpAddress=ip)
 
-    def _new_vm(self, identity: Identity, request: CreateVmRequest, subnet_id: str,
-                addresses: list[Any], volume_directory: str, image_format: VolumeFormat,
-                root_size: int, virtual_size: int, identity_name: str,
-                identity_expires: Optional[datetime.datetime]) -> Vm:
+    def _new_vm(
+        self,
+        identity: Identity,
+        request: CreateVmRequest,
+        subnet_id: str,
+        addresses: list[Any],
+        volume_directory: str,
+        image_format: VolumeFormat,
+        root_size: int,
+        virtual_size: int,
+        identity_name: str,
+        identity_expires: Optional[datetime.datetime],
+    ) -> Vm:
         ctx = self.ctx
         info = request.VmInfo
         address = addresses[0]
@@ -315,15 +364,21 @@ class Creator:
         new.IdentityName = identity_name
         new.IdentityExpires = identity_expires
         new.Volumes = [Volume(Format=image_format, Size=root_size)] + [
-            Volume(Size=v.Size, Interface=v.Interface) for v in request.SecondaryVolumes]
+            Volume(Size=v.Size, Interface=v.Interface) for v in request.SecondaryVolumes
+        ]
         if image_format == VolumeFormat.QCOW2:
             new.Volumes[0].VirtualSize = virtual_size
         vm_volume_dir = os.path.join(volume_directory, ip)
         files = [os.path.join(vm_volume_dir, "root")] + [
             os.path.join(vm_volume_dir, f"secondary-volume.{i}")
-            for i in range(len(request.SecondaryVolumes))]
-        local = LocalVmInfo(VmInfo=new, VolumeLocations=[
-            VolumeLocation(DirectoryToCleanup=vm_volume_dir, Filename=f) for f in files])
+            for i in range(len(request.SecondaryVolumes))
+        ]
+        local = LocalVmInfo(
+            VmInfo=new,
+            VolumeLocations=[
+                VolumeLocation(DirectoryToCleanup=vm_volume_dir, Filename=f) for f in files
+            ],
+        )
         vm = Vm(local, os.path.join(ctx.state.vms_path, ip))
         vm.pending = {"Phase": "creating"}
         vm.kernel = bool(request.KernelURL)
@@ -331,9 +386,17 @@ class Creator:
         return vm
 
     @inlineCallbacks
-    def _build(self, vm: Vm, request: CreateVmRequest, image_path: str, header: bytes,
-               kernel_path: str, initrd_path: str, progress: Callable[[str], None],
-               upload: Optional[UploadStream]) -> Any:
+    def _build(
+        self,
+        vm: Vm,
+        request: CreateVmRequest,
+        image_path: str,
+        header: bytes,
+        kernel_path: str,
+        initrd_path: str,
+        progress: Callable[[str], None],
+        upload: Optional[UploadStream],
+    ) -> Any:
         """
         Write the VM's files: C{pending.json} (creating) before anything else, then
         C{info.json}, then the volume directory and the volumes.
@@ -342,20 +405,24 @@ class Creator:
         writer = ctx.writer
         volume_dir = os.path.dirname(vm.local.VolumeLocations[0].Filename)
         yield ctx.runner.run(images.make_directories, vm.directory)
-        yield writer.write(os.path.join(vm.directory, PENDING_FILE),
-                           json.dumps(vm.pending).encode())
-        yield writer.write(os.path.join(vm.directory, INFO_FILE),
-                           codec.encode(vm.local, indent=4))
+        yield writer.write(
+            os.path.join(vm.directory, PENDING_FILE), json.dumps(vm.pending).encode()
+        )
+        yield writer.write(os.path.join(vm.directory, INFO_FILE), codec.encode(vm.local, indent=4))
         yield ctx.runner.run(images.make_directories, volume_dir)
         create_request = codec.to_dict(request)
         create_request.pop("IdentityKey", None)
-        yield writer.write(os.path.join(vm.directory, "create-request.json"),
-                           json.dumps(create_request, indent=4).encode())
+        yield writer.write(
+            os.path.join(vm.directory, "create-request.json"),
+            json.dumps(create_request, indent=4).encode(),
+        )
         if request.IdentityCertificate:
-            yield writer.write(os.path.join(vm.directory, IDENTITY_CERT_FILE),
-                               request.IdentityCertificate)
-            yield writer.write(os.path.join(vm.directory, IDENTITY_KEY_FILE),
-                               request.IdentityKey, mode=0o600)
+            yield writer.write(
+                os.path.join(vm.directory, IDENTITY_CERT_FILE), request.IdentityCertificate
+            )
+            yield writer.write(
+                os.path.join(vm.directory, IDENTITY_KEY_FILE), request.IdentityKey, mode=0o600
+            )
         root = vm.local.VolumeLocations[0].Filename
         root_volume = vm.info.Volumes[0]
         last = [0.0]
@@ -375,8 +442,9 @@ class Creator:
         elif request.ImageDataSize:
             assert upload is not None
             progress(f"writing uploaded image ({request.ImageDataSize // MiB} MiB)")
-            yield write_to_file(upload, request.ImageDataSize - len(header), root,
-                                ctx.runner, report, prefix=header)
+            yield write_to_file(
+                upload, request.ImageDataSize - len(header), root, ctx.runner, report, prefix=header
+            )
         else:
             progress(f"creating empty root volume of {root_volume.Size // MiB} MiB")
         if root_volume.Format == VolumeFormat.RAW:
@@ -384,19 +452,16 @@ class Creator:
         if request.UserDataSize:
             assert upload is not None
             user_data = yield upload.read_exactly(request.UserDataSize)
-            yield writer.write(os.path.join(vm.directory, USER_DATA_FILE), user_data,
-                               mode=0o600)
+            yield writer.write(os.path.join(vm.directory, USER_DATA_FILE), user_data, mode=0o600)
         if request.SecondaryVolumes:
             progress("creating secondary volumes")
         for volume, location in zip(vm.info.Volumes[1:], vm.local.VolumeLocations[1:]):
             yield ctx.runner.run(images.make_thick, location.Filename, volume.Size)
         if kernel_path:
             progress("copying kernel")
-            yield ctx.runner.run(images.copy_file, kernel_path,
-                                 os.path.join(volume_dir, "kernel"))
+            yield ctx.runner.run(images.copy_file, kernel_path, os.path.join(volume_dir, "kernel"))
         if initrd_path:
-            yield ctx.runner.run(images.copy_file, initrd_path,
-                                 os.path.join(volume_dir, "initrd"))
+            yield ctx.runner.run(images.copy_file, initrd_path, os.path.join(volume_dir, "initrd"))
         self.log.info("VM {ip} created in {dir}", ip=vm.ip, dir=volume_dir)
 
     @inlineCallbacks
@@ -410,16 +475,23 @@ class Creator:
         if vm.deleted:
             return
         if isinstance(error, NotConnected) and vm.info.State == State.STARTING:
-            self.log.warn("CreateVm {ip} failed ({e}): whether its domain started is "
-                          "unknown; it is removed once libvirt is back", ip=vm.ip, e=error)
+            self.log.warn(
+                "CreateVm {ip} failed ({e}): whether its domain started is "
+                "unknown; it is removed once libvirt is back",
+                ip=vm.ip,
+                e=error,
+            )
             return
-        self.log.warn("CreateVm {ip} failed ({e}): removing what was made", ip=vm.ip,
-                      e=error)
+        self.log.warn("CreateVm {ip} failed ({e}): removing what was made", ip=vm.ip, e=error)
         domain = bool(vm.domain_uuid)
         self.ctx.table.record_state(vm, State.DESTROYING, persist=False)
         try:
             yield self.lifecycle.remove_vm(vm, domain=domain)
         except Exception as e:
-            self.log.error("VM {ip}: removing the failed creation failed too ({e}); it is "
-                           "removed when libvirt and the disk allow (at the latest at the "
-                           "next start)", ip=vm.ip, e=e)
+            self.log.error(
+                "VM {ip}: removing the failed creation failed too ({e}); it is "
+                "removed when libvirt and the disk allow (at the latest at the "
+                "next start)",
+                ip=vm.ip,
+                e=e,
+            )

@@ -51,12 +51,16 @@ class HostAdmin:
         """
         self.ctx.owner_users = frozenset(u for u in users if u)
         self.ctx.owner_groups = frozenset(g for g in groups if g)
-        self.log.info("hypervisor owners: users {u}, groups {g}",
-                      u=sorted(self.ctx.owner_users), g=sorted(self.ctx.owner_groups))
+        self.log.info(
+            "hypervisor owners: users {u}, groups {g}",
+            u=sorted(self.ctx.owner_users),
+            g=sorted(self.ctx.owner_groups),
+        )
 
     @inlineCallbacks
-    def change_address_pool(self, to_add: list[Address], to_remove: list[Address],
-                            maximum_free: dict[str, int]) -> Any:
+    def change_address_pool(
+        self, to_add: list[Address], to_remove: list[Address], maximum_free: dict[str, int]
+    ) -> Any:
         """
         ChangeAddressPool: all or nothing, persisted before it is believed.
         """
@@ -74,16 +78,17 @@ class HostAdmin:
             ctx.pool_lock.release()
 
     @inlineCallbacks
-    def update_subnets(self, add: list[Subnet], change: list[Subnet],
-                       delete: list[str]) -> Any:
+    def update_subnets(self, add: list[Subnet], change: list[Subnet], delete: list[str]) -> Any:
         """
         UpdateSubnets: all or nothing, persisted before it is believed.
         """
         ctx = self.ctx
 
         def in_use(subnet_id: str) -> bool:
-            return any(vm.info.SubnetId == subnet_id or subnet_id in vm.info.SecondarySubnetIDs
-                       for vm in ctx.table.vms.values())
+            return any(
+                vm.info.SubnetId == subnet_id or subnet_id in vm.info.SecondarySubnetIDs
+                for vm in ctx.table.vms.values()
+            )
 
         yield ctx.pool_lock.acquire()
         try:
@@ -106,9 +111,12 @@ class HostAdmin:
         """
         stats = self.ctx.stats
         total, available = stats.memory()
-        return GetCapacityResponse(AvailableMemoryInMiB=available, MemoryInMiB=total,
-                                   NumCPUs=stats.num_cpus(),
-                                   TotalVolumeBytes=stats.total_volume_bytes())
+        return GetCapacityResponse(
+            AvailableMemoryInMiB=available,
+            MemoryInMiB=total,
+            NumCPUs=stats.num_cpus(),
+            TotalVolumeBytes=stats.total_volume_bytes(),
+        )
 
     def full_update(self) -> Update:
         """
@@ -117,13 +125,19 @@ class HostAdmin:
         ctx = self.ctx
         total, available = ctx.stats.memory()
         return Update(
-            HaveAddressPool=True, AddressPool=list(ctx.pool.registered),
-            HaveDisabled=True, Disabled=ctx.disabled,
-            MemoryInMiB=total, AvailableMemoryInMiB=available,
-            NumCPUs=ctx.stats.num_cpus(), NumFreeAddresses=ctx.pool.num_free(),
-            HaveSubnets=True, Subnets=ctx.subnets.list(sort=True),
+            HaveAddressPool=True,
+            AddressPool=list(ctx.pool.registered),
+            HaveDisabled=True,
+            Disabled=ctx.disabled,
+            MemoryInMiB=total,
+            AvailableMemoryInMiB=available,
+            NumCPUs=ctx.stats.num_cpus(),
+            NumFreeAddresses=ctx.pool.num_free(),
+            HaveSubnets=True,
+            Subnets=ctx.subnets.list(sort=True),
             TotalVolumeBytes=ctx.stats.total_volume_bytes(),
-            HaveVMs=True, VMs={ip: vm.info for ip, vm in ctx.table.vms.items()},
+            HaveVMs=True,
+            VMs={ip: vm.info for ip, vm in ctx.table.vms.items()},
         )
 
     def subscribe_updates(self, name: str = "") -> UpdateStream:

@@ -16,17 +16,17 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.internet.interfaces import IReactorTime
 
 from hypervisor.diskio import IBlockingRunner
 from hypervisor.errors import InsufficientCapacity
 from hypervisor.manager.capacity import IHost
 
 REFRESH_INTERVAL = 2.0
-GiB = 1024 ** 3
-MiB = 1024 ** 2
+GiB = 1024**3
+MiB = 1024**2
 
 
 @dataclass
@@ -102,8 +102,14 @@ class HostStats:
 
     log = Logger()
 
-    def __init__(self, host: IHost, directories: list[str], runner: IBlockingRunner,
-                 reactor: IReactorTime, interval: float = REFRESH_INTERVAL) -> None:
+    def __init__(
+        self,
+        host: IHost,
+        directories: list[str],
+        runner: IBlockingRunner,
+        reactor: IReactorTime,
+        interval: float = REFRESH_INTERVAL,
+    ) -> None:
         self.host = host
         self.directories = list(directories)
         self.runner = runner
@@ -132,7 +138,8 @@ class HostStats:
         self._loop = LoopingCall(self.refresh)
         self._loop.clock = self.reactor
         self._loop.start(self.interval, now=False).addErrback(
-            lambda f: self.log.failure("host figures", f))
+            lambda f: self.log.failure("host figures", f)
+        )
 
     def stop(self) -> None:
         """
@@ -165,8 +172,9 @@ class HostStats:
             if self._refresh_again:
                 self.refresh()
 
-        d: Deferred[None] = self.runner.run(read_snapshot, self.host, self.directories
-                                            ).addCallbacks(got, failed)
+        d: Deferred[None] = self.runner.run(
+            read_snapshot, self.host, self.directories
+        ).addCallbacks(got, failed)
         d.addBoth(done)
         if not d.called:
             self._refreshing = d
@@ -239,7 +247,8 @@ class HostStats:
                 errors.append(
                     f"not enough storage in {entry.Directory}: {needed // MiB} MiB "
                     f"needed, {max(usable, 0) // MiB} MiB usable "
-                    f"({(needed - max(usable, 0)) // MiB + 1} MiB short)")
+                    f"({(needed - max(usable, 0)) // MiB + 1} MiB short)"
+                )
                 continue
             self._next = (self._next + i + 1) % n
             self._reserved[entry.Directory] = self._reserved.get(entry.Directory, 0) + needed

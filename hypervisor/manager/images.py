@@ -80,8 +80,7 @@ def make_thick(path: str, size: int) -> None:
         os.close(fd)
 
 
-def copy_file(src: str, dst: str,
-              progress: Optional[Callable[[int, int], None]] = None) -> int:
+def copy_file(src: str, dst: str, progress: Optional[Callable[[int, int], None]] = None) -> int:
     """
     Copy C{src} to C{dst} (kernel copy offload where the file system has it),
     reporting (done, total) after each chunk; return the size.
@@ -92,8 +91,7 @@ def copy_file(src: str, dst: str,
         os.fchmod(fout.fileno(), 0o640)
         while done < total:
             try:
-                n = os.copy_file_range(fin.fileno(), fout.fileno(),
-                                       min(COPY_CHUNK, total - done))
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), min(COPY_CHUNK, total - done))
             except OSError:
                 n = 0
             if n <= 0:
@@ -156,8 +154,9 @@ def remove_directory(path: str) -> None:
     fsync_directory(os.path.dirname(os.path.abspath(path)))
 
 
-def inspect_local_image(url: str, images_directory: str, minimum_free: int,
-                        roundup_power: int) -> tuple[str, VolumeFormat, int, int]:
+def inspect_local_image(
+    url: str, images_directory: str, minimum_free: int, roundup_power: int
+) -> tuple[str, VolumeFormat, int, int]:
     """
     Resolve a C{file://} image and size its root volume.
 

@@ -36,6 +36,7 @@ from hypervisor.errors import WrongState
 from hypervisor.manager import images
 from hypervisor.manager.capacity import InsufficientCapacity
 from hypervisor.manager.context import ManagerContext
+from hypervisor.manager.network import bridge_for_subnet
 from hypervisor.manager.state import INFO_FILE, PENDING_FILE
 from hypervisor.manager.vm import (
     DESTROY_IDLE,
@@ -48,9 +49,13 @@ from hypervisor.manager.vm import (
 )
 from hypervisor.model import CloudInitDatasource, State
 from hypervisor.virt.connection import NotConnected
-from hypervisor.virt.domainxml import DiskFile, DomainSpec, build_domain_xml, domain_name
-from hypervisor.virt.domainxml import ip_from_domain_name
-from hypervisor.manager.network import bridge_for_subnet
+from hypervisor.virt.domainxml import (
+    DiskFile,
+    DomainSpec,
+    build_domain_xml,
+    domain_name,
+    ip_from_domain_name,
+)
 
 # libvirt event codes (virDomainEventType / virDomainEventStoppedDetailType)
 EVENT_STARTED = 2
@@ -92,7 +97,8 @@ class Lifecycle:
             if vm.info.MemoryInMiB >= available:
                 raise InsufficientCapacity(
                     f"not enough free memory to start VM {ip}: {vm.info.MemoryInMiB} MiB "
-                    f"needed, {available} MiB available")
+                    f"needed, {available} MiB available"
+                )
             yield self.start_domain(vm)
         finally:
             vm.lock.release()
@@ -137,8 +143,9 @@ class Lifecycle:
             # failed part-way (a disk error): destroying it again completes it.
             vm.require_state(DESTROY_RUNNING | DESTROY_IDLE | {State.DESTROYING}, "destroy")
             if vm.info.State in DESTROY_RUNNING and vm.info.DestroyProtection:
-                raise WrongState(f"VM {ip} has DestroyProtection; clear it first "
-                                 "(ChangeVmDestroyProtection)")
+                raise WrongState(
+                    f"VM {ip} has DestroyProtection; clear it first " "(ChangeVmDestroyProtection)"
+                )
             # Even a stopped VM's removal checks that no domain of it runs.
             ctx.require_libvirt()
             if vm.info.State != State.DESTROYING:
@@ -205,8 +212,9 @@ class Lifecycle:
         """
         timeout = self.ctx.settings.acknowledge_timeout
         pending = {"Phase": "acknowledge", "Deadline": self.ctx.reactor.seconds() + timeout}
-        yield self.ctx.writer.write(os.path.join(vm.directory, PENDING_FILE),
-                                    json.dumps(pending).encode())
+        yield self.ctx.writer.write(
+            os.path.join(vm.directory, PENDING_FILE), json.dumps(pending).encode()
+        )
         vm.pending = pending
         self.arm_acknowledgement(vm, timeout)
 
@@ -217,8 +225,7 @@ class Lifecycle:
         old = self._ack_timers.pop(vm.ip, None)
         if old is not None and old.active():
             old.cancel()
-        self._ack_timers[vm.ip] = self.ctx.reactor.callLater(
-            timeout, self._unacknowledged, vm)
+        self._ack_timers[vm.ip] = self.ctx.reactor.callLater(timeout, self._unacknowledged, vm)
 
     def cancel_timers(self) -> None:
         """
@@ -234,8 +241,11 @@ class Lifecycle:
         self._ack_timers.pop(vm.ip, None)
         if vm.deleted or vm.pending is None:
             return
-        self.log.warn("VM {ip} was not acknowledged within {t:g}s: destroying it",
-                      ip=vm.ip, t=self.ctx.settings.acknowledge_timeout)
+        self.log.warn(
+            "VM {ip} was not acknowledged within {t:g}s: destroying it",
+            ip=vm.ip,
+            t=self.ctx.settings.acknowledge_timeout,
+        )
         self.locked(vm, self._destroy_unacknowledged, vm)
 
     @inlineCallbacks
@@ -256,8 +266,7 @@ class Lifecycle:
         vm = self.ctx.table.vms.get(ip) if ip else None
         if vm is None or vm.deleted or event != EVENT_STOPPED:
             return
-        if (vm.domain_uuid and uuid != vm.domain_uuid
-                and vm.info.State != State.STARTING):
+        if vm.domain_uuid and uuid != vm.domain_uuid and vm.info.State != State.STARTING:
             # An older domain of this VM. (During a start the new domain's UUID is
             # not known until libvirt answers, and its events may come first: they
             # are judged under the lock, once the start recorded the UUID.)
@@ -274,15 +283,17 @@ class Lifecycle:
             return None
         if detail == STOPPED_SHUTDOWN:
             if vm.info.DestroyOnPowerdown and not vm.info.DestroyProtection:
-                self.log.info("VM {ip} powered off and has DestroyOnPowerdown: "
-                              "destroying it", ip=vm.ip)
+                self.log.info(
+                    "VM {ip} powered off and has DestroyOnPowerdown: " "destroying it", ip=vm.ip
+                )
                 self.ctx.table.record_state(vm, State.DESTROYING)
                 return self.remove_vm(vm)
             self.log.info("VM {ip} powered itself off", ip=vm.ip)
             self.ctx.table.record_state(vm, State.STOPPED)
         else:
-            self.log.warn("VM {ip}: its domain stopped unexpectedly (detail {d})",
-                          ip=vm.ip, d=detail)
+            self.log.warn(
+                "VM {ip}: its domain stopped unexpectedly (detail {d})", ip=vm.ip, d=detail
+            )
             self.ctx.table.record_state(vm, State.CRASHED)
         return None
 
@@ -305,20 +316,26 @@ class Lifecycle:
         ctx = self.ctx
         info = vm.info
         subnet_ids = [info.SubnetId] + list(info.SecondarySubnetIDs)
-        bridges = [bridge_for_subnet(ctx.subnets.get(sid), bridges_found)
-                   for sid in subnet_ids]
-        disks = [DiskFile(loc.Filename, volume.Format, volume.Interface)
-                 for volume, loc in zip(info.Volumes, vm.local.VolumeLocations)]
-        root_dir = (os.path.dirname(vm.local.VolumeLocations[0].Filename)
-                    if vm.local.VolumeLocations else vm.directory)
+        bridges = [bridge_for_subnet(ctx.subnets.get(sid), bridges_found) for sid in subnet_ids]
+        disks = [
+            DiskFile(loc.Filename, volume.Format, volume.Interface)
+            for volume, loc in zip(info.Volumes, vm.local.VolumeLocations)
+        ]
+        root_dir = (
+            os.path.dirname(vm.local.VolumeLocations[0].Filename)
+            if vm.local.VolumeLocations
+            else vm.directory
+        )
         datasource = info.CloudInitDatasource
         if datasource == CloudInitDatasource.DEFAULT:
             datasource = ctx.settings.datasource
         if ctx.domain_type is None:
             from hypervisor.errors import Unavailable
 
-            raise Unavailable("the domain type is not decided yet (KVM probe running); "
-                              "try again in a few seconds")
+            raise Unavailable(
+                "the domain type is not decided yet (KVM probe running); "
+                "try again in a few seconds"
+            )
         return DomainSpec(
             domain_type=ctx.domain_type,
             bootlog=os.path.join(vm.directory, "bootlog"),
@@ -352,8 +369,11 @@ class Lifecycle:
         except Exception as e:
             failure = e
         if isinstance(failure, NotConnected):
-            self.log.warn("VM {ip}: libvirt went away during the start; back to {s}",
-                          ip=vm.ip, s=previous.value)
+            self.log.warn(
+                "VM {ip}: libvirt went away during the start; back to {s}",
+                ip=vm.ip,
+                s=previous.value,
+            )
             yield ctx.table.record_state(vm, previous)
             raise failure
         if failure is not None:
@@ -397,8 +417,9 @@ class Lifecycle:
         yield stopped
         active = yield ctx.domains.is_active(uuid)
         if active:
-            self.log.info("VM {ip} did not power down within {t:g}s: forcing it off",
-                          ip=vm.ip, t=timeout)
+            self.log.info(
+                "VM {ip} did not power down within {t:g}s: forcing it off", ip=vm.ip, t=timeout
+            )
             forced = vm.wait_stopped(ctx.reactor, FORCE_OFF_WAIT)
             yield ctx.domains.force_off(uuid)
             yield forced
@@ -421,8 +442,9 @@ class Lifecycle:
         timer = self._ack_timers.pop(vm.ip, None)
         if timer is not None and timer.active():
             timer.cancel()
-        directories = {loc.DirectoryToCleanup for loc in vm.local.VolumeLocations
-                       if loc.DirectoryToCleanup}
+        directories = {
+            loc.DirectoryToCleanup for loc in vm.local.VolumeLocations if loc.DirectoryToCleanup
+        }
         for directory in sorted(directories):
             yield ctx.runner.run(images.remove_tree, directory)
         # pending.json stays until info.json is gone: if removing info.json fails, a
@@ -451,8 +473,11 @@ class Lifecycle:
             return succeed(False)
         acks = self.ctx.acks
         if not acks.serving:
-            self.log.warn("VM {ip}: DhcpTimeout asked but this daemon runs no DHCP "
-                          "server; reporting DhcpTimedOut", ip=vm.ip)
+            self.log.warn(
+                "VM {ip}: DhcpTimeout asked but this daemon runs no DHCP "
+                "server; reporting DhcpTimedOut",
+                ip=vm.ip,
+            )
             return succeed(True)
         d = acks.wait(vm.info.Address.MacAddress, timeout)
         return d.addCallback(lambda acked: not acked)
@@ -472,14 +497,18 @@ class Lifecycle:
             return
         summaries = yield ctx.domains.list()
         # Only this daemon's VMs: another hypervisor daemon may share the libvirtd.
-        running = [s for s in summaries
-                   if s.ours and s.active and (s.ip_address or "") in ctx.table.vms]
+        running = [
+            s for s in summaries if s.ours and s.active and (s.ip_address or "") in ctx.table.vms
+        ]
         if not running:
             self.log.info("stopping VMs: none running")
             return
         self.log.info(
             "stopping {n} VMs (ACPI power-down, forced after {timeout:g}s): {names}",
-            n=len(running), timeout=timeout, names=", ".join(s.name for s in running))
+            n=len(running),
+            timeout=timeout,
+            names=", ".join(s.name for s in running),
+        )
         for s in running:
             vm = ctx.table.vms.get(s.ip_address or "")
             if vm is not None:
@@ -501,8 +530,11 @@ class Lifecycle:
                     self.log.info("VM {name} powered down", name=s.name)
             remaining = still
         for s in remaining:
-            self.log.warn("VM {name} did not power down within {timeout:g}s: forcing it "
-                          "off", name=s.name, timeout=timeout)
+            self.log.warn(
+                "VM {name} did not power down within {timeout:g}s: forcing it " "off",
+                name=s.name,
+                timeout=timeout,
+            )
             try:
                 yield ctx.domains.force_off(s.uuid)
             except Exception as e:

@@ -37,8 +37,8 @@ from typing import Any, Callable, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
-from twisted.logger import Logger
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from hypervisor.diskio import IBlockingRunner, StateWriter, ThreadPoolRunner
 from hypervisor.manager import capacity
@@ -135,21 +135,27 @@ class Manager(MultiService):
         subnets = Subnets(state.join("subnets.json"))
         hub = UpdateHub()
         table = VmTable(state, writer, subnets, hub, reactor)
-        pool_ = AddressPool(state.join("address-pool.json"), subnets,
-                            table.addresses_in_use)
+        pool_ = AddressPool(state.join("address-pool.json"), subnets, table.addresses_in_use)
         self.ctx = ManagerContext(
-            state=state, table=table, pool=pool_, subnets=subnets,
+            state=state,
+            table=table,
+            pool=pool_,
+            subnets=subnets,
             domains=domains if domains is not None else Domains(libvirt),
-            stats=HostStats(host or capacity.Host(), self.volume_directories, runner,
-                            reactor),
-            runner=runner, writer=writer, hub=hub,
+            stats=HostStats(host or capacity.Host(), self.volume_directories, runner, reactor),
+            runner=runner,
+            writer=writer,
+            hub=hub,
             acks=acks if acks is not None else DhcpAcknowledgements(reactor),
             reactor=reactor,
-            settings=Settings(vm_shutdown_timeout=vm_shutdown_timeout,
-                              stop_timeout=stop_timeout,
-                              acknowledge_timeout=acknowledge_timeout,
-                              images_directory=images_directory, datasource=datasource,
-                              requested_domain_type=domain_type),
+            settings=Settings(
+                vm_shutdown_timeout=vm_shutdown_timeout,
+                stop_timeout=stop_timeout,
+                acknowledge_timeout=acknowledge_timeout,
+                images_directory=images_directory,
+                datasource=datasource,
+                requested_domain_type=domain_type,
+            ),
             bridges=bridges or discover_bridges,
         )
         if domain_type != "auto":
@@ -341,8 +347,7 @@ class Manager(MultiService):
         """
         ListVMs.
         """
-        ips = [ip for ip, vm in self.table.vms.items()
-               if not vm.deleted and matches(vm.info, f)]
+        ips = [ip for ip, vm in self.table.vms.items() if not vm.deleted and matches(vm.info, f)]
         return sorted(ips, key=ip_sort_key) if sort else ips
 
     def get_vm_infos(self, f: VmFilter) -> list[VmInfo]:
@@ -377,8 +382,7 @@ class Manager(MultiService):
         the pool from the VMs, and read the host's figures.
         """
         for path in self.state.prepare():
-            self.log.warn("removed {path}, left by a daemon that did not stop cleanly",
-                          path=path)
+            self.log.warn("removed {path}, left by a daemon that did not stop cleanly", path=path)
         ctx = self.ctx
         ctx.disabled = self.state.disabled
         ctx.subnets.load()
@@ -407,17 +411,22 @@ class Manager(MultiService):
         self.ctx.stats.start()
         for vm in self.table.vms.values():
             if vm.pending is not None and vm.pending.get("Phase") == "acknowledge":
-                self.log.info("VM {ip} still awaits its acknowledgement: destroyed "
-                              "unless acknowledged within {t:g}s", ip=vm.ip,
-                              t=self.ctx.settings.acknowledge_timeout)
+                self.log.info(
+                    "VM {ip} still awaits its acknowledgement: destroyed "
+                    "unless acknowledged within {t:g}s",
+                    ip=vm.ip,
+                    t=self.ctx.settings.acknowledge_timeout,
+                )
                 self.lifecycle.arm_acknowledgement(vm, self.ctx.settings.acknowledge_timeout)
         self.log.info(
             "hypervisor {uuid} started with state directory {path}: {n} VMs, "
             "{s} subnets{disabled}",
-            uuid=self.state.uuid, path=self.state.path, n=len(self.vms),
+            uuid=self.state.uuid,
+            path=self.state.path,
+            n=len(self.vms),
             s=len(self.subnets.subnets),
-            disabled=" (disabled: VM creation and starts are refused)"
-            if self.disabled else "")
+            disabled=" (disabled: VM creation and starts are refused)" if self.disabled else "",
+        )
 
     def stopService(self) -> "Deferred[None]":
         """
@@ -441,8 +450,11 @@ class Manager(MultiService):
 
         def finish(_: object) -> None:
             if self.table.unsaved:
-                self.log.error("stopping with unsaved VM state for {ips}: the next start "
-                               "reconciles them with libvirt", ips=", ".join(self.table.unsaved))
+                self.log.error(
+                    "stopping with unsaved VM state for {ips}: the next start "
+                    "reconciles them with libvirt",
+                    ips=", ".join(self.table.unsaved),
+                )
             self.state.remove_root_cookie()
             self.state.unlock()
 
@@ -477,4 +489,3 @@ class Manager(MultiService):
         Power every running VM of ours down (stop-vms-on-next-stop).
         """
         return self.lifecycle.shutdown_vms(timeout)
-

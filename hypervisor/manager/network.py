@@ -28,7 +28,9 @@ from hypervisor.errors import (
     InvalidRequest,
     NotFound,
 )
-from hypervisor.model import Address, AddressPool as PoolFile, Subnet
+from hypervisor.model import Address
+from hypervisor.model import AddressPool as PoolFile
+from hypervisor.model import Subnet
 
 HYPERVISOR_SUBNET = "hypervisor"
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -160,7 +162,10 @@ class Subnets:
         return subnet
 
     def update(
-        self, add: Iterable[Subnet], change: Iterable[Subnet], delete: Iterable[str],
+        self,
+        add: Iterable[Subnet],
+        change: Iterable[Subnet],
+        delete: Iterable[str],
         in_use: Callable[[str], bool],
     ) -> None:
         """
@@ -190,8 +195,9 @@ class Subnets:
             if subnet_id not in new:
                 raise NotFound(f"subnet {subnet_id!r} not found")
             if in_use(subnet_id):
-                raise InvalidRequest(f"subnet {subnet_id!r} still has VMs; move or "
-                                     "destroy them first")
+                raise InvalidRequest(
+                    f"subnet {subnet_id!r} still has VMs; move or " "destroy them first"
+                )
             del new[subnet_id]
         networks: dict[str, ipaddress.IPv4Network] = {}
         for subnet in new.values():
@@ -244,7 +250,8 @@ class Subnets:
         if list(self.subnets) == [HYPERVISOR_SUBNET]:
             return self.subnets[HYPERVISOR_SUBNET]
         allowed = [
-            s for s in self.subnets.values()
+            s
+            for s in self.subnets.values()
             if s.Id != HYPERVISOR_SUBNET and self.permitted(s, identity)
         ]
         if len(allowed) == 1:
@@ -262,8 +269,7 @@ class AddressPool:
     @ivar in_use: returns the addresses VMs hold right now (for the invariants).
     """
 
-    def __init__(self, path: str, subnets: Subnets,
-                 in_use: Callable[[], list[Address]]) -> None:
+    def __init__(self, path: str, subnets: Subnets, in_use: Callable[[], list[Address]]) -> None:
         self.path = path
         self.subnets = subnets
         self.in_use = in_use
@@ -277,8 +283,7 @@ class AddressPool:
         data = _load_json(self.path)
         if data is None:
             return
-        pool = codec.from_dict(PoolFile, data, self.path,  # type: ignore[arg-type]
-                               trusted=True)
+        pool = codec.from_dict(PoolFile, data, self.path, trusted=True)  # type: ignore[arg-type]
         self.free = pool.Free
         self.registered = pool.Registered
 
@@ -305,8 +310,10 @@ class AddressPool:
         free = []
         for a in self.free:
             if a.MacAddress in used_macs or (a.IpAddress and a.IpAddress in used_ips):
-                repaired.append(f"address {a.IpAddress or a.MacAddress} was free but a VM "
-                                "holds it: no longer free")
+                repaired.append(
+                    f"address {a.IpAddress or a.MacAddress} was free but a VM "
+                    "holds it: no longer free"
+                )
             else:
                 free.append(a)
         registered = list(self.registered)
@@ -315,16 +322,20 @@ class AddressPool:
             if a.MacAddress not in registered_macs:
                 registered.append(Address(a.IpAddress, a.MacAddress))
                 registered_macs.add(a.MacAddress)
-                repaired.append(f"address {a.IpAddress or a.MacAddress} held by a VM was "
-                                "not registered: registered")
+                repaired.append(
+                    f"address {a.IpAddress or a.MacAddress} held by a VM was "
+                    "not registered: registered"
+                )
         free_macs = {a.MacAddress for a in free}
         for a in registered:
             if a.MacAddress not in free_macs and a.MacAddress not in used_macs:
                 free.append(Address(a.IpAddress, a.MacAddress))
                 free_macs.add(a.MacAddress)
-                repaired.append(f"address {a.IpAddress or a.MacAddress} was neither free "
-                                "nor held by a VM (an interrupted creation or destruction):"
-                                " free again")
+                repaired.append(
+                    f"address {a.IpAddress or a.MacAddress} was neither free "
+                    "nor held by a VM (an interrupted creation or destruction):"
+                    " free again"
+                )
         if repaired:
             self._commit(free, registered)
         return repaired
@@ -346,8 +357,9 @@ class AddressPool:
             counts[key] = counts.get(key, 0) + 1
         return counts
 
-    def change(self, to_add: list[Address], to_remove: list[Address],
-               maximum_free: dict[str, int]) -> None:
+    def change(
+        self, to_add: list[Address], to_remove: list[Address], maximum_free: dict[str, int]
+    ) -> None:
         """
         Apply ChangeAddressPool: all or nothing.
         """
@@ -379,8 +391,11 @@ class AddressPool:
             ip = str(parse_ipv4(raw.IpAddress, "IpAddress")) if raw.IpAddress else ""
             if not mac and not ip:
                 raise InvalidRequest("an address to remove needs an IP or a MAC")
-            match = [a for a in registered
-                     if (not mac or a.MacAddress == mac) and (not ip or a.IpAddress == ip)]
+            match = [
+                a
+                for a in registered
+                if (not mac or a.MacAddress == mac) and (not ip or a.IpAddress == ip)
+            ]
             if not match:
                 raise NotFound(f"address {ip or mac} is not registered")
             for a in match:
@@ -432,8 +447,7 @@ class AddressPool:
                     break
             else:
                 raise InsufficientCapacity(
-                    f"no free address in subnet {subnet.Id!r}; add some with "
-                    "ChangeAddressPool"
+                    f"no free address in subnet {subnet.Id!r}; add some with " "ChangeAddressPool"
                 )
         free = [x for x in self.free if x is not a]
         self._commit(free, list(self.registered))
@@ -447,15 +461,20 @@ class AddressPool:
             return
         if not any(a.MacAddress == address.MacAddress for a in self.registered):
             return
-        self._commit(self.free + [Address(address.IpAddress, address.MacAddress)],
-                     list(self.registered))
+        self._commit(
+            self.free + [Address(address.IpAddress, address.MacAddress)], list(self.registered)
+        )
 
     def register_in_use(self, address: Address) -> None:
         """
         Make sure an address held by a VM is registered (and not free).
         """
-        free = [a for a in self.free if a.MacAddress != address.MacAddress
-                and (not address.IpAddress or a.IpAddress != address.IpAddress)]
+        free = [
+            a
+            for a in self.free
+            if a.MacAddress != address.MacAddress
+            and (not address.IpAddress or a.IpAddress != address.IpAddress)
+        ]
         registered = list(self.registered)
         if not any(a.MacAddress == address.MacAddress for a in registered):
             registered.append(Address(address.IpAddress, address.MacAddress))
@@ -499,8 +518,9 @@ def _reraise_exhaustion(error: OSError) -> None:
         raise error
 
 
-def discover_bridges(sys_class_net: str = "/sys/class/net",
-                     vlan_config: str = "/proc/net/vlan/config") -> dict[str, int]:
+def discover_bridges(
+    sys_class_net: str = "/sys/class/net", vlan_config: str = "/proc/net/vlan/config"
+) -> dict[str, int]:
     """
     Bridges on this host and the VLAN id of each one's uplink (0 = untagged).
 

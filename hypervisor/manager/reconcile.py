@@ -87,8 +87,7 @@ class Reconciler:
             self.domains_current = True
 
         def failed(failure: Any) -> None:
-            self.log.warn("cannot list libvirt domains: {why}",
-                          why=failure.getErrorMessage())
+            self.log.warn("cannot list libvirt domains: {why}", why=failure.getErrorMessage())
 
         def done(_: object) -> None:
             self._refreshing = None
@@ -110,13 +109,14 @@ class Reconciler:
             usable, reason = result
             self.ctx.domain_type = "kvm" if usable else "qemu"
             self.ctx.domain_type_reason = reason
-            self.log.info("domain type {type}: {reason}", type=self.ctx.domain_type,
-                          reason=reason)
+            self.log.info("domain type {type}: {reason}", type=self.ctx.domain_type, reason=reason)
             self.reconcile()
 
         def failed(failure: Any) -> None:
-            self.log.warn("KVM probe failed: {why}; will probe again on reconnect",
-                          why=failure.getErrorMessage())
+            self.log.warn(
+                "KVM probe failed: {why}; will probe again on reconnect",
+                why=failure.getErrorMessage(),
+            )
 
         def done(_: object) -> None:
             self._probing = False
@@ -139,8 +139,10 @@ class Reconciler:
 
         def failed(failure: Any) -> None:
             if failure.check(NotConnected):
-                self.log.warn("reconciliation stopped: {why}; it runs again when libvirt "
-                              "is back", why=failure.getErrorMessage())
+                self.log.warn(
+                    "reconciliation stopped: {why}; it runs again when libvirt " "is back",
+                    why=failure.getErrorMessage(),
+                )
             else:
                 self.log.failure("reconciliation failed", failure)
 
@@ -161,7 +163,10 @@ class Reconciler:
                 self.log.warn(
                     "libvirt domain {name} is tagged as ours but {ip} has no state in "
                     "{dir}; left alone (destroy it with virsh if it is not wanted)",
-                    name=s.name, ip=ip, dir=self.ctx.state.vms_path)
+                    name=s.name,
+                    ip=ip,
+                    dir=self.ctx.state.vms_path,
+                )
         listed = [(vm, vm.local) for vm in self.ctx.table.vms.values()]
         for vm, local in listed:
             summary = by_ip.get(vm.ip)
@@ -173,8 +178,7 @@ class Reconciler:
                 self.log.error("VM {ip}: reconciliation failed: {e}", ip=vm.ip, e=e)
 
     @inlineCallbacks
-    def _reconcile_vm(self, vm: Vm, summary: Optional[domains.DomainSummary],
-                      listed: Any) -> Any:
+    def _reconcile_vm(self, vm: Vm, summary: Optional[domains.DomainSummary], listed: Any) -> Any:
         if vm.deleted:
             return
         active = summary is not None and summary.active
@@ -183,16 +187,28 @@ class Reconciler:
             # listing is stale for it; ask libvirt again.
             uuid = yield self.ctx.domains.uuid_of(domain_name(vm.ip))
             active = bool(uuid) and (yield self.ctx.domains.is_active(uuid))
-            summary = None if not uuid else domains.DomainSummary(
-                name=domain_name(vm.ip), uuid=uuid, state="", active=active, ours=True,
-                ip_address=vm.ip)
+            summary = (
+                None
+                if not uuid
+                else domains.DomainSummary(
+                    name=domain_name(vm.ip),
+                    uuid=uuid,
+                    state="",
+                    active=active,
+                    ours=True,
+                    ip_address=vm.ip,
+                )
+            )
         if active and summary is not None and not vm.domain_uuid:
             vm.domain_uuid = summary.uuid
         table = self.ctx.table
         state = vm.info.State
         if vm.pending is not None and vm.pending.get("Phase") == "creating":
-            self.log.warn("VM {ip}: its creation was interrupted (the client never got "
-                          "its address): removing it", ip=vm.ip)
+            self.log.warn(
+                "VM {ip}: its creation was interrupted (the client never got "
+                "its address): removing it",
+                ip=vm.ip,
+            )
             table.record_state(vm, State.DESTROYING)
             yield self.lifecycle.remove_vm(vm)
             return
@@ -201,8 +217,11 @@ class Reconciler:
                 if state == State.STARTING:
                     table.record_state(vm, State.RUNNING)
                 return
-            self.log.warn("VM {ip} should be {state} but its domain is not running: "
-                          "starting it", ip=vm.ip, state=state.value)
+            self.log.warn(
+                "VM {ip} should be {state} but its domain is not running: " "starting it",
+                ip=vm.ip,
+                state=state.value,
+            )
             try:
                 yield self.lifecycle.start_domain(vm)
             except Exception as e:
@@ -216,6 +235,9 @@ class Reconciler:
             self.log.info("VM {ip}: completing an interrupted destroy", ip=vm.ip)
             yield self.lifecycle.remove_vm(vm)
         elif active:
-            self.log.warn("VM {ip} is recorded {state} but its domain runs: now "
-                          "recorded running", ip=vm.ip, state=state.value)
+            self.log.warn(
+                "VM {ip} is recorded {state} but its domain runs: now " "recorded running",
+                ip=vm.ip,
+                state=state.value,
+            )
             table.record_state(vm, State.RUNNING)

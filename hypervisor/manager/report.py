@@ -67,9 +67,14 @@ def vm_row(info: VmInfo, host_cpus: int) -> VmRow:
     The /listVMs row of a VM.
     """
     return VmRow(
-        ip=info.ip, mac=info.Address.MacAddress, name=info.Tags.get("Name", ""),
-        state=info.State.value, memory_mib=info.MemoryInMiB, milli_cpus=info.MilliCPUs,
-        vcpus=num_vcpus(info, host_cpus), volumes=len(info.Volumes),
+        ip=info.ip,
+        mac=info.Address.MacAddress,
+        name=info.Tags.get("Name", ""),
+        state=info.State.value,
+        memory_mib=info.MemoryInMiB,
+        milli_cpus=info.MilliCPUs,
+        vcpus=num_vcpus(info, host_cpus),
+        volumes=len(info.Volumes),
         storage=sum(v.effective_size for v in info.Volumes),
         primary_owner=info.primary_owner,
     )
@@ -79,9 +84,12 @@ def select(infos: Iterable[VmInfo], state: str = "", primary_owner: str = "") ->
     """
     The /listVMs filters (C{state=}, C{primaryOwner=}), sorted by IP.
     """
-    out = [i for i in infos
-           if (not state or i.State.value == state)
-           and (not primary_owner or i.primary_owner == primary_owner)]
+    out = [
+        i
+        for i in infos
+        if (not state or i.State.value == state)
+        and (not primary_owner or i.primary_owner == primary_owner)
+    ]
     return sorted(out, key=lambda i: _ip_key(i.ip))
 
 
@@ -127,8 +135,9 @@ class PoolRow:
     used: int = 0
 
 
-def pool_by_subnet(free: list[Address], registered: list[Address],
-                   used: list[Address], subnets: Subnets) -> list[PoolRow]:
+def pool_by_subnet(
+    free: list[Address], registered: list[Address], used: list[Address], subnets: Subnets
+) -> list[PoolRow]:
     """
     Free, registered and used addresses per subnet (and one row for addresses in no
     known subnet, if any).
@@ -175,16 +184,25 @@ def volume_directories(directories: list[str], host: IHost) -> list[VolumeDirect
     """
     snapshot = getattr(host, "snapshot", None)
     if snapshot is not None:
-        return [VolumeDirectory(Directory=e.Directory, MountPoint=e.MountPoint,
-                                Size=e.Size, Available=e.Available, Error=e.Error)
-                for e in snapshot.directories if e.Directory in directories]
+        return [
+            VolumeDirectory(
+                Directory=e.Directory,
+                MountPoint=e.MountPoint,
+                Size=e.Size,
+                Available=e.Available,
+                Error=e.Error,
+            )
+            for e in snapshot.directories
+            if e.Directory in directories
+        ]
     out = []
     for directory in directories:
         mp = mount_point(directory)
         entry = VolumeDirectory(Directory=directory, MountPoint=mp)
         try:
             entry.Size, entry.Available = host.storage(
-                directory if os.path.exists(directory) else mp)
+                directory if os.path.exists(directory) else mp
+            )
         except OSError as e:
             entry.Error = e.strerror or str(e)
         out.append(entry)

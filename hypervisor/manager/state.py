@@ -96,8 +96,14 @@ class VmTable:
 
     log = Logger()
 
-    def __init__(self, state: StateDirectory, writer: StateWriter, subnets: Subnets,
-                 hub: UpdateHub, reactor: IReactorTime) -> None:
+    def __init__(
+        self,
+        state: StateDirectory,
+        writer: StateWriter,
+        subnets: Subnets,
+        hub: UpdateHub,
+        reactor: IReactorTime,
+    ) -> None:
         self.state = state
         self.writer = writer
         self.subnets = subnets
@@ -127,18 +133,25 @@ class VmTable:
             repairs: list[str] = []
             try:
                 with open(path, "rb") as f:
-                    local = codec.decode(LocalVmInfo, f.read(), trusted=True,
-                                         repairs=repairs)
+                    local = codec.decode(LocalVmInfo, f.read(), trusted=True, repairs=repairs)
             except FileNotFoundError:
                 self._no_info(directory)
                 continue
             except (OSError, codec.DecodeError) as e:
-                self.log.error("cannot load VM from {path}: {e}; it is left on disk "
-                               "untouched and not managed", path=path, e=e)
+                self.log.error(
+                    "cannot load VM from {path}: {e}; it is left on disk "
+                    "untouched and not managed",
+                    path=path,
+                    e=e,
+                )
                 continue
             if local.VmInfo.Address.IpAddress != name:
-                self.log.error("{path} is for {ip}, not {name}: ignored", path=path,
-                               ip=local.VmInfo.Address.IpAddress, name=name)
+                self.log.error(
+                    "{path} is for {ip}, not {name}: ignored",
+                    path=path,
+                    ip=local.VmInfo.Address.IpAddress,
+                    name=name,
+                )
                 continue
             for repair in repairs:
                 self.log.warn("{path}: {repair}", path=path, repair=repair)
@@ -164,8 +177,9 @@ class VmTable:
             import shutil
 
             shutil.rmtree(directory, ignore_errors=True)
-            self.log.warn("removed {dir}: an interrupted VM creation or removal left it",
-                          dir=directory)
+            self.log.warn(
+                "removed {dir}: an interrupted VM creation or removal left it", dir=directory
+            )
         else:
             self.log.warn("{dir} has no info.json: ignored (not deleted)", dir=directory)
 
@@ -207,9 +221,14 @@ class VmTable:
         subnet = self.subnets.subnets.get(subnet_id) if subnet_id else None
         if subnet is None and address.IpAddress:
             subnet = self.subnets.subnet_of(address.IpAddress)
-        return Lease(MacAddress=address.MacAddress, IpAddress=address.IpAddress,
-                     Hostname=info.Hostname, Subnet=subnet, primary=index == 0,
-                     vm_ip=vm.ip)
+        return Lease(
+            MacAddress=address.MacAddress,
+            IpAddress=address.IpAddress,
+            Hostname=info.Hostname,
+            Subnet=subnet,
+            primary=index == 0,
+            vm_ip=vm.ip,
+        )
 
     def leases(self) -> list[Lease]:
         """
@@ -243,8 +262,10 @@ class VmTable:
         The VM's identity certificate and key files (they may not exist).
         """
         directory = self.get(ip).directory
-        return (os.path.join(directory, IDENTITY_CERT_FILE),
-                os.path.join(directory, IDENTITY_KEY_FILE))
+        return (
+            os.path.join(directory, IDENTITY_CERT_FILE),
+            os.path.join(directory, IDENTITY_KEY_FILE),
+        )
 
     # Membership -------------------------------------------------------------------
 
@@ -341,14 +362,20 @@ class VmTable:
 
     def _stamp(self, new: LocalVmInfo, state: State) -> None:
         if new.VmInfo.State != state:
-            self.log.info("VM {ip}: {old} -> {new}", ip=new.VmInfo.Address.IpAddress,
-                          old=new.VmInfo.State.value, new=state.value)
+            self.log.info(
+                "VM {ip}: {old} -> {new}",
+                ip=new.VmInfo.Address.IpAddress,
+                old=new.VmInfo.State.value,
+                new=state.value,
+            )
             new.VmInfo.State = state
             new.VmInfo.ChangedStateOn = _now(self.reactor)
 
     def _apply(self, vm: Vm, new: LocalVmInfo) -> None:
-        readdress = (new.VmInfo.Address != vm.info.Address
-                     or new.VmInfo.SecondaryAddresses != vm.info.SecondaryAddresses)
+        readdress = (
+            new.VmInfo.Address != vm.info.Address
+            or new.VmInfo.SecondaryAddresses != vm.info.SecondaryAddresses
+        )
         if readdress:
             self._unindex(vm)
         vm.local = new
@@ -372,17 +399,19 @@ class VmTable:
             if vm not in self._dirty:
                 self.log.error(
                     "cannot write {path}: {why}; the VM is {state} and the write is "
-                    "retried every {n:g}s", path=self.info_path(vm),
-                    why=failure.getErrorMessage(), state=vm.info.State.value,
-                    n=RETRY_INTERVAL)
+                    "retried every {n:g}s",
+                    path=self.info_path(vm),
+                    why=failure.getErrorMessage(),
+                    state=vm.info.State.value,
+                    n=RETRY_INTERVAL,
+                )
             self._dirty.add(vm)
             self._schedule_retry()
 
         def written(_: object) -> None:
             if vm in self._dirty:
                 self._dirty.discard(vm)
-                self.log.info("{path} written after earlier failures",
-                              path=self.info_path(vm))
+                self.log.info("{path} written after earlier failures", path=self.info_path(vm))
 
         return d.addCallbacks(written, failed)
 
@@ -451,4 +480,3 @@ def _now(reactor: IReactorTime) -> Any:
     import datetime
 
     return datetime.datetime.fromtimestamp(reactor.seconds(), datetime.timezone.utc)
-

@@ -28,8 +28,9 @@ class UpdateStream:
     @ivar dropped: the stream was dropped because it fell behind.
     """
 
-    def __init__(self, close: Callable[["UpdateStream"], None],
-                 max_queued: int = MAX_QUEUED, name: str = "") -> None:
+    def __init__(
+        self, close: Callable[["UpdateStream"], None], max_queued: int = MAX_QUEUED, name: str = ""
+    ) -> None:
         self._queue: deque[Update] = deque()
         self._waiting: Optional[Deferred[Optional[Update]]] = None
         self._close = close
@@ -68,8 +69,10 @@ class UpdateStream:
             self.dropped = True
             UpdateHub.log.warn(
                 "GetUpdates subscriber {name} fell {n} updates behind: dropped (it "
-                "can subscribe again and get a full update)", name=self.name or "?",
-                n=len(self._queue))
+                "can subscribe again and get a full update)",
+                name=self.name or "?",
+                n=len(self._queue),
+            )
             self._queue.clear()
             self.close()
             return

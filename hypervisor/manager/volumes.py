@@ -94,11 +94,13 @@ def scan(state: StateDirectory) -> tuple[list[VolumeReport], list[str]]:
             try:
                 st = os.stat(filename)
             except OSError as e:
-                reports.append(VolumeReport(vm, index, filename, expected, None, 0,
-                                            error=e.strerror or str(e)))
+                reports.append(
+                    VolumeReport(vm, index, filename, expected, None, 0, error=e.strerror or str(e))
+                )
                 continue
-            reports.append(VolumeReport(vm, index, filename, expected, st.st_size,
-                                        st.st_blocks * 512))
+            reports.append(
+                VolumeReport(vm, index, filename, expected, st.st_size, st.st_blocks * 512)
+            )
     return reports, problems
 
 
@@ -119,9 +121,7 @@ def repair(report: VolumeReport) -> int:
     return max(0, after - report.allocated)
 
 
-def check_command(
-    state: StateDirectory, repair: bool = False, out: IO[str] = sys.stdout
-) -> int:
+def check_command(state: StateDirectory, repair: bool = False, out: IO[str] = sys.stdout) -> int:
     """
     Run C{check-vms} (or C{repair-vm-volume-allocations}); return the exit status.
     """

@@ -86,10 +86,14 @@ def is_connection_error(error: BaseException) -> bool:
         return False
     code = error.get_error_code()
     domain = error.get_error_domain()
-    return code in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN,
-                    libvirt.VIR_ERR_RPC) or (
+    return code in (
+        libvirt.VIR_ERR_NO_CONNECT,
+        libvirt.VIR_ERR_INVALID_CONN,
+        libvirt.VIR_ERR_RPC,
+    ) or (
         domain in (libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE)
-        and code in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_INTERNAL_ERROR))
+        and code in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_INTERNAL_ERROR)
+    )
 
 
 class IConnectionListener(Protocol):
@@ -182,8 +186,11 @@ class LibvirtService(Service):
             try:
                 getattr(listener, method)(*args)
             except Exception:
-                self.log.failure("libvirt listener {listener!r}.{method} failed",
-                                 listener=listener, method=method)
+                self.log.failure(
+                    "libvirt listener {listener!r}.{method} failed",
+                    listener=listener,
+                    method=method,
+                )
 
     # Blocking calls ------------------------------------------------------------
 
@@ -206,8 +213,11 @@ class LibvirtService(Service):
         def finished(result: Any) -> Any:
             self._in_flight.discard(done)
             done.callback(None)
-            if isinstance(result, Failure) and result.value is not None and is_connection_error(
-                    result.value):
+            if (
+                isinstance(result, Failure)
+                and result.value is not None
+                and is_connection_error(result.value)
+            ):
                 message = result.getErrorMessage()
                 if conn is self._conn:
                     self.lose_connection(message)
@@ -217,8 +227,10 @@ class LibvirtService(Service):
         return d.addBoth(finished)
 
     def _unavailable(self) -> str:
-        return (f"{self.describe()}; nothing was changed: try again once libvirtd is "
-                "back (it is reconnected automatically)")
+        return (
+            f"{self.describe()}; nothing was changed: try again once libvirtd is "
+            "back (it is reconnected automatically)"
+        )
 
     def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]":
         """
@@ -384,7 +396,9 @@ class LibvirtService(Service):
             self.log.warn(
                 "libvirt at {uri} unreachable (attempt {n}): {why}; is libvirtd "
                 "running? retrying",
-                uri=self.uri, n=self._attempts, why=failure.getErrorMessage(),
+                uri=self.uri,
+                n=self._attempts,
+                why=failure.getErrorMessage(),
             )
         self._schedule_reconnect()
 
@@ -436,8 +450,9 @@ class LibvirtService(Service):
         self.lost_reason = f"connection lost ({why})"
         self.lost_at = self.reactor.seconds()
         self.log.error(
-            "lost the connection to libvirt at {uri} ({why}); VMs keep running, "
-            "reconnecting", uri=self.uri, why=why,
+            "lost the connection to libvirt at {uri} ({why}); VMs keep running, " "reconnecting",
+            uri=self.uri,
+            why=why,
         )
         self.run_blocking(self._close_blocking, conn, ids)
         self._notify("libvirt_disconnected", self.lost_reason)

@@ -240,8 +240,7 @@ def send_ctrl_alt_del(conn: Any, uuid: str) -> None:
     import libvirt
 
     # KEY_LEFTCTRL, KEY_LEFTALT, KEY_DELETE
-    conn.lookupByUUIDString(uuid).sendKey(libvirt.VIR_KEYCODE_SET_LINUX, 0, [29, 56, 111],
-                                          3, 0)
+    conn.lookupByUUIDString(uuid).sendKey(libvirt.VIR_KEYCODE_SET_LINUX, 0, [29, 56, 111], 3, 0)
 
 
 class IDomains(Protocol):

@@ -127,19 +127,23 @@ def build_domain_xml(info: VmInfo, spec: DomainSpec) -> str:
     addresses = [info.Address] + list(info.SecondaryAddresses)
     if len(spec.bridges) != len(addresses):
         raise ValueError("one bridge per network interface")
-    lines = [f"<domain type='{spec.domain_type}'>",
-             f"  <name>{escape(domain_name(ip))}</name>",
-             f"  <title>{escape(info.Tags.get('Name', '') or info.Hostname or ip)}</title>",
-             "  <metadata>",
-             f"    <{METADATA_PREFIX}:vm xmlns:{METADATA_PREFIX}={quoteattr(METADATA_NAMESPACE)}>",
-             f"      <{METADATA_PREFIX}:ipAddress>{escape(ip)}</{METADATA_PREFIX}:ipAddress>",
-             f"    </{METADATA_PREFIX}:vm>",
-             "  </metadata>",
-             f"  <memory unit='MiB'>{int(info.MemoryInMiB)}</memory>",
-             f"  <vcpu>{num_vcpus(info, spec.host_cpus)}</vcpu>"]
+    lines = [
+        f"<domain type='{spec.domain_type}'>",
+        f"  <name>{escape(domain_name(ip))}</name>",
+        f"  <title>{escape(info.Tags.get('Name', '') or info.Hostname or ip)}</title>",
+        "  <metadata>",
+        f"    <{METADATA_PREFIX}:vm xmlns:{METADATA_PREFIX}={quoteattr(METADATA_NAMESPACE)}>",
+        f"      <{METADATA_PREFIX}:ipAddress>{escape(ip)}</{METADATA_PREFIX}:ipAddress>",
+        f"    </{METADATA_PREFIX}:vm>",
+        "  </metadata>",
+        f"  <memory unit='MiB'>{int(info.MemoryInMiB)}</memory>",
+        f"  <vcpu>{num_vcpus(info, spec.host_cpus)}</vcpu>",
+    ]
     # SMBIOS: what cloud-init's ds-identify looks at.
-    system = ["<entry name='manufacturer'>SmallStack</entry>",
-              "<entry name='product'>SmallStack</entry>"]
+    system = [
+        "<entry name='manufacturer'>SmallStack</entry>",
+        "<entry name='product'>SmallStack</entry>",
+    ]
     chassis = []
     if spec.hypervisor_uuid:
         system.append(f"<entry name='family'>{escape(spec.hypervisor_uuid)}</entry>")
@@ -162,9 +166,12 @@ def build_domain_xml(info: VmInfo, spec: DomainSpec) -> str:
         lines.append(f"    <kernel>{escape(spec.kernel)}</kernel>")
         if spec.initrd:
             lines.append(f"    <initrd>{escape(spec.initrd)}</initrd>")
-        cmdline = ["console=ttyS0", "net.ifnames=0",
-                   f"root=LABEL={info.RootFileSystemLabel or root_label(ip)}",
-                   *spec.extra_cmdline]
+        cmdline = [
+            "console=ttyS0",
+            "net.ifnames=0",
+            f"root=LABEL={info.RootFileSystemLabel or root_label(ip)}",
+            *spec.extra_cmdline,
+        ]
         if info.ExtraKernelOptions:
             cmdline.append(info.ExtraKernelOptions)
         lines.append(f"    <cmdline>{escape(' '.join(cmdline))}</cmdline>")
@@ -193,8 +200,7 @@ def build_domain_xml(info: VmInfo, spec: DomainSpec) -> str:
         lines.append(f"      <mac address={quoteattr(address.MacAddress)}/>")
         lines.append(f"      <source bridge={quoteattr(bridge)}/>")
         lines.append(f"      <model type='{model}'/>")
-        queues = (info.NetworkEntries[index].NumQueues
-                  if index < len(info.NetworkEntries) else 0)
+        queues = info.NetworkEntries[index].NumQueues if index < len(info.NetworkEntries) else 0
         if queues > 1 and not info.DisableVirtIO:
             lines.append(f"      <driver name='vhost' queues='{queues}'/>")
         lines.append("    </interface>")
@@ -212,8 +218,11 @@ def build_domain_xml(info: VmInfo, spec: DomainSpec) -> str:
     else:
         lines.append("    <video><model type='none'/></video>")
     if info.WatchdogModel != WatchdogModel.NONE:
-        action = {WatchdogAction.RESET: "reset", WatchdogAction.SHUTDOWN: "shutdown",
-                  WatchdogAction.POWEROFF: "poweroff"}.get(info.WatchdogAction, "none")
+        action = {
+            WatchdogAction.RESET: "reset",
+            WatchdogAction.SHUTDOWN: "shutdown",
+            WatchdogAction.POWEROFF: "poweroff",
+        }.get(info.WatchdogAction, "none")
         lines.append(f"    <watchdog model='{info.WatchdogModel.value}' action='{action}'/>")
     lines.append("    <memballoon model='none'/>")
     lines.append("  </devices>")

@@ -35,8 +35,16 @@ import tempfile
 DEFAULT_CACHE = "/var/cache/smallstack-hypervisor"
 
 MODULES = [
-    "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
-    "virtio_pci", "failover", "net_failover", "virtio_net", "evdev", "button",
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "failover",
+    "net_failover",
+    "virtio_net",
+    "evdev",
+    "button",
 ]
 
 INIT = r"""#!/bin/busybox sh
@@ -146,8 +154,7 @@ def newc_archive(entries: list[tuple[str, int, bytes]]) -> bytes:
     for path, mode, content in entries + [("TRAILER!!!", 0, b"")]:
         name = path.encode() + b"\0"
         header = "070701" + "".join(
-            f"{v:08X}" for v in (ino, mode, 0, 0, 1, 0, len(content), 0, 0, 0, 0,
-                                 len(name), 0)
+            f"{v:08X}" for v in (ino, mode, 0, 0, 1, 0, len(content), 0, 0, 0, 0, len(name), 0)
         )
         out.write(header.encode())
         out.write(name)
@@ -175,7 +182,7 @@ def build(cache: str) -> str:
         root = os.path.join(work, "root")
         boot = os.path.join(root, "boot")
         vmlinuz = next(f for f in os.listdir(boot) if f.startswith("vmlinuz-"))
-        version = vmlinuz[len("vmlinuz-"):]
+        version = vmlinuz[len("vmlinuz-") :]
         with open(os.path.join(boot, vmlinuz), "rb") as f:
             vmlinux = decompress_bzimage(f.read())
         modules_dir = os.path.join(root, "lib", "modules", version)
@@ -190,16 +197,14 @@ def build(cache: str) -> str:
         with open(os.path.join(root, "bin", "busybox"), "rb") as f:
             busybox = f.read()
         entries: list[tuple[str, int, bytes]] = [
-            (d, 0o40755, b"") for d in ("bin", "dev", "proc", "sys", "tmp", "lib",
-                                        "lib/modules")
+            (d, 0o40755, b"") for d in ("bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules")
         ]
         entries.append(("bin/busybox", 0o100755, busybox))
         entries.append(("bin/sh", 0o100755, busybox))
         for m in MODULES:
             with open(found[m], "rb") as f:
                 entries.append((f"lib/modules/{m}.ko", 0o100644, f.read()))
-        entries.append(("init", 0o100755,
-                        INIT.replace("__MODULES__", " ".join(MODULES)).encode()))
+        entries.append(("init", 0o100755, INIT.replace("__MODULES__", " ".join(MODULES)).encode()))
         entries.append(("udhcpc.sh", 0o100755, UDHCPC.encode()))
         staging = target + ".tmp"
         shutil.rmtree(staging, ignore_errors=True)
