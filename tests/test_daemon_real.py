@@ -52,19 +52,39 @@ class RealDaemonTests(SynchronousTestCase):
                 pass  # already gone
         conn.close()
 
-    def start_guest(self, ours: bool) -> Any:
+    def start_guest(self, ours: bool, ip: str = "10.99.0.2") -> Any:
         """
-        Start a transient guest outside the daemon (tagged as ours or not).
+        Start a transient guest outside the daemon (tagged as ours with C{ip}, or not).
         """
         name = f"hv-test-{uuid.uuid4().hex[:8]}"
         metadata = (
             f"<metadata><hv:vm xmlns:hv='{domains.METADATA_NAMESPACE}'>"
-            "<hv:ipAddress>10.99.0.2</hv:ipAddress></hv:vm></metadata>"
+            f"<hv:ipAddress>{ip}</hv:ipAddress></hv:vm></metadata>"
             if ours
             else ""
         )
         self.guests.append(name)
         return self.conn.createXML(GUEST.format(name=name, metadata=metadata), 0)
+
+    @staticmethod
+    def record_vm(daemon: Any, ip: str) -> None:
+        """
+        Put a stopped VM with this IP in the daemon's state directory (before it
+        starts), so that a guest tagged with the IP is one of this daemon's VMs.
+        """
+        from hypervisor import codec
+        from hypervisor.model import Address, LocalVmInfo, State, VmInfo
+
+        directory = os.path.join(daemon.state_dir, "VMs", ip)
+        os.makedirs(directory)
+        info = VmInfo(
+            Address=Address(ip, "52:54:00:63:00:02"),
+            State=State.STOPPED,
+            MemoryInMiB=32,
+            MilliCPUs=100,
+        )
+        with open(os.path.join(directory, "info.json"), "wb") as f:
+            f.write(codec.encode(LocalVmInfo(VmInfo=info), indent=4))
 
     def alive(self, dom: Any) -> bool:
         return domains.is_active(self.conn, dom.UUIDString())
@@ -139,15 +159,19 @@ class RealDaemonTests(SynchronousTestCase):
 
     def test_stop_vms_on_next_stop(self) -> None:
         """
-        After C{stop-vms-on-next-stop}, C{stop} powers our guests down — forcing off
-        one that ignores ACPI after -vmShutdownTimeout — and leaves other guests alone.
+        After C{stop-vms-on-next-stop}, C{stop} powers this daemon's guests down —
+        forcing off one that ignores ACPI after -vmShutdownTimeout — and leaves other
+        guests alone, also those tagged as ours whose VM this daemon does not know
+        (another daemon's on the same libvirtd).
         """
         daemon = support.Daemon(self, "-domainType=qemu", "-vmShutdownTimeout=3s")
+        self.record_vm(daemon, "10.99.0.2")  # the tagged guest is this daemon's VM
         daemon.start()
         support.wait_for(
             lambda: support.http_get(daemon.url + "/healthz")[0] == 200, 30, "healthz 200"
         )
         ours, theirs = self.start_guest(ours=True), self.start_guest(ours=False)
+        another_daemons = self.start_guest(ours=True, ip="10.99.0.3")
         result = daemon.command("stop-vms-on-next-stop")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertTrue(self.alive(ours), "stop-vms-on-next-stop must not stop VMs yet")
@@ -156,6 +180,7 @@ class RealDaemonTests(SynchronousTestCase):
         self.assertEqual(daemon.wait(), 0, daemon.output())
         self.assertFalse(self.alive(ours), daemon.output())
         self.assertTrue(self.alive(theirs))
+        self.assertTrue(self.alive(another_daemons))
         output = daemon.output()
         self.assertIn(f"VM {ours.name()} did not power down within 3s: forcing it off", output)
         self.assertNotIn(theirs.name(), output)
