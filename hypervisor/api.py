@@ -17,10 +17,11 @@ when C{-allowUnauthenticatedReads} is set.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 
+from hypervisor import codec
 from hypervisor.auth import Identity
 from hypervisor.errors import AccessDenied
 from hypervisor.manager.create import upload_size
@@ -57,6 +58,26 @@ from hypervisor.model import (
 )
 from hypervisor.upload import UploadStream
 
+WIRE = "_wire"
+
+
+def with_encoding(response: T, data: bytes) -> T:
+    """
+    Attach C{response}'s encoding (already made, e.g. kept with a VM): transports send
+    it instead of encoding the response again.
+    """
+    object.__setattr__(response, WIRE, data)
+    return response
+
+
+def encode_reply(response: Any) -> bytes:
+    """
+    A response's JSON: the encoding attached by L{with_encoding}, else the codec's.
+    """
+    data = getattr(response, WIRE, None)
+    return data if data is not None else codec.encode(response)
+
+
 PUBLIC = "public"
 ADMIN = "admin"
 
@@ -65,6 +86,7 @@ PROGRESS = "progress-stream"
 UPDATES = "update-stream"
 
 
+T = TypeVar("T")
 MiB = 1024 * 1024
 MAX_JSON = 1 << 20
 MAX_UPLOAD = 1 << 40
@@ -231,9 +253,14 @@ class HypervisorApi:
 
     def GetVmInfo(self, identity: Identity, request: IpRequest) -> GetVmInfoResponse:
         """
-        One VM's info.
+        One VM's info (its encoding is kept with the VM until it changes, and
+        transports send that: L{encode_reply}).
         """
-        return GetVmInfoResponse(VmInfo=self.manager.get_vm_info(request.IpAddress))
+        vm = self.manager.get_vm(request.IpAddress)
+        response = GetVmInfoResponse(VmInfo=vm.info)
+        if vm.wire is None:
+            vm.wire = codec.encode(response)
+        return with_encoding(response, vm.wire)
 
     def GetVmInfos(self, identity: Identity, request: GetVmInfosRequest) -> GetVmInfosResponse:
         """

@@ -31,7 +31,7 @@ class StyleTests(SynchronousTestCase):
         """
         black --check finds no file to reformat.
         """
-        result = self.run_tool("black", "--check", "--quiet", ".")
+        result = self.run_tool("black", "--check", ".")
         self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
 
     def test_isort(self) -> None:

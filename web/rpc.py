@@ -44,8 +44,7 @@ from twisted.web.http import RESPONSES
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from hypervisor import codec
-from hypervisor.api import METHODS, PROGRESS, UNAUTHENTICATED_READS, UPDATES
+from hypervisor.api import METHODS, PROGRESS, UNAUTHENTICATED_READS, UPDATES, encode_reply
 from hypervisor.auth import CertificateRefused, TrustStore
 from hypervisor.dispatch import Call, Dispatcher, RequestTooLarge
 from hypervisor.errors import HypervisorError, InvalidRequest
@@ -65,7 +64,7 @@ SECURITY_HEADERS = {
 
 
 def _line(obj: Any) -> bytes:
-    return codec.encode(obj) + b"\n"
+    return encode_reply(obj) + b"\n"
 
 
 def network_producer(transport: Any) -> Optional[IPushProducer]:

@@ -58,7 +58,7 @@ from hypervisor.manager.network import AddressPool, Subnets, discover_bridges
 from hypervisor.manager.reconcile import Reconciler
 from hypervisor.manager.state import IVmListener, Lease, VmTable
 from hypervisor.manager.updates import UpdateHub
-from hypervisor.manager.vm import Vm, ip_sort_key, matches
+from hypervisor.manager.vm import Vm, matches
 from hypervisor.model import Address, CloudInitDatasource, Subnet, VmFilter, VmInfo
 from hypervisor.store import StateDirectory
 from hypervisor.virt.domains import Domains, IDomains
@@ -347,8 +347,10 @@ class Manager(MultiService):
         """
         ListVMs.
         """
-        ips = [ip for ip, vm in self.table.vms.items() if not vm.deleted and matches(vm.info, f)]
-        return sorted(ips, key=ip_sort_key) if sort else ips
+        vms = [vm for vm in self.table.vms.values() if not vm.deleted and matches(vm.info, f)]
+        if sort:
+            vms.sort(key=lambda vm: vm.sort_key)
+        return [vm.ip for vm in vms]
 
     def get_vm_infos(self, f: VmFilter) -> list[VmInfo]:
         """

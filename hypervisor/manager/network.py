@@ -87,6 +87,7 @@ class Subnets:
         self.path = path
         self._subnets: dict[str, Subnet] = {}
         self._networks: Optional[list[tuple[ipaddress.IPv4Network, Subnet]]] = None
+        self._subnet_of: dict[str, Optional[Subnet]] = {}
 
     @property
     def subnets(self) -> dict[str, Subnet]:
@@ -99,6 +100,7 @@ class Subnets:
     def subnets(self, value: dict[str, Subnet]) -> None:
         self._subnets = value
         self._networks = None  # parsed again on next use
+        self._subnet_of = {}
 
     def load(self) -> None:
         """
@@ -115,6 +117,7 @@ class Subnets:
             subnet = codec.from_dict(Subnet, item, f"{self.path}[{i}]", trusted=True)
             self._subnets[subnet.Id] = subnet
         self._networks = None
+        self._subnet_of = {}
 
     def encode(self) -> bytes:
         """
@@ -215,13 +218,21 @@ class Subnets:
         """
         The subnet containing C{ip}, if any.
         """
+        try:
+            return self._subnet_of[ip]
+        except KeyError:
+            pass
         if self._networks is None:
             self._networks = [(subnet_network(s), s) for s in self._subnets.values()]
         address = ipaddress.IPv4Address(ip)
+        found = None
         for network, subnet in self._networks:
             if address in network:
-                return subnet
-        return None
+                found = subnet
+                break
+        if len(self._subnet_of) < 1 << 20:  # IPs asked about, bounded
+            self._subnet_of[ip] = found
+        return found
 
     @staticmethod
     def permitted(subnet: Subnet, identity: Identity, method: str = "CreateVm") -> bool:
@@ -275,6 +286,9 @@ class AddressPool:
         self.in_use = in_use
         self.free: list[Address] = []
         self.registered: list[Address] = []
+        # Encodings of addresses seen (entries for removed addresses are dropped when
+        # the table grows past twice the registered count).
+        self._encodings: dict[tuple[str, str], bytes] = {}
 
     def load(self) -> None:
         """
@@ -289,9 +303,23 @@ class AddressPool:
 
     def encode(self) -> bytes:
         """
-        What C{address-pool.json} holds.
+        What C{address-pool.json} holds (C{{"Free": [...], "Registered": [...]}}),
+        from each address's encoding kept since it was first written: writing the
+        pool after each allocation costs a join, not an encoding of every address.
         """
-        return codec.encode(PoolFile(Free=self.free, Registered=self.registered), indent=4)
+        return b'{"Free":[%s],"Registered":[%s]}' % (
+            b",".join(self._encoded(a) for a in self.free),
+            b",".join(self._encoded(a) for a in self.registered),
+        )
+
+    def _encoded(self, address: Address) -> bytes:
+        key = (address.IpAddress, address.MacAddress)
+        data = self._encodings.get(key)
+        if data is None:
+            if len(self._encodings) > 2 * len(self.registered) + 64:
+                self._encodings.clear()
+            data = self._encodings[key] = codec.encode(address)
+        return data
 
     def _commit(self, free: list[Address], registered: list[Address]) -> None:
         self.free, self.registered = free, registered

@@ -26,6 +26,7 @@ DESTROY_IDLE = {
     State.EXPORTING,
     State.CRASHED,
 }
+STATE_NUMBERS = {state: number for number, state in enumerate(State)}
 SHOULD_RUN = {State.STARTING, State.RUNNING, State.DEBUGGING}
 
 
@@ -41,6 +42,9 @@ class Vm:
     @ivar deleted: the VM is gone; late events and waiters ignore it.
     @ivar pending: the VM's C{pending.json} while its creation is unfinished
         (C{{"Phase": "creating"}}) or unacknowledged (C{{"Phase": "acknowledge"}}).
+    @ivar wire: the encoded GetVmInfo reply, kept until the VM changes (None: not made
+        yet, or stale).
+    @ivar sort_key: the numeric order of its primary IP (which never changes).
     @ivar kernel: the root volume directory holds a C{kernel} (and C{initrd}) for
         direct kernel boot (known without touching the disk).
     @ivar domain_uuid: the UUID of the libvirt domain we last started for it (events
@@ -58,6 +62,8 @@ class Vm:
         self.domain_uuid = ""
         self.kernel = False
         self.initrd = False
+        self.wire: Optional[bytes] = None
+        self.sort_key = ip_sort_key(local.VmInfo.Address.IpAddress)
         self._stop_waiters: list[Deferred[bool]] = []
 
     @property
@@ -118,7 +124,7 @@ def matches(info: VmInfo, f: VmFilter) -> bool:
     """
     The reference's ListVMs/GetVmInfos filters.
     """
-    if f.IgnoreStateMask & (1 << info.State.number):
+    if f.IgnoreStateMask and f.IgnoreStateMask & (1 << STATE_NUMBERS[info.State]):
         return False
     if f.OwnerGroups and not set(f.OwnerGroups) & set(info.OwnerGroups):
         return False
