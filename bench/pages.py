@@ -74,7 +74,9 @@ def populate(root: str, count: int) -> Manager:
         host=FakeHost(cpus=64, memory_mib=1 << 20),
     )
     manager.privilegedStartService()
-    manager.update_subnets([Subnet(Id="net", IpGateway="10.0.0.1", IpMask="255.255.0.0")], [], [])
+    manager.admin.update_subnets(
+        [Subnet(Id="net", IpGateway="10.0.0.1", IpMask="255.255.0.0")], [], []
+    )
     states = list(State)
     for i in range(count):
         ip = f"10.0.{i // 250}.{i % 250 + 2}"
@@ -88,9 +90,13 @@ def populate(root: str, count: int) -> Manager:
             Tags={"Name": f"vm-{i}"},
             Volumes=[Volume(Size=10 << 30)],
         )
-        manager.vms[ip] = Vm(
-            LocalVmInfo(VmInfo=info, VolumeLocations=[VolumeLocation(root, f"{root}/{ip}/root")]),
-            os.path.join(root, ip),
+        manager.table.add(
+            Vm(
+                LocalVmInfo(
+                    VmInfo=info, VolumeLocations=[VolumeLocation(root, f"{root}/{ip}/root")]
+                ),
+                os.path.join(root, ip),
+            )
         )
     return manager
 

@@ -1,7 +1,8 @@
 """
 Kept encodings and indexes never go stale: after every change made through the service
-layer (and by libvirt events), GetVmInfo's kept reply, ListVMs (sorted and filtered)
-and GetVmInfos equal what a fresh encoding of the VMs' current state gives.
+layer (and by libvirt events), GetVmInfo's kept reply, ListVMs (sorted and filtered),
+GetVmInfos and the /listVMs page's kept rows and JSON equal what a fresh encoding of
+the VMs' current state gives.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from hypervisor import codec
 from hypervisor.api import encode_reply
 from hypervisor.auth import ROOT, Identity
+from hypervisor.manager import report
 from hypervisor.manager.vm import ip_sort_key, matches
 from hypervisor.model import (
     AccessRequest,
@@ -33,6 +35,7 @@ from hypervisor.model import (
     VmFilter,
 )
 from tests.test_manager_clock import ClockDaemon, fired
+from web.status import StatusPages
 
 ALICE = Identity(username="alice")
 OPERATIONS = [
@@ -80,6 +83,18 @@ class CoherenceTests(SynchronousTestCase):
                 [codec.encode(i) for i in infos],
                 [codec.encode(manager.vms[ip].info) for ip in expected],
             )
+
+    def check_pages(self, daemon: ClockDaemon, pages: StatusPages) -> None:
+        """
+        Every VM's kept /listVMs row and JSON equal fresh ones.
+        """
+        cpus = daemon.manager.host.num_cpus()
+        for vm in daemon.manager.vms.values():
+            row, html = pages._page_row(vm, cpus)
+            fresh = report.vm_row(vm.info, cpus)
+            self.assertEqual(row, fresh)
+            self.assertEqual(html, pages.templates.get_template("vm_row.html").render(r=fresh))
+            self.assertEqual(vm.encoded_info(), codec.encode(vm.info))
 
     def apply(self, daemon: ClockDaemon, operation: str, rng: random.Random) -> None:
         """
@@ -130,11 +145,13 @@ class CoherenceTests(SynchronousTestCase):
     @given(st.lists(st.sampled_from(OPERATIONS), min_size=1, max_size=25), st.integers())
     def test_kept_encodings_follow_every_change(self, operations: list[str], seed: int) -> None:
         """
-        After each random change, every kept encoding equals a fresh one.
+        After each random change, every kept encoding and page row equals a fresh one.
         """
         daemon = ClockDaemon(self).start().network()
+        pages = StatusPages(daemon.manager, None, hostname="hv")
         rng = random.Random(seed)
         for operation in operations:
             self.apply(daemon, operation, rng)
             self.check(daemon)
+            self.check_pages(daemon, pages)
         daemon.stop()

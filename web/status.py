@@ -661,6 +661,17 @@ class StatusPages:
         request.setHeader(b"Content-Length", b"%d" % len(body))
         return body
 
+    def _page_row(self, vm: Any, cpus: int) -> tuple[report.VmRow, str]:
+        """
+        A VM's /listVMs row and its HTML, kept with the VM until it changes.
+        """
+        kept = vm.page_row
+        if kept is None or kept[2] != cpus:
+            row = report.vm_row(vm.info, cpus)
+            html = self.templates.get_template("vm_row.html").render(r=row)
+            kept = vm.page_row = (row, html, cpus)
+        return kept[0], kept[1]
+
     def _json(self, request: Request, data: Any) -> bytes:
         self._headers(request, JSON)
         return json.dumps(codec.encode_value(data), indent=4).encode() + b"\n"
@@ -735,15 +746,25 @@ class StatusPages:
         if output not in ("html", "json", "text"):
             raise PageError(400, f"unknown output {_shown(output)}; use html, json or " "text")
         m = self.manager
-        infos = report.select(
-            [vm.info for vm in m.vms.values()], state, params.get("primaryOwner", "")
+        primary_owner = params.get("primaryOwner", "")
+        vms = sorted(
+            (
+                vm
+                for vm in m.vms.values()
+                if (not state or vm.info.State.value == state)
+                and (not primary_owner or vm.info.primary_owner == primary_owner)
+            ),
+            key=lambda vm: vm.sort_key,
         )
         if output == "json":
-            return self._json(request, infos)
+            self._headers(request, JSON)
+            return b"[" + b",\n".join(vm.encoded_info() for vm in vms) + b"]\n"
         if output == "text":
             self._headers(request, TEXT)
-            return "".join(f"{i.ip}\n" for i in infos)
-        rows = [report.vm_row(i, m.host.num_cpus()) for i in infos]
+            return "".join(f"{vm.ip}\n" for vm in vms)
+        cpus = m.host.num_cpus()
+        kept = [self._page_row(vm, cpus) for vm in vms]
+        rows = [row for row, _ in kept]
         total, owners = report.totals(rows)
         total_mib, _ = m.host.memory()
         capacity_storage = sum(
@@ -752,7 +773,7 @@ class StatusPages:
         return self._render(
             request,
             "list_vms.html",
-            rows=rows,
+            rows_html=markupsafe.Markup("".join(html for _, html in kept)),
             total=total,
             owners=owners,
             state=state,

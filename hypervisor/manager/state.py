@@ -379,7 +379,7 @@ class VmTable:
         if readdress:
             self._unindex(vm)
         vm.local = new
-        vm.wire = None
+        vm.changed()
         if readdress:
             self._index(vm)
         if vm.deleted:

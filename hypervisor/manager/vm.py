@@ -44,6 +44,8 @@ class Vm:
         (C{{"Phase": "creating"}}) or unacknowledged (C{{"Phase": "acknowledge"}}).
     @ivar wire: the encoded GetVmInfo reply, kept until the VM changes (None: not made
         yet, or stale).
+    @ivar info_json: its VmInfo's encoding, kept likewise (pages, GetVmInfos).
+    @ivar page_row: its /listVMs row (figures and HTML), kept likewise.
     @ivar sort_key: the numeric order of its primary IP (which never changes).
     @ivar kernel: the root volume directory holds a C{kernel} (and C{initrd}) for
         direct kernel boot (known without touching the disk).
@@ -63,6 +65,8 @@ class Vm:
         self.kernel = False
         self.initrd = False
         self.wire: Optional[bytes] = None
+        self.info_json: Optional[bytes] = None
+        self.page_row: Optional[Any] = None
         self.sort_key = ip_sort_key(local.VmInfo.Address.IpAddress)
         self._stop_waiters: list[Deferred[bool]] = []
 
@@ -79,6 +83,24 @@ class Vm:
         The VM's primary IP (its key).
         """
         return self.local.VmInfo.Address.IpAddress
+
+    def changed(self) -> None:
+        """
+        Drop what is kept derived from the VM's info (it changed).
+        """
+        self.wire = None
+        self.info_json = None
+        self.page_row = None
+
+    def encoded_info(self) -> bytes:
+        """
+        The VM's VmInfo as JSON, kept until it changes.
+        """
+        if self.info_json is None:
+            from hypervisor import codec
+
+            self.info_json = codec.encode(self.info)
+        return self.info_json
 
     def require_state(self, allowed: set[State], operation: str) -> None:
         """
