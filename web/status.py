@@ -702,6 +702,7 @@ class StatusPages:
             libvirt_state=self.libvirt.describe(),
             libvirt_reconnects=max(0, self.libvirt.connects - 1),
             domains_current=m.domains_current,
+            reconciling=m.reconciler.reconciling is not None,
             num_domains=len(doms),
             num_running=sum(1 for d in doms if d.active),
             num_ours=sum(1 for d in doms if d.ours),
