@@ -9,7 +9,7 @@ import ipaddress
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred, DeferredLock
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 
 from hypervisor.errors import WrongState
 from hypervisor.model import LocalVmInfo, State, VmFilter, VmInfo
@@ -37,7 +37,6 @@ class Vm:
     @ivar local: what C{info.json} holds.
     @ivar directory: C{<stateDir>/VMs/<IP>}.
     @ivar lock: serialises this VM's mutations (other VMs are not blocked).
-    @ivar ack_timer: the 15 s auto-destroy after CreateVm, until AcknowledgeVm.
     @ivar expecting_stop: we asked libvirt to stop the domain (events are expected).
     @ivar deleted: the VM is gone; late events and waiters ignore it.
     @ivar pending: the VM's C{pending.json} while its creation is unfinished
@@ -53,11 +52,27 @@ class Vm:
         of older domains are ignored).
     """
 
+    __slots__ = (
+        "local",
+        "directory",
+        "lock",
+        "expecting_stop",
+        "deleted",
+        "pending",
+        "domain_uuid",
+        "kernel",
+        "initrd",
+        "wire",
+        "info_json",
+        "page_row",
+        "sort_key",
+        "_stop_waiters",
+    )
+
     def __init__(self, local: LocalVmInfo, directory: str) -> None:
         self.local = local
         self.directory = directory
         self.lock = DeferredLock()
-        self.ack_timer: Optional[IDelayedCall] = None
         self.expecting_stop = False
         self.deleted = False
         self.pending: Optional[dict[str, Any]] = None
