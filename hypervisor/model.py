@@ -702,3 +702,69 @@ class Update:
     VMs: Annotated[dict[IPv4Text, VmInfo], MaxLen(MANY)] = field(
         omitempty=True, default_factory=dict
     )
+
+
+# DHCP (reference §1.5) -------------------------------------------------------------
+
+InterfaceText = Annotated[str, MaxLen(15)]
+"""A network interface name (at most 15 characters, as Linux allows)."""
+
+FileNameText = Annotated[str, MaxLen(255)]
+"""A file name served by TFTP (NetbootMachine)."""
+
+SubnetT = Subnet
+
+
+@dataclass
+class RegisterExternalLeasesRequest:
+    """
+    RegisterExternalLeases: the DHCP leases of machines that are not VMs, replacing
+    the previous set; C{Hostnames[i]} goes with C{Addresses[i]} (default: the IP).
+    """
+
+    Addresses: Annotated[list[Address], MaxLen(4096)] = field(default_factory=list)
+    Hostnames: Annotated[list[HostnameText], MaxLen(4096)] = field(
+        omitempty=True, default_factory=list
+    )
+
+
+@dataclass
+class NetbootMachineRequest:
+    """
+    NetbootMachine: a temporary DHCP lease with a boot file for a machine, and files
+    for TFTP; the call returns after C{NumAcknowledgementsToWaitFor} ACKs (or fails
+    after C{WaitTimeout}, default 1 min).
+    """
+
+    Address: AddressT = field(default_factory=Address)
+    Files: Annotated[dict[FileNameText, Annotated[bytes, MaxLen(1 << 20)]], MaxLen(64)] = field(
+        default_factory=dict
+    )
+    FilesExpiration: Duration = Duration(0)
+    Hostname: HostnameText = ""
+    NumAcknowledgementsToWaitFor: Uint = 0
+    OfferExpiration: Duration = Duration(0)
+    Subnet: Optional[SubnetT] = None
+    WaitTimeout: Duration = Duration(0)
+
+
+@dataclass
+class WatchDhcpRequest:
+    """
+    WatchDhcp: the interface to watch ("" = all) and how many packets (0 = no limit).
+    """
+
+    Interface: InterfaceText = ""
+    MaxPackets: Uint64 = 0
+
+
+@dataclass
+class WatchDhcpResponse:
+    """
+    One message of WatchDhcp: a received DHCP packet and its interface; the last one
+    may carry only C{Error}.
+    """
+
+    Error: MessageText = ""
+    Interface: InterfaceText = ""
+    Packet: Annotated[bytes, MaxLen(65536)] = b""
