@@ -17,8 +17,12 @@ no libvirt domain uses and a pool of N addresses, all added through the RPC:
    acknowledged (C{AcknowledgeVm}) at once; the first half by one client, the second
    half by C{--clients} concurrent clients (threads, each its own connection); the
    rate is VMs per second of wall time, CreateVm and AcknowledgeVm included;
-2. the daemon's RSS (C{VmRSS} of C{/proc/PID/status}) once the VMs exist;
-3. GetVmInfo of random VMs (C{--getvminfo-calls}) and ListVMs (C{--listvms-calls}),
+2. the daemon's RSS (C{VmRSS} of C{/proc/PID/status}, and its anonymous part
+   C{RssAnon}: the rest is mapped files such as shared libraries) once the VMs exist,
+   and for comparison right after start with no VMs;
+3. GetVmInfo of random VMs (C{--getvminfo-calls}; as the Go daemon was measured),
+   then of the same VMs in the same order again ("again": answered from kept
+   encodings, if the daemon keeps them), and ListVMs (C{--listvms-calls}),
    sequentially over one HTTPS keep-alive connection with a client certificate,
    p50/p99 of the client's round trip; the daemon's CPU (utime + stime) per call;
 4. the C{/listVMs} status page over one plain HTTP keep-alive connection
@@ -131,6 +135,8 @@ class Row:
 ROWS = [
     Row("getvminfo_p50", "GetVmInfo p50 (ms)", "{:.2f}", 0.30),
     Row("getvminfo_p99", "GetVmInfo p99 (ms)", "{:.2f}", 0.67, goal="<= 1.0x"),
+    Row("getvminfo_again_p50", "GetVmInfo again p50 (ms)", "{:.2f}", 0.30),
+    Row("getvminfo_again_p99", "GetVmInfo again p99 (ms)", "{:.2f}", 0.67, goal="<= 1.0x"),
     Row("listvms_p50", "ListVMs p50 (ms)", "{:.2f}", 2.6, goal="<= 1.0x"),
     Row("listvms_p99", "ListVMs p99 (ms)", "{:.2f}", 7.9, goal="<= 1.0x"),
     Row("page_p50", "/listVMs page p50 (ms)", "{:.1f}", 10.0, goal="<= 1.0x"),
@@ -141,8 +147,12 @@ ROWS = [
     Row("restart", "restart to ready (s)", "{:.2f}", 0.21, goal="<= 1 s"),
     Row("rss_created", "RSS after creates (MiB)", "{:.0f}", 28.0, goal="<= 60 MiB"),
     Row("rss_restart", "RSS after restart (MiB)", "{:.0f}", 28.0, goal="<= 60 MiB"),
+    Row("rss_anon_created", "  of which anonymous, after creates (MiB)", "{:.0f}"),
+    Row("rss_anon_restart", "  of which anonymous, after restart (MiB)", "{:.0f}"),
+    Row("rss_empty", "RSS at start, no VMs yet (MiB)", "{:.0f}"),
     Row("cpu_create", "daemon CPU per create+ack (ms)", "{:.1f}"),
     Row("cpu_getvminfo", "daemon CPU per GetVmInfo (ms)", "{:.2f}"),
+    Row("cpu_getvminfo_again", "daemon CPU per GetVmInfo again (ms)", "{:.2f}"),
     Row("cpu_listvms", "daemon CPU per ListVMs (ms)", "{:.2f}"),
     Row("cpu_page", "daemon CPU per /listVMs page (ms)", "{:.1f}"),
     Row("cpu_restart", "daemon CPU to ready after restart (s)", "{:.2f}"),
@@ -381,15 +391,16 @@ class Daemon:
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait(60)
 
-    def rss_mib(self) -> float:
+    def rss_mib(self, field: str = "VmRSS") -> float:
         """
-        The daemon's resident set (VmRSS), MiB.
+        The daemon's resident set (C{VmRSS}), or a part of it (C{RssAnon}: heap and
+        stacks; C{RssFile}: mapped files, shared libraries), MiB.
         """
         with open(f"/proc/{self.pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
-        raise PhaseFailed("no VmRSS in /proc/PID/status")
+        raise PhaseFailed(f"no {field} in /proc/PID/status")
 
     def cpu_seconds(self) -> float:
         """
@@ -487,6 +498,7 @@ STAGES: list[tuple[str, str, tuple[str, ...]]] = [
     ("TLS (pyOpenSSL)", "leaf", ("(OpenSSL/", "(twisted/protocols/tls.py)")),
     ("service layer, manager", "any", ("(hypervisor/manager/", "(hypervisor/api.py)")),
     ("HTTP (twisted.web, klein)", "leaf", ("(twisted/web/", "(klein/")),
+    ("status page code (web/status.py)", "leaf", ("(web/status.py)",)),
     (
         "our transport code (rpc, channel, netguard, dispatch, auth)",
         "leaf",
@@ -845,6 +857,7 @@ class Run:
         for i in range(0, len(pool), POOL_CHUNK):
             rpc.rpc("ChangeAddressPool", {"AddressesToAdd": pool[i : i + POOL_CHUNK]})
         self.done_with(rpc)
+        self.results["rss_empty"] = self.daemon.rss_mib()
         self.log(
             f"daemon pid {self.daemon.pid} on port {self.daemon.port}, subnet "
             f"{self.network} on {BRIDGE}, {self.n} addresses, state in {self.root}"
@@ -990,6 +1003,7 @@ class Run:
         finally:
             stop()
         self.results["rss_created"] = self.daemon.rss_mib()
+        self.results["rss_anon_created"] = self.daemon.rss_mib("RssAnon")
         self.log(
             f"created {self.n}: {self.results['create_rate_1']:.1f}/s with 1 client, "
             f"{self.results.get('create_rate_n', 0):.1f}/s with {clients}; "
@@ -1040,6 +1054,13 @@ class Run:
                 raise PhaseFailed(f"GetVmInfo {ips[i]} answered VM {got}")
 
         self.timed("GetVmInfo", "getvminfo", self.settings.getvminfo_calls, get_vm_info)
+        # the same VMs again: what a daemon that keeps encodings answers once warm
+        self.timed(
+            "GetVmInfo, same VMs again",
+            "getvminfo_again",
+            self.settings.getvminfo_calls,
+            get_vm_info,
+        )
         expected = sorted(self.ips)
 
         def list_vms(i: int) -> None:
@@ -1102,6 +1123,7 @@ class Run:
         finally:
             stop()
         self.results["rss_restart"] = self.daemon.rss_mib()
+        self.results["rss_anon_restart"] = self.daemon.rss_mib("RssAnon")
         self.log(
             f"restart to ready: {self.results['restart']:.2f} s ({attempts} ListVMs "
             f"attempts), RSS {self.results['rss_restart']:.0f} MiB"
@@ -1134,7 +1156,7 @@ def table(runs: dict[int, dict[str, float]], clients: int) -> str:
     Rows = the measures, columns = N, then Go at 1000, ours/Go at 1000 and the goal.
     """
     ns = sorted(runs)
-    label_width = 40
+    label_width = 44
     header = f"{'measure':<{label_width}}" + "".join(f"{f'N={n}':>10}" for n in ns)
     header += f"{'Go@1000':>10}{'ours/Go':>9}  goal"
     lines = [header, "-" * len(header)]
