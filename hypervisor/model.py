@@ -3,9 +3,12 @@
 The hypervisor's data model with the reference's field names (proto/hypervisor).
 
 Every class here is a dataclass encoded by L{hypervisor.codec}: the same JSON in
-C{info.json}, in every transport and in the Go tools. Fields marked C{omitempty} are
-those the Go structs tag so. Classes marked I{ours} carry fields the Go daemon does
-not have; Go clients ignore them.
+C{info.json}, in every transport and in the Go tools, byte for byte what the Go
+daemon (v0.3.4, the SRPC transcripts) writes for the same values. Fields are in the
+Go structs' order; fields marked C{omitempty} are those the Go structs tag so (the
+others are always written, an empty list or map as C{null} unless C{nonnil}).
+Fields marked I{ours} are not in the Go structs: they are C{omitempty}, so that a
+message with them at zero is exactly Go's; Go clients ignore them otherwise.
 
 Every field says what the codec validates when a request is decoded (see
 L{hypervisor.codec}): integers carry their Go type (C{Uint64}, C{Uint}, C{Int}), so
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import Annotated, Optional
+from typing import Annotated, ClassVar, Optional
 
 from hypervisor.codec import (
     Duration,
@@ -31,6 +34,8 @@ from hypervisor.codec import (
     PathText,
     TextEnum,
     Uint,
+    Uint16,
+    Uint32,
     Uint64,
     field,
 )
@@ -215,12 +220,10 @@ class Subnet:
     """
 
     Id: NameText = ""
-    IpGateway: IPv4Text = field(omitempty=True, default="")
-    IpMask: IPv4Text = field(omitempty=True, default="")
+    IpGateway: IPv4Text = ""
+    IpMask: IPv4Text = ""
     DomainName: Annotated[str, MaxLen(253)] = field(omitempty=True, default="")
-    DomainNameServers: Annotated[list[IPv4Text], MaxLen(16)] = field(
-        omitempty=True, default_factory=list
-    )
+    DomainNameServers: Annotated[list[IPv4Text], MaxLen(16)] = field(default_factory=list)
     DisableMetadata: bool = field(omitempty=True, default=False)
     Manage: bool = field(omitempty=True, default=False)
     VlanId: Uint = field(omitempty=True, default=0)
@@ -237,13 +240,13 @@ class Volume:
     One VM volume (index 0 is the root volume).
     """
 
-    Format: VolumeFormat = field(omitempty=True, default=VolumeFormat.RAW)
+    Format: VolumeFormat = VolumeFormat.RAW
     Interface: VolumeInterface = field(omitempty=True, default=VolumeInterface.VIRTIO)
-    Size: Uint64 = field(omitempty=True, default=0)
+    Size: Uint64 = 0
     Snapshots: Annotated[dict[NameText, Uint64], MaxLen(1024)] = field(
         omitempty=True, default_factory=dict
     )
-    Type: VolumeType = field(omitempty=True, default=VolumeType.PERSISTENT)
+    Type: VolumeType = VolumeType.PERSISTENT
     VirtualSize: Uint64 = field(omitempty=True, default=0)
 
     @property
@@ -310,6 +313,7 @@ class VmInfo:
     Volumes: Annotated[list[Volume], MaxLen(128)] = field(omitempty=True, default_factory=list)
     WatchdogAction: WatchdogActionT = field(omitempty=True, default=WatchdogAction.NONE)
     WatchdogModel: WatchdogModelT = field(omitempty=True, default=WatchdogModel.NONE)
+    # Ours:
     CloudInitDatasource: CloudInitDatasourceT = field(
         omitempty=True, default=CloudInitDatasource.DEFAULT
     )
@@ -379,34 +383,61 @@ class AccessRequest:
     A request naming one VM, optionally with an access token (StopVm, DestroyVm).
     """
 
-    AccessToken: Annotated[bytes, MaxLen(4096)] = field(omitempty=True, default=b"")
+    AccessToken: Annotated[bytes, MaxLen(4096)] = b""
     IpAddress: IPv4Text = ""
+
+
+@dataclass
+class VolumeInitialisationInfo:
+    """
+    How CreateVm makes the file system of a secondary volume.
+    """
+
+    BytesPerInode: Uint64 = 0
+    Label: Annotated[str, MaxLen(255)] = ""
+    ReservedBlocksPercentage: Uint16 = 0
+    # Later Go versions (not v0.3.4):
+    RootGroupId: Uint32 = field(omitempty=True, default=0)
+    RootUserId: Uint32 = field(omitempty=True, default=0)
 
 
 @dataclass
 class CreateVmRequest:
     """
     CreateVm: the VM's settings (embedded VmInfo) and where its volumes come from.
+    Fields as Go v0.3.4 sends them (none omitted; C{StorageIndices} is later Go's);
     C{KernelURL}, C{InitrdURL} are I{ours} (direct kernel boot from local files).
+    The daemon does not act on C{OverlayDirectories}, C{OverlayFiles},
+    C{SecondaryVolumesData} and C{SecondaryVolumesInit}; they are kept, so that the
+    stored request is what the client sent.
     """
 
-    VmInfo: VmInfoT = field(embed=True, default_factory=VmInfo)
-    DhcpTimeout: Duration = field(omitempty=True, default=Duration(0))
-    DoNotStart: bool = field(omitempty=True, default=False)
-    EnableNetboot: bool = field(omitempty=True, default=False)
-    IdentityCertificate: bytes = field(omitempty=True, default=b"")
-    IdentityKey: bytes = field(omitempty=True, default=b"")
-    ImageDataSize: Uint64 = field(omitempty=True, default=0)
-    ImageTimeout: Duration = field(omitempty=True, default=Duration(0))
-    MinimumFreeBytes: Uint64 = field(omitempty=True, default=0)
-    RoundupPower: Uint64 = field(omitempty=True, default=0)
-    SecondaryVolumes: Annotated[list[Volume], MaxLen(128)] = field(
-        omitempty=True, default_factory=list
+    DhcpTimeout: Duration = Duration(0)
+    DoNotStart: bool = False
+    EnableNetboot: bool = False
+    IdentityCertificate: bytes = b""
+    IdentityKey: bytes = b""
+    ImageDataSize: Uint64 = 0
+    ImageTimeout: Duration = Duration(0)
+    MinimumFreeBytes: Uint64 = 0
+    OverlayDirectories: Annotated[list[Annotated[str, MaxLen(4096)]], MaxLen(1024)] = field(
+        default_factory=list
     )
-    SkipBootloader: bool = field(omitempty=True, default=False)
-    SkipMemoryCheck: bool = field(omitempty=True, default=False)
+    OverlayFiles: Annotated[dict[Annotated[str, MaxLen(4096)], bytes], MaxLen(1024)] = field(
+        default_factory=dict
+    )
+    RoundupPower: Uint64 = 0
+    SecondaryVolumes: Annotated[list[Volume], MaxLen(128)] = field(default_factory=list)
+    SecondaryVolumesData: bool = False
+    SecondaryVolumesInit: Annotated[list[VolumeInitialisationInfo], MaxLen(128)] = field(
+        default_factory=list
+    )
+    SkipBootloader: bool = False
+    SkipMemoryCheck: bool = False
     StorageIndices: Annotated[list[Uint], MaxLen(128)] = field(omitempty=True, default_factory=list)
-    UserDataSize: Uint64 = field(omitempty=True, default=0)
+    UserDataSize: Uint64 = 0
+    VmInfo: VmInfoT = field(embed=True, default_factory=VmInfo)
+    # Ours:
     KernelURL: str = field(omitempty=True, default="")
     InitrdURL: str = field(omitempty=True, default="")
 
@@ -430,8 +461,8 @@ class StartVmRequest:
     StartVm.
     """
 
-    AccessToken: Annotated[bytes, MaxLen(4096)] = field(omitempty=True, default=b"")
-    DhcpTimeout: Duration = field(omitempty=True, default=Duration(0))
+    AccessToken: Annotated[bytes, MaxLen(4096)] = b""
+    DhcpTimeout: Duration = Duration(0)
     IpAddress: IPv4Text = ""
 
 
@@ -451,7 +482,7 @@ class RebootVmRequest:
     RebootVm.
     """
 
-    DhcpTimeout: Duration = field(omitempty=True, default=Duration(0))
+    DhcpTimeout: Duration = Duration(0)
     IpAddress: IPv4Text = ""
 
 
@@ -471,11 +502,11 @@ class VmFilter:
     Filters of ListVMs and GetVmInfos.
     """
 
-    IgnoreStateMask: Uint64 = field(omitempty=True, default=0)
-    OwnerGroups: NameList = field(omitempty=True, default_factory=list)
-    OwnerUsers: NameList = field(omitempty=True, default_factory=list)
+    IgnoreStateMask: Uint64 = 0
+    OwnerGroups: NameList = field(default_factory=list)
+    OwnerUsers: NameList = field(default_factory=list)
     VmTagsToMatch: Annotated[dict[NameText, Annotated[list[str], MaxLen(1024)]], MaxLen(1024)] = (
-        field(omitempty=True, default_factory=dict)
+        field(default_factory=dict)
     )
 
 
@@ -485,18 +516,26 @@ class ListVMsRequest:
     ListVMs.
     """
 
+    __go_order__: ClassVar[tuple[str, ...]] = (
+        "IgnoreStateMask",
+        "OwnerGroups",
+        "OwnerUsers",
+        "Sort",
+        "VmTagsToMatch",
+    )
+
     Filter: VmFilter = field(embed=True, default_factory=VmFilter)
-    Sort: bool = field(omitempty=True, default=False)
+    Sort: bool = False
 
 
 @dataclass
 class ListVMsResponse:
     """
-    ListVMs.
+    ListVMs. C{Error} is I{ours} (Go answers errors on the SRPC status line).
     """
 
-    IpAddresses: Annotated[list[IPv4Text], MaxLen(MANY)] = field(default_factory=list)
-    Error: MessageText = ""
+    IpAddresses: Annotated[list[IPv4Text], MaxLen(MANY)] = field(nonnil=True, default_factory=list)
+    Error: MessageText = field(omitempty=True, default="")
 
 
 @dataclass
@@ -515,7 +554,7 @@ class GetVmInfosResponse:
     """
 
     Error: MessageText = ""
-    VmInfos: Annotated[list[VmInfo], MaxLen(MANY)] = field(default_factory=list)
+    VmInfos: Annotated[list[VmInfo], MaxLen(MANY)] = field(nonnil=True, default_factory=list)
 
 
 @dataclass
@@ -535,9 +574,9 @@ class ChangeVmSizeRequest:
     """
 
     IpAddress: IPv4Text = ""
-    MemoryInMiB: Uint64 = field(omitempty=True, default=0)
-    MilliCPUs: Uint = field(omitempty=True, default=0)
-    VirtualCPUs: Uint = field(omitempty=True, default=0)
+    MemoryInMiB: Uint64 = 0
+    MilliCPUs: Uint = 0
+    VirtualCPUs: Uint = 0
 
 
 @dataclass
@@ -596,11 +635,11 @@ class GetCapacityResponse:
     GetCapacity.
     """
 
-    Error: MessageText = ""
-    AvailableMemoryInMiB: Uint64 = 0
-    MemoryInMiB: Uint64 = 0
-    NumCPUs: Uint = 0
-    TotalVolumeBytes: Uint64 = 0
+    Error: MessageText = field(omitempty=True, default="")
+    AvailableMemoryInMiB: Uint64 = field(omitempty=True, default=0)
+    MemoryInMiB: Uint64 = field(omitempty=True, default=0)
+    NumCPUs: Uint = field(omitempty=True, default=0)
+    TotalVolumeBytes: Uint64 = field(omitempty=True, default=0)
 
 
 @dataclass
@@ -618,13 +657,9 @@ class ChangeAddressPoolRequest:
     ChangeAddressPool.
     """
 
-    AddressesToAdd: Annotated[list[Address], MaxLen(4096)] = field(
-        omitempty=True, default_factory=list
-    )
-    AddressesToRemove: Annotated[list[Address], MaxLen(4096)] = field(
-        omitempty=True, default_factory=list
-    )
-    MaximumFreeAddresses: dict[NameText, Uint] = field(omitempty=True, default_factory=dict)
+    AddressesToAdd: Annotated[list[Address], MaxLen(4096)] = field(default_factory=list)
+    AddressesToRemove: Annotated[list[Address], MaxLen(4096)] = field(default_factory=list)
+    MaximumFreeAddresses: dict[NameText, Uint] = field(default_factory=dict)
 
 
 @dataclass
@@ -633,9 +668,9 @@ class UpdateSubnetsRequest:
     UpdateSubnets.
     """
 
-    Add: list[Subnet] = field(omitempty=True, default_factory=list)
-    Change: list[Subnet] = field(omitempty=True, default_factory=list)
-    Delete: NameList = field(omitempty=True, default_factory=list)
+    Add: list[Subnet] = field(default_factory=list)
+    Change: list[Subnet] = field(default_factory=list)
+    Delete: NameList = field(default_factory=list)
 
 
 @dataclass
@@ -654,7 +689,7 @@ class ListSubnetsRequest:
     ListSubnets.
     """
 
-    Sort: bool = field(omitempty=True, default=False)
+    Sort: bool = False
 
 
 @dataclass
@@ -664,7 +699,7 @@ class ListSubnetsResponse:
     """
 
     Error: MessageText = ""
-    Subnets: Annotated[list[Subnet], MaxLen(MANY)] = field(default_factory=list)
+    Subnets: Annotated[list[Subnet], MaxLen(MANY)] = field(omitempty=True, default_factory=list)
 
 
 @dataclass
@@ -688,13 +723,15 @@ class Update:
     AddressPool: Annotated[list[Address], MaxLen(MANY)] = field(
         omitempty=True, default_factory=list
     )
+    AvailableMemoryInMiB: Optional[Uint64] = field(omitempty=True, default=None)
     HaveDisabled: bool = field(omitempty=True, default=False)
     Disabled: bool = field(omitempty=True, default=False)
     MemoryInMiB: Optional[Uint64] = field(omitempty=True, default=None)
-    AvailableMemoryInMiB: Optional[Uint64] = field(omitempty=True, default=None)
     NumCPUs: Optional[Uint] = field(omitempty=True, default=None)
     NumFreeAddresses: dict[NameText, Uint] = field(omitempty=True, default_factory=dict)
     HealthStatus: NameText = field(omitempty=True, default="")
+    HaveSerialNumber: bool = field(omitempty=True, default=False)
+    SerialNumber: NameText = field(omitempty=True, default="")
     HaveSubnets: bool = field(omitempty=True, default=False)
     Subnets: Annotated[list[Subnet], MaxLen(MANY)] = field(omitempty=True, default_factory=list)
     TotalVolumeBytes: Optional[Uint64] = field(omitempty=True, default=None)

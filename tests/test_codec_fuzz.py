@@ -658,11 +658,14 @@ class RoundTripTests(SynchronousTestCase):
     def test_round_trip(self, case: tuple[type, Any]) -> None:
         """
         A valid value of any type survives encode then strict decode unchanged, and
-        its encoding is ASCII JSON.
+        its encoding is UTF-8 JSON escaped as Go escapes (no raw C{<}, C{>}, C{&},
+        U+2028 or U+2029).
         """
         cls, value = case
         data = codec.encode(value)
-        data.decode("ascii")
+        data.decode("utf-8")
+        for raw in (b"<", b">", b"&", "\u2028".encode(), "\u2029".encode()):
+            self.assertNotIn(raw, data)
         self.assertEqual(codec.decode(cls, data), value)
         self.assertEqual(codec.decode(cls, data, trusted=True), value)
 

@@ -635,10 +635,13 @@ class TrustedDecodingTests(SynchronousTestCase):
             "uint; clamped to 18446744073709551615",
             repairs,
         )
-        # What is written back is well-formed and readable by the strict decoder too
-        # (except the limits a request has: the 5000-character tag and the host name).
+        # What is written back is well-formed UTF-8 (the replacement characters as
+        # they are, as Go writes a valid U+FFFD) and readable by the strict decoder
+        # too (except the limits a request has: the 5000-character tag and the host
+        # name).
         again = codec.encode(local)
-        again.decode("ascii")
+        self.assertIn("my_host\ufffd\ufffd\ufffd".encode(), again)
+        again.decode("utf-8")
         self.assertEqual(codec.decode(model.LocalVmInfo, again, trusted=True), local)
 
     def test_still_refuses_malformed_json(self) -> None:
