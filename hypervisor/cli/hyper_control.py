@@ -118,7 +118,7 @@ async def run_command(client: RpcClient, values: dict[str, Any], name: str, args
     elif name == "list-subnets":
         need(0, 0)
         reply = await client.call("ListSubnets", {"Sort": True})
-        print(json.dumps(reply["Subnets"], indent=4))
+        print(json.dumps(reply.get("Subnets") or [], indent=4))
     elif name == "get-updates":
         need(0, 0)
         limit = values["maxUpdates"]

@@ -22,6 +22,7 @@ holds it runs.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import json
 import os
@@ -410,11 +411,9 @@ class Creator:
         )
         yield writer.write(os.path.join(vm.directory, INFO_FILE), codec.encode(vm.local, indent=4))
         yield ctx.runner.run(images.make_directories, volume_dir)
-        create_request = codec.to_dict(request)
-        create_request.pop("IdentityKey", None)
+        stored = dataclasses.replace(request, IdentityKey=b"")  # the key is never stored here
         yield writer.write(
-            os.path.join(vm.directory, "create-request.json"),
-            json.dumps(create_request, indent=4).encode(),
+            os.path.join(vm.directory, "create-request.json"), codec.encode(stored, indent=4)
         )
         if request.IdentityCertificate:
             yield writer.write(
