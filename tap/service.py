@@ -13,7 +13,6 @@ from typing import Any, Optional
 
 from twisted.application import internet, service
 from twisted.logger import Logger
-from twisted.web.server import Site
 
 from hypervisor.auth import TrustStore
 from hypervisor.control import ControlFactory, DaemonControl
@@ -112,7 +111,7 @@ def _make_web_service(
     from hypervisor.netguard import guard_factory
     from hypervisor.tls import SniffingFactory
     from web.channel import HypervisorChannel
-    from web.root import make_root
+    from web.root import HypervisorSite, make_root
     from web.rpc import RpcEndpoints, request_factory
     from web.status import StatusPages
 
@@ -123,7 +122,7 @@ def _make_web_service(
     if dispatcher is None:
         dispatcher = _make_dispatcher(options, manager, reactor, metrics)
     pages = StatusPages(manager, libvirt, metrics=metrics, logs=logs, log_dir=options["logDir"])
-    site = Site(make_root(pages, RpcEndpoints()))
+    site = HypervisorSite(make_root(pages, RpcEndpoints()))
     site.requestFactory = request_factory(dispatcher, trust)
     site.protocol = HypervisorChannel  # type: ignore[method-assign,assignment]
     site.displayTracebacks = False
