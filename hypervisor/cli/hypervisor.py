@@ -145,9 +145,8 @@ class HypervisorCommand(Options):
 
 
 def _run(options: HypervisorCommand) -> int:
-    from twisted.scripts import twistd
-
     from twisted.application.service import ServiceMaker
+    from twisted.scripts import twistd
 
     config = twistd.ServerOptions()
     # twistd's own options only: naming the "hypervisor" subcommand would make twistd
