@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Iterable, Protocol, Union
 
 from hypervisor.errors import InsufficientCapacity
 from hypervisor.model import VmInfo
@@ -98,15 +98,17 @@ def usage(vms: Iterable[VmInfo]) -> Usage:
 
 def check_cpu_and_memory(
     host: IHost,
-    vms: Iterable[VmInfo],
+    vms: Union[Iterable[VmInfo], Usage],
     milli_cpus: int,
     memory_mib: int,
     check_available: bool = True,
 ) -> None:
     """
     Refuse an allocation of C{milli_cpus} and C{memory_mib} that does not fit.
+
+    @param vms: the VMs already placed, or what they hold (kept by the VM table).
     """
-    used = usage(vms)
+    used = vms if isinstance(vms, Usage) else usage(vms)
     available_cpu = host.num_cpus() * 1000 - used.milli_cpus
     if milli_cpus > available_cpu:
         raise InsufficientCapacity(

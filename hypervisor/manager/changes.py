@@ -96,10 +96,9 @@ class Changes:
                 info.MilliCPUs, info.VirtualCPUs = old
                 if after != before:
                     raise WrongState(f"VM {ip} must be stopped to change its vCPU count")
-            others = [v.info for v in ctx.table.vms.values() if v is not vm]
             capacity.check_cpu_and_memory(
                 ctx.stats,
-                others + [info],
+                ctx.table.usage(),
                 max(0, new_cpus - info.MilliCPUs),
                 max(0, new_memory - info.MemoryInMiB),
                 check_available=False,

@@ -230,7 +230,7 @@ class Creator:
         for s in [subnet] + secondary:
             bridge_for_subnet(s, bridges_found)
         capacity.check_cpu_and_memory(
-            ctx.stats, ctx.table.infos(), info.MilliCPUs, info.MemoryInMiB
+            ctx.stats, ctx.table.usage(), info.MilliCPUs, info.MemoryInMiB
         )
         # What the root volume will be.
         image_path = ""

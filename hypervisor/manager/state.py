@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from hypervisor import codec
 from hypervisor.diskio import StateWriter
 from hypervisor.errors import InvalidRequest, NotFound
+from hypervisor.manager.capacity import Usage
 from hypervisor.manager.network import Subnets
 from hypervisor.manager.updates import UpdateHub
 from hypervisor.manager.vm import Vm, ip_sort_key
@@ -115,6 +116,8 @@ class VmTable:
         self._by_mac: dict[str, tuple[Vm, int]] = {}
         self._dirty: set[Vm] = set()
         self._retry: Optional[IDelayedCall] = None
+        self._milli_cpus = 0
+        self._memory_mib = 0
 
     # Loading ----------------------------------------------------------------------
 
@@ -241,6 +244,16 @@ class VmTable:
                 out.append(lease)
         return sorted(out, key=lambda lease: (ip_sort_key(lease.vm_ip), not lease.primary))
 
+    def _count(self, info: VmInfo, sign: int) -> None:
+        self._milli_cpus += sign * info.MilliCPUs
+        self._memory_mib += sign * info.MemoryInMiB
+
+    def usage(self) -> Usage:
+        """
+        The milliCPUs and memory all VMs hold (kept as VMs come, change and go).
+        """
+        return Usage(self._milli_cpus, self._memory_mib)
+
     def addresses_in_use(self) -> list[Address]:
         """
         Every address a VM holds (primary and secondary).
@@ -275,15 +288,18 @@ class VmTable:
         """
         self.vms[vm.ip] = vm
         self._index(vm)
+        self._count(vm.info, 1)
 
     def forget(self, vm: Vm) -> None:
         """
         Drop a deleted VM from memory and tell subscribers and listeners.
         """
-        vm.deleted = True
         self._dirty.discard(vm)
         if self.vms.get(vm.ip) is vm:
             del self.vms[vm.ip]
+            if not vm.deleted:
+                self._count(vm.info, -1)
+        vm.deleted = True
         self._unindex(vm)
         self.hub.publish(Update(HaveVMs=True, VMs={vm.ip: VmInfo()}))
         for listener in list(self.listeners):
@@ -378,6 +394,9 @@ class VmTable:
         )
         if readdress:
             self._unindex(vm)
+        if self.vms.get(vm.ip) is vm and not vm.deleted:
+            self._count(vm.info, -1)
+            self._count(new.VmInfo, 1)
         vm.local = new
         vm.changed()
         if readdress:
