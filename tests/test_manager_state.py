@@ -149,7 +149,7 @@ class CommitTests(TableTestCase):
         the file, listeners and subscribers see no change.
         """
         vm = self.add()
-        fired(self.table.commit_state(vm, State.RUNNING))
+        fired(self.table.commit(vm, self.table.copy(vm)))
         self.listener.calls.clear()
         self.published()
         self.faults.failing = True

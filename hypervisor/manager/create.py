@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.logger import Logger
 
 from hypervisor import codec
@@ -67,6 +67,18 @@ MiB = 1024 * 1024
 MAX_USER_DATA = 64 * MiB
 PROGRESS_INTERVAL = 0.5
 HEADER = 32
+
+
+@inlineCallbacks
+def _all(deferreds: list["Deferred[Any]"]) -> Any:
+    """
+    Wait for every Deferred; then fail with the first failure, if any (all have
+    finished by then, so nothing is left running behind the caller's back).
+    """
+    results = yield DeferredList(deferreds, consumeErrors=True)
+    for ok, value in results:
+        if not ok:
+            value.raiseException()
 
 
 def upload_size(request: CreateVmRequest) -> int:
@@ -409,58 +421,94 @@ class Creator:
         yield writer.write(
             os.path.join(vm.directory, PENDING_FILE), json.dumps(vm.pending).encode()
         )
-        yield writer.write(os.path.join(vm.directory, INFO_FILE), codec.encode(vm.local, indent=4))
-        yield ctx.runner.run(images.make_directories, volume_dir)
+        # With pending.json on disk, the rest may be written in any order (a crash
+        # leaves an unfinished creation that the next start removes): in parallel.
         stored = dataclasses.replace(request, IdentityKey=b"")  # the key is never stored here
-        yield writer.write(
-            os.path.join(vm.directory, "create-request.json"), codec.encode(stored, indent=4)
-        )
+        side = [
+            writer.write(
+                os.path.join(vm.directory, "create-request.json"), codec.encode(stored, indent=4)
+            )
+        ]
         if request.IdentityCertificate:
-            yield writer.write(
-                os.path.join(vm.directory, IDENTITY_CERT_FILE), request.IdentityCertificate
+            side.append(
+                writer.write(
+                    os.path.join(vm.directory, IDENTITY_CERT_FILE), request.IdentityCertificate
+                )
             )
-            yield writer.write(
-                os.path.join(vm.directory, IDENTITY_KEY_FILE), request.IdentityKey, mode=0o600
+            side.append(
+                writer.write(
+                    os.path.join(vm.directory, IDENTITY_KEY_FILE), request.IdentityKey, mode=0o600
+                )
             )
-        root = vm.local.VolumeLocations[0].Filename
-        root_volume = vm.info.Volumes[0]
-        last = [0.0]
-
-        def report(done: int, total: int) -> None:
-            now = ctx.reactor.seconds()
-            if now - last[0] >= PROGRESS_INTERVAL or done == total:
-                last[0] = now
-                progress(f"copied {done // MiB} of {total // MiB} MiB")
-
-        def report_from_thread(done: int, total: int) -> None:
-            ctx.runner.from_thread(report, done, total)
-
-        if image_path:
-            progress(f"copying image {os.path.basename(image_path)}")
-            yield ctx.runner.run(images.copy_file, image_path, root, report_from_thread)
-        elif request.ImageDataSize:
-            assert upload is not None
-            progress(f"writing uploaded image ({request.ImageDataSize // MiB} MiB)")
-            yield write_to_file(
-                upload, request.ImageDataSize - len(header), root, ctx.runner, report, prefix=header
+        try:
+            yield _all(
+                [
+                    writer.write(
+                        os.path.join(vm.directory, INFO_FILE), codec.encode(vm.local, indent=4)
+                    ),
+                    ctx.runner.run(images.make_directories, volume_dir),
+                ]
             )
+            root = vm.local.VolumeLocations[0].Filename
+            root_volume = vm.info.Volumes[0]
+            last = [0.0]
+
+            def report(done: int, total: int) -> None:
+                now = ctx.reactor.seconds()
+                if now - last[0] >= PROGRESS_INTERVAL or done == total:
+                    last[0] = now
+                    progress(f"copied {done // MiB} of {total // MiB} MiB")
+
+            def report_from_thread(done: int, total: int) -> None:
+                ctx.runner.from_thread(report, done, total)
+
+            if image_path:
+                progress(f"copying image {os.path.basename(image_path)}")
+                yield ctx.runner.run(images.copy_file, image_path, root, report_from_thread)
+            elif request.ImageDataSize:
+                assert upload is not None
+                progress(f"writing uploaded image ({request.ImageDataSize // MiB} MiB)")
+                yield write_to_file(
+                    upload,
+                    request.ImageDataSize - len(header),
+                    root,
+                    ctx.runner,
+                    report,
+                    prefix=header,
+                )
+            else:
+                progress(f"creating empty root volume of {root_volume.Size // MiB} MiB")
+            if root_volume.Format == VolumeFormat.RAW:
+                yield ctx.runner.run(images.make_thick, root, root_volume.Size)
+            if request.UserDataSize:
+                assert upload is not None
+                user_data = yield upload.read_exactly(request.UserDataSize)
+                yield writer.write(
+                    os.path.join(vm.directory, USER_DATA_FILE), user_data, mode=0o600
+                )
+            if request.SecondaryVolumes:
+                progress("creating secondary volumes")
+            for volume, location in zip(vm.info.Volumes[1:], vm.local.VolumeLocations[1:]):
+                yield ctx.runner.run(images.make_thick, location.Filename, volume.Size)
+            if kernel_path:
+                progress("copying kernel")
+                yield ctx.runner.run(
+                    images.copy_file, kernel_path, os.path.join(volume_dir, "kernel")
+                )
+            if initrd_path:
+                yield ctx.runner.run(
+                    images.copy_file, initrd_path, os.path.join(volume_dir, "initrd")
+                )
+            yield _all(side)
+        except BaseException as e:
+            error: Optional[BaseException] = e
         else:
-            progress(f"creating empty root volume of {root_volume.Size // MiB} MiB")
-        if root_volume.Format == VolumeFormat.RAW:
-            yield ctx.runner.run(images.make_thick, root, root_volume.Size)
-        if request.UserDataSize:
-            assert upload is not None
-            user_data = yield upload.read_exactly(request.UserDataSize)
-            yield writer.write(os.path.join(vm.directory, USER_DATA_FILE), user_data, mode=0o600)
-        if request.SecondaryVolumes:
-            progress("creating secondary volumes")
-        for volume, location in zip(vm.info.Volumes[1:], vm.local.VolumeLocations[1:]):
-            yield ctx.runner.run(images.make_thick, location.Filename, volume.Size)
-        if kernel_path:
-            progress("copying kernel")
-            yield ctx.runner.run(images.copy_file, kernel_path, os.path.join(volume_dir, "kernel"))
-        if initrd_path:
-            yield ctx.runner.run(images.copy_file, initrd_path, os.path.join(volume_dir, "initrd"))
+            error = None
+        if error is not None:
+            # Let the other writes finish (their failures are not the first one)
+            # before the caller removes the directory they write into.
+            yield DeferredList(side, consumeErrors=True)
+            raise error
         self.log.info("VM {ip} created in {dir}", ip=vm.ip, dir=volume_dir)
 
     @inlineCallbacks

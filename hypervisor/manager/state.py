@@ -348,8 +348,10 @@ class VmTable:
 
     def commit_state(self, vm: Vm, state: State) -> "Deferred[None]":
         """
-        L{commit} a new state.
+        L{commit} a new state (nothing to write if it is the VM's state already).
         """
+        if vm.info.State == state and not vm.deleted:
+            return succeed(None)
         new = self.copy(vm)
         self._stamp(new, state)
         return self.commit(vm, new)
