@@ -36,11 +36,11 @@ import json
 from typing import Any, Optional
 from urllib.parse import unquote_to_bytes
 
-from klein import Klein
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -50,17 +50,12 @@ from hypervisor.dispatch import Call, Dispatcher, RequestTooLarge
 from hypervisor.errors import HypervisorError, InvalidRequest
 from hypervisor.tls import peer_identity
 from hypervisor.upload import UploadAborted, UploadStream
+from web.headers import SECURITY_HEADERS
 from web.limits import MAX_PAGE_BODY, RPC_PREFIX, error_body
 
 CLOSE_GRACE = 2.0
 JSON_TYPE = b"application/json"
 STREAM_TYPE = b"application/x-ndjson"
-SECURITY_HEADERS = {
-    b"X-Frame-Options": b"DENY",
-    b"X-XSS-Protection": b"1",
-    b"Content-Security-Policy": b"default-src 'self' ;style-src 'self' 'unsafe-inline'",
-    b"X-Content-Type-Options": b"nosniff",
-}
 
 
 def _line(obj: Any) -> bytes:
@@ -141,27 +136,45 @@ class UpdatesProducer:
             self.resumeProducing()
 
 
-class RpcEndpoints:
+class RpcEndpoints(Resource):
     """
-    C{GET /rpc}: the method table. (Calls are handled by L{HypervisorRequest}.)
+    What C{/rpc} answers besides calls (which L{HypervisorRequest} handles): C{GET}
+    or C{HEAD /rpc} lists the methods and their access classes; any other method on
+    C{/rpc} or under it is a 405 saying what to do.
     """
 
-    app = Klein()
+    isLeaf = True
 
-    def resource(self) -> Any:
+    def resource(self) -> IResource:
         """
-        The Twisted resource serving the listing.
+        The Twisted resource serving C{/rpc}.
         """
-        return self.app.resource()
+        return self
 
-    @app.route("/rpc", methods=["GET", "HEAD"], branch=False)
-    def list_methods(self, request: Request) -> bytes:
+    def render(self, request: Any) -> bytes:
         """
-        The methods and their access classes.
+        The listing, or a 405.
         """
         request.setHeader(b"Content-Type", JSON_TYPE)
         for name, value in SECURITY_HEADERS.items():
             request.setHeader(name, value)
+        if request.path == b"/rpc":
+            if request.method in (b"GET", b"HEAD"):
+                return self.listing()
+            request.setResponseCode(405)
+            request.setHeader(b"Allow", b"GET, HEAD")
+            return error_body(
+                "GET /rpc lists the methods; RPC calls are POST /rpc/Hypervisor.<Method>"
+            )
+        request.setResponseCode(405)
+        request.setHeader(b"Allow", b"POST")
+        return error_body("RPC calls are POST /rpc/Hypervisor.<Method>")
+
+    @staticmethod
+    def listing() -> bytes:
+        """
+        The methods and their access classes, as JSON.
+        """
         return (
             json.dumps(
                 [
@@ -178,29 +191,6 @@ class RpcEndpoints:
             ).encode()
             + b"\n"
         )
-
-    @app.route("/rpc", methods=["PUT", "DELETE", "PATCH", "OPTIONS"], branch=False)
-    def listing_wrong_method(self, request: Request) -> bytes:
-        """
-        The listing is read with GET or HEAD. (Without this route the methods that
-        C{/rpc/} answers are redirected there with a 308.)
-        """
-        request.setResponseCode(405)
-        request.setHeader(b"Allow", b"GET, HEAD")
-        request.setHeader(b"Content-Type", JSON_TYPE)
-        return error_body(
-            "GET /rpc lists the methods; RPC calls are " "POST /rpc/Hypervisor.<Method>"
-        )
-
-    @app.route("/rpc/", methods=["GET", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"], branch=True)
-    def wrong_method(self, request: Request) -> bytes:
-        """
-        Calls are POSTs.
-        """
-        request.setResponseCode(405)
-        request.setHeader(b"Allow", b"POST")
-        request.setHeader(b"Content-Type", JSON_TYPE)
-        return error_body("RPC calls are POST /rpc/Hypervisor.<Method>")
 
 
 class RpcCall:
@@ -449,6 +439,9 @@ class RpcCall:
         request.notifyFinish().addBoth(lambda _: stream.close())
         request.setHeader(b"Content-Type", STREAM_TYPE)
         self.streaming = True
+        # The status and headers go now: a stream may wait long for its first message
+        # (WatchDhcp sends one per DHCP packet received).
+        self._write(b"")
         producer = UpdatesProducer(self, stream)
         request.registerProducer(producer, True)
         if getattr(request.channel, "_waitingForTransport", False):
