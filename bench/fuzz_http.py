@@ -744,8 +744,8 @@ def send(daemon: Any, case: Case) -> Outcome:
         except (http.client.HTTPException, ValueError) as e:
             return Outcome(case, None, f"malformed: {type(e).__name__}: {e}")
         status = response.status
-        if case.rpc == "GetUpdates" and status == 200:
-            return Outcome(case, status, "", b"")  # an update stream: never ends
+        if case.rpc in ("GetUpdates", "WatchDhcp") and status == 200:
+            return Outcome(case, status, "", b"")  # a stream: never ends
         try:
             body = response.read()
         except socket.timeout:

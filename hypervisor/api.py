@@ -23,7 +23,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 
 from hypervisor import codec
 from hypervisor.auth import Identity
-from hypervisor.errors import AccessDenied
+from hypervisor.errors import AccessDenied, Unavailable
 from hypervisor.manager.create import upload_size
 from hypervisor.manager.manager import Manager
 from hypervisor.manager.updates import UpdateStream
@@ -51,10 +51,13 @@ from hypervisor.model import (
     ListSubnetsResponse,
     ListVMsRequest,
     ListVMsResponse,
+    NetbootMachineRequest,
     RebootVmRequest,
+    RegisterExternalLeasesRequest,
     SetDisabledStateRequest,
     StartVmRequest,
     UpdateSubnetsRequest,
+    WatchDhcpRequest,
 )
 from hypervisor.upload import UploadStream
 
@@ -137,11 +140,14 @@ METHODS: dict[str, MethodSpec] = {
     "GetVmInfos": MethodSpec(GetVmInfosRequest, PUBLIC),
     "ListSubnets": MethodSpec(ListSubnetsRequest, PUBLIC),
     "ListVMs": MethodSpec(ListVMsRequest, PUBLIC),
+    "NetbootMachine": MethodSpec(NetbootMachineRequest, ADMIN, max_request=4 * MiB),
     "RebootVm": MethodSpec(RebootVmRequest, PUBLIC),
+    "RegisterExternalLeases": MethodSpec(RegisterExternalLeasesRequest, ADMIN),
     "SetDisabledState": MethodSpec(SetDisabledStateRequest, ADMIN),
     "StartVm": MethodSpec(StartVmRequest, PUBLIC),
     "StopVm": MethodSpec(AccessRequest, PUBLIC),
     "UpdateSubnets": MethodSpec(UpdateSubnetsRequest, ADMIN),
+    "WatchDhcp": MethodSpec(WatchDhcpRequest, ADMIN, UPDATES),
 }
 
 ACCESS: dict[str, str] = {name: spec.access for name, spec in METHODS.items()}
@@ -153,11 +159,12 @@ UNAUTHENTICATED_READS = frozenset(
 
 class HypervisorApi:
     """
-    The RPC methods, over one L{Manager}.
+    The RPC methods, over one L{Manager} (and the DHCP service, when one runs).
     """
 
-    def __init__(self, manager: Manager) -> None:
+    def __init__(self, manager: Manager, dhcp: Optional[Any] = None) -> None:
         self.manager = manager
+        self.dhcp = dhcp
 
     # What the dispatcher asks before a request is read ----------------------------------
 
@@ -427,3 +434,36 @@ class HypervisorApi:
         return self._done(
             self.manager.admin.update_subnets(request.Add, request.Change, request.Delete)
         )
+
+    # DHCP (admin) -------------------------------------------------------------------
+
+    def _dhcp(self) -> Any:
+        if self.dhcp is None:
+            raise Unavailable("this hypervisor runs no DHCP server")
+        return self.dhcp
+
+    def RegisterExternalLeases(
+        self, identity: Identity, request: RegisterExternalLeasesRequest
+    ) -> ErrorResponse:
+        """
+        Replace the DHCP leases of machines that are not VMs (admin; in memory).
+        """
+        self._require_admin(identity, "RegisterExternalLeases")
+        self._dhcp().register_external_leases(request.Addresses, request.Hostnames)
+        return ErrorResponse()
+
+    def NetbootMachine(
+        self, identity: Identity, request: NetbootMachineRequest
+    ) -> "Deferred[ErrorResponse]":
+        """
+        Serve a temporary netboot lease until the machine took it (admin).
+        """
+        self._require_admin(identity, "NetbootMachine")
+        return self._done(self._dhcp().netboot_machine(request))
+
+    def WatchDhcp(self, identity: Identity, request: WatchDhcpRequest) -> Any:
+        """
+        A stream of the DHCP packets received (admin).
+        """
+        self._require_admin(identity, "WatchDhcp")
+        return self._dhcp().watch(request.Interface, request.MaxPackets)

@@ -2,7 +2,8 @@
 """
 Prometheus metrics of one daemon, in its own registry (tests get fresh ones).
 
-Per RPC method: calls by outcome, denials by reason, and latency histograms; served at
+Per RPC method: calls by outcome, denials by reason, and latency histograms; the DHCP
+server's packets, replies, NAKs, drops and reply latency (L{DhcpMetrics}); served at
 C{/metrics} in the Prometheus text format.
 """
 
@@ -73,6 +74,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.dhcp = DhcpMetrics(self.registry)
 
     def watch_manager(self, manager: Any) -> None:
         """
@@ -105,6 +107,84 @@ class Metrics:
         serves without reading C{/proc} (blocking: run on a thread).
         """
         self.process_figures = self.process_text()
+
+
+DHCP_LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+)
+
+
+class DhcpMetrics:
+    """
+    The DHCP server's counters (L{hypervisor.dhcp.protocol.IDhcpStats}): packets by
+    message type and interface, replies by type, NAKs and drops by reason, and the
+    time from a request's arrival to its reply.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.packets = Counter(
+            "hypervisor_dhcp_packets",
+            "DHCP packets received, by message type and interface",
+            ["type", "interface"],
+            registry=registry,
+        )
+        self.replies = Counter(
+            "hypervisor_dhcp_replies",
+            "DHCP replies sent, by message type",
+            ["type"],
+            registry=registry,
+        )
+        self.naks = Counter(
+            "hypervisor_dhcp_naks", "DHCP NAKs sent, by reason", ["reason"], registry=registry
+        )
+        self.drops = Counter(
+            "hypervisor_dhcp_drops",
+            "DHCP packets left unanswered, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "hypervisor_dhcp_reply_seconds",
+            "Time from a DHCP request's arrival to its reply",
+            buckets=DHCP_LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    def received(self, kind: str, interface: str) -> None:
+        """
+        A packet of message type C{kind} arrived on C{interface}.
+        """
+        self.packets.labels(kind, interface).inc()
+
+    def replied(self, kind: str, seconds: float) -> None:
+        """
+        A reply of type C{kind} went out C{seconds} after its request came.
+        """
+        self.replies.labels(kind).inc()
+        self.latency.observe(seconds)
+
+    def dropped(self, reason: str) -> None:
+        """
+        A packet was left unanswered.
+        """
+        self.drops.labels(reason).inc()
+
+    def nak(self, reason: str) -> None:
+        """
+        A NAK was sent.
+        """
+        self.naks.labels(reason).inc()
 
 
 class ManagerCollector:

@@ -35,7 +35,6 @@ NOT_USED_YET: frozenset[str] = frozenset(
     {
         "imageServerHostname",
         "imageServerPortNum",
-        "networkBootImage",
         "tftpbootImageStream",
         "objectCacheDirectory",
         "objectCacheSize",
@@ -43,7 +42,6 @@ NOT_USED_YET: frozenset[str] = frozenset(
         "lockCheckInterval",
         "lockLogTimeout",
         "identityProvider",
-        "dhcpServerOnBridgesOnly",
         "showVGA",
     }
 )
@@ -171,6 +169,14 @@ PARAMETERS: list[tuple[str, str, Callable[[str], Any], str]] = [
         _datasource,
         f"{SECTION_OURS} cloud-init datasource VMs advertise in SMBIOS unless their "
         "CloudInitDatasource says otherwise: openstack, nocloud or none",
+    ),
+    (
+        "dhcpMetadataRoute",
+        "true",
+        flags.parse_bool,
+        f"{SECTION_OURS} DHCP option 121 (RFC 3442) gives clients that ask for it a route "
+        "to the metadata server 169.254.169.254 and the default route, both via the "
+        "subnet's gateway (true or false)",
     ),
     (
         "vmShutdownTimeout",

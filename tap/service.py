@@ -4,7 +4,7 @@ The daemon's service tree: L{makeService} builds a C{MultiService} of named chil
 each from a small factory so a test can build one alone.
 
 Children, in start order (stop runs in reverse): C{logging}, C{libvirt}, C{manager},
-C{web}, C{control}.
+C{dhcp}, C{web}, C{control}.
 """
 
 from __future__ import annotations
@@ -83,7 +83,53 @@ def _tls_options(options: Options, trust: TrustStore) -> Optional[Any]:
         return None
 
 
-def _make_dispatcher(options: Options, manager: Manager, reactor: Any, metrics: Metrics) -> Any:
+def _make_dhcp_service(
+    options: Options,
+    manager: Manager,
+    acks: DhcpAcknowledgements,
+    reactor: Any,
+    metrics: Optional[Metrics] = None,
+) -> Any:
+    """
+    The DHCP server: leases from C{manager}, every ACK reported to C{acks} (the seam
+    the manager's DhcpTimeout waits use), dynamic leases in the state directory.
+    """
+    from hypervisor.dhcp.policy import DhcpPolicy
+    from hypervisor.dhcp.protocol import DhcpServer
+    from hypervisor.dhcp.service import DhcpService
+    from hypervisor.dhcp.watch import PacketWatchers
+
+    policy = DhcpPolicy(
+        manager,
+        reactor,
+        writer=manager.writer,
+        leases_path=manager.state.join("dynamic-leases.json"),
+        acks=acks,
+        network_boot_image=options["networkBootImage"],
+        metadata_route=options["dhcpMetadataRoute"],
+        reserved=lambda: [address.IpAddress for address in manager.pool.registered],
+    )
+    watchers = PacketWatchers()
+    server = DhcpServer(
+        policy, stats=metrics.dhcp if metrics is not None else None, watchers=watchers
+    )
+    return DhcpService(
+        server,
+        reactor,
+        runner=manager.runner,
+        acks=acks,
+        bridges_only=options["dhcpServerOnBridgesOnly"],
+        watchers=watchers,
+    )
+
+
+def _make_dispatcher(
+    options: Options,
+    manager: Manager,
+    reactor: Any,
+    metrics: Metrics,
+    dhcp: Optional[Any] = None,
+) -> Any:
     """
     The one dispatcher every RPC transport uses.
     """
@@ -91,7 +137,7 @@ def _make_dispatcher(options: Options, manager: Manager, reactor: Any, metrics: 
     from hypervisor.dispatch import Dispatcher
 
     return Dispatcher(
-        HypervisorApi(manager),
+        HypervisorApi(manager, dhcp),
         metrics,
         reactor,
         allow_unauthenticated_reads=options["allowUnauthenticatedReads"],
@@ -107,21 +153,35 @@ def _make_web_service(
     logs: Optional[LogBuffer] = None,
     dispatcher: Optional[Any] = None,
     trust: Optional[TrustStore] = None,
+    dhcp: Optional[Any] = None,
 ) -> Any:
     from hypervisor.netguard import guard_factory
     from hypervisor.tls import SniffingFactory
     from web.channel import HypervisorChannel
     from web.root import HypervisorSite, make_root
     from web.rpc import RpcEndpoints, request_factory
-    from web.status import StatusPages
 
     metrics = metrics or Metrics()
     metrics.watch_manager(manager)
     if trust is None:
         trust = TrustStore.from_files(options["CAfile"], options["identityCAfile"])
     if dispatcher is None:
-        dispatcher = _make_dispatcher(options, manager, reactor, metrics)
-    pages = StatusPages(manager, libvirt, metrics=metrics, logs=logs, log_dir=options["logDir"])
+        dispatcher = _make_dispatcher(options, manager, reactor, metrics, dhcp)
+
+    def pages() -> Any:
+        # Imported and built on the first page request (LazyPages): start-up and
+        # RPC do not wait for Klein, Jinja2 and the templates.
+        from web.status import StatusPages
+
+        return StatusPages(
+            manager,
+            libvirt,
+            metrics=metrics,
+            logs=logs,
+            log_dir=options["logDir"],
+            dhcp=dhcp,
+        )
+
     site = HypervisorSite(make_root(pages, RpcEndpoints()))
     site.requestFactory = request_factory(dispatcher, trust)
     site.protocol = HypervisorChannel  # type: ignore[method-assign,assignment]
@@ -162,8 +222,10 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     manager = _make_manager_service(options, libvirt, reactor, acks)
     named.append(("manager", manager))
     metrics = Metrics()
+    dhcp = _make_dhcp_service(options, manager, acks, reactor, metrics)
+    named.append(("dhcp", dhcp))
     trust = TrustStore.from_files(options["CAfile"], options["identityCAfile"])
-    dispatcher = _make_dispatcher(options, manager, reactor, metrics)
+    dispatcher = _make_dispatcher(options, manager, reactor, metrics, dhcp)
     named.append(
         (
             "web",
@@ -176,6 +238,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
                 logs=logs,
                 dispatcher=dispatcher,
                 trust=trust,
+                dhcp=dhcp,
             ),
         )
     )

@@ -46,9 +46,11 @@ class World:
         self.dir = tempfile.mkdtemp(prefix="hv-netns-")
         os.chmod(self.dir, 0o755)
         os.makedirs("/run/netns", exist_ok=True)
+        # /sys is mounted again so that /sys/class/net shows this namespace's
+        # interfaces (sysfs shows those of the namespace that mounted it).
         script = (
-            "mount -t tmpfs none /run/netns && ip link set lo up && echo ready && "
-            "exec sleep 100000"
+            "mount -t tmpfs none /run/netns && mount -t sysfs none /sys && "
+            "ip link set lo up && echo ready && exec sleep 100000"
         )
         self.holder = subprocess.Popen(
             ["unshare", "-nm", "--propagation", "private", "sh", "-c", script],

@@ -296,10 +296,11 @@ class PagesTests(PagesFixture):
 
     async def test_dhcp_page(self) -> None:
         """
-        The DHCP page lists one static lease per VM address (no server yet, said so).
+        Without a DHCP server the DHCP page says so and lists the static lease of each
+        VM address it would serve.
         """
         _, body, _ = await self.get("/showDhcpStatus")
-        self.assertIn("no DHCP server yet", body)
+        self.assertIn("runs no DHCP server", body)
         self.assertIn("52:54:0a:04:00:05", body)
 
     async def test_logs(self) -> None:

@@ -22,6 +22,7 @@ import libvirt
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
@@ -32,6 +33,10 @@ from zope.interface import implementer
 from hypervisor import certs, codec
 from hypervisor.api import ACCESS, ADMIN, METHODS, UNAUTHENTICATED_READS, HypervisorApi
 from hypervisor.auth import ROOT, TrustStore
+from hypervisor.dhcp.interfaces import Discovery
+from hypervisor.dhcp.policy import DhcpPolicy, HostView
+from hypervisor.dhcp.protocol import DhcpServer
+from hypervisor.dhcp.service import DhcpService
 from hypervisor.dispatch import Dispatcher
 from hypervisor.manager.manager import Manager
 from hypervisor.metrics import Metrics
@@ -45,7 +50,7 @@ from hypervisor.model import (
     VmInfo,
 )
 from hypervisor.store import StateDirectory
-from hypervisor.testing import FakeHost
+from hypervisor.testing import FakeHost, SynchronousRunner
 from hypervisor.tls import SniffingFactory, server_tls_options
 from hypervisor.virt.connection import LibvirtService, start_event_loop
 from web.root import make_root
@@ -92,11 +97,21 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "GetVmInfos": {},
     "ListSubnets": {},
     "ListVMs": {},
+    "NetbootMachine": {
+        "Address": {"IpAddress": "10.8.0.240", "MacAddress": "52:54:0a:08:00:f0"},
+        "Hostname": "installer",
+        "NumAcknowledgementsToWaitFor": 0,
+    },
     "RebootVm": {"IpAddress": VM_IP},
+    "RegisterExternalLeases": {
+        "Addresses": [{"IpAddress": "10.8.0.230", "MacAddress": "52:54:0a:08:00:e6"}],
+        "Hostnames": ["printer"],
+    },
     "SetDisabledState": {"Disable": False},
     "StartVm": {"IpAddress": VM_IP},
     "StopVm": {"IpAddress": VM_IP},
     "UpdateSubnets": {"Add": [{"Id": "extra", "IpGateway": "10.9.0.1", "IpMask": "255.255.255.0"}]},
+    "WatchDhcp": {"MaxPackets": 1},
 }
 
 
@@ -258,7 +273,18 @@ class AccessMatrixTests(TestCase):
         self.manager.startService()
         self.addCleanup(self.libvirt.stopService)
         self.addCleanup(self.manager.stopService)
-        api = HypervisorApi(self.manager)
+        # A DHCP server without sockets: its leases and watchers are what the DHCP
+        # methods change and read.
+        policy = DhcpPolicy(self.manager, reactor)
+        self.dhcp = DhcpService(
+            DhcpServer(policy),
+            reactor,
+            runner=SynchronousRunner(),
+            discover=lambda bridges_only: Discovery(HostView()),
+        )
+        self.dhcp.privilegedStartService()
+        self.addCleanup(self.dhcp.stopService)
+        api = HypervisorApi(self.manager, self.dhcp)
         self.api = api
         await api.UpdateSubnets(
             ROOT,
@@ -336,6 +362,9 @@ class AccessMatrixTests(TestCase):
                 "subnets": [codec.to_dict(s) for s in m.subnets.list(sort=True)],
                 "disabled": m.disabled,
                 "owners": sorted(m.owner_users),
+                "external": sorted(self.dhcp.policy.external),
+                "netboot": sorted(self.dhcp.policy.netboot),
+                "watchers": len(self.dhcp.watchers.streams),
             },
             sort_keys=True,
             default=str,
@@ -351,12 +380,21 @@ class AccessMatrixTests(TestCase):
         from twisted.web.client import FileBodyProducer
 
         body = FileBodyProducer(io.BytesIO(json.dumps(REQUESTS[method]).encode()))
-        response = await agent.request(b"POST", url.encode(), Headers(), body)
-        if METHODS[method].kind == "update-stream" and response.code == 200:
-            done: Deferred[bytes] = Deferred()
-            response.deliverBody(_FirstLine(done))
-            return response.code, await done
-        return response.code, await readBody(response)
+        packets = None
+        if method == "WatchDhcp":
+            # The stream's first line is the first packet received: keep some coming.
+            packets = LoopingCall(self.dhcp.watchers.publish, "br0", b"\x01" * 240)
+            packets.start(0.02)
+        try:
+            response = await agent.request(b"POST", url.encode(), Headers(), body)
+            if METHODS[method].kind == "update-stream" and response.code == 200:
+                done: Deferred[bytes] = Deferred()
+                response.deliverBody(_FirstLine(done))
+                return response.code, await done
+            return response.code, await readBody(response)
+        finally:
+            if packets is not None:
+                packets.stop()
 
     async def run_matrix(self, unauthenticated_reads: bool) -> None:
         await self.start(unauthenticated_reads)

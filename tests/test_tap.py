@@ -32,7 +32,8 @@ class MakeServiceTests(SynchronousTestCase):
         service = tap.makeService(options, reactor=MemoryReactorClock())
         self.assertIsInstance(service, MultiService)
         self.assertEqual(
-            [s.name for s in service], ["logging", "libvirt", "manager", "web", "control"]
+            [s.name for s in service],
+            ["logging", "libvirt", "manager", "dhcp", "web", "control"],
         )
         self.assertEqual(service.getServiceNamed("libvirt").uri, "qemu:///system")
         self.assertEqual(service.getServiceNamed("control").args[0], "/tmp/hv-tap-test/control")

@@ -3,6 +3,8 @@
 # Python virtual environment in .venv with the project installed in it.
 #   tools/setup.sh          the daemon's needs
 #   tools/setup.sh --test   also what the test suite needs (its real peers included)
+#   tools/setup.sh --bench  also the peers of the benchmarks (bench/dhcp.py: perfdhcp,
+#                           Kea, dnsmasq; the bench runs its own instances)
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -12,7 +14,13 @@ extra=""
 if [ "${1:-}" = "--test" ]; then
   # openssl: real TLS client in tests; procps: pgrep for libvirtd restarts;
   # chromium: the real browser of the page tests.
-  packages="$packages openssl procps chromium"
+  # busybox (udhcpc), isc-dhcp-client, dhcpcd-base: the DHCP server's real clients.
+  packages="$packages openssl procps chromium busybox isc-dhcp-client dhcpcd-base"
+  extra="[test]"
+fi
+if [ "${1:-}" = "--bench" ]; then
+  # kea-admin: perfdhcp; kea-dhcp4-server and dnsmasq-base: the DHCP peers.
+  packages="$packages kea-admin kea-dhcp4-server dnsmasq-base"
   extra="[test]"
 fi
 

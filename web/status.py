@@ -62,6 +62,7 @@ from hypervisor.manager.manager import Manager
 from hypervisor.metrics import Metrics
 from hypervisor.model import State
 from hypervisor.virt.connection import LibvirtService
+from web.headers import SECURITY_HEADERS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEMPLATES = os.path.join(HERE, "templates")
@@ -70,12 +71,6 @@ BOOTLOG_MAX = 4 * 1024 * 1024
 MAX_TAIL = 1_000_000
 MAX_WINDOW = 10 * 366 * 86400.0
 
-SECURITY_HEADERS = {
-    b"X-Frame-Options": b"DENY",
-    b"X-XSS-Protection": b"1",
-    b"Content-Security-Policy": b"default-src 'self' ;style-src 'self' 'unsafe-inline'",
-    b"X-Content-Type-Options": b"nosniff",
-}
 
 ALLOWED_METHODS = (b"GET", b"HEAD")
 ALLOW = b", ".join(ALLOWED_METHODS)
@@ -530,9 +525,11 @@ class StatusPages:
         metrics: Optional[Metrics] = None,
         logs: Optional[LogBuffer] = None,
         log_dir: str = "",
+        dhcp: Optional[Any] = None,
     ) -> None:
         self.manager = manager
         self.libvirt = libvirt
+        self.dhcp = dhcp
         self.hostname = hostname or socket.gethostname()
         self.metrics = metrics or Metrics()
         self.logs = logs or LogBuffer()
@@ -922,21 +919,33 @@ class StatusPages:
     @app.route("/showDhcpStatus", branch=False)
     def show_dhcp_status(self, request: Request) -> str:
         """
-        The DHCP server's interfaces and leases.
+        The DHCP server's interfaces and leases: static (VMs), external, netboot and
+        dynamic, with expiry times (from memory).
         """
         split_query(request, "/showDhcpStatus")
-        m = self.manager
-        leases = [
-            (
-                lease.MacAddress,
-                lease.IpAddress,
-                lease.Hostname,
-                lease.Subnet.Id if lease.Subnet is not None else "",
-            )
-            for lease in m.leases()
+        if self.dhcp is not None:
+            return self._render(request, "dhcp.html", dhcp_running=True, **self.dhcp.status())
+        static = [
+            {
+                "mac": lease.MacAddress,
+                "ip": lease.IpAddress,
+                "hostname": lease.Hostname,
+                "subnet": lease.Subnet.Id if lease.Subnet is not None else "",
+                "vm": lease.vm_ip,
+            }
+            for lease in self.manager.leases()
         ]
         return self._render(
-            request, "dhcp.html", dhcp_running=m.dhcp_acks is not None, leases=leases
+            request,
+            "dhcp.html",
+            dhcp_running=False,
+            interfaces=[],
+            notes=[],
+            static=static,
+            external=[],
+            netboot=[],
+            dynamic=[],
+            bridges_only=False,
         )
 
     @app.route("/logs", branch=False)
