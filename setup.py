@@ -3,7 +3,7 @@ Packaging for smallstack-hypervisor: a SmallStack-compatible VM hypervisor agent
 Twisted and libvirt.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="smallstack-hypervisor",
@@ -13,17 +13,12 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",
-    packages=[
-        "hypervisor",
-        "hypervisor.cli",
-        "hypervisor.manager",
-        "hypervisor.virt",
-        "tap",
-        "web",
-        # Twisted finds plugins in every twisted/plugins directory; this one has
-        # no __init__.py on purpose (Twisted's plugin how-to).
-        "twisted.plugins",
-    ],
+    # Every package under hypervisor/, tap/ and web/ (a new protocol package is
+    # installed without touching this file; tests/test_packaging.py checks it).
+    packages=find_packages(include=["hypervisor", "hypervisor.*", "tap", "web"])
+    # Twisted finds plugins in every twisted/plugins directory; this one has
+    # no __init__.py on purpose (Twisted's plugin how-to).
+    + ["twisted.plugins"],
     package_data={
         "twisted.plugins": ["hypervisor_plugin.py"],
         "web": ["templates/*.html", "static/*"],
