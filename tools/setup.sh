@@ -8,7 +8,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-packages="libvirt-daemon-system libvirt-clients qemu-system-x86 libvirt-dev pkg-config
+packages="libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils libvirt-dev pkg-config
 gcc python3-dev python3-venv curl"
 extra=""
 if [ "${1:-}" = "--test" ]; then
