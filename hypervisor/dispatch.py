@@ -23,7 +23,7 @@ transports.
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -72,6 +72,7 @@ class Call:
     label: str
     started: float
     finished: bool = False
+    transport: str = "https"
 
 
 def method_name(name: str) -> str:
@@ -115,13 +116,24 @@ class Dispatcher:
             raise NotFound(f"unknown method {name!r}; GET /rpc lists them")
         return method, spec
 
-    def admit(self, name: str, identity: Identity, secure: bool) -> Call:
+    def admit(
+        self,
+        name: str,
+        identity: Identity,
+        secure: bool,
+        *,
+        transport: str = "https",
+        use_method_powers: bool = True,
+    ) -> Call:
         """
         Decide whether C{identity} may call C{name} (nothing has been read yet).
 
         @param secure: the connection is TLS (the identity comes from its client
             certificate); plain connections may only make the unauthenticated reads,
             and only with C{-allowUnauthenticatedReads}.
+        @param transport: the transport's name for metrics (C{https}, C{srpc}).
+        @param use_method_powers: False when the caller asked not to use its method
+            grants and hypervisor ownership (SRPC's C{doNotUseMethodPowers}).
         @raise HypervisorError: refused (401, 403, 404, 503...), counted in metrics.
         """
         start = self.reactor.seconds()
@@ -132,6 +144,9 @@ class Dispatcher:
             if not secure and method not in UNAUTHENTICATED_READS:
                 raise Unauthenticated(f"{name} needs HTTPS with a client certificate")
             users, groups = self.api.hypervisor_owners()
+            if not use_method_powers:
+                identity = replace(identity, method_patterns=(), hypervisor_owner=False)
+                users, groups = frozenset(), frozenset()
             identity = authorize(
                 identity,
                 method,
@@ -144,11 +159,16 @@ class Dispatcher:
             self.api.admit(method, identity)
         except BaseException as e:
             call = Call(
-                method_name(name), METHODS.get(method_name(name), _NO_SPEC), identity, label, start
+                method_name(name),
+                METHODS.get(method_name(name), _NO_SPEC),
+                identity,
+                label,
+                start,
+                transport=transport,
             )
             self.classify(call, Failure(e))
             raise
-        return Call(method, spec, identity, label, start)
+        return Call(method, spec, identity, label, start, transport=transport)
 
     # 2. decode, 3. upload size -----------------------------------------------------------------
 
@@ -269,7 +289,9 @@ class Dispatcher:
         if call.finished:
             return
         call.finished = True
-        self.metrics.rpc_calls.labels(call.label, "ok" if ok else "error").inc()
+        outcome = "ok" if ok else "error"
+        self.metrics.rpc_calls.labels(call.label, outcome).inc()
+        self.metrics.rpc_transport_calls.labels(call.label, call.transport, outcome).inc()
         self.metrics.rpc_duration.labels(call.label).observe(self.reactor.seconds() - call.started)
 
 

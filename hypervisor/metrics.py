@@ -61,6 +61,18 @@ class Metrics:
             ["method", "outcome"],
             registry=self.registry,
         )
+        self.rpc_transport_calls = Counter(
+            "hypervisor_rpc_transport_calls",
+            "RPC calls by method, transport (https, srpc) and outcome (ok or error)",
+            ["method", "transport", "outcome"],
+            registry=self.registry,
+        )
+        self.srpc_connections = Counter(
+            "hypervisor_srpc_connections",
+            "SRPC CONNECTs by endpoint and answer (connected, not-found, refused, malformed)",
+            ["endpoint", "answer"],
+            registry=self.registry,
+        )
         self.rpc_denied = Counter(
             "hypervisor_rpc_denied",
             "RPC calls refused by access control",

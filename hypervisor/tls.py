@@ -3,7 +3,10 @@
 Port 6976 speaks plain HTTP and HTTPS at once, and TLS asks for client certificates.
 
 - L{SniffingFactory}: the first byte of a connection decides: C{0x16} (a TLS
-  handshake record) goes to the TLS factory, anything else to the plain one. Under
+  handshake record) goes to the TLS factory, anything else to the plain one. With
+  its C{connect} hook, a first line C{CONNECT ...} (plain or inside TLS) goes to
+  SRPC (L{hypervisor.srpc.protocol}), which starts TLS itself after its reply
+  (L{tls_server_factory}). Under
   a connection guard (L{hypervisor.netguard}) the sniffer reports the TLS handshake
   (its deadline), and TLS connections close promptly: after sending its
   C{close_notify} the server closes TCP without waiting for the client's (which a
@@ -18,7 +21,7 @@ Port 6976 speaks plain HTTP and HTTPS at once, and TLS asks for client certifica
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
@@ -93,6 +96,18 @@ class _PromptCloseTLS(BufferingTLSTransport):
             self.transport.loseConnection()
 
 
+def tls_server_factory(
+    options: ssl.CertificateOptions, wrapped: IProtocolFactory, clock: Optional[IReactorTime] = None
+) -> TLSMemoryBIOFactory:
+    """
+    Server-side TLS over C{wrapped}, closing promptly (as port 6976's TLS does): for
+    protocols that start TLS themselves after a plaintext exchange (SRPC's CONNECT).
+    """
+    tls = TLSMemoryBIOFactory(options, False, wrapped, clock)
+    tls.protocol = _PromptCloseTLS
+    return tls
+
+
 class _Sniffer(protocol.Protocol):
     """
     Waits for the first bytes, then hands the connection to the right protocol.
@@ -152,17 +167,22 @@ class SniffingFactory(protocol.Factory):
         tls_options: Optional[ssl.CertificateOptions],
         tls_site: Optional[IProtocolFactory] = None,
         clock: Optional[IReactorTime] = None,
+        connect: Optional[Callable[..., IProtocolFactory]] = None,
     ) -> None:
         """
         @param clock: what TLS schedules its buffered writes on (the global reactor
             when None).
+        @param connect: the first-line hook: C{connect(http_factory, in_tls=...)} makes
+            the factory that routes C{CONNECT} lines to SRPC and the rest to
+            C{http_factory} (L{hypervisor.srpc.protocol.ConnectRouterFactory}).
         """
-        self.plain = plain
         self.tls: Optional[IProtocolFactory] = None
+        if connect is not None:
+            # The first line decides between HTTP and SRPC, in plain and inside TLS.
+            plain, tls_site = connect(plain, in_tls=False), connect(tls_site or plain, in_tls=True)
+        self.plain = plain
         if tls_options is not None:
-            tls = TLSMemoryBIOFactory(tls_options, False, tls_site or plain, clock)
-            tls.protocol = _PromptCloseTLS
-            self.tls = tls
+            self.tls = tls_server_factory(tls_options, tls_site or plain, clock)
 
     def doStart(self) -> None:
         """

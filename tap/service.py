@@ -156,6 +156,7 @@ def _make_web_service(
     dhcp: Optional[Any] = None,
 ) -> Any:
     from hypervisor.netguard import guard_factory
+    from hypervisor.srpc.protocol import SrpcFactory
     from hypervisor.tls import SniffingFactory
     from web.channel import HypervisorChannel
     from web.root import HypervisorSite, make_root
@@ -186,7 +187,10 @@ def _make_web_service(
     site.requestFactory = request_factory(dispatcher, trust)
     site.protocol = HypervisorChannel  # type: ignore[method-assign,assignment]
     site.displayTracebacks = False
-    factory = guard_factory(SniffingFactory(site, _tls_options(options, trust)), reactor)
+    tls_options = _tls_options(options, trust)
+    # SRPC (CONNECT /_SRPC_/TLS/JSON) on the same port, over the same dispatcher.
+    srpc = SrpcFactory(dispatcher, trust, tls_options, reactor, metrics)
+    factory = guard_factory(SniffingFactory(site, tls_options, connect=srpc.router), reactor)
     return factory.tcp_server(options["portNum"])
 
 
