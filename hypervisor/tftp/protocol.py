@@ -1,0 +1,491 @@
+# -*- test-case-name: tests.test_tftp_protocol -*-
+"""
+The TFTP server's sockets: L{TftpProtocol} on port 69 receives requests and hands
+them to L{TftpServer}; each transfer runs on its own ephemeral UDP port (a new
+transfer ID, as RFC 1350 requires), a socket connected to the client
+(L{SessionProtocol}), so the kernel drops packets from anyone else and reports
+the path MTU the block size is clamped to.
+
+L{TftpServer} decides: a malformed packet is dropped (a request gets an ERROR 4 no
+longer than itself), a write request gets ERROR 2 (this server is read-only), a
+repeated request of a transfer in progress is ignored, more than C{max_sessions}
+transfers get ERROR 0 (busy), and a file the backend cannot give gets its ERROR at
+once; every outcome is counted (L{ITftpStats}).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Callable, Optional, Protocol
+
+from twisted.internet.interfaces import IReactorTime, IReadDescriptor
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from hypervisor.tftp import codec
+from hypervisor.tftp.backend import BackendError, IBackend, IReader, normalise
+from hypervisor.tftp.session import (
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    ReadSession,
+    describe,
+    negotiate,
+)
+
+SERVER_PORT = 69
+MAX_SESSIONS = 256
+IP_MTU = getattr(socket, "IP_MTU", 14)
+
+Address = tuple[str, int]
+
+
+class ITftpStats(Protocol):
+    """
+    What the server counts (L{hypervisor.metrics.TftpMetrics} is the real one).
+    """
+
+    def started(self, name: str) -> None:
+        """
+        A transfer of C{name} started.
+        """
+
+    def finished(self, name: str, outcome: str, sent: int, seconds: float) -> None:
+        """
+        A transfer ended: C{outcome} is C{completed} or why it failed.
+        """
+
+    def refused(self, code: int) -> None:
+        """
+        A request was answered with ERROR C{code}.
+        """
+
+    def dropped(self, reason: str) -> None:
+        """
+        A packet was dropped.
+        """
+
+
+class NoStats:
+    """
+    Counts nothing.
+    """
+
+    def started(self, name: str) -> None:
+        """
+        Nothing.
+        """
+
+    def finished(self, name: str, outcome: str, sent: int, seconds: float) -> None:
+        """
+        Nothing.
+        """
+
+    def refused(self, code: int) -> None:
+        """
+        Nothing.
+        """
+
+    def dropped(self, reason: str) -> None:
+        """
+        Nothing.
+        """
+
+
+class ISessionPort(Protocol):
+    """
+    A transfer's own socket, connected to the client.
+    """
+
+    mtu: int
+
+    def send(self, data: bytes) -> None:
+        """
+        Send a packet to the client.
+        """
+
+    def close(self) -> None:
+        """
+        Close the socket.
+        """
+
+
+class Transfer:
+    """
+    A transfer in progress: the client, the file and its session.
+    """
+
+    def __init__(self, client: Address, name: str, port: ISessionPort) -> None:
+        self.client = client
+        self.name = name
+        self.port = port
+        self.session: Optional[ReadSession] = None
+
+    def status(self) -> dict[str, Any]:
+        """
+        The transfer as the status page shows it.
+        """
+        row: dict[str, Any] = {"client": f"{self.client[0]}:{self.client[1]}", "file": self.name}
+        if self.session is not None:
+            row.update(describe(self.session))
+            row["started"] = self.session.started
+        else:
+            row.update(bytes=0, size=0, blksize=0, windowsize=0, retransmissions=0, started=0.0)
+        return row
+
+
+class TftpServer:
+    """
+    Requests in, transfers out.
+
+    @ivar open_port: makes a transfer's socket connected to a client; the protocol
+        given receives its packets.
+    @ivar transfers: in progress (or opening their file), by client address.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        backend: IBackend,
+        clock: IReactorTime,
+        open_port: Callable[[Address, "SessionProtocol"], ISessionPort],
+        *,
+        stats: Optional[ITftpStats] = None,
+        max_blksize: int = codec.MAX_DATA,
+        max_windowsize: int = 64,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        max_sessions: int = MAX_SESSIONS,
+    ) -> None:
+        self.backend = backend
+        self.clock = clock
+        self.open_port = open_port
+        self.stats: ITftpStats = stats or NoStats()
+        self.max_blksize = max_blksize
+        self.max_windowsize = max_windowsize
+        self.timeout = timeout
+        self.retries = retries
+        self.max_sessions = max_sessions
+        self.transfers: dict[Address, Transfer] = {}
+        self.completed = 0
+        self.failed = 0
+        self.stopping = False
+
+    def request(self, data: bytes, client: Address, reply: Callable[[bytes], None]) -> None:
+        """
+        A packet arrived on port 69 from C{client}; C{reply} answers from port 69.
+        """
+        if self.stopping:
+            return
+        try:
+            packet = codec.decode(data)
+        except codec.MalformedPacket as e:
+            self.stats.dropped("malformed")
+            self.log.debug("malformed TFTP packet from {client}: {e}", client=client, e=e)
+            if len(data) >= 2 and data[1] in (codec.RRQ, codec.WRQ) and data[0] == 0:
+                # Never a reply larger than the request (no amplification).
+                reply(
+                    codec.error_packet(codec.ERR_ILLEGAL_OPERATION, str(e))[: len(data) - 1] + b"\0"
+                )
+            return
+        if not isinstance(packet, codec.Request):
+            self.stats.dropped("not a request")
+            return
+        if packet.opcode == codec.WRQ:
+            self.stats.refused(codec.ERR_ACCESS_VIOLATION)
+            reply(codec.error_packet(codec.ERR_ACCESS_VIOLATION, "this TFTP server is read-only"))
+            return
+        if client in self.transfers:
+            self.stats.dropped("repeated request")
+            return
+        if packet.mode == "mail":
+            self.stats.refused(codec.ERR_ILLEGAL_OPERATION)
+            reply(codec.error_packet(codec.ERR_ILLEGAL_OPERATION, "mail mode is for writes"))
+            return
+        if len(self.transfers) >= self.max_sessions:
+            self.stats.refused(codec.ERR_NOT_DEFINED)
+            reply(codec.error_packet(codec.ERR_NOT_DEFINED, "server busy: try again later"))
+            return
+        self._start(packet, client)
+
+    def _start(self, request: codec.Request, client: Address) -> None:
+        try:
+            name = normalise(request.filename)
+        except BackendError:
+            name = "(refused)"
+        protocol = SessionProtocol()
+        try:
+            port = self.open_port(client, protocol)
+        except OSError as e:
+            self.stats.refused(codec.ERR_NOT_DEFINED)
+            self.log.error("cannot open a TFTP transfer port for {client}: {e}", client=client, e=e)
+            return
+        transfer = Transfer(client, name, port)
+        protocol.transfer = transfer
+        protocol.server = self
+        self.transfers[client] = transfer
+        opened = self.backend.open(client[0], request.filename, request.mode == "netascii")
+        opened.addCallbacks(
+            lambda reader: self._opened(transfer, request, reader),
+            lambda reason: self._refused(transfer, reason),
+        )
+
+    def _refused(self, transfer: Transfer, reason: Failure) -> None:
+        if reason.check(BackendError):
+            code = getattr(reason.value, "code", 0)
+            message = str(reason.value) or "cannot send the file"
+        else:
+            self.log.failure("TFTP backend failed for {name}", reason, name=transfer.name)
+            code, message = codec.ERR_NOT_DEFINED, "cannot send the file"
+        self.stats.refused(code)
+        self.log.debug(
+            "TFTP {client} {name}: error {code} {message}",
+            client=transfer.client,
+            name=transfer.name,
+            code=code,
+            message=message,
+        )
+        if self.transfers.get(transfer.client) is transfer:
+            del self.transfers[transfer.client]
+        transfer.port.send(codec.error_packet(code, message))
+        transfer.port.close()
+
+    def _opened(self, transfer: Transfer, request: codec.Request, reader: IReader) -> None:
+        if self.transfers.get(transfer.client) is not transfer:
+            reader.close()  # the server stopped meanwhile
+            transfer.port.close()
+            return
+        negotiated = negotiate(
+            request.options,
+            reader.size,
+            max_blksize=self.max_blksize,
+            mtu=transfer.port.mtu,
+            max_windowsize=self.max_windowsize,
+            default_timeout=self.timeout,
+        )
+        session = ReadSession(
+            reader,
+            transfer.port.send,
+            self.clock,
+            negotiated,
+            retries=self.retries,
+            on_done=lambda s, why: self._done(transfer, why),
+        )
+        transfer.session = session
+        self.stats.started(transfer.name)
+        session.start()
+
+    def _done(self, transfer: Transfer, why: Optional[str]) -> None:
+        session = transfer.session
+        assert session is not None
+        if self.transfers.get(transfer.client) is transfer:
+            del self.transfers[transfer.client]
+        seconds = self.clock.seconds() - session.started
+        if why is None:
+            self.completed += 1
+            self.stats.finished(transfer.name, "completed", session.size, seconds)
+        else:
+            self.failed += 1
+            self.stats.finished(transfer.name, _outcome(why), session.bytes_acked, seconds)
+            self.log.info(
+                "TFTP {client} {name}: failed after {sent} of {size} bytes: {why}",
+                client=transfer.client[0],
+                name=transfer.name,
+                sent=session.bytes_acked,
+                size=session.size,
+                why=why,
+            )
+        transfer.port.close()
+
+    def stop(self) -> None:
+        """
+        End every transfer (the clients get an ERROR); take no more requests.
+        """
+        self.stopping = True
+        for transfer in list(self.transfers.values()):
+            if transfer.session is not None:
+                transfer.session.stop("the server is stopping")
+            else:
+                del self.transfers[transfer.client]
+                transfer.port.close()
+
+    def status(self) -> dict[str, Any]:
+        """
+        Transfers in progress and totals, for the status page.
+        """
+        now = self.clock.seconds()
+        rows = []
+        for transfer in sorted(self.transfers.values(), key=lambda t: t.client):
+            row = transfer.status()
+            row["seconds"] = max(0.0, now - row["started"]) if row["started"] else 0.0
+            rows.append(row)
+        return {"transfers": rows, "completed": self.completed, "failed": self.failed}
+
+
+def _outcome(why: str) -> str:
+    """
+    A failure's label for the metrics (a few fixed values).
+    """
+    if why.startswith("timed out"):
+        return "timeout"
+    if why.startswith("the client"):
+        return "client_error"
+    if "stopping" in why:
+        return "stopped"
+    return "error"
+
+
+class SessionProtocol:
+    """
+    A transfer's socket: packets from the client go to its session.
+    """
+
+    transfer: Optional[Transfer] = None
+    server: Optional[TftpServer] = None
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        """
+        Hand the packet to the session (none yet while the file opens: the client
+        sends nothing before the first DATA or OACK).
+        """
+        transfer = self.transfer
+        if transfer is not None and transfer.session is not None:
+            transfer.session.datagram(datagram)
+
+    def connectionRefused(self) -> None:
+        """
+        The client's port is gone (ICMP port unreachable): end the transfer.
+        """
+        transfer = self.transfer
+        if transfer is not None and transfer.session is not None:
+            transfer.session.stop("the client went away", notify=False)
+
+    def failed(self, error: OSError) -> None:
+        """
+        Sending failed for another reason: end the transfer.
+        """
+        transfer = self.transfer
+        if transfer is not None and transfer.session is not None:
+            transfer.session.stop(f"cannot send: {error.strerror}", notify=False)
+
+
+@implementer(IReadDescriptor)
+class UdpSessionPort:
+    """
+    A transfer's socket on the real reactor: an ephemeral port connected to the
+    client, read by the reactor directly (no C{udp.Port}: that logs two lines per
+    socket, which is per transfer here).
+    """
+
+    def __init__(self, reactor: Any, client: Address, protocol: "SessionProtocol") -> None:
+        self.reactor = reactor
+        self.client = client
+        self.protocol = protocol
+        family = socket.AF_INET6 if ":" in client[0] else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_DGRAM)
+        self.closed = False
+        try:
+            self.socket.setblocking(False)
+            self.socket.bind(("", 0))
+            self.socket.connect(client)
+            try:
+                self.mtu = self.socket.getsockopt(socket.IPPROTO_IP, IP_MTU)
+            except OSError:
+                self.mtu = 0
+        except BaseException:
+            self.socket.close()
+            raise
+        self._fileno = self.socket.fileno()
+        reactor.addReader(self)
+
+    def fileno(self) -> int:
+        """
+        The socket's descriptor (-1 once closed).
+        """
+        return -1 if self.closed else self._fileno
+
+    def logPrefix(self) -> str:
+        """
+        How the reactor names this socket in logs.
+        """
+        return "TFTP transfer"
+
+    def doRead(self) -> None:
+        """
+        Hand waiting packets to the protocol (a bounded batch per turn).
+        """
+        for _ in range(64):
+            if self.closed:
+                return
+            try:
+                data = self.socket.recv(codec.MAX_PACKET)
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionRefusedError:
+                self.protocol.connectionRefused()
+                return
+            except OSError as e:
+                self.protocol.failed(e)
+                return
+            self.protocol.datagramReceived(data, self.client)
+
+    def connectionLost(self, reason: Failure) -> None:
+        """
+        The reactor dropped the socket.
+        """
+        self.close()
+
+    def send(self, data: bytes) -> None:
+        """
+        Send to the client. A full socket buffer or an oversized packet drops the
+        packet (the timeout sends it again); a refusal (ICMP port unreachable) ends
+        the transfer, after this call.
+        """
+        if self.closed:
+            return
+        try:
+            self.socket.send(data)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except ConnectionRefusedError:
+            self.reactor.callLater(0, self.protocol.connectionRefused)
+        except OSError as e:
+            self.reactor.callLater(0, self.protocol.failed, e)
+
+    def close(self) -> None:
+        """
+        Close the socket.
+        """
+        if not self.closed:
+            self.reactor.removeReader(self)
+            self.closed = True
+            self.socket.close()
+
+
+class TftpProtocol(DatagramProtocol):
+    """
+    Port 69: every packet goes to the server.
+    """
+
+    noisy = False
+
+    def __init__(self, server: TftpServer) -> None:
+        self.server = server
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        """
+        A request (or anything else) from a client.
+        """
+        client = (addr[0], addr[1])
+        transport = self.transport
+        assert transport is not None
+        self.server.request(datagram, client, lambda data: transport.write(data, client))
+
+
+def session_ports(reactor: Any) -> Callable[[Address, SessionProtocol], ISessionPort]:
+    """
+    The real L{TftpServer.open_port}.
+    """
+    return lambda client, protocol: UdpSessionPort(reactor, client, protocol)
