@@ -103,9 +103,10 @@ class BrowserTests(SynchronousTestCase):
             "16M",
             "-roundupPower",
             "0",
+            "-dhcpTimeout=0s",
         ]
-        web = cli("vm_control", *boot, "-tags", "Name=web-frontend", create_ip := "create-vm")
-        db = cli("vm_control", *boot, "-tags", "Name=<b>database</b>", "-doNotStart", create_ip)
+        web = cli("vm_control", *boot, "-vmTags", "Name=web-frontend", create_ip := "create-vm")
+        db = cli("vm_control", *boot, "-vmTags", "Name=<b>database</b>", "-doNotStart", create_ip)
         self.addCleanup(lambda: cli("vm_control", "destroy-vm", web))
         self.addCleanup(lambda: cli("vm_control", "destroy-vm", db))
 

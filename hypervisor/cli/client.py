@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_vm_control -*-
 """
-The RPC client shared by C{vm-control} and C{hyper-control}: Go-style flags, client
-certificates from C{~/.ssl}, and calls to C{POST /rpc/Hypervisor.<Method>} with treq.
+What C{vm-control} and C{hyper-control} share below the transports: client
+certificates from C{~/.ssl}, the TLS policy, and the upload body of the HTTPS transport.
 
 Certificates: every C{*.cert}/C{*.key} pair (or C{cert.pem}/C{key.pem}) in
 C{-certDirectory} is loaded, as SmallStack's tools do; the one with the widest
@@ -185,172 +185,11 @@ class ConcatFile(io.RawIOBase):
         return out
 
 
-class RpcClient:
-    """
-    Calls to one hypervisor.
-    """
-
-    def __init__(
-        self, reactor: Any, host: str, port: int, cert_directory: str, ca_file: str
-    ) -> None:
-        import treq
-        from twisted.web.client import Agent, HTTPConnectionPool
-
-        self.host = host
-        self.port = port
-        pairs = find_certificates(cert_directory)
-        self.pair = pairs[0] if pairs else None
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        agent = Agent(reactor, contextFactory=ClientTLSPolicy(self.pair, ca_file), pool=pool)
-        self.http = treq.client.HTTPClient(agent)
-
-    def url(self, method: str) -> str:
-        """
-        The URL of a method.
-        """
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"https://{host}:{self.port}/rpc/Hypervisor.{method}"
-
-    async def call(
-        self,
-        method: str,
-        request: dict[str, Any],
-        tail: Optional[tuple[list[IO[bytes]], list[int]]] = None,
-        on_message: Optional[Callable[[dict[str, Any]], None]] = None,
-    ) -> dict[str, Any]:
-        """
-        Call a method; for streams, give each message but the last to C{on_message}.
-
-        @raise ClientError: the hypervisor answered with an error, or is unreachable.
-        """
-        from twisted.web.client import FileBodyProducer
-        from twisted.web.http_headers import Headers
-
-        line = json.dumps(request).encode() + b"\n"
-        body: Any
-        if tail is None:
-            body = io.BytesIO(line)
-        else:
-            parts, sizes = tail
-            body = ConcatFile([io.BytesIO(line)] + parts, [len(line)] + sizes)
-        try:
-            response = await self.http.post(
-                self.url(method),
-                data=FileBodyProducer(body),
-                headers=Headers({b"Content-Type": [b"application/json"]}),
-                unbuffered=True,
-            )
-        except Exception as e:  # noqa: BLE001 - shown to the user
-            raise ClientError(
-                f"cannot reach the hypervisor at {self.host}:{self.port}: " f"{_describe(e)}"
-            ) from None
-        messages: list[dict[str, Any]] = []
-        buffer = [b""]
-
-        def collect(data: bytes) -> None:
-            buffer[0] += data
-            while b"\n" in buffer[0]:
-                raw, buffer[0] = buffer[0].split(b"\n", 1)
-                if raw.strip():
-                    message = json.loads(raw)
-                    if messages and on_message is not None:
-                        on_message(messages[-1])
-                    messages.append(message)
-
-        await response.collect(collect)
-        if buffer[0].strip():
-            messages.append(json.loads(buffer[0]))
-        if not messages:
-            raise ClientError(f"empty answer from the hypervisor (HTTP {response.code})")
-        last = messages[-1]
-        if response.code != 200 or last.get("Error"):
-            raise ClientError(last.get("Error") or f"HTTP {response.code}")
-        return last
-
-
-def parse_flags(
-    argv: list[str], defaults: dict[str, Any], booleans: list[str], usage: Callable[[], str]
-) -> tuple[dict[str, Any], list[str]]:
-    """
-    Go-style flags before a subcommand (C{-name value}, C{-name=value}, booleans).
-
-    @return: the values (defaults overridden) and the rest (subcommand and args).
-    @raise ValueError: an unknown flag or a missing value, named.
-    @raise SystemExit: C{-h}: the usage was printed.
-    """
-    from hypervisor import flags
-
-    rest, assignments = flags.normalize_argv(list(argv), list(defaults), booleans)
-    values = dict(defaults)
-    values.update({name: False for name in booleans})
-    i = 0
-    while i < len(rest) and rest[i].startswith("--"):
-        name, sep, value = rest[i][2:].partition("=")
-        if name in ("help", "h"):
-            raise SystemExit(print(usage()) or 0)
-        if name not in defaults:
-            raise ValueError(f"unknown flag -{name}")
-        if not sep:
-            if i + 1 >= len(rest):
-                raise ValueError(f"flag -{name} needs a value")
-            value = rest[i + 1]
-            i += 1
-        values[name] = value
-        i += 1
-    for name, flag in assignments:
-        values[name] = flag
-    rest = rest[i:]
-    if rest and rest[0] in ("-h", "help"):
-        raise SystemExit(print(usage()) or 0)
-    if not rest:
-        raise ValueError("no subcommand given")
-    return values, rest
-
-
 def _describe(e: Exception) -> str:
     reasons = getattr(e, "reasons", None)
     if reasons:
         return "; ".join(r.getErrorMessage() for r in reasons)
     return str(e) or type(e).__name__
-
-
-def run_client(
-    program: str, name: str, values: dict[str, Any], command: Callable[["RpcClient"], Any]
-) -> int:
-    """
-    Run one subcommand (an async function of the client) under its own reactor;
-    return the exit status (1 with the hypervisor's message on errors).
-    """
-    from twisted.internet import defer, task
-
-    status = [0]
-
-    async def run(reactor: Any) -> None:
-        client = RpcClient(
-            reactor,
-            values["hypervisorHostname"],
-            values["hypervisorPortNum"],
-            values["certDirectory"],
-            values["CAfile"],
-        )
-        if client.pair is None:
-            print(
-                f"{program}: no client certificate in {values['certDirectory']} "
-                "(*.cert + *.key); create one with 'hypervisor make-certs --user "
-                "NAME'",
-                file=sys.stderr,
-            )
-        try:
-            status[0] = await command(client)
-        except ClientError as e:
-            status[0] = fail(f"{program} {name}: {e}")
-
-    try:
-        task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
-    except SystemExit as e:
-        if e.code:
-            return int(e.code)
-    return status[0]
 
 
 def fail(message: str) -> int:

@@ -1,342 +1,718 @@
-# -*- test-case-name: tests.test_vm_control -*-
+# -*- test-case-name: tests.test_vm_control,tests.test_cli_flags -*-
 """
-C{vm-control}: drive a hypervisor's VMs over its RPC interface (port 6976), with the
-subcommand and flag names of SmallStack's vm-control.
+C{vm-control}: drive a hypervisor's VMs, with SmallStack's C{vm-control} command line:
+the same commands, flag names, types and defaults (Dominator v0.3.4), and the same
+requests on the wire.
 
-    vm-control [flags...] subcommand [args...]
+    vm-control [flags...] command [args...]
 
-Flags are Go-style (C{-memory 512M}, C{-tags Name=web,env=prod}) and come before the
-subcommand. Progress goes to stderr; results (an IP, JSON) to stdout; errors exit 1
-with the hypervisor's message, usage errors exit 2.
+Every command of the Go tool is listed by C{-h}; those whose method this hypervisor
+does not serve say so and exit 2. Results go to stdout (an IP, Go-indented JSON);
+errors to stderr as Go prints them (C{error getting VM info: ...}), exit 1; usage
+errors exit 2. Progress messages are logged at C{-logDebugLevel 0}, as Go's.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from typing import Any, Awaitable, Callable, Optional, Sequence
+from typing import IO, Any, Optional, Sequence
 
-from hypervisor import flags
-from hypervisor.cli.client import ClientError, RpcClient, fail, parse_flags, run_client
+from hypervisor import model
+from hypervisor.cli import goflags, tool
+from hypervisor.cli.client import ClientError
+from hypervisor.cli.goflags import Command, Flag
+from hypervisor.cli.tool import Tool, decode, show
 
-# name, default, help
-PARAMETERS: list[tuple[str, str, str]] = [
-    ("hypervisorHostname", "localhost", "Hostname of hypervisor"),
-    ("hypervisorPortNum", "6976", "Port number of hypervisor"),
-    ("certDirectory", os.path.expanduser("~/.ssl"), "Directory of client certificates"),
-    (
-        "CAfile",
-        "/etc/ssl/CA.pem",
-        "CA to verify the hypervisor's certificate with " "(not verified if the file is missing)",
+NOT_SERVED = "this hypervisor does not serve its method"
+FLEET_ONLY = "talks to a fleet manager's inventory, which this implementation does not query"
+LOCAL = "works on local libvirt/Dominator storage, which this implementation does not support"
+
+_size = goflags.parse_size
+_sizes = goflags.parse_size_list
+_strings = goflags.parse_string_list
+
+
+def _unused(reason: str = "") -> str:
+    return reason or "only used by commands this implementation does not run"
+
+
+FLAGS: list[Flag] = tool.common_flags() + [
+    Flag(
+        "adjacentVM",
+        "string",
+        "",
+        "IP address of VM adjacent (same Hypervisor) to VM being created",
+        unused=_unused("placement through a fleet manager is not implemented"),
     ),
-    ("memory", "1G", "Memory of the VM (e.g. 512M, 2G)"),
-    ("milliCPUs", "1000", "CPU allowance in thousandths of a CPU"),
-    ("vcpus", "0", "Number of virtual CPUs (0: from milliCPUs)"),
-    ("imageFile", "", "Raw or qcow2 image file to upload as the root volume"),
-    ("imageURL", "", "Image URL (file:// under the hypervisor's -localImagesDirectory)"),
-    ("kernelURL", "", "Kernel for direct boot (file:// URL on the hypervisor)"),
-    ("initrdURL", "", "Initrd for direct boot (file:// URL on the hypervisor)"),
-    ("extraKernelOptions", "", "Extra kernel command line options"),
-    ("userDataFile", "", "File of user data for the metadata server"),
-    ("subnetId", "", "Subnet of the VM"),
-    ("tags", "", "Tags, as Name=value,Other=value"),
-    ("ownerUsers", "", "Comma-separated extra owners / owner filter"),
-    ("ownerGroups", "", "Comma-separated owner groups / group filter"),
-    ("hostname", "", "Hostname of the VM"),
-    ("minFreeBytes", "0", "Free space for an empty or image root volume (e.g. 2G)"),
-    ("roundupPower", "28", "Round the root volume up to a multiple of 2^N bytes"),
-    ("secondaryVolumeSizes", "", "Comma-separated sizes of secondary volumes"),
-    ("dhcpTimeout", "0s", "Time to wait for the VM's DHCP ACK (0: do not wait)"),
-    ("state", "", "list-vms/get-vm-infos: only VMs in this state"),
+    Flag(
+        "consoleType",
+        "value",
+        "none",
+        "type of graphical console",
+        goflags.one_of(*(c.value for c in model.ConsoleType)),
+    ),
+    Flag("destroyOnPowerdown", "bool", "false", "If true, destroy VM if it powers down internally"),
+    Flag("destroyProtection", "bool", "false", "If true, do not destroy running VM"),
+    Flag(
+        "dhcpTimeout",
+        "duration",
+        "1m0s",
+        "Time to wait before timing out on DHCP request from VM",
+    ),
+    Flag(
+        "disableVirtIO",
+        "bool",
+        "false",
+        "If true, disable virtio drivers, reducing I/O performance",
+    ),
+    Flag("doNotStart", "bool", "false", "If true, do not start VM when creating"),
+    Flag(
+        "enableNetboot",
+        "bool",
+        "false",
+        "If true, enable boot from network for first boot",
+    ),
+    Flag("extraKernelOptions", "string", "", "Extra options to pass to kernel"),
+    Flag(
+        "forceIfNotStopped",
+        "bool",
+        "false",
+        "If true, snapshot or restore VM even if not stopped",
+        unused=_unused(),
+    ),
+    Flag(
+        "hypervisorTagsToMatch",
+        "value",
+        "",
+        "Tags to match when getting/listing or creating/copying/moving VMs",
+        goflags.parse_match_tags,
+    ),
+    Flag(
+        "identityCertFile",
+        "string",
+        "",
+        "Filename of PEM-encoded cetificate availabe from metadata service ",
+    ),
+    Flag(
+        "identityKeyFile",
+        "string",
+        "",
+        "Filename of PEM-encoded key available from metadata service ",
+    ),
+    Flag("imageFile", "string", "", "Name of RAW image file to boot with"),
+    Flag("imageName", "string", "", "Name of image to boot with"),
+    Flag(
+        "imageTimeout",
+        "duration",
+        "1m0s",
+        "Time to wait before timing out on image fetch",
+    ),
+    Flag("imageURL", "string", "", "Name of URL of image to boot with"),
+    Flag(
+        "includeUnhealthy",
+        "bool",
+        "false",
+        "If true, list connected but unhealthy hypervisors",
+    ),
+    Flag(
+        "initialiseSecondaryVolumes",
+        "bool",
+        "false",
+        "If true, initialise secondary volumes",
+        unused=_unused("the daemon does not initialise secondary volumes"),
+    ),
+    Flag(
+        "localVmCreate",
+        "string",
+        "",
+        "Command to make local VM when exporting. The VM name is given as the argument."
+        " The VM JSON is available on stdin",
+        unused=_unused(),
+    ),
+    Flag(
+        "localVmDestroy",
+        "string",
+        "",
+        "Command to destroy local VM when exporting. The VM name is given as the argument",
+        unused=_unused(),
+    ),
+    Flag("location", "string", "", "Location to search for hypervisors"),
+    Flag("memory", "value", "1GiB", "memory", _size),
+    Flag("milliCPUs", "uint", "250", "milli CPUs"),
+    Flag(
+        "minFreeBytes",
+        "value",
+        "256MiB",
+        "minimum number of free bytes in root volume",
+        _size,
+    ),
+    Flag(
+        "overlayDirectory",
+        "string",
+        "",
+        "Directory tree of files to overlay on top of the image",
+        unused=_unused("the daemon does not apply overlays"),
+    ),
+    Flag(
+        "overlayPrefix",
+        "string",
+        "/",
+        "Prefix to add to overlay filenames",
+        unused=_unused("the daemon does not apply overlays"),
+    ),
+    Flag("ownerGroups", "value", "", "Groups who own the VM", _strings),
+    Flag("ownerUsers", "value", "", "Extra users who own the VM", _strings),
+    Flag(
+        "patchLogFilename",
+        "string",
+        "",
+        "Name file to write VM patch log to",
+        unused=_unused(),
+    ),
+    Flag(
+        "placement",
+        "value",
+        "",
+        "Placement choice when selecting Hypervisor to create/copy/move VM",
+        goflags.one_of("", "any", "emptiest", "fullest", "none", "random"),
+        unused=_unused("placement through a fleet manager is not implemented"),
+    ),
+    Flag(
+        "placementCommand",
+        "string",
+        "",
+        "Command to make placement decisions when creating/copying/moving VM",
+        unused=_unused("placement through a fleet manager is not implemented"),
+    ),
+    Flag("probePortNum", "uint", "0", "Port number on VM to probe", unused=_unused()),
+    Flag(
+        "probeTimeout",
+        "duration",
+        "5m0s",
+        "Time to wait before timing out on probing VM port",
+        unused=_unused(),
+    ),
+    Flag("requestIPs", "value", "", "Request specific IPs, if available", _strings),
+    Flag(
+        "roundupPower",
+        "uint",
+        "28",
+        "power of 2 to round up root volume size",
+    ),
+    Flag(
+        "scanFilename",
+        "string",
+        "",
+        "Name of file to write scanned VM root to",
+        unused=_unused(),
+    ),
+    Flag("secondarySubnetIDs", "value", "", "Secondary Subnet IDs", _strings),
+    Flag("secondaryVolumeSizes", "value", "", "Sizes for secondary volumes", _sizes),
+    Flag(
+        "secondaryVolumesInitParams",
+        "string",
+        "",
+        "File containing initialisation parameters for secondary volumes",
+        unused=_unused("the daemon does not initialise secondary volumes"),
+    ),
+    Flag("serialPort", "uint", "0", "Serial port number on VM", unused=_unused()),
+    Flag(
+        "skipBackup",
+        "bool",
+        "false",
+        "If true, do not make a backup when patching/replacing the VM image",
+        unused=_unused(),
+    ),
+    Flag("skipBootloader", "bool", "false", "If true, directly boot into the kernel"),
+    Flag(
+        "skipMemoryCheck",
+        "bool",
+        "false",
+        "If true, skip memory availability check before creating VM",
+    ),
+    Flag(
+        "snapshotRootOnly",
+        "bool",
+        "false",
+        "If true, snapshot only the root volume",
+        unused=_unused(),
+    ),
+    Flag("subnetId", "string", "", "Subnet ID to launch VM in"),
+    Flag(
+        "traceMetadata",
+        "bool",
+        "false",
+        "If true, trace metadata calls until interrupted",
+        unused=_unused("TraceVmMetadata is not served"),
+    ),
+    Flag(
+        "userDataFile",
+        "string",
+        "",
+        "Name file containing user-data accessible from the metadata server",
+    ),
+    Flag("vCPUs", "uint", "0", "virtual CPUs (default rounds up milliCPUs)"),
+    Flag("vmHostname", "string", "", "Hostname for VM"),
+    Flag("vmTags", "value", "", "Tags to apply to VM", goflags.parse_tags),
+    Flag("vmTagsToMatch", "value", "", "Tags to match when listing", goflags.parse_match_tags),
+    Flag("vncViewer", "string", "vncviewer", "Path to VNC viewer", unused=_unused()),
+    Flag(
+        "volumeFilename",
+        "string",
+        "",
+        "Name of file to write volume data to",
+        unused=_unused(),
+    ),
+    Flag("volumeIndex", "uint", "0", "Index of volume to get or delete", unused=_unused()),
+    Flag(
+        "volumeIndices",
+        "value",
+        "",
+        "Index of volumes",
+        goflags.parse_uint_list,
+        unused=_unused(),
+    ),
+    Flag("volumeSize", "value", "0", "New size of specified volume", _size, unused=_unused()),
+    Flag(
+        "volumeTypes",
+        "value",
+        "persistent",
+        "Types for volumes",
+        goflags.list_of(*(t.value for t in model.VolumeType)),
+    ),
+    # Ours:
+    Flag(
+        "kernelURL",
+        "string",
+        "",
+        "create-vm: kernel to boot directly (file:// URL under the hypervisor's"
+        " -localImagesDirectory)",
+        go=False,
+    ),
+    Flag(
+        "initrdURL",
+        "string",
+        "",
+        "create-vm: initrd for -kernelURL (file:// URL under -localImagesDirectory)",
+        go=False,
+    ),
+    Flag(
+        "state",
+        "string",
+        "",
+        "list-vms, get-vm-infos: only VMs in this state",
+        goflags.one_of("", *(s.value for s in model.State)),
+        go=False,
+    ),
 ]
-BOOLEANS: list[tuple[str, str]] = [
-    ("destroyProtection", "Protect the VM from DestroyVm while it runs"),
-    ("destroyOnPowerdown", "Destroy the VM when it powers itself off"),
-    ("doNotStart", "Create the VM stopped"),
-    ("disableVirtIO", "Use emulated devices instead of virtio"),
+
+
+def _ip(name: str, action: str, unavailable: str = "", go: bool = True) -> Command:
+    return Command(name, "IPaddr", 1, 1, unavailable, go, action)
+
+
+COMMANDS: list[Command] = [
+    _ip("add-vm-volumes", "adding VM volumes", NOT_SERVED),
+    _ip("become-primary-vm-owner", "becoming primary VM owner"),
+    _ip("change-vm-console-type", "changing VM console type", NOT_SERVED),
+    _ip("change-vm-cpus", "changing VM CPUs"),
+    _ip("change-vm-destroy-protection", "changing VM destroy protection"),
+    _ip("change-vm-memory", "changing VM memory"),
+    _ip("change-vm-owner-users", "changing VM owner users"),
+    _ip("change-vm-tags", "changing VM tags"),
+    _ip("change-vm-vcpus", "changing VM vCPUs"),
+    _ip("change-vm-volume-size", "changing VM volume size", NOT_SERVED),
+    _ip("connect-to-vm-console", "connecting to VM console", NOT_SERVED),
+    _ip("connect-to-vm-serial-port", "connecting to VM serial port", NOT_SERVED),
+    _ip("copy-vm", "copying VM", NOT_SERVED),
+    Command("create-vm", action="creating VM"),
+    _ip("debug-vm-image", "debugging VM image", NOT_SERVED),
+    _ip("delete-vm-volume", "deleting VM volume", NOT_SERVED),
+    _ip("destroy-vm", "destroying VM"),
+    _ip("discard-vm-old-image", "discarding VM old image", NOT_SERVED),
+    _ip("discard-vm-old-user-data", "discarding VM old user data", NOT_SERVED),
+    _ip("discard-vm-snapshot", "discarding VM snapshot", NOT_SERVED),
+    _ip("export-local-vm", "exporting local VM", NOT_SERVED),
+    _ip("export-virsh-vm", "exporting VM to virsh", LOCAL),
+    Command("get-hypervisors", unavailable=FLEET_ONLY, action="getting hypervisors"),
+    _ip("get-vm-info", "getting VM info"),
+    _ip("get-vm-user-data", "getting VM user data", NOT_SERVED),
+    _ip("get-vm-volume", "getting VM volume", NOT_SERVED),
+    Command("import-local-vm", "info-file root-volume", 2, 2, NOT_SERVED),
+    Command("import-virsh-vm", "MACaddr domain [[MAC IP]...]", 2, 1024, LOCAL),
+    Command("list-hypervisors", unavailable=FLEET_ONLY, action="listing hypervisors"),
+    Command("list-locations", "[TopLocation]", 0, 1, FLEET_ONLY, action="listing locations"),
+    Command("list-vms", action="listing VMs"),
+    _ip("migrate-vm", "migrating VM", NOT_SERVED),
+    _ip("patch-vm-image", "patching VM image", NOT_SERVED),
+    _ip("probe-vm-port", "probing VM port", NOT_SERVED),
+    _ip("reboot-vm", "rebooting VM"),
+    _ip("replace-vm-credentials", "replacing VM credentials", NOT_SERVED),
+    _ip("replace-vm-image", "replacing VM image", NOT_SERVED),
+    _ip("replace-vm-user-data", "replacing VM user data", NOT_SERVED),
+    Command("restore-vm", "source", 1, 1, NOT_SERVED),
+    _ip("restore-vm-from-snapshot", "restoring VM from snapshot", NOT_SERVED),
+    _ip("restore-vm-image", "restoring VM image", NOT_SERVED),
+    _ip("restore-vm-user-data", "restoring VM user data", NOT_SERVED),
+    _ip("reorder-vm-volumes", "reordering VM volumes", NOT_SERVED),
+    _ip("set-vm-migrating", "setting VM migrating", NOT_SERVED),
+    _ip("snapshot-vm", "snapshotting VM", NOT_SERVED),
+    Command("save-vm", "IPaddr destination", 2, 2, NOT_SERVED),
+    _ip("scan-vm-root", "scanning VM root", NOT_SERVED),
+    _ip("start-vm", "starting VM"),
+    _ip("stop-vm", "stopping VM"),
+    _ip("trace-vm-metadata", "tracing VM metadata", NOT_SERVED),
+    _ip("unset-vm-migrating", "unsetting VM migrating", NOT_SERVED),
+    # Later Go vm-control versions have these; v0.3.4 does not:
+    _ip("change-vm-hostname", "changing VM hostname", go=False),
+    _ip("change-vm-owner-groups", "changing VM owner groups", go=False),
+    _ip("get-vm-create-request", "getting VM create request", go=False),
+    Command("get-vm-infos", go=False, action="getting VM infos"),
 ]
 
-SUBCOMMANDS: list[tuple[str, str, str]] = [
-    ("become-primary-vm-owner", "IP", "Become the primary owner of a VM"),
-    ("change-vm-cpus", "IP", "Change the milliCPUs of a VM (-milliCPUs)"),
-    ("change-vm-destroy-protection", "IP", "Set destroy protection (-destroyProtection)"),
-    ("change-vm-hostname", "IP", "Change the hostname of a VM (-hostname)"),
-    ("change-vm-memory", "IP", "Change the memory of a stopped VM (-memory)"),
-    ("change-vm-owner-groups", "IP", "Replace the owner groups (-ownerGroups)"),
-    ("change-vm-owner-users", "IP", "Replace the extra owners (-ownerUsers)"),
-    ("change-vm-tags", "IP", "Replace the tags of a VM (-tags)"),
-    ("change-vm-vcpus", "IP", "Change the number of vCPUs (-vcpus)"),
-    ("create-vm", "", "Create a VM; prints its IP"),
-    ("destroy-vm", "IP", "Destroy a VM and its volumes"),
-    ("get-vm-create-request", "IP", "Show the request a VM was created with"),
-    ("get-vm-info", "IP", "Show a VM"),
-    ("get-vm-infos", "", "Show all VMs (filters: -ownerUsers, -ownerGroups, -state)"),
-    ("list-vms", "", "List VM IPs (filters: -ownerUsers, -ownerGroups, -state)"),
-    ("reboot-vm", "IP", "Reboot a VM"),
-    ("start-vm", "IP", "Start a stopped VM"),
-    ("stop-vm", "IP", "Stop a VM (ACPI power-down, forced after 15 s)"),
-]
+
+def _mib(size: int) -> int:
+    return size >> 20
 
 
-def usage() -> str:
-    """
-    The help text: flags with defaults, then subcommands.
-    """
-    lines = ["Usage: vm-control [flags...] subcommand [args...]", "", "Flags:"]
-    for name, default, help_ in PARAMETERS:
-        lines.append(f"  -{name} value\n        {help_} (default {default!r})")
-    for name, help_ in BOOLEANS:
-        lines.append(f"  -{name}\n        {help_}")
-    lines += ["", "Subcommands:"]
-    for name, args, help_ in SUBCOMMANDS:
-        lines.append(f"  {(name + ' ' + args).strip():<36} {help_}")
-    return "\n".join(lines)
-
-
-def parse(argv: Sequence[str]) -> tuple[dict[str, Any], str, list[str]]:
-    """
-    Parse flags, subcommand and its arguments.
-
-    @raise ValueError: a usage error, with a sentence naming the flag.
-    """
-    values, rest = parse_flags(
-        list(argv), {n: d for n, d, _ in PARAMETERS}, [b[0] for b in BOOLEANS], usage
+def _filter(v: dict[str, Any]) -> model.VmFilter:
+    mask = 0
+    if v["state"]:
+        keep = model.State.from_text(v["state"])
+        mask = sum(1 << s.number for s in model.State if s != keep)
+    return model.VmFilter(
+        IgnoreStateMask=mask,
+        OwnerGroups=v["ownerGroups"],
+        OwnerUsers=v["ownerUsers"],
+        VmTagsToMatch=v["vmTagsToMatch"],
     )
-    command, args = rest[0], rest[1:]
-    known = {name: a for name, a, _ in SUBCOMMANDS}
-    if command not in known:
-        raise ValueError(f"unknown subcommand {command!r}")
-    wanted = 1 if known[command] else 0
-    if len(args) != wanted:
-        raise ValueError(f"{command} takes {known[command] or 'no arguments'}")
+
+
+def _read_pem(path: str, flag: str) -> bytes:
+    if not path:
+        return b""
     try:
-        values["memory"] = flags.parse_size(values["memory"]) // (1024 * 1024)
-        values["minFreeBytes"] = flags.parse_size(values["minFreeBytes"])
-        values["milliCPUs"] = int(values["milliCPUs"])
-        values["vcpus"] = int(values["vcpus"])
-        values["roundupPower"] = int(values["roundupPower"])
-        values["hypervisorPortNum"] = int(values["hypervisorPortNum"])
-        values["dhcpTimeout"] = flags.parse_duration(values["dhcpTimeout"])
-        values["secondaryVolumeSizes"] = [
-            flags.parse_size(s) for s in values["secondaryVolumeSizes"].split(",") if s
-        ]
-    except ValueError as e:
-        raise ValueError(f"bad flag value: {e}") from None
-    values["tags"] = parse_tags(values["tags"])
-    for name in ("ownerUsers", "ownerGroups"):
-        values[name] = [v for v in values[name].split(",") if v]
-    return values, command, args
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ClientError(f"cannot read -{flag} {path}: {e.strerror}") from None
 
 
-def parse_tags(text: str) -> dict[str, str]:
+def create_request(v: dict[str, Any]) -> model.CreateVmRequest:
     """
-    C{Name=web,env=prod} -> dict.
+    The CreateVmRequest Go's vm-control sends for these flags (sizes of uploads not set).
     """
-    tags = {}
-    for item in (t for t in text.split(",") if t):
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"tag {item!r} is not key=value")
-        tags[key] = value
-    return tags
+    addresses = [model.Address(IpAddress=ip) for ip in v["requestIPs"]]
+    types = v["volumeTypes"] or ["persistent"]
+    secondary = [
+        model.Volume(
+            Size=size,
+            Type=model.VolumeType(types[i + 1] if i + 1 < len(types) else types[-1]),
+        )
+        for i, size in enumerate(v["secondaryVolumeSizes"])
+    ]
+    info = model.VmInfo(
+        Address=addresses[0] if addresses else model.Address(),
+        ConsoleType=model.ConsoleType(v["consoleType"]),
+        DestroyOnPowerdown=v["destroyOnPowerdown"],
+        DestroyProtection=v["destroyProtection"],
+        DisableVirtIO=v["disableVirtIO"],
+        ExtraKernelOptions=v["extraKernelOptions"],
+        Hostname=v["vmHostname"],
+        ImageName=v["imageName"],
+        ImageURL=v["imageURL"],
+        MemoryInMiB=_mib(v["memory"]),
+        MilliCPUs=v["milliCPUs"],
+        OwnerGroups=v["ownerGroups"],
+        OwnerUsers=v["ownerUsers"],
+        SecondaryAddresses=addresses[1:],
+        SecondarySubnetIDs=v["secondarySubnetIDs"],
+        SubnetId=v["subnetId"],
+        Tags=v["vmTags"],
+        VirtualCPUs=v["vCPUs"],
+    )
+    return model.CreateVmRequest(
+        DhcpTimeout=model.Duration(v["dhcpTimeout"]),
+        DoNotStart=v["doNotStart"],
+        EnableNetboot=v["enableNetboot"],
+        IdentityCertificate=_read_pem(v["identityCertFile"], "identityCertFile"),
+        IdentityKey=_read_pem(v["identityKeyFile"], "identityKeyFile"),
+        ImageTimeout=model.Duration(v["imageTimeout"]),
+        MinimumFreeBytes=v["minFreeBytes"],
+        RoundupPower=v["roundupPower"],
+        SecondaryVolumes=secondary,
+        SkipBootloader=v["skipBootloader"],
+        SkipMemoryCheck=v["skipMemoryCheck"],
+        VmInfo=info,
+        KernelURL=v["kernelURL"],
+        InitrdURL=v["initrdURL"],
+    )
 
 
-def _filter(values: dict[str, Any]) -> dict[str, Any]:
-    from hypervisor.model import State
-
-    request: dict[str, Any] = {}
-    if values["ownerUsers"]:
-        request["OwnerUsers"] = values["ownerUsers"]
-    if values["ownerGroups"]:
-        request["OwnerGroups"] = values["ownerGroups"]
-    if values["state"]:
-        try:
-            keep = State.from_text(values["state"])
-        except ValueError as e:
-            raise ClientError(str(e)) from None
-        request["IgnoreStateMask"] = sum(1 << s.number for s in State if s != keep)
-    return request
-
-
-async def create_vm(client: RpcClient, v: dict[str, Any]) -> int:
+async def create_vm(t: Tool, args: list[str]) -> int:
     """
-    CreateVm (uploading -imageFile and -userDataFile), then AcknowledgeVm.
+    CreateVm (uploading -imageFile and -userDataFile), then AcknowledgeVm; on a DHCP
+    timeout the VM is destroyed, as Go's vm-control does.
     """
-    request: dict[str, Any] = {
-        "MemoryInMiB": v["memory"],
-        "MilliCPUs": v["milliCPUs"],
-        "VirtualCPUs": v["vcpus"],
-        "SubnetId": v["subnetId"],
-        "Tags": v["tags"],
-        "OwnerUsers": v["ownerUsers"],
-        "OwnerGroups": v["ownerGroups"],
-        "Hostname": v["hostname"],
-        "DestroyProtection": v["destroyProtection"],
-        "DestroyOnPowerdown": v["destroyOnPowerdown"],
-        "DoNotStart": v["doNotStart"],
-        "DisableVirtIO": v["disableVirtIO"],
-        "MinimumFreeBytes": v["minFreeBytes"],
-        "RoundupPower": v["roundupPower"],
-        "ImageURL": v["imageURL"],
-        "KernelURL": v["kernelURL"],
-        "InitrdURL": v["initrdURL"],
-        "ExtraKernelOptions": v["extraKernelOptions"],
-        "SecondaryVolumes": [{"Size": s} for s in v["secondaryVolumeSizes"]],
-        "DhcpTimeout": int(v["dhcpTimeout"] * 1e9),
-    }
-    parts: list[Any] = []
+    v = t.v
+    request = create_request(v)
+    parts: list[IO[bytes]] = []
     sizes: list[int] = []
-    for flag, field in (("imageFile", "ImageDataSize"), ("userDataFile", "UserDataSize")):
-        if v[flag]:
+    for path, flag, attr in (
+        (v["imageFile"], "imageFile", "ImageDataSize"),
+        (v["userDataFile"], "userDataFile", "UserDataSize"),
+    ):
+        if path:
             try:
-                f = open(v[flag], "rb")
+                f = open(path, "rb")
             except OSError as e:
-                return fail(f"vm-control: cannot read -{flag} {v[flag]}: {e.strerror}")
+                raise ClientError(f"cannot read -{flag} {path}: {e.strerror}") from None
             size = os.fstat(f.fileno()).st_size
-            request[field] = size
+            setattr(request, attr, size)
             parts.append(f)
             sizes.append(size)
-    tail = (parts, sizes) if parts else None
 
-    def progress(message: dict[str, Any]) -> None:
-        if message.get("ProgressMessage"):
-            print(message["ProgressMessage"], file=sys.stderr)
+    def progress(raw: bytes) -> None:
+        message = decode(model.CreateVmResponse, raw)
+        if message.ProgressMessage:
+            t.debug(0, message.ProgressMessage)
 
-    final = await client.call("CreateVm", request, tail, on_message=progress)
-    ip = final["IpAddress"]
-    await client.call("AcknowledgeVm", {"IpAddress": ip})
-    if final.get("DhcpTimedOut"):
-        print(f"VM {ip}: no DHCP ACK within {v['dhcpTimeout']:g}s: destroying it", file=sys.stderr)
-        await client.call("DestroyVm", {"IpAddress": ip})
+    hv = await t.hypervisor()
+    final = await t.call(
+        hv,
+        "Hypervisor.CreateVm",
+        request,
+        model.CreateVmResponse,
+        (parts, sizes) if parts else None,
+        progress,
+    )
+    for part in parts:
+        part.close()
+    ip = final.IpAddress
+    # Go's vm-control ignores AcknowledgeVm's Error (transcript 07, step 9).
+    await t.call(hv, "Hypervisor.AcknowledgeVm", model.IpRequest(IpAddress=ip), None, check=False)
+    if final.DhcpTimedOut:
+        t.log(f"DHCP timed out for VM {ip}: destroying it")
+        await t.call(hv, "Hypervisor.DestroyVm", model.AccessRequest(IpAddress=ip), None)
         return 1
     print(ip)
     return 0
 
 
-def _show(message: dict[str, Any], key: str) -> int:
-    print(json.dumps(message[key], indent=4))
+async def _vm_info(t: Tool, hv: Any, ip: str) -> model.VmInfo:
+    reply = await t.call(
+        hv, "Hypervisor.GetVmInfo", model.IpRequest(IpAddress=ip), model.GetVmInfoResponse
+    )
+    return reply.VmInfo
+
+
+async def get_vm_info(t: Tool, args: list[str]) -> int:
+    """
+    Print the VmInfo, Go-indented.
+    """
+    show(await _vm_info(t, await t.hypervisor(args[0]), args[0]))
     return 0
 
 
-COMMANDS: dict[str, Callable[[RpcClient, dict[str, Any], list[str]], Awaitable[int]]] = {}
-
-
-def command(name: str) -> Callable[[Any], Any]:
-    """
-    Register a subcommand implementation.
-    """
-
-    def register(fn: Any) -> Any:
-        COMMANDS[name] = fn
-        return fn
-
-    return register
-
-
-def _simple(
-    name: str,
-    method: str,
-    build: Callable[[dict[str, Any], str], dict[str, Any]],
-    show: Optional[str] = None,
-) -> None:
-    async def run(client: RpcClient, v: dict[str, Any], args: list[str]) -> int:
-        reply = await client.call(method, build(v, args[0] if args else ""))
-        if show:
-            return _show(reply, show)
-        if reply.get("DhcpTimedOut"):
-            print("DHCP ACK not seen in time", file=sys.stderr)
-        return 0
-
-    COMMANDS[name] = run
-
-
-_simple(
-    "start-vm",
-    "StartVm",
-    lambda v, ip: {"IpAddress": ip, "DhcpTimeout": int(v["dhcpTimeout"] * 1e9)},
-)
-_simple("stop-vm", "StopVm", lambda v, ip: {"IpAddress": ip})
-_simple(
-    "reboot-vm",
-    "RebootVm",
-    lambda v, ip: {"IpAddress": ip, "DhcpTimeout": int(v["dhcpTimeout"] * 1e9)},
-)
-_simple("destroy-vm", "DestroyVm", lambda v, ip: {"IpAddress": ip})
-_simple("become-primary-vm-owner", "BecomePrimaryVmOwner", lambda v, ip: {"IpAddress": ip})
-_simple(
-    "change-vm-cpus", "ChangeVmSize", lambda v, ip: {"IpAddress": ip, "MilliCPUs": v["milliCPUs"]}
-)
-_simple(
-    "change-vm-vcpus", "ChangeVmSize", lambda v, ip: {"IpAddress": ip, "VirtualCPUs": v["vcpus"]}
-)
-_simple(
-    "change-vm-memory", "ChangeVmSize", lambda v, ip: {"IpAddress": ip, "MemoryInMiB": v["memory"]}
-)
-_simple("change-vm-tags", "ChangeVmTags", lambda v, ip: {"IpAddress": ip, "Tags": v["tags"]})
-_simple(
-    "change-vm-owner-users",
-    "ChangeVmOwnerUsers",
-    lambda v, ip: {"IpAddress": ip, "OwnerUsers": v["ownerUsers"]},
-)
-_simple(
-    "change-vm-owner-groups",
-    "ChangeVmOwnerGroups",
-    lambda v, ip: {"IpAddress": ip, "OwnerGroups": v["ownerGroups"]},
-)
-_simple(
-    "change-vm-destroy-protection",
-    "ChangeVmDestroyProtection",
-    lambda v, ip: {"IpAddress": ip, "DestroyProtection": v["destroyProtection"]},
-)
-_simple(
-    "change-vm-hostname",
-    "ChangeVmHostname",
-    lambda v, ip: {"IpAddress": ip, "Hostname": v["hostname"]},
-)
-_simple("get-vm-info", "GetVmInfo", lambda v, ip: {"IpAddress": ip}, show="VmInfo")
-_simple(
-    "get-vm-create-request",
-    "GetVmCreateRequest",
-    lambda v, ip: {"IpAddress": ip},
-    show="CreateRequest",
-)
-_simple("get-vm-infos", "GetVmInfos", lambda v, ip: _filter(v), show="VmInfos")
-
-
-@command("list-vms")
-async def list_vms(client: RpcClient, v: dict[str, Any], args: list[str]) -> int:
+async def list_vms(t: Tool, args: list[str]) -> int:
     """
     Print VM IPs, one per line, sorted.
     """
-    reply = await client.call("ListVMs", dict(_filter(v), Sort=True))
-    for ip in reply["IpAddresses"]:
+    hv = await t.hypervisor()
+    reply = await t.call(
+        hv,
+        "Hypervisor.ListVMs",
+        model.ListVMsRequest(Filter=_filter(t.v), Sort=True),
+        model.ListVMsResponse,
+    )
+    for ip in reply.IpAddresses:
         print(ip)
     return 0
 
 
-@command("create-vm")
-async def _create(client: RpcClient, v: dict[str, Any], args: list[str]) -> int:
-    return await create_vm(client, v)
+async def get_vm_infos(t: Tool, args: list[str]) -> int:
+    """
+    Print every VmInfo (filters as list-vms), Go-indented.
+    """
+    hv = await t.hypervisor()
+    reply = await t.call(
+        hv,
+        "Hypervisor.GetVmInfos",
+        model.GetVmInfosRequest(Filter=_filter(t.v)),
+        model.GetVmInfosResponse,
+    )
+    for info in reply.VmInfos:
+        show(info)
+    return 0
+
+
+async def get_vm_create_request(t: Tool, args: list[str]) -> int:
+    """
+    Print the request the VM was created with.
+    """
+    hv = await t.hypervisor(args[0])
+    reply = await t.call(
+        hv,
+        "Hypervisor.GetVmCreateRequest",
+        model.IpRequest(IpAddress=args[0]),
+        model.GetVmCreateRequestResponse,
+    )
+    show(reply.CreateRequest)
+    return 0
+
+
+async def _dhcp_call(t: Tool, method: str, request: Any) -> int:
+    hv = await t.hypervisor(request.IpAddress)
+    reply = await t.call(hv, method, request, model.DhcpResponse)
+    if reply.DhcpTimedOut:
+        t.log(f"DHCP ACK timed out for VM {request.IpAddress}")
+        return 1
+    return 0
+
+
+async def start_vm(t: Tool, args: list[str]) -> int:
+    """
+    StartVm, waiting -dhcpTimeout for the VM's DHCP request.
+    """
+    return await _dhcp_call(
+        t,
+        "Hypervisor.StartVm",
+        model.StartVmRequest(IpAddress=args[0], DhcpTimeout=model.Duration(t.v["dhcpTimeout"])),
+    )
+
+
+async def reboot_vm(t: Tool, args: list[str]) -> int:
+    """
+    RebootVm, waiting -dhcpTimeout for the VM's DHCP request.
+    """
+    return await _dhcp_call(
+        t,
+        "Hypervisor.RebootVm",
+        model.RebootVmRequest(IpAddress=args[0], DhcpTimeout=model.Duration(t.v["dhcpTimeout"])),
+    )
+
+
+def _after_info(method: str) -> Any:
+    """
+    Go's stop-vm and destroy-vm: GetVmInfo first (a clear error for an unknown VM),
+    then the call, on the same connection.
+    """
+
+    async def run(t: Tool, args: list[str]) -> int:
+        hv = await t.hypervisor(args[0])
+        await _vm_info(t, hv, args[0])
+        await t.call(hv, method, model.AccessRequest(IpAddress=args[0]), model.ErrorResponse)
+        return 0
+
+    return run
+
+
+async def change_vm_tags(t: Tool, args: list[str]) -> int:
+    """
+    Go's change-vm-tags: the VM's tags with -vmTags merged in.
+    """
+    hv = await t.hypervisor(args[0])
+    info = await _vm_info(t, hv, args[0])
+    tags = dict(info.Tags)
+    tags.update(t.v["vmTags"])
+    await t.call(
+        hv,
+        "Hypervisor.ChangeVmTags",
+        model.ChangeVmTagsRequest(IpAddress=args[0], Tags=tags),
+        model.ErrorResponse,
+    )
+    return 0
+
+
+def _simple(method: str, build: Any) -> Any:
+    async def run(t: Tool, args: list[str]) -> int:
+        hv = await t.hypervisor(args[0])
+        await t.call(hv, method, build(t.v, args[0]), model.ErrorResponse)
+        return 0
+
+    return run
+
+
+RUNNERS: dict[str, tool.Runner] = {
+    "create-vm": create_vm,
+    "get-vm-info": get_vm_info,
+    "get-vm-infos": get_vm_infos,
+    "get-vm-create-request": get_vm_create_request,
+    "list-vms": list_vms,
+    "start-vm": start_vm,
+    "reboot-vm": reboot_vm,
+    "stop-vm": _after_info("Hypervisor.StopVm"),
+    "destroy-vm": _after_info("Hypervisor.DestroyVm"),
+    "change-vm-tags": change_vm_tags,
+    "become-primary-vm-owner": _simple(
+        "Hypervisor.BecomePrimaryVmOwner", lambda v, ip: model.IpRequest(IpAddress=ip)
+    ),
+    "change-vm-cpus": _simple(
+        "Hypervisor.ChangeVmSize",
+        lambda v, ip: model.ChangeVmSizeRequest(IpAddress=ip, MilliCPUs=v["milliCPUs"]),
+    ),
+    "change-vm-vcpus": _simple(
+        "Hypervisor.ChangeVmSize",
+        lambda v, ip: model.ChangeVmSizeRequest(IpAddress=ip, VirtualCPUs=v["vCPUs"]),
+    ),
+    "change-vm-memory": _simple(
+        "Hypervisor.ChangeVmSize",
+        lambda v, ip: model.ChangeVmSizeRequest(IpAddress=ip, MemoryInMiB=_mib(v["memory"])),
+    ),
+    "change-vm-destroy-protection": _simple(
+        "Hypervisor.ChangeVmDestroyProtection",
+        lambda v, ip: model.ChangeVmDestroyProtectionRequest(
+            IpAddress=ip, DestroyProtection=v["destroyProtection"]
+        ),
+    ),
+    "change-vm-owner-users": _simple(
+        "Hypervisor.ChangeVmOwnerUsers",
+        lambda v, ip: model.ChangeVmOwnerUsersRequest(IpAddress=ip, OwnerUsers=v["ownerUsers"]),
+    ),
+    "change-vm-owner-groups": _simple(
+        "Hypervisor.ChangeVmOwnerGroups",
+        lambda v, ip: model.ChangeVmOwnerGroupsRequest(IpAddress=ip, OwnerGroups=v["ownerGroups"]),
+    ),
+    "change-vm-hostname": _simple(
+        "Hypervisor.ChangeVmHostname",
+        lambda v, ip: model.ChangeVmHostnameRequest(IpAddress=ip, Hostname=v["vmHostname"]),
+    ),
+}
+
+# Each runnable command's hypervisor method (checked against the daemon's table).
+METHODS: dict[str, str] = {
+    "create-vm": "CreateVm",
+    "get-vm-info": "GetVmInfo",
+    "get-vm-infos": "GetVmInfos",
+    "get-vm-create-request": "GetVmCreateRequest",
+    "list-vms": "ListVMs",
+    "start-vm": "StartVm",
+    "reboot-vm": "RebootVm",
+    "stop-vm": "StopVm",
+    "destroy-vm": "DestroyVm",
+    "change-vm-tags": "ChangeVmTags",
+    "become-primary-vm-owner": "BecomePrimaryVmOwner",
+    "change-vm-cpus": "ChangeVmSize",
+    "change-vm-vcpus": "ChangeVmSize",
+    "change-vm-memory": "ChangeVmSize",
+    "change-vm-destroy-protection": "ChangeVmDestroyProtection",
+    "change-vm-owner-users": "ChangeVmOwnerUsers",
+    "change-vm-owner-groups": "ChangeVmOwnerGroups",
+    "change-vm-hostname": "ChangeVmHostname",
+}
+
+NOTES = (
+    "Progress messages are logged at -logDebugLevel 0 or above. Not available commands"
+    " exit 2 without contacting anything."
+)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     Entry point of the C{vm-control} console script.
     """
-    args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        values, name, rest = parse(args)
-    except ValueError as e:
-        print(
-            f"vm-control: {e}\nRun 'vm-control -h' for the flags and subcommands.", file=sys.stderr
-        )
-        return 2
-    except SystemExit as e:
-        return int(e.code or 0)
-    return run_client(
-        "vm-control", name, values, lambda client: COMMANDS[name](client, values, rest)
-    )
+    return tool.main("vm-control", argv, FLAGS, COMMANDS, RUNNERS, NOTES)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,206 @@
+# -*- test-case-name: tests.test_vm_control -*-
+"""
+How C{vm-control} and C{hyper-control} reach a hypervisor: a small L{Transport}
+interface and its implementations, chosen with C{-transport}.
+
+A transport calls C{Hypervisor.<Method>} with the request's JSON bytes (Go-exact, from
+L{hypervisor.codec}) and optional raw bytes following it (uploads), and returns the
+JSON bytes of the final reply; for streams, every message before the last goes to
+C{on_message}. It raises L{ClientError} when the call could not be made or was
+refused (unreachable, TLS, access denied, an error line); a reply carrying an
+C{Error} field is returned, and the caller decides (as Go's tools do per command).
+
+ - L{HttpsTransport}: C{POST /rpc/Hypervisor.<Method>} over HTTPS with a client
+   certificate (NDJSON replies): this project's own HTTP API.
+ - C{srpc}: SmallStack's SRPC (C{CONNECT /_SRPC_/TLS/JSON}) through
+   L{hypervisor.srpc.client}: what the Go hypervisor and fleet-manager speak.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import IO, Any, Callable, Optional, Protocol
+
+from hypervisor.cli.client import (
+    CertPair,
+    ClientError,
+    ClientTLSPolicy,
+    ConcatFile,
+    _describe,
+    find_certificates,
+)
+
+Tail = tuple[list[IO[bytes]], list[int]]
+OnMessage = Callable[[bytes], None]
+
+TRANSPORTS = ("srpc", "https")
+
+
+class Transport(Protocol):
+    """
+    Calls to one hypervisor (or fleet manager).
+    """
+
+    description: str
+
+    async def call(
+        self,
+        method: str,
+        request: bytes,
+        tail: Optional[Tail] = None,
+        on_message: Optional[OnMessage] = None,
+    ) -> bytes:
+        """
+        Call C{method} (C{"Hypervisor.ListVMs"}); return the final reply's JSON.
+        """
+
+    def close(self) -> None:
+        """
+        Drop any connection kept open.
+        """
+
+
+def best_certificate(cert_directory: str) -> Optional[CertPair]:
+    """
+    The certificate the tools present: the widest grants, then the latest expiry.
+    """
+    pairs = find_certificates(cert_directory)
+    return pairs[0] if pairs else None
+
+
+def error_of(reply: bytes) -> str:
+    """
+    The C{Error} field of a JSON reply ("" if none or not an object).
+    """
+    try:
+        value = json.loads(reply)
+    except ValueError:
+        return ""
+    if isinstance(value, dict):
+        error = value.get("Error")
+        return error if isinstance(error, str) else ""
+    return ""
+
+
+class HttpsTransport:
+    """
+    This project's HTTPS JSON API: C{POST https://host:port/rpc/<Method>}.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        host: str,
+        port: int,
+        pair: Optional[CertPair],
+        ca_file: str,
+    ) -> None:
+        import treq
+        from twisted.web.client import Agent, HTTPConnectionPool
+
+        self.host = host
+        self.port = port
+        self.description = f"https://{self._netloc()}"
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        agent = Agent(reactor, contextFactory=ClientTLSPolicy(pair, ca_file), pool=pool)
+        self.http = treq.client.HTTPClient(agent)
+
+    def _netloc(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def url(self, method: str) -> str:
+        """
+        The URL of a method (C{Hypervisor.ListVMs}).
+        """
+        return f"https://{self._netloc()}/rpc/{method}"
+
+    async def call(
+        self,
+        method: str,
+        request: bytes,
+        tail: Optional[Tail] = None,
+        on_message: Optional[OnMessage] = None,
+    ) -> bytes:
+        from twisted.web.client import FileBodyProducer
+        from twisted.web.http_headers import Headers
+
+        line = request + b"\n"
+        body: Any
+        if tail is None:
+            body = io.BytesIO(line)
+        else:
+            parts, sizes = tail
+            body = ConcatFile([io.BytesIO(line)] + parts, [len(line)] + sizes)
+        try:
+            response = await self.http.post(
+                self.url(method),
+                data=FileBodyProducer(body),
+                headers=Headers({b"Content-Type": [b"application/json"]}),
+                unbuffered=True,
+            )
+        except Exception as e:  # noqa: BLE001 - shown to the user
+            raise ClientError(
+                f"cannot reach the hypervisor at {self._netloc()}: {_describe(e)}"
+            ) from None
+        messages: list[bytes] = []
+        buffer = [b""]
+
+        def collect(data: bytes) -> None:
+            buffer[0] += data
+            while b"\n" in buffer[0]:
+                raw, buffer[0] = buffer[0].split(b"\n", 1)
+                if raw.strip():
+                    if messages and on_message is not None:
+                        on_message(messages[-1])
+                    messages.append(raw)
+
+        await response.collect(collect)
+        if buffer[0].strip():
+            messages.append(buffer[0])
+        if not messages:
+            raise ClientError(f"empty answer from the hypervisor (HTTP {response.code})")
+        last = messages[-1]
+        if response.code != 200:
+            raise ClientError(error_of(last) or f"HTTP {response.code}")
+        return last
+
+    def close(self) -> None:
+        """
+        Nothing is kept open (connections are not persistent).
+        """
+
+
+def srpc_available() -> bool:
+    """
+    Whether the SRPC client library is present.
+    """
+    try:
+        import hypervisor.srpc.client  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_transport(
+    name: str,
+    reactor: Any,
+    host: str,
+    port: int,
+    pair: Optional[CertPair],
+    ca_file: str,
+    do_not_use_method_powers: bool = False,
+) -> Transport:
+    """
+    The transport called C{name} (C{srpc} or C{https}) to C{host:port}.
+
+    @raise ClientError: an unknown name, or SRPC without its client library.
+    """
+    if name == "https":
+        return HttpsTransport(reactor, host, port, pair, ca_file)
+    if name == "srpc":
+        from hypervisor.cli.srpc_transport import SrpcTransport
+
+        return SrpcTransport(reactor, host, port, pair, do_not_use_method_powers, ca_file)
+    raise ClientError(f"unknown transport {name!r} (use one of {', '.join(TRANSPORTS)})")
