@@ -406,7 +406,9 @@ class CreateVmRequest:
     """
     CreateVm: the VM's settings (embedded VmInfo) and where its volumes come from.
     Fields as Go v0.3.4 sends them (none omitted; C{StorageIndices} is later Go's);
-    C{KernelURL}, C{InitrdURL} are I{ours} (direct kernel boot from local files).
+    C{KernelURL}, C{InitrdURL} are I{ours} (direct kernel boot from local files), and
+    C{StandaloneRootVolume} (a root copied from the image cache rather than a qcow2
+    overlay on it).
     The daemon does not act on C{OverlayDirectories}, C{OverlayFiles},
     C{SecondaryVolumesData} and C{SecondaryVolumesInit}; they are kept, so that the
     stored request is what the client sent.
@@ -440,6 +442,7 @@ class CreateVmRequest:
     # Ours:
     KernelURL: str = field(omitempty=True, default="")
     InitrdURL: str = field(omitempty=True, default="")
+    StandaloneRootVolume: bool = field(omitempty=True, default=False)
 
 
 @dataclass

@@ -36,8 +36,6 @@ NOT_USED_YET: frozenset[str] = frozenset(
         "imageServerHostname",
         "imageServerPortNum",
         "tftpbootImageStream",
-        "objectCacheDirectory",
-        "objectCacheSize",
         "username",
         "lockCheckInterval",
         "lockLogTimeout",
@@ -119,7 +117,14 @@ PARAMETERS: list[tuple[str, str, Callable[[str], Any], str]] = [
         _absolute,
         "Directory from which file:// image URLs may be read",
     ),
-    ("objectCacheDirectory", "", _absolute, "Directory for the object cache"),
+    (
+        "objectCacheDirectory",
+        "",
+        _absolute,
+        "Directory for the object cache (default: objectcache beside the first volume "
+        "directory): images fetched for ImageURL, kept by content digest; root volumes "
+        "are qcow2 overlays on them",
+    ),
     ("objectCacheSize", "10G", flags.parse_size, "Maximum size of the object cache"),
     ("username", "nobody", str, "Username to run the virtualiser as"),
     (
@@ -184,6 +189,26 @@ PARAMETERS: list[tuple[str, str, Callable[[str], Any], str]] = [
         flags.parse_duration,
         f"{SECTION_OURS} on a stop after stop-vms-on-next-stop: how long VMs get to "
         "power down (ACPI) before they are forced off",
+    ),
+    (
+        "imageTimeout",
+        "10m",
+        flags.parse_duration,
+        f"{SECTION_OURS} longest time an http(s) ImageURL download may take (a request's "
+        "ImageTimeout may only shorten it)",
+    ),
+    (
+        "imageMaxSize",
+        "64G",
+        flags.parse_size,
+        f"{SECTION_OURS} largest image an http(s) ImageURL may download",
+    ),
+    (
+        "imageCAfile",
+        "",
+        str,
+        f"{SECTION_OURS} PEM file of the CAs trusted for https:// ImageURLs (default: the "
+        "system's CAs)",
     ),
 ]
 
@@ -330,9 +355,14 @@ class Options(usage.Options):
         out = []
         for name, default, _, _ in PARAMETERS:
             value = self[name]
-            if name == "objectCacheSize":
+            if name in ("objectCacheSize", "imageMaxSize"):
                 value = flags.format_size(value)
-            elif name in ("lockCheckInterval", "lockLogTimeout", "vmShutdownTimeout"):
+            elif name in (
+                "lockCheckInterval",
+                "lockLogTimeout",
+                "vmShutdownTimeout",
+                "imageTimeout",
+            ):
                 value = flags.format_duration(value)
             out.append(f"-{name}={_go_format(value)}")
         out.extend(f"-{name}={'true' if self[name] else 'false'}" for name in BOOLEAN_NAMES)

@@ -101,6 +101,19 @@ class UploadStream:
                 UploadAborted(f"the upload ended after {self.received} of {self.length} bytes")
             )
 
+    def end(self) -> None:
+        """
+        The transport has no more bytes and the length was not known in advance (an
+        HTTP body without C{Content-Length}): what arrived is the whole.
+        """
+        if self._error is not None or self._discarded:
+            return
+        self.length = self.received
+        if self._reader is not None and not self._chunks:
+            d, _ = self._reader
+            self._reader = None
+            d.callback(b"")
+
     def fail(self, reason: BaseException) -> None:
         """
         The transport failed (the connection was lost): the reader gets C{reason}.

@@ -9,6 +9,7 @@ C{dhcp}, C{web}, C{control}.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 from twisted.application import internet, service
@@ -55,6 +56,31 @@ def _make_manager_service(
         images_directory=options["localImagesDirectory"],
         datasource=CloudInitDatasource(options["cloudInitDatasource"]),
         acks=acks,
+        **_image_options(options),
+    )
+
+
+def _image_options(options: Options) -> dict[str, Any]:
+    """
+    The manager's image cache and download settings from the flags.
+    """
+    from hypervisor.manager.manager import detect_volume_directories
+
+    directory = options["objectCacheDirectory"]
+    if not directory:
+        first = (options["volumeDirectories"] or detect_volume_directories())[0]
+        directory = os.path.join(os.path.dirname(first.rstrip("/")), "objectcache")
+    policy = None
+    if options["imageCAfile"]:
+        from hypervisor.manager.fetch import tls_policy_from_ca_file
+
+        policy = tls_policy_from_ca_file(options["imageCAfile"])
+    return dict(
+        image_cache_directory=directory,
+        image_cache_size=options["objectCacheSize"],
+        image_timeout=options["imageTimeout"],
+        image_max_size=options["imageMaxSize"],
+        image_tls_policy=policy,
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
+import subprocess
 import tempfile
 from typing import Any
 
@@ -68,7 +68,7 @@ class Daemon:
     directory and an images directory, as one daemon would have.
     """
 
-    def __init__(self, testcase: TestCase, root: str, host: FakeHost) -> None:
+    def __init__(self, testcase: TestCase, root: str, host: FakeHost, **extra: Any) -> None:
         self.root = root
         self.host = host
         self.libvirt = LibvirtService(TEST_URI, reactor)
@@ -83,6 +83,7 @@ class Daemon:
             bridges=lambda: {"br@net": 0, "br@other": 0},
             stop_timeout=2,
             acknowledge_timeout=15,
+            **extra,
         )
         self.api = HypervisorApi(self.manager)
         self.running = False
@@ -245,8 +246,9 @@ class CreateTests(ManagerTestCase):
         """
         await self.prepare()
         raw = self.image("disk.raw", b"\x01" * 3000)
-        qcow2 = self.image(
-            "disk.qcow2", b"QFI\xfb" + b"\0" * 20 + struct.pack(">Q", 10 * MiB) + b"\0" * 100
+        qcow2 = "file://" + os.path.join(self.root, "images", "disk.qcow2")
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", qcow2[7:], str(10 * MiB)], check=True
         )
         kernel = self.image("vmlinux", b"kernel")
         initrd = self.image("initrd", b"initrd")
@@ -285,7 +287,8 @@ class CreateTests(ManagerTestCase):
             (dict(MemoryInMiB=0), errors.InvalidRequest, "MemoryInMiB"),
             (dict(MinimumFreeBytes=0), errors.InvalidRequest, "ImageURL"),
             (dict(SubnetId="nope"), errors.NotFound, "known subnets: net"),
-            (dict(ImageURL="http://x/y"), errors.InvalidRequest, "file://"),
+            (dict(ImageURL="http://x/y"), errors.InvalidRequest, "-objectCacheDirectory"),
+            (dict(ImageURL="ftp://x/y"), errors.InvalidRequest, "only file://, http://"),
             (dict(ImageURL="file://" + outside), errors.InvalidRequest, "outside"),
             (
                 dict(ImageURL="file://" + self.root + "/images/link"),

@@ -77,6 +77,9 @@ class ManagerContext:
     owner_groups: frozenset[str] = field(default_factory=frozenset)
     disabled: bool = False
     pool_lock: DeferredLock = field(default_factory=DeferredLock)
+    # The local image cache (hypervisor.manager.imagecache.ImageCache), or None
+    # when -objectCacheDirectory is off: then only file:// images, copied.
+    image_cache: Optional[Any] = None
 
     def now(self) -> datetime.datetime:
         """

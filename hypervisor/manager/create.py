@@ -26,6 +26,7 @@ import dataclasses
 import datetime
 import json
 import os
+import urllib.parse
 from typing import Any, Callable, Optional
 
 from cryptography import x509
@@ -66,7 +67,7 @@ from hypervisor.virt.connection import NotConnected
 MiB = 1024 * 1024
 MAX_USER_DATA = 64 * MiB
 PROGRESS_INTERVAL = 0.5
-HEADER = 32
+HEADER = images.PROBE_BYTES
 
 
 @inlineCallbacks
@@ -117,6 +118,14 @@ def validate(request: CreateVmRequest, has_upload: bool) -> None:
     if (request.ImageDataSize or request.UserDataSize) and not has_upload:
         raise InvalidRequest(
             "ImageDataSize/UserDataSize announce data that did not come " "with the request"
+        )
+    if info.ImageURL and urllib.parse.urlparse(info.ImageURL).scheme not in (
+        "file",
+        "http",
+        "https",
+    ):
+        raise InvalidRequest(
+            f"ImageURL {info.ImageURL!r}: only file://, http:// and https:// URLs are supported"
         )
     if request.ImageDataSize and info.ImageURL:
         raise InvalidRequest("give ImageURL or image data (ImageDataSize), not both")
@@ -206,12 +215,17 @@ class Creator:
         Create a VM; fires with the final L{CreateVmResponse}. Anything that fails
         leaves nothing behind (and discards the rest of the upload).
         """
+        pins: list[Any] = []
         try:
-            response = yield self._create(identity, request, progress, upload)
+            response = yield self._create(identity, request, progress, upload, pins)
         except BaseException:
             if upload is not None:
                 upload.discard()
             raise
+        finally:
+            cache = self.ctx.image_cache
+            for image in pins:
+                cache.unpin(image)  # type: ignore[union-attr]
         return response
 
     @inlineCallbacks
@@ -221,6 +235,7 @@ class Creator:
         request: CreateVmRequest,
         progress: Callable[[str], None],
         upload: Optional[UploadStream],
+        pins: list[Any],
     ) -> Any:
         ctx = self.ctx
         ctx.require_enabled()
@@ -248,7 +263,38 @@ class Creator:
         image_path = ""
         header = b""
         virtual_size = 0
-        if info.ImageURL:
+        cached = None
+        scheme = urllib.parse.urlparse(info.ImageURL).scheme if info.ImageURL else ""
+        if scheme in ("http", "https") and ctx.image_cache is None:
+            raise InvalidRequest(
+                f"ImageURL {info.ImageURL!r}: http(s) images need the image cache "
+                "(-objectCacheDirectory)"
+            )
+        if info.ImageURL and ctx.image_cache is not None:
+            progress("getting image")
+            cached = yield ctx.image_cache.get(
+                info.ImageURL,
+                ctx.settings.images_directory,
+                float(request.ImageTimeout),
+                progress,
+            )
+            pins.append(cached)
+            image_format = cached.format
+            if image_format == VolumeFormat.RAW:
+                virtual_size = images.round_up(
+                    cached.virtual_size + request.MinimumFreeBytes, request.RoundupPower
+                )
+            else:
+                virtual_size = cached.virtual_size
+            if request.StandaloneRootVolume:
+                root_size = virtual_size if image_format == VolumeFormat.RAW else cached.size
+                if image_format == VolumeFormat.RAW:
+                    virtual_size = 0
+            else:
+                # A qcow2 overlay on the cached image: its size is what is reserved.
+                image_format = VolumeFormat.QCOW2
+                root_size = virtual_size
+        elif info.ImageURL:
             image_path, image_format, root_size, virtual_size = yield ctx.runner.run(
                 images.inspect_local_image,
                 info.ImageURL,
@@ -259,7 +305,9 @@ class Creator:
         elif request.ImageDataSize:
             assert upload is not None
             header = yield upload.read_exactly(min(HEADER, request.ImageDataSize))
-            image_format, virtual_size = images.header_format(header, request.ImageDataSize)
+            image_format, virtual_size = images.header_format(
+                header, request.ImageDataSize, "the uploaded image"
+            )
             if image_format == VolumeFormat.RAW:
                 root_size = images.round_up(
                     request.ImageDataSize + request.MinimumFreeBytes, request.RoundupPower
@@ -314,7 +362,7 @@ class Creator:
         yield vm.lock.acquire()
         try:
             yield self._build(
-                vm, request, image_path, header, kernel_path, initrd_path, progress, upload
+                vm, request, image_path, header, kernel_path, initrd_path, progress, upload, cached
             )
             ctx.stats.release(volume_directory, needed, used=True)
             reserved = False
@@ -409,6 +457,7 @@ class Creator:
         initrd_path: str,
         progress: Callable[[str], None],
         upload: Optional[UploadStream],
+        cached: Optional[Any] = None,
     ) -> Any:
         """
         Write the VM's files: C{pending.json} (creating) before anything else, then
@@ -462,7 +511,22 @@ class Creator:
             def report_from_thread(done: int, total: int) -> None:
                 ctx.runner.from_thread(report, done, total)
 
-            if image_path:
+            if cached is not None and request.StandaloneRootVolume:
+                progress("copying image")
+                how = yield ctx.runner.run(
+                    images.clone_or_copy, cached.path, root, report_from_thread
+                )
+                self.log.debug("root of {ip}: {how} of {d}", ip=vm.ip, how=how, d=cached.digest)
+            elif cached is not None:
+                progress("creating copy-on-write root volume")
+                root_volume.Size = yield ctx.runner.run(
+                    images.make_overlay, cached.path, cached.format, root, root_volume.VirtualSize
+                )
+                vm.changed()
+                yield writer.write(
+                    os.path.join(vm.directory, INFO_FILE), codec.encode(vm.local, indent=4)
+                )
+            elif image_path:
                 progress(f"copying image {os.path.basename(image_path)}")
                 yield ctx.runner.run(images.copy_file, image_path, root, report_from_thread)
             elif request.ImageDataSize:
@@ -476,6 +540,8 @@ class Creator:
                     report,
                     prefix=header,
                 )
+                if root_volume.Format == VolumeFormat.QCOW2:
+                    yield ctx.runner.run(images.qemu_img_info, root, VolumeFormat.QCOW2)
             else:
                 progress(f"creating empty root volume of {root_volume.Size // MiB} MiB")
             if root_volume.Format == VolumeFormat.RAW:

@@ -7,9 +7,11 @@ runs them on a thread, never on the reactor.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
+import subprocess
 import urllib.parse
 from typing import Callable, Optional
 
@@ -49,10 +51,7 @@ def image_format(path: str) -> tuple[VolumeFormat, int]:
     """
     The format of an image file and its virtual size (qcow2) or size (raw).
     """
-    with open(path, "rb") as f:
-        header = f.read(32)
-        size = os.fstat(f.fileno()).st_size
-    return header_format(header, size)
+    return probe_file(path)
 
 
 def round_up(size: int, power: int) -> int:
@@ -178,11 +177,171 @@ def make_directories(*paths: str) -> None:
         os.makedirs(path, mode=0o755, exist_ok=False)
 
 
-def header_format(header: bytes, size: int) -> tuple[VolumeFormat, int]:
+# Leading bytes of files that are not disk images (or are images in formats we do
+# not take): refused rather than booted as a raw disk.
+NOT_IMAGES: list[tuple[int, bytes, str]] = [
+    (0, b"\x1f\x8b", "gzip-compressed data"),
+    (0, b"\xfd7zXZ\x00", "xz-compressed data"),
+    (0, b"BZh", "bzip2-compressed data"),
+    (0, b"\x28\xb5\x2f\xfd", "zstd-compressed data"),
+    (0, b"PK\x03\x04", "a zip archive"),
+    (257, b"ustar", "a tar archive"),
+    (0, b"<", "HTML or XML text"),
+    (0, b"{", "JSON text"),
+    (0, b"#!", "a script"),
+    (0, b"KDMV", "a VMDK image (convert it to raw or qcow2)"),
+    (0, b"vhdxfile", "a VHDX image (convert it to raw or qcow2)"),
+    (0, b"conectix", "a VHD image (convert it to raw or qcow2)"),
+    (0, b"QED\x00", "a QED image (convert it to raw or qcow2)"),
+    (64, b"\x7f\x10\xda\xbe", "a VDI image (convert it to raw or qcow2)"),
+]
+PROBE_BYTES = 512
+QCOW2_EXTERNAL_DATA = 1 << 2
+
+
+def header_format(header: bytes, size: int, what: str = "image") -> tuple[VolumeFormat, int]:
     """
-    The format of an image from its first 32 bytes, and its virtual size.
+    The format of an image from its first bytes (up to L{PROBE_BYTES}; never from
+    its name), and its virtual size (qcow2) or size (raw).
+
+    @raise InvalidRequest: a qcow2 image with a backing file or an external data
+        file (it would make the VM read a file the caller names), a qcow2 header
+        of an unknown version, or bytes that are known not to be a disk image.
     """
-    if header[:4] == QCOW2_MAGIC and len(header) >= 32:
+    if header[:4] == QCOW2_MAGIC:
+        if len(header) < 32:
+            raise InvalidRequest(f"{what}: truncated qcow2 header")
+        version, backing_offset, backing_size = struct.unpack(">IQI", header[4:20])
+        if version not in (2, 3):
+            raise InvalidRequest(f"{what}: qcow2 version {version} is not supported")
+        if backing_offset or backing_size:
+            raise InvalidRequest(f"{what}: a qcow2 image with a backing file is refused")
+        if version == 3 and len(header) >= 80:
+            (incompatible,) = struct.unpack(">Q", header[72:80])
+            if incompatible & QCOW2_EXTERNAL_DATA:
+                raise InvalidRequest(f"{what}: a qcow2 image with an external data file is refused")
         (virtual_size,) = struct.unpack(">Q", header[24:32])
         return VolumeFormat.QCOW2, virtual_size
+    for offset, magic, name in NOT_IMAGES:
+        if header[offset : offset + len(magic)] == magic:
+            raise InvalidRequest(f"{what} is not a raw or qcow2 disk image: it is {name}")
+    if size == 0:
+        raise InvalidRequest(f"{what} is empty")
     return VolumeFormat.RAW, size
+
+
+def qemu_img_info(path: str, fmt: VolumeFormat) -> dict:
+    """
+    C{qemu-img info} of an image in a format we name (never probed by qemu-img).
+
+    @raise InvalidRequest: qemu-img cannot read it as that format, or it names a
+        backing or data file.
+    """
+    result = subprocess.run(
+        ["qemu-img", "info", "-f", fmt.value, "--output=json", path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if result.returncode != 0:
+        message = result.stderr.strip().splitlines()[-1:] or ["unreadable"]
+        raise InvalidRequest(f"not a valid {fmt.value} image: {message[0]}")
+    info = json.loads(result.stdout)
+    if info.get("backing-filename") or info.get("full-backing-filename"):
+        raise InvalidRequest("a qcow2 image with a backing file is refused")
+    data = (info.get("format-specific") or {}).get("data") or {}
+    if data.get("data-file"):
+        raise InvalidRequest("a qcow2 image with an external data file is refused")
+    return info
+
+
+def probe_file(path: str, what: str = "image") -> tuple[VolumeFormat, int]:
+    """
+    Probe an image file: its format from its header, and its virtual size (qcow2,
+    checked by C{qemu-img info}) or size (raw).
+    """
+    with open(path, "rb") as f:
+        header = f.read(PROBE_BYTES)
+        size = os.fstat(f.fileno()).st_size
+    fmt, virtual = header_format(header, size, what)
+    if fmt == VolumeFormat.QCOW2:
+        try:
+            info = qemu_img_info(path, fmt)
+        except InvalidRequest as e:
+            raise InvalidRequest(f"{what}: {e}") from None
+        virtual = int(info["virtual-size"])
+    return fmt, virtual
+
+
+def make_overlay(base: str, base_format: VolumeFormat, path: str, size: int) -> int:
+    """
+    Create C{path}, a new qcow2 image of virtual size C{size} whose backing file is
+    C{base} (copy-on-write: only what the VM writes is stored in C{path}); return
+    the new file's size.
+    """
+    result = subprocess.run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            base_format.value,
+            "-b",
+            base,
+            path,
+            str(size),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if result.returncode != 0:
+        raise OSError(f"qemu-img create {path}: {result.stderr.strip()}")
+    os.chmod(path, 0o640)
+    return os.path.getsize(path)
+
+
+def qcow2_backing_file(path: str) -> str:
+    """
+    The backing file named in a qcow2 image's header ("" for none or not qcow2).
+    """
+    try:
+        with open(path, "rb") as f:
+            header = f.read(32)
+            if header[:4] != QCOW2_MAGIC or len(header) < 32:
+                return ""
+            offset, size = struct.unpack(">QI", header[8:20])
+            if not offset or not 0 < size <= 4096:
+                return ""
+            f.seek(offset)
+            return f.read(size).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+FICLONE = 0x40049409
+
+
+def clone_or_copy(src: str, dst: str, progress: Optional[Callable[[int, int], None]] = None) -> str:
+    """
+    Copy C{src} to the new file C{dst}: a reflink (shared blocks, copy-on-write)
+    where the file system has it, else a full copy. Returns C{"reflink"} or
+    C{"copy"}.
+    """
+    import fcntl
+
+    with open(src, "rb") as fin:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.ioctl(fd, FICLONE, fin.fileno())
+        except OSError:
+            os.close(fd)
+            os.unlink(dst)
+        else:
+            os.fsync(fd)
+            os.close(fd)
+            return "reflink"
+    copy_file(src, dst, progress)
+    return "copy"

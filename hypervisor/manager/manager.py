@@ -120,6 +120,11 @@ class Manager(MultiService):
         stop_timeout: float = STOP_TIMEOUT,
         acknowledge_timeout: float = ACKNOWLEDGE_TIMEOUT,
         write_file: Optional[Callable[[str, Optional[bytes], int], None]] = None,
+        image_cache_directory: str = "",
+        image_cache_size: int = 10 << 30,
+        image_timeout: float = 600.0,
+        image_max_size: int = 64 << 30,
+        image_tls_policy: Optional[Any] = None,
     ) -> None:
         super().__init__()
         self.state = state
@@ -158,6 +163,25 @@ class Manager(MultiService):
             ),
             bridges=bridges or discover_bridges,
         )
+        if image_cache_directory:
+            from hypervisor.manager.fetch import Fetcher
+            from hypervisor.manager.imagecache import ImageCache
+
+            self.ctx.image_cache = ImageCache(
+                image_cache_directory,
+                image_cache_size,
+                runner,
+                writer,
+                reactor,
+                Fetcher(
+                    reactor,
+                    runner,
+                    max_size=image_max_size,
+                    timeout=image_timeout,
+                    tls_policy=image_tls_policy,
+                ),
+                self._volume_files,
+            )
         if domain_type != "auto":
             self.ctx.domain_type = domain_type
             self.ctx.domain_type_reason = "set by -domainType"
@@ -171,6 +195,16 @@ class Manager(MultiService):
         self.stop_vms_on_next_stop = False
         self._loaded = False
         self.ctx.domains.add_listener(self)
+
+    def _volume_files(self) -> list[str]:
+        """
+        Every VM's volume files (the image cache keeps their backing files).
+        """
+        return [
+            location.Filename
+            for vm in list(self.table.vms.values())
+            for location in vm.local.VolumeLocations
+        ]
 
     # Shared state, for pages, metrics and tests ------------------------------------
 
