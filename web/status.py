@@ -526,10 +526,12 @@ class StatusPages:
         logs: Optional[LogBuffer] = None,
         log_dir: str = "",
         dhcp: Optional[Any] = None,
+        tftp: Optional[Any] = None,
     ) -> None:
         self.manager = manager
         self.libvirt = libvirt
         self.dhcp = dhcp
+        self.tftp = tftp
         self.hostname = hostname or socket.gethostname()
         self.metrics = metrics or Metrics()
         self.logs = logs or LogBuffer()
@@ -719,6 +721,7 @@ class StatusPages:
             subnets=m.subnets.list(sort=True),
             volume_directories=report.volume_directories(m.volume_directories, m.host),
             owners=sorted(m.owner_users) + [f"group {g}" for g in sorted(m.owner_groups)],
+            tftp=self.tftp.status() if self.tftp is not None else None,
         )
 
     @app.route("/listVMs", branch=False)

@@ -199,6 +199,8 @@ def encode(packet: Packet) -> bytes:
     if isinstance(packet, Error):
         return _HEADER.pack(ERROR, packet.code) + _check_text(packet.message, "message") + b"\0"
     if isinstance(packet, OptionAck):
+        if not packet.options:
+            raise ValueError("an OACK carries at least one option")
         return struct.pack("!H", OACK) + _encode_options(packet.options)
     if isinstance(packet, Request):
         if packet.opcode not in (RRQ, WRQ):

@@ -48,6 +48,7 @@ class TftpService(Service):
         max_blksize: int = codec.MAX_DATA,
         max_windowsize: int = 64,
         threads: int = 2,
+        enabled: bool = True,
     ) -> None:
         self.reactor = reactor
         self.runner = ThreadPoolRunner(reactor, "tftp", size=threads)
@@ -66,7 +67,8 @@ class TftpService(Service):
         self.port_number = port
         self.interface = interface
         self.port: Optional[IListeningPort] = None
-        self.problem = ""
+        self.problem = "" if enabled else "off (-tftpPortNum=0)"
+        self.enabled = enabled
 
     def privilegedStartService(self) -> None:
         """
@@ -76,7 +78,7 @@ class TftpService(Service):
         self._bind()
 
     def _bind(self) -> None:
-        if self.port is not None:
+        if self.port is not None or not self.enabled:
             return
         try:
             self.port = self.reactor.listenUDP(
