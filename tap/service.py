@@ -4,7 +4,7 @@ The daemon's service tree: L{makeService} builds a C{MultiService} of named chil
 each from a small factory so a test can build one alone.
 
 Children, in start order (stop runs in reverse): C{logging}, C{libvirt}, C{manager},
-C{dhcp}, C{web}, C{control}.
+C{dhcp}, C{web}, C{metadata}, C{control}.
 """
 
 from __future__ import annotations
@@ -220,6 +220,38 @@ def _make_web_service(
     return factory.tcp_server(options["portNum"])
 
 
+def _make_metadata_service(
+    options: Options,
+    manager: Manager,
+    reactor: Any,
+    metrics: Optional[Metrics] = None,
+    web: Optional[Any] = None,
+) -> Any:
+    """
+    The metadata server: per bridge a namespace holding 169.254.169.254, serving the
+    path tree on port 80 and (given the C{web} service) the web port's factory on
+    C{portNum} there too.
+    """
+    from hypervisor.metadata.backend import MetadataBackend
+    from hypervisor.metadata.resource import MetadataMetrics
+    from hypervisor.metadata.service import MetadataService
+
+    backend = MetadataBackend(
+        manager, reactor, manager.runner, hypervisor_uuid=lambda: manager.state.uuid
+    )
+    extra = []
+    if web is not None and getattr(web, "args", None):
+        extra.append((options["portNum"], web.args[1]))
+    return MetadataService(
+        backend,
+        reactor,
+        runner=manager.runner,
+        tag=lambda: manager.state.uuid,
+        metrics=MetadataMetrics(metrics.registry) if metrics is not None else None,
+        extra=extra,
+    )
+
+
 def _make_control_service(options: Options, manager: Manager, reactor: Any) -> internet.UNIXServer:
     return internet.UNIXServer(
         manager.state.control_path,
@@ -256,22 +288,19 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     named.append(("dhcp", dhcp))
     trust = TrustStore.from_files(options["CAfile"], options["identityCAfile"])
     dispatcher = _make_dispatcher(options, manager, reactor, metrics, dhcp)
-    named.append(
-        (
-            "web",
-            _make_web_service(
-                options,
-                manager,
-                libvirt,
-                reactor,
-                metrics=metrics,
-                logs=logs,
-                dispatcher=dispatcher,
-                trust=trust,
-                dhcp=dhcp,
-            ),
-        )
+    web = _make_web_service(
+        options,
+        manager,
+        libvirt,
+        reactor,
+        metrics=metrics,
+        logs=logs,
+        dispatcher=dispatcher,
+        trust=trust,
+        dhcp=dhcp,
     )
+    named.append(("web", web))
+    named.append(("metadata", _make_metadata_service(options, manager, reactor, metrics, web)))
     named.append(("control", _make_control_service(options, manager, reactor)))
     for name, child in named:
         child.setName(name)

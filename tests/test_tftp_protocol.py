@@ -1,0 +1,245 @@
+"""
+Tests for L{hypervisor.tftp.protocol.TftpServer} in memory (fake transfer ports, a
+L{Clock}) with the real metrics: requests that are refused (write, malformed, mail
+mode, missing file, '..', busy), repeated requests, a whole transfer counted in the
+metrics and shown in the status, the block size clamped to the path MTU, stopping.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from prometheus_client import CollectorRegistry, generate_latest
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from hypervisor.metrics import TftpMetrics
+from hypervisor.tftp import codec
+from hypervisor.tftp.backend import TftpBackend
+from hypervisor.tftp.protocol import SessionProtocol, TftpServer
+
+CLIENT = ("10.0.0.5", 40000)
+
+
+class FakePort:
+    """
+    A transfer port that records what it sent.
+    """
+
+    def __init__(self, client: tuple[str, int], protocol: SessionProtocol, mtu: int) -> None:
+        self.client = client
+        self.protocol = protocol
+        self.mtu = mtu
+        self.sent: list[codec.Packet] = []
+        self.closed = False
+
+    def send(self, data: bytes) -> None:
+        assert not self.closed
+        self.sent.append(codec.decode(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def deliver(self, packet: codec.Packet) -> None:
+        self.protocol.datagramReceived(codec.encode(packet), self.client)
+
+
+class Harness:
+    """
+    A server with fake ports, files for 10.0.0.5, and metrics.
+    """
+
+    def __init__(self, mtu: int = 0, **kwargs: Any) -> None:
+        self.clock = Clock()
+        self.ports: list[FakePort] = []
+        self.replies: list[bytes] = []
+        self.registry = CollectorRegistry()
+        self.metrics = TftpMetrics(self.registry)
+        files = {"10.0.0.5": {"boot": b"B" * 1300, "cfg": b"config"}}
+
+        def open_port(client: tuple[str, int], protocol: SessionProtocol) -> FakePort:
+            port = FakePort(client, protocol, mtu)
+            self.ports.append(port)
+            return port
+
+        self.server = TftpServer(
+            TftpBackend(lambda ip: files.get(ip, {})),
+            self.clock,
+            open_port,  # type: ignore[arg-type]
+            stats=self.metrics,
+            **kwargs,
+        )
+
+    def request(self, packet: Any, client: tuple[str, int] = CLIENT) -> None:
+        raw = packet if isinstance(packet, bytes) else codec.encode(packet)
+        self.server.request(raw, client, self.replies.append)
+
+    def metric(self, name: str, labels: Optional[dict[str, str]] = None) -> float:
+        value = self.registry.get_sample_value(name, labels or {})
+        return value or 0.0
+
+
+def rrq(name: str, **options: str) -> codec.Request:
+    return codec.Request(codec.RRQ, name, "octet", dict(options))
+
+
+class RefusalTests(SynchronousTestCase):
+    """
+    Requests answered with an ERROR, and packets dropped.
+    """
+
+    def test_write_refused(self) -> None:
+        """
+        A WRQ gets ERROR 2 at once (read-only server); nothing is opened.
+        """
+        h = Harness()
+        h.request(codec.Request(codec.WRQ, "boot"))
+        self.assertEqual(
+            [codec.decode(r) for r in h.replies],
+            [codec.Error(2, "this TFTP server is read-only")],
+        )
+        self.assertEqual(h.ports, [])
+        self.assertEqual(h.metric("hypervisor_tftp_refused_total", {"code": "2"}), 1)
+
+    def test_malformed(self) -> None:
+        """
+        A malformed request gets ERROR 4 no longer than itself; other malformed
+        packets, and ACK/DATA on the server port, are dropped silently; all counted.
+        """
+        h = Harness()
+        raw = b"\x00\x01boot\x00binary\x00"
+        h.request(raw)
+        (reply,) = h.replies
+        self.assertLessEqual(len(reply), len(raw))
+        error = codec.decode(reply)
+        assert isinstance(error, codec.Error)
+        self.assertEqual(error.code, 4)
+        h.replies.clear()
+        h.request(b"\x00\x09\x00")
+        h.request(codec.Ack(1))
+        h.request(codec.Data(1, b"x"))
+        self.assertEqual(h.replies, [])
+        self.assertEqual(h.metric("hypervisor_tftp_drops_total", {"reason": "malformed"}), 2)
+        self.assertEqual(h.metric("hypervisor_tftp_drops_total", {"reason": "not a request"}), 2)
+
+    def test_missing_file(self) -> None:
+        """
+        A missing file gets ERROR 1 at once, from the transfer's own port, which is
+        then closed; another client does not see 10.0.0.5's files.
+        """
+        h = Harness()
+        h.request(rrq("boot"), ("10.0.0.6", 1234))
+        (port,) = h.ports
+        self.assertEqual(port.sent, [codec.Error(1, "file not found")])
+        self.assertTrue(port.closed)
+        self.assertEqual(h.server.transfers, {})
+        self.assertEqual(h.metric("hypervisor_tftp_refused_total", {"code": "1"}), 1)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_dot_dot(self) -> None:
+        """
+        A name with '..' gets ERROR 2.
+        """
+        h = Harness()
+        h.request(rrq("../../etc/passwd"))
+        (port,) = h.ports
+        (error,) = port.sent
+        assert isinstance(error, codec.Error)
+        self.assertEqual(error.code, 2)
+
+    def test_mail_mode(self) -> None:
+        """
+        Mail mode (writes only) gets ERROR 4.
+        """
+        h = Harness()
+        h.request(codec.Request(codec.RRQ, "boot", "mail"))
+        error = codec.decode(h.replies[0])
+        assert isinstance(error, codec.Error)
+        self.assertEqual(error.code, 4)
+
+    def test_busy(self) -> None:
+        """
+        Past max_sessions transfers a request gets ERROR 0 (busy).
+        """
+        h = Harness(max_sessions=1)
+        h.request(rrq("boot"))
+        h.request(rrq("boot"), ("10.0.0.5", 40001))
+        self.assertEqual(len(h.ports), 1)
+        error = codec.decode(h.replies[0])
+        assert isinstance(error, codec.Error)
+        self.assertIn("busy", error.message)
+
+
+class TransferTests(SynchronousTestCase):
+    """
+    Whole transfers.
+    """
+
+    def test_transfer(self) -> None:
+        """
+        A transfer with options: a repeated RRQ is ignored, the status shows it in
+        progress, the metrics count it started, completed, its bytes and duration by
+        file name, and its port is closed.
+        """
+        h = Harness()
+        h.request(rrq("/tftpboot/boot", blksize="1024", tsize="0"))
+        h.request(rrq("/tftpboot/boot", blksize="1024", tsize="0"))
+        (port,) = h.ports
+        self.assertEqual(port.sent, [codec.OptionAck({"blksize": "1024", "tsize": "1300"})])
+        self.assertEqual(h.metric("hypervisor_tftp_drops_total", {"reason": "repeated request"}), 1)
+        port.deliver(codec.Ack(0))
+        (row,) = h.server.status()["transfers"]
+        self.assertEqual(
+            (row["client"], row["file"], row["size"], row["bytes"]),
+            ("10.0.0.5:40000", "/boot", 1300, 0),
+        )
+        h.clock.advance(0.5)
+        port.deliver(codec.Ack(1))
+        self.assertEqual(h.server.status()["transfers"][0]["bytes"], 1024)
+        port.deliver(codec.Ack(2))
+        self.assertEqual(
+            b"".join(p.payload for p in port.sent if isinstance(p, codec.Data)), b"B" * 1300
+        )
+        self.assertTrue(port.closed)
+        status = h.server.status()
+        self.assertEqual((status["transfers"], status["completed"]), ([], 1))
+        self.assertEqual(h.metric("hypervisor_tftp_transfers_started_total"), 1)
+        self.assertEqual(h.metric("hypervisor_tftp_transfers_total", {"outcome": "completed"}), 1)
+        self.assertEqual(h.metric("hypervisor_tftp_sent_bytes_total"), 1300)
+        self.assertEqual(h.metric("hypervisor_tftp_transfer_seconds_count", {"file": "/boot"}), 1)
+        self.assertEqual(h.metric("hypervisor_tftp_transfer_seconds_sum", {"file": "/boot"}), 0.5)
+        self.assertIn(b"hypervisor_tftp_transfer_seconds_bucket", generate_latest(h.registry))
+
+    def test_timeout_counted(self) -> None:
+        """
+        A client that stops answering: the transfer fails as a timeout, counted.
+        """
+        h = Harness(retries=1)
+        h.request(rrq("cfg"))
+        h.clock.advance(1.0)
+        h.clock.advance(1.0)
+        self.assertEqual(h.server.transfers, {})
+        self.assertEqual(h.metric("hypervisor_tftp_transfers_total", {"outcome": "timeout"}), 1)
+        self.assertEqual(h.server.status()["failed"], 1)
+
+    def test_mtu_clamp(self) -> None:
+        """
+        The block size is clamped to what the transfer's path MTU carries.
+        """
+        h = Harness(mtu=1500)
+        h.request(rrq("boot", blksize="65464"))
+        self.assertEqual(h.ports[0].sent, [codec.OptionAck({"blksize": "1468"})])
+
+    def test_stop(self) -> None:
+        """
+        Stopping ends transfers with an ERROR, closes their ports and refuses more.
+        """
+        h = Harness()
+        h.request(rrq("boot"))
+        (port,) = h.ports
+        h.server.stop()
+        self.assertIsInstance(port.sent[-1], codec.Error)
+        self.assertTrue(port.closed)
+        h.request(rrq("boot"), ("10.0.0.5", 5))
+        self.assertEqual(len(h.ports), 1)
+        self.assertEqual(h.metric("hypervisor_tftp_transfers_total", {"outcome": "stopped"}), 1)
