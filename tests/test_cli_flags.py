@@ -252,7 +252,8 @@ class ParserTests(SynchronousTestCase):
     def test_defaults_in_requests(self) -> None:
         """
         Go's defaults reach the CreateVm request: 1 GiB, 250 milliCPUs, 256 MiB free,
-        roundup 2^28, 1 minute DHCP and image timeouts.
+        roundup 2^28, 1 minute DHCP timeout (the image timeout goes with -imageName only,
+        as Go's).
         """
         p = goflags.parse(["create-vm"], vm_control.FLAGS, vm_control.COMMANDS)
         r = vm_control.create_request(p.values)
@@ -261,7 +262,9 @@ class ParserTests(SynchronousTestCase):
             (1024, 250, 0),
         )
         self.assertEqual((r.MinimumFreeBytes, r.RoundupPower), (256 << 20, 28))
-        self.assertEqual((r.DhcpTimeout, r.ImageTimeout), (60.0, 60.0))
+        self.assertEqual((r.DhcpTimeout, r.ImageTimeout), (60.0, 0.0))
+        p = goflags.parse(["-imageName", "x", "create-vm"], vm_control.FLAGS, vm_control.COMMANDS)
+        self.assertEqual(vm_control.create_request(p.values).ImageTimeout, 60.0)
 
     def test_values(self) -> None:
         """

@@ -355,7 +355,7 @@ async def get_updates(t: Tool, args: list[str]) -> int:
 
     hv = await t.hypervisor()
     try:
-        last = await t.call(hv, "Hypervisor.GetUpdates", {}, None, on_message=one, check=False)
+        last = await t.call(hv, "Hypervisor.GetUpdates", None, None, on_message=one, check=False)
         if last:
             one(_json(last))
     except _Enough:

@@ -57,7 +57,8 @@ class SrpcTransport:
         self.pair = pair
         self.ca_file = ca_file if ca_file and os.path.exists(ca_file) else None
         self.do_not_use_method_powers = do_not_use_method_powers
-        self.description = f"srpc://{host}:{port}"
+        self.address = f"{host}:{port}"
+        self.description = f"srpc://{self.address}"
         self._connection: Optional[srpc.Connection] = None
 
     def _connect(self) -> srpc.Connection:
@@ -93,7 +94,8 @@ class SrpcTransport:
             if short in ENDLESS_STREAMS:
                 connection.sock.settimeout(None)
                 call = connection.open(method)
-                call.send(request)
+                if request:
+                    call.send(request)
                 while True:
                     try:
                         message = call.receive()

@@ -248,12 +248,14 @@ class Tool:
         check: bool = True,
     ) -> Any:
         """
-        Call a method with a model object (or dict) as request; decode the final reply
-        into C{reply_type} (a dict if None).
+        Call a method with a model object (or dict, or None: no request message) as
+        request; decode the final reply into C{reply_type} (a dict if None).
 
         @raise ClientError: the call failed, or (with C{check}) the reply has an Error.
         """
-        if isinstance(request, dict):
+        if request is None:
+            data = b""  # nothing sent after the method line (GetUpdates, as Go's)
+        elif isinstance(request, dict):
             data = json.dumps(request, separators=(",", ":")).encode()
         else:
             data = codec.encode(request)

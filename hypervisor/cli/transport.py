@@ -43,6 +43,7 @@ class Transport(Protocol):
     """
 
     description: str
+    address: str  # host:port
 
     async def call(
         self,
@@ -52,7 +53,9 @@ class Transport(Protocol):
         on_message: Optional[OnMessage] = None,
     ) -> bytes:
         """
-        Call C{method} (C{"Hypervisor.ListVMs"}); return the final reply's JSON.
+        Call C{method} (C{"Hypervisor.ListVMs"}); return the final reply's JSON (b""
+        when an endless stream ended). An empty C{request} sends no request message
+        where the protocol allows (SRPC's GetUpdates).
         """
 
     def close(self) -> None:
@@ -101,7 +104,8 @@ class HttpsTransport:
 
         self.host = host
         self.port = port
-        self.description = f"https://{self._netloc()}"
+        self.address = self._netloc()
+        self.description = f"https://{self.address}"
         pool = HTTPConnectionPool(reactor, persistent=False)
         agent = Agent(reactor, contextFactory=ClientTLSPolicy(pair, ca_file), pool=pool)
         self.http = treq.client.HTTPClient(agent)
@@ -126,7 +130,7 @@ class HttpsTransport:
         from twisted.web.client import FileBodyProducer
         from twisted.web.http_headers import Headers
 
-        line = request + b"\n"
+        line = (request or b"{}") + b"\n"
         body: Any
         if tail is None:
             body = io.BytesIO(line)

@@ -438,7 +438,8 @@ def create_request(v: dict[str, Any]) -> model.CreateVmRequest:
         EnableNetboot=v["enableNetboot"],
         IdentityCertificate=_read_pem(v["identityCertFile"], "identityCertFile"),
         IdentityKey=_read_pem(v["identityKeyFile"], "identityKeyFile"),
-        ImageTimeout=model.Duration(v["imageTimeout"]),
+        # As Go's: the image timeout is sent for -imageName (image server) only.
+        ImageTimeout=model.Duration(v["imageTimeout"] if v["imageName"] else 0),
         MinimumFreeBytes=v["minFreeBytes"],
         RoundupPower=v["roundupPower"],
         SecondaryVolumes=secondary,
@@ -479,6 +480,11 @@ async def create_vm(t: Tool, args: list[str]) -> int:
             t.debug(0, message.ProgressMessage)
 
     hv = await t.hypervisor()
+    t.debug(0, f"creating VM on {hv.address}")
+    if v["imageFile"]:
+        t.debug(0, "uploading image")
+    if v["userDataFile"]:
+        t.debug(0, "uploading user data")
     final = await t.call(
         hv,
         "Hypervisor.CreateVm",
