@@ -9,18 +9,24 @@ set -eu
 cd "$(dirname "$0")/.."
 
 packages="libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils libvirt-dev pkg-config
-gcc python3-dev python3-venv curl"
+gcc python3-dev python3-venv curl nftables"
+# nftables: the metadata server's bridge rule (a table of its own).
 extra=""
 if [ "${1:-}" = "--test" ]; then
   # openssl: real TLS client in tests; procps: pgrep for libvirtd restarts;
   # chromium: the real browser of the page tests.
   # busybox (udhcpc), isc-dhcp-client, dhcpcd-base: the DHCP server's real clients.
   packages="$packages openssl procps chromium busybox isc-dhcp-client dhcpcd-base"
+  # cloud-init: its readers against the metadata server; mmdebstrap: the Debian guest
+  # with stock cloud-init (tests/guest/debian.py).
+  packages="$packages cloud-init mmdebstrap"
   extra="[test]"
 fi
 if [ "${1:-}" = "--bench" ]; then
   # kea-admin: perfdhcp; kea-dhcp4-server and dnsmasq-base: the DHCP peers.
   packages="$packages kea-admin kea-dhcp4-server dnsmasq-base"
+  # wrk and nginx-light: bench/metadata.py's load generator and peer.
+  packages="$packages wrk nginx-light"
   extra="[test]"
 fi
 
