@@ -9,6 +9,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -106,6 +107,31 @@ class CheckVmsTests(SynchronousTestCase):
         self.assertIn(f"size {3 * MiB} bytes, expected {4 * MiB}", out)
         self.assertIn("No such file", out)
         self.assertEqual(os.path.getsize(root), 3 * MiB)
+
+    def test_overlays(self) -> None:
+        """
+        A qcow2 overlay (made by qemu-img on a base) is neither sized nor allocated
+        by repair; a missing base is reported.
+        """
+        base = os.path.join(self.volumes, "base.raw")
+        with open(base, "wb") as f:
+            f.truncate(4 * MiB)
+        (root,) = self.add_vm("10.0.0.6", [("root", 4 * MiB, 0)])
+        os.unlink(root)
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, root],
+            check=True,
+        )
+        size = os.path.getsize(root)
+        code, out = self.run_command(repair=True)
+        self.assertEqual(code, 0, out)
+        self.assertIn(f"qcow2 overlay on {base}", out)
+        self.assertIn("Total allocation increase: 0 bytes", out)
+        self.assertEqual(os.path.getsize(root), size)
+        os.unlink(base)
+        code, out = self.run_command(repair=False)
+        self.assertEqual(code, 1)
+        self.assertIn(f"backing file {base} is missing", out)
 
     def test_unreadable_info(self) -> None:
         """

@@ -8,7 +8,9 @@ Volumes are thick: each file should have the size recorded in C{info.json}
 volume can fail at run time when the disk fills up. C{check-vms} reports both
 problems; C{repair-vm-volume-allocations} allocates missing blocks with
 C{fallocate} over the file's current size (never changing a file's size or content;
-a size mismatch is reported for an operator to decide).
+a size mismatch is reported for an operator to decide). A qcow2 volume (e.g. a root
+that is an overlay on an image in the image cache) grows as it is written: it is not
+checked for size or allocation, but a missing backing file is reported.
 
 Both take the state directory's lock: they refuse to run while the daemon runs.
 """
@@ -39,13 +41,15 @@ class VolumeReport:
     size: Optional[int]
     allocated: int
     error: str = ""
+    qcow2: bool = False
+    backing: str = ""
 
     @property
     def missing_allocation(self) -> int:
         """
         Bytes of the file that have no disk blocks behind them.
         """
-        if self.size is None:
+        if self.size is None or self.qcow2:
             return 0
         needed = -(-self.size // BLOCK) * BLOCK
         return max(0, needed - self.allocated)
@@ -98,9 +102,19 @@ def scan(state: StateDirectory) -> tuple[list[VolumeReport], list[str]]:
                     VolumeReport(vm, index, filename, expected, None, 0, error=e.strerror or str(e))
                 )
                 continue
-            reports.append(
-                VolumeReport(vm, index, filename, expected, st.st_size, st.st_blocks * 512)
-            )
+            report = VolumeReport(vm, index, filename, expected, st.st_size, st.st_blocks * 512)
+            try:
+                with open(filename, "rb") as f:
+                    report.qcow2 = f.read(4) == b"QFI\xfb"
+            except OSError:
+                pass
+            if report.qcow2:
+                from hypervisor.manager.images import qcow2_backing_file
+
+                backing = qcow2_backing_file(filename)
+                if backing:
+                    report.backing = os.path.join(os.path.dirname(filename), backing)
+            reports.append(report)
     return reports, problems
 
 
@@ -145,6 +159,15 @@ def check_command(state: StateDirectory, repair: bool = False, out: IO[str] = sy
             if r.error:
                 print(f"{where}: {r.error}", file=out)
                 bad = True
+                continue
+            if r.qcow2:
+                # A qcow2 volume grows as the VM writes (an overlay on a cached image
+                # when it has a backing file): no fixed size, not thick by design.
+                if r.backing and not os.path.exists(r.backing):
+                    print(f"{where}: backing file {r.backing} is missing", file=out)
+                    bad = True
+                elif r.backing:
+                    print(f"{where}: qcow2 overlay on {r.backing}", file=out)
                 continue
             if r.size != r.expected_size:
                 print(f"{where}: size {r.size} bytes, expected {r.expected_size}", file=out)
