@@ -309,15 +309,24 @@ class AccessMatrixTests(TestCase):
             make_root(StatusPages(self.manager, self.libvirt, metrics=metrics), RpcEndpoints())
         )
         site.requestFactory = request_factory(dispatcher, trust)
-        factory = SniffingFactory(
-            site,
-            server_tls_options(os.path.join(d, "server.pem"), os.path.join(d, "server.key"), trust),
+        tls_options = server_tls_options(
+            os.path.join(d, "server.pem"), os.path.join(d, "server.key"), trust
         )
+        # Kept for the same matrix over SRPC (tests.test_srpc_access).
+        self.dispatcher, self.trust, self.site = dispatcher, trust, site
+        self.tls_options = tls_options
+        factory = SniffingFactory(site, tls_options, connect=self.connect_hook())
         self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         while not self.libvirt.connected:
             await deferLater(0.02)
+
+    def connect_hook(self) -> Any:
+        """
+        The SniffingFactory's first-line hook (None: HTTP and HTTPS only).
+        """
+        return None
 
     async def ensure_vm(self) -> None:
         """
@@ -396,6 +405,12 @@ class AccessMatrixTests(TestCase):
             if packets is not None:
                 packets.stop()
 
+    def verdict(self, outcome: str) -> str:
+        """
+        What this transport can tell apart: "allow", "401", "403".
+        """
+        return outcome
+
     async def run_matrix(self, unauthenticated_reads: bool) -> None:
         await self.start(unauthenticated_reads)
         self.assertEqual(
@@ -407,8 +422,8 @@ class AccessMatrixTests(TestCase):
                 await self.ensure_vm()
                 before = self.snapshot()
                 code, body = await self.call(caller, method)
-                want = caller.expected(method, unauthenticated_reads)
-                got = str(code) if code in (401, 403) else "allow"
+                want = self.verdict(caller.expected(method, unauthenticated_reads))
+                got = self.verdict(str(code) if code in (401, 403) else "allow")
                 if got != want:
                     failures.append(
                         f"{caller.name} {method}: expected {want}, got " f"{code} {body[:200]!r}"

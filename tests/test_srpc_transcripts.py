@@ -26,6 +26,7 @@ import json
 import re
 from typing import Any, Optional
 
+from twisted.internet.protocol import connectionDone
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.trial.unittest import TestCase
 
@@ -172,7 +173,7 @@ class TranscriptReplayTests(TestCase):
             if not isinstance(tls, TLSMemoryBIOProtocol):
                 problems.append(f"{where}: TLS did not take the connection after 200")
                 return
-            tls.connectionLost(None)  # type: ignore[arg-type]
+            tls.connectionLost(connectionDone)
             rest = rest[1:] if rest and rest[0].side == "S" else rest
         identity = connection.identity or Identity(
             username="testuser", groups=frozenset({"team-a"}), full_authority=True
@@ -185,7 +186,7 @@ class TranscriptReplayTests(TestCase):
                 ):
                     break
         finally:
-            proto.connectionLost(None)
+            proto.connectionLost(connectionDone)
 
     async def replay_call(
         self,
