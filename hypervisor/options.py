@@ -112,6 +112,16 @@ PARAMETERS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ),
     ("tftpbootImageStream", "", str, "Image stream from which TFTP boot files come"),
     (
+        "tftpbootDirectory",
+        "",
+        _absolute,
+        f"{SECTION_OURS} directory the TFTP server serves after a client's NetbootMachine "
+        "files (a leading /tftpboot in names is stripped; nothing outside it is served); "
+        "in place of the Go daemon's -tftpbootImageStream: unpack that image's files here "
+        "(default: NetbootMachine files only)",
+    ),
+    ("tftpPortNum", "69", _port, f"{SECTION_OURS} UDP port of the TFTP server (0: no TFTP)"),
+    (
         "localImagesDirectory",
         "",
         _absolute,

@@ -4,7 +4,7 @@ The daemon's service tree: L{makeService} builds a C{MultiService} of named chil
 each from a small factory so a test can build one alone.
 
 Children, in start order (stop runs in reverse): C{logging}, C{libvirt}, C{manager},
-C{dhcp}, C{web}, C{metadata}, C{control}.
+C{dhcp}, C{tftp}, C{web}, C{metadata}, C{control}.
 """
 
 from __future__ import annotations
@@ -149,6 +149,25 @@ def _make_dhcp_service(
     )
 
 
+def _make_tftp_service(
+    options: Options, dhcp: Any, reactor: Any, metrics: Optional[Metrics] = None
+) -> Any:
+    """
+    The TFTP server: a client's NetbootMachine files (kept by the DHCP server's
+    policy), then C{-tftpbootDirectory}; UDP C{-tftpPortNum}, bound as root.
+    """
+    from hypervisor.tftp.service import TftpService
+
+    return TftpService(
+        reactor,
+        files_for=dhcp.policy.netboot_files,
+        directory=options["tftpbootDirectory"],
+        port=options["tftpPortNum"],
+        stats=metrics.tftp if metrics is not None else None,
+        enabled=options["tftpPortNum"] != 0,
+    )
+
+
 def _make_dispatcher(
     options: Options,
     manager: Manager,
@@ -180,6 +199,7 @@ def _make_web_service(
     dispatcher: Optional[Any] = None,
     trust: Optional[TrustStore] = None,
     dhcp: Optional[Any] = None,
+    tftp: Optional[Any] = None,
 ) -> Any:
     from hypervisor.netguard import guard_factory
     from hypervisor.srpc.protocol import SrpcFactory
@@ -207,6 +227,7 @@ def _make_web_service(
             logs=logs,
             log_dir=options["logDir"],
             dhcp=dhcp,
+            tftp=tftp,
         )
 
     site = HypervisorSite(make_root(pages, RpcEndpoints()))
@@ -286,6 +307,8 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     metrics = Metrics()
     dhcp = _make_dhcp_service(options, manager, acks, reactor, metrics)
     named.append(("dhcp", dhcp))
+    tftp = _make_tftp_service(options, dhcp, reactor, metrics)
+    named.append(("tftp", tftp))
     trust = TrustStore.from_files(options["CAfile"], options["identityCAfile"])
     dispatcher = _make_dispatcher(options, manager, reactor, metrics, dhcp)
     web = _make_web_service(
@@ -298,6 +321,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         dispatcher=dispatcher,
         trust=trust,
         dhcp=dhcp,
+        tftp=tftp,
     )
     named.append(("web", web))
     named.append(("metadata", _make_metadata_service(options, manager, reactor, metrics, web)))

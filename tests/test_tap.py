@@ -33,10 +33,33 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsInstance(service, MultiService)
         self.assertEqual(
             [s.name for s in service],
-            ["logging", "libvirt", "manager", "dhcp", "web", "metadata", "control"],
+            ["logging", "libvirt", "manager", "dhcp", "tftp", "web", "metadata", "control"],
         )
         self.assertEqual(service.getServiceNamed("libvirt").uri, "qemu:///system")
         self.assertEqual(service.getServiceNamed("control").args[0], "/tmp/hv-tap-test/control")
+
+    def test_tftp_child(self) -> None:
+        """
+        The tftp child takes -tftpPortNum and -tftpbootDirectory, the DHCP policy's
+        NetbootMachine files and the daemon's metrics; -tftpPortNum=0 turns it off.
+        """
+        options = tap.Options(flags_directory=tempfile.mkdtemp())
+        options.parseOptions(
+            ["-stateDir=/tmp/hv-tap-test", "-tftpPortNum=6969", "-tftpbootDirectory=/srv/tftp"]
+        )
+        service = tap.makeService(options, reactor=MemoryReactorClock())
+        tftp = service.getServiceNamed("tftp")
+        dhcp = service.getServiceNamed("dhcp")
+        self.assertEqual(
+            (tftp.port_number, tftp.directory, tftp.enabled), (6969, "/srv/tftp", True)
+        )
+        self.assertEqual(tftp.server.backend.files_for, dhcp.policy.netboot_files)
+        self.assertIsNotNone(tftp.server.backend.directory)
+        options = tap.Options(flags_directory=tempfile.mkdtemp())
+        options.parseOptions(["-stateDir=/tmp/hv-tap-test", "-tftpPortNum=0"])
+        tftp = tap.makeService(options, reactor=MemoryReactorClock()).getServiceNamed("tftp")
+        self.assertFalse(tftp.enabled)
+        self.assertIsNone(tftp.server.backend.directory)
 
 
 class PluginTests(SynchronousTestCase):
