@@ -124,6 +124,15 @@ class ManagerContext:
 
     # The pool: serialised, persisted before it is believed ------------------------------
 
+    def free_counts(self) -> dict[str, int]:
+        """
+        Free addresses per subnet for GetUpdates, every subnet a key (0 included):
+        fleet-manager replenishes only the subnets it finds among the keys.
+        """
+        counts = {s.Id: 0 for s in self.subnets.list() if s.Id != "hypervisor"}
+        counts.update(self.pool.num_free())
+        return counts
+
     @inlineCallbacks
     def save_pool(self) -> Any:
         """
@@ -134,7 +143,7 @@ class ManagerContext:
             Update(
                 HaveAddressPool=True,
                 AddressPool=list(self.pool.registered),
-                NumFreeAddresses=self.pool.num_free(),
+                NumFreeAddresses=self.free_counts(),
             )
         )
 

@@ -102,7 +102,9 @@ class HostAdmin:
         finally:
             ctx.pool_lock.release()
         subnets = ctx.subnets.list(sort=True)
-        ctx.hub.publish(Update(HaveSubnets=True, Subnets=subnets))
+        ctx.hub.publish(
+            Update(HaveSubnets=True, Subnets=subnets, NumFreeAddresses=ctx.free_counts())
+        )
         ctx.table.notify_subnets(copy.deepcopy(subnets))
 
     def get_capacity(self) -> GetCapacityResponse:
@@ -132,7 +134,7 @@ class HostAdmin:
             MemoryInMiB=total,
             AvailableMemoryInMiB=available,
             NumCPUs=ctx.stats.num_cpus(),
-            NumFreeAddresses=ctx.pool.num_free(),
+            NumFreeAddresses=ctx.free_counts(),
             HaveSubnets=True,
             Subnets=ctx.subnets.list(sort=True),
             TotalVolumeBytes=ctx.stats.total_volume_bytes(),
