@@ -20,6 +20,8 @@ if [ "${1:-}" = "--test" ]; then
   # cloud-init: its readers against the metadata server; mmdebstrap: the Debian guest
   # with stock cloud-init (tests/guest/debian.py).
   packages="$packages cloud-init mmdebstrap"
+  # tftp-hpa, atftp (and curl, busybox): the TFTP server's real clients.
+  packages="$packages tftp-hpa atftp"
   extra="[test]"
 fi
 if [ "${1:-}" = "--bench" ]; then
@@ -27,6 +29,9 @@ if [ "${1:-}" = "--bench" ]; then
   packages="$packages kea-admin kea-dhcp4-server dnsmasq-base"
   # wrk and nginx-light: bench/metadata.py's load generator and peer.
   packages="$packages wrk nginx-light"
+  # tftpd-hpa: bench/tftp.py's lock-step peer (atftpd, the windowed one, is unpacked
+  # below: the two conflict as packages); atftp: its client.
+  packages="$packages tftpd-hpa atftp"
   extra="[test]"
 fi
 
@@ -38,6 +43,15 @@ if [ -n "$missing" ]; then
   echo "setup: installing Debian packages:$missing"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+
+if [ "${1:-}" = "--bench" ] && [ ! -x /opt/atftpd/usr/sbin/atftpd ]; then
+  echo "setup: unpacking atftpd into /opt/atftpd"
+  tmp=$(mktemp -d)
+  chmod 755 "$tmp"
+  (cd "$tmp" && apt-get download -qq atftpd)
+  dpkg-deb -x "$tmp"/atftpd_*.deb /opt/atftpd
+  rm -rf "$tmp"
 fi
 
 if [ ! -x .venv/bin/python ]; then
