@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from twisted.application.service import Service
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import (
     FileLogObserver,
     ILogObserver,
@@ -90,6 +91,11 @@ class LogBuffer:
 class LogFileService(Service):
     """
     Writes every log event as one JSON line to C{<logDir>/hypervisor.log} while running.
+
+    As the Go daemon's flags say: a file is rotated at C{rotate_length} bytes
+    (C{-logFileMaxSize}) and old files are deleted beyond C{quota} bytes in all
+    (C{-logQuota}); a line is logged at startup (C{-logAtStartup}); and a C{MARK} line
+    after C{mark_after} seconds without any log line (C{-idleMarkTimeout}, 0: never).
     """
 
     name = "logging"
@@ -100,11 +106,24 @@ class LogFileService(Service):
         directory: str,
         publisher: object = globalLogPublisher,
         buffer: Optional[LogBuffer] = None,
+        rotate_length: int = ROTATE_LENGTH,
+        quota: int = ROTATE_LENGTH * MAX_ROTATED_FILES,
+        log_at_startup: bool = False,
+        mark_after: float = 0.0,
+        clock: Optional[IReactorTime] = None,
     ) -> None:
         self.directory = directory
         self.publisher = publisher
         self.buffer = buffer
         self.path = os.path.join(directory, LOG_FILE_NAME)
+        self.rotate_length = max(1, rotate_length)
+        # The file being written counts against the quota too.
+        self.max_rotated_files = max(1, quota // self.rotate_length - 1)
+        self.log_at_startup = log_at_startup
+        self.mark_after = mark_after
+        self.clock = clock
+        self._last_event = 0.0
+        self._mark_call: Optional[IDelayedCall] = None
         self._file: Optional[LogFile] = None
         self._observer: Optional[ILogObserver] = None
         self._opened = False
@@ -120,8 +139,8 @@ class LogFileService(Service):
                 self._file = LogFile(
                     LOG_FILE_NAME,
                     self.directory,
-                    rotateLength=ROTATE_LENGTH,
-                    maxRotatedFiles=MAX_ROTATED_FILES,
+                    rotateLength=self.rotate_length,
+                    maxRotatedFiles=self.max_rotated_files,
                 )
             except OSError as e:
                 self.log.error(
@@ -143,12 +162,50 @@ class LogFileService(Service):
         if self.buffer is not None:
             self.publisher.addObserver(self.buffer)  # type: ignore[attr-defined]
         super().startService()
+        if self.mark_after > 0:
+            self._last_event = self._clock().seconds()
+            self.publisher.addObserver(self._seen)  # type: ignore[attr-defined]
+            self._mark_call = self._clock().callLater(self.mark_after, self._mark)
+        if self.log_at_startup:
+            self.log.info("hypervisor starting (pid {pid})", pid=os.getpid())
+
+    def _seen(self, event: dict) -> None:
+        """
+        A log event (from any thread): only its time is noted.
+        """
+        self._last_event = self._clock().seconds()
+
+    def _mark(self) -> None:
+        """
+        The idle check (reactor thread): a MARK line once nothing was logged for
+        C{mark_after} seconds; check again when the next one could be due.
+        """
+        clock = self._clock()
+        idle = clock.seconds() - self._last_event
+        if idle >= self.mark_after:
+            self.log.info("MARK")
+            self._last_event = clock.seconds()
+            idle = 0.0
+        self._mark_call = clock.callLater(self.mark_after - idle, self._mark)
+
+    def _clock(self) -> IReactorTime:
+        if self.clock is None:
+            from twisted.internet import reactor
+
+            self.clock = reactor
+        assert self.clock is not None
+        return self.clock
 
     def stopService(self) -> None:
         """
         Stop writing and close the file.
         """
         super().stopService()
+        if self.mark_after > 0:
+            self.publisher.removeObserver(self._seen)  # type: ignore[attr-defined]
+        if self._mark_call is not None and self._mark_call.active():
+            self._mark_call.cancel()
+        self._mark_call = None
         if self.buffer is not None:
             self.publisher.removeObserver(self.buffer)  # type: ignore[attr-defined]
         if self._observer is not None:

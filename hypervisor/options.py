@@ -41,8 +41,20 @@ NOT_USED_YET: frozenset[str] = frozenset(
         "lockLogTimeout",
         "identityProvider",
         "showVGA",
+        # Go flags that do not apply here (-h says why):
+        "addHypervisorSubnet",
+        "alsoLogToStderr",
+        "initialLogDebugLevel",
+        "logSubseconds",
+        "srpcClientDoNotUseMethodPowers",
+        "srpcProxy",
+        "srpcTrustVmOwners",
+        "srpcUnixSocketPath",
     }
 )
+
+# Go boolean flags whose default is true.
+BOOLEANS_DEFAULT_TRUE: frozenset[str] = frozenset({"logAtStartup", "srpcTrustVmOwners"})
 
 DOMAIN_TYPES = ("auto", "kvm", "qemu")
 DATASOURCES = ("openstack", "nocloud", "none")
@@ -55,6 +67,16 @@ def _port(text: str) -> int:
         value = -1
     if not 0 <= value <= 65535:
         raise ValueError(f"{text!r} is not a port number (0 to 65535)")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{text!r} is not a non-negative number")
     return value
 
 
@@ -170,6 +192,41 @@ PARAMETERS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ),
     ("keyFile", "/etc/ssl/hypervisor/key.pem", str, "Name of file containing the SSL key"),
     ("logDir", "/var/log/hypervisor", _absolute, "Directory for the JSON log file"),
+    (
+        "logFileMaxSize",
+        "10M",
+        flags.parse_size,
+        "Maximum size for a log file. If exceeded, new file is created",
+    ),
+    ("logQuota", "100M", flags.parse_size, "Log quota. If exceeded, old logs are deleted"),
+    ("logbufLines", "1024", _count, "Number of lines to store in the log buffer (/logs pages)"),
+    (
+        "idleMarkTimeout",
+        "0s",
+        flags.parse_duration,
+        "time after last log before a 'MARK' message is written to logfile (0: never)",
+    ),
+    (
+        "initialLogDebugLevel",
+        "-1",
+        int,
+        "initial debug log level (Go's debug levels; this daemon logs by twisted.logger "
+        "levels)",
+    ),
+    (
+        "testMemoryAvailable",
+        "0",
+        _count,
+        "test if memory is allocatable and exit (units of MiB)",
+    ),
+    ("srpcProxy", "", str, "Proxy to use (the daemon makes no SRPC client calls)"),
+    (
+        "srpcUnixSocketPath",
+        f"@SRPC.{os.getpid()}",
+        str,
+        "Pathname for server Unix sockets (SRPC clients on this host stay on TCP: "
+        ".LocalUpgradeToUnix is refused)",
+    ),
     ("libvirtUri", "qemu:///system", _uri, f"{SECTION_OURS} libvirt connection URI"),
     (
         "domainType",
@@ -229,6 +286,30 @@ BOOLEANS: list[tuple[str, str]] = [
     ),
     ("dhcpServerOnBridgesOnly", "If true, run the DHCP server on bridge interfaces only"),
     ("showVGA", "If true, show VGA console"),
+    (
+        "addHypervisorSubnet",
+        "If true, automatically add the subnet for the default gateway (deprecated in Go)",
+    ),
+    (
+        "alsoLogToStderr",
+        "If true, also write logs to stderr ('hypervisor run' always does: it runs in the "
+        "foreground)",
+    ),
+    ("logAtStartup", "If true, write a log entry at startup (default true)"),
+    (
+        "logSubseconds",
+        "if true, datestamps will have subsecond resolution (the JSON log file always has)",
+    ),
+    (
+        "srpcClientDoNotUseMethodPowers",
+        "If true, do not use method powers when connecting to servers (the daemon makes no "
+        "SRPC client calls)",
+    ),
+    (
+        "srpcTrustVmOwners",
+        "If true, trust the SmallStack VM owners for all method access (default true; "
+        "applies to SRPC servers running inside a SmallStack VM, which this daemon is not)",
+    ),
 ]
 
 PARAMETER_NAMES = [p[0] for p in PARAMETERS]
@@ -292,7 +373,7 @@ class Options(usage.Options):
         for name, default, coerce, _ in PARAMETERS:
             self[name] = coerce(default)
         for name in BOOLEAN_NAMES:
-            self[name] = False
+            self[name] = name in BOOLEANS_DEFAULT_TRUE
 
     def opt_h(self) -> None:
         """
@@ -365,13 +446,14 @@ class Options(usage.Options):
         out = []
         for name, default, _, _ in PARAMETERS:
             value = self[name]
-            if name in ("objectCacheSize", "imageMaxSize"):
+            if name in ("objectCacheSize", "imageMaxSize", "logFileMaxSize", "logQuota"):
                 value = flags.format_size(value)
             elif name in (
                 "lockCheckInterval",
                 "lockLogTimeout",
                 "vmShutdownTimeout",
                 "imageTimeout",
+                "idleMarkTimeout",
             ):
                 value = flags.format_duration(value)
             out.append(f"-{name}={_go_format(value)}")

@@ -30,7 +30,14 @@ log = Logger()
 
 
 def _make_logging_service(options: Options, buffer: LogBuffer) -> service.IService:
-    return LogFileService(options["logDir"], buffer=buffer)
+    return LogFileService(
+        options["logDir"],
+        buffer=buffer,
+        rotate_length=options["logFileMaxSize"],
+        quota=options["logQuota"],
+        log_at_startup=options["logAtStartup"],
+        mark_after=options["idleMarkTimeout"],
+    )
 
 
 def _make_libvirt_service(options: Options, reactor: Any) -> LibvirtService:
@@ -296,7 +303,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     raise_nofile_limit()
     top = service.MultiService()
     named: list[tuple[str, service.IService]] = []
-    logs = LogBuffer()
+    logs = LogBuffer(options["logbufLines"])
     named.append(("logging", _make_logging_service(options, logs)))
     libvirt = _make_libvirt_service(options, reactor)
     named.append(("libvirt", libvirt))

@@ -218,6 +218,26 @@ def make_certs(options: Options, sub: usage.Options) -> int:
     return 0
 
 
+def test_memory_available(mebibytes: int) -> int:
+    """
+    Go's C{-testMemoryAvailable N}: allocate N MiB, touch every page, exit 0 if that
+    worked (1 with a message if not).
+    """
+    import mmap
+
+    size = mebibytes << 20
+    try:
+        memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        for offset in range(0, size, mmap.PAGESIZE):
+            memory[offset] = 1
+        memory.close()
+    except (OSError, MemoryError, OverflowError) as e:
+        print(f"hypervisor: cannot allocate {mebibytes} MiB: {e}", file=sys.stderr)
+        return 1
+    print(f"allocated {mebibytes} MiB")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     Entry point of the C{hypervisor} console script.
@@ -232,6 +252,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("Run 'hypervisor -h' for the flags and subcommands.", file=sys.stderr)
         return 2
     command = options.subCommand or "run"
+    if options["testMemoryAvailable"]:
+        return test_memory_available(options["testMemoryAvailable"])
     if command == "run":
         return _run(options)
     from hypervisor import control
