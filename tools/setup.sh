@@ -15,8 +15,10 @@ extra=""
 if [ "${1:-}" = "--test" ]; then
   # openssl: real TLS client in tests; procps: pgrep for libvirtd restarts;
   # chromium: the real browser of the page tests.
-  # busybox (udhcpc), isc-dhcp-client, dhcpcd-base: the DHCP server's real clients.
+  # busybox (udhcpc), isc-dhcp-client, dhcpcd-base: the DHCP server's real clients;
+  # kea-admin (perfdhcp) and tcpdump: the smoke run of bench/dhcp.py.
   packages="$packages openssl procps chromium busybox isc-dhcp-client dhcpcd-base"
+  packages="$packages kea-admin tcpdump"
   # cloud-init: its readers against the metadata server; mmdebstrap: the Debian guest
   # with stock cloud-init (tests/guest/debian.py).
   packages="$packages cloud-init mmdebstrap"
@@ -25,8 +27,9 @@ if [ "${1:-}" = "--test" ]; then
   extra="[test]"
 fi
 if [ "${1:-}" = "--bench" ]; then
-  # kea-admin: perfdhcp; kea-dhcp4-server and dnsmasq-base: the DHCP peers.
-  packages="$packages kea-admin kea-dhcp4-server dnsmasq-base"
+  # kea-admin: perfdhcp; tcpdump: its latencies; kea-dhcp4-server and dnsmasq-base:
+  # the DHCP peers (bench/dhcp.py --profile also wants: .venv/bin/pip install py-spy).
+  packages="$packages kea-admin tcpdump kea-dhcp4-server dnsmasq-base"
   # wrk and nginx-light: bench/metadata.py's load generator and peer.
   packages="$packages wrk nginx-light"
   # tftpd-hpa: bench/tftp.py's lock-step peer (atftpd, the windowed one, is unpacked

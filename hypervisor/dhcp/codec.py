@@ -111,7 +111,11 @@ class MessageType(enum.IntEnum):
         """
         The lower-case name (for logs and metrics).
         """
-        return self.name.lower()
+        return _LABELS[self]
+
+
+_MESSAGE_TYPES = {int(kind): kind for kind in MessageType}
+_LABELS = {kind: kind.name.lower() for kind in MessageType}
 
 
 @dataclass
@@ -160,10 +164,7 @@ class Packet:
         raw = self.options.get(MESSAGE_TYPE)
         if raw is None or len(raw) != 1:
             return None
-        try:
-            return MessageType(raw[0])
-        except ValueError:
-            return None
+        return _MESSAGE_TYPES.get(raw[0])
 
     @property
     def broadcast(self) -> bool:
@@ -486,8 +487,8 @@ def decode(data: bytes) -> Packet:
 def _encode_option(code: int, value: bytes) -> list[bytes]:
     if code in (PAD, OVERLOAD, END) or not 0 <= code <= 255:
         raise ValueError(f"option code {code} is the codec's own, or out of range")
-    if not value:
-        return [bytes((code, 0))]
+    if len(value) <= 255:
+        return [bytes((code, len(value))) + value]
     return [bytes((code, len(chunk))) + chunk for chunk in _chunks(value)]
 
 

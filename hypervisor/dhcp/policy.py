@@ -44,6 +44,7 @@ list (53, 54 and 51 always first; option 82 echoed last).
 from __future__ import annotations
 
 import datetime
+import functools
 import heapq
 import ipaddress
 import re
@@ -261,10 +262,27 @@ class _SubnetInfo:
 
 
 def _network(subnet: Subnet) -> Optional[ipaddress.IPv4Network]:
+    return _network_of(subnet.IpGateway, subnet.IpMask)
+
+
+@functools.lru_cache(maxsize=1024)
+def _network_of(gateway: str, mask: str) -> Optional[ipaddress.IPv4Network]:
+    # Cached: parsing a network costs more than answering the rest of a request.
     try:
-        return ipaddress.IPv4Network(f"{subnet.IpGateway}/{subnet.IpMask}", strict=False)
+        return ipaddress.IPv4Network(f"{gateway}/{mask}", strict=False)
     except ValueError:
         return None
+
+
+def _in_network(ip: str, network: ipaddress.IPv4Network) -> bool:
+    """
+    Whether dotted-quad C{ip} is in C{network} (False if it is no address).
+    """
+    try:
+        value = _ip_int(ip)
+    except OSError:
+        return False
+    return value & int(network.netmask) == int(network.network_address)
 
 
 def _ip_int(text: str) -> int:
@@ -427,6 +445,8 @@ class DhcpPolicy:
         self._sweep: Optional[IDelayedCall] = None
         self._logged: set[tuple[str, str]] = set()
         self._options_cache: dict[tuple[str, str, str], dict[int, bytes]] = {}
+        # Our address by (interface, gateway, mask): depends on the host view only.
+        self._server_cache: dict[tuple[str, str, str], str] = {}
         self._listening = False
 
     # Life -------------------------------------------------------------------------------
@@ -501,6 +521,7 @@ class DhcpPolicy:
         """
         self.host = host
         self._options_cache.clear()
+        self._server_cache.clear()
 
     # Listener (IVmListener) ---------------------------------------------------------------
 
@@ -970,18 +991,26 @@ class DhcpPolicy:
         """
         if packet.giaddr != ZERO:
             network = _network(subnet)
-            return network is not None and ipaddress.IPv4Address(packet.giaddr) in network
+            return network is not None and _in_network(packet.giaddr, network)
         host = self.host.interfaces.get(interface)
         if host is None or not host.addresses:
             return True
-        address = ipaddress.IPv4Address(ip)
-        return any(address in a.network for a in host.addresses)
+        return any(_in_network(ip, a.network) for a in host.addresses)
 
     def _server_address(self, subnet: Subnet, packet: Packet, interface: str) -> str:
         """
         Our address for this client: ours on its subnet, else on the receiving
         interface, else the host's first (the reference's C{subnet.myIP}).
         """
+        key = (interface, subnet.IpGateway, subnet.IpMask)
+        server = self._server_cache.get(key)
+        if server is None:
+            if len(self._server_cache) > 4096:
+                self._server_cache.clear()
+            server = self._server_cache[key] = self._find_server_address(subnet, interface)
+        return server
+
+    def _find_server_address(self, subnet: Subnet, interface: str) -> str:
         network = _network(subnet)
         host = self.host.interfaces.get(interface)
         candidates = list(host.addresses) if host is not None else []
