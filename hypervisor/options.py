@@ -251,6 +251,13 @@ PARAMETERS: list[tuple[str, str, Callable[[str], Any], str]] = [
         "subnet's gateway (true or false)",
     ),
     (
+        "metadataServer",
+        "true",
+        flags.parse_bool,
+        f"{SECTION_OURS} serve the metadata server (169.254.169.254, in a network "
+        "namespace per bridge) to VMs (true or false)",
+    ),
+    (
         "vmShutdownTimeout",
         "1m",
         flags.parse_duration,

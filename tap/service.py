@@ -277,6 +277,7 @@ def _make_metadata_service(
         tag=lambda: manager.state.uuid,
         metrics=MetadataMetrics(metrics.registry) if metrics is not None else None,
         extra=extra,
+        enabled=options["metadataServer"],
     )
 
 

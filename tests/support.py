@@ -153,9 +153,16 @@ class Daemon:
         self.log_dir = os.path.join(self.dir, "log")
         self.port = free_port()
         self.flags = [
+            # DHCP on bridges only, never on the host's own Ethernet (eth0...): a test
+            # daemon must not answer DHCP on the machine's network (it runs as root in
+            # the host's namespace; the default serves every up Ethernet interface).
+            "-dhcpServerOnBridgesOnly",
             f"-stateDir={self.state_dir}",
             f"-logDir={self.log_dir}",
             f"-portNum={self.port}",
+            # No metadata namespaces on the host's bridges from daemons of tests that
+            # do not test it (tests kill daemons: their leftovers would stay).
+            "-metadataServer=false",
             *flags,
         ]
         self.output_path = os.path.join(self.dir, "output.log")

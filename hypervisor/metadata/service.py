@@ -78,7 +78,9 @@ class MetadataService(Service):
         refresh_interval: float = REFRESH_INTERVAL,
         discover: Callable[[], dict[str, int]] = discover_bridges,
         only: Optional[set[str]] = None,
+        enabled: bool = True,
     ) -> None:
+        self.enabled = enabled
         self.backend = backend
         self.manager = backend.manager
         self.reactor = reactor
@@ -160,7 +162,7 @@ class MetadataService(Service):
         reactor runs).
         """
         super().privilegedStartService()
-        if self._started:
+        if self._started or not self.enabled:
             return
         self._started = True
         self.backend.start()
@@ -193,6 +195,9 @@ class MetadataService(Service):
         if not self._started:
             self.privilegedStartService()
         super().startService()
+        if not self.enabled:
+            self.log.info("metadata: off (-metadataServer=false)")
+            return
         self._loop = LoopingCall(self.refresh)
         self._loop.clock = self.reactor
         self._loop.start(self.refresh_interval, now=False).addErrback(
