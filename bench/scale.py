@@ -273,6 +273,8 @@ class Daemon:
         self.output_path = os.path.join(root, "daemon-output.log")
         self.fake_cpus = fake_cpus
         self.flags = [
+            # DHCP on bridges only: never answer DHCP on the machine's own network.
+            "-dhcpServerOnBridgesOnly",
             f"-stateDir={self.state_dir}",
             f"-logDir={root}/log",
             f"-portNum={self.port}",

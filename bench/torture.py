@@ -351,6 +351,8 @@ class Daemon:
         self.port = free_port()
         self.output_path = os.path.join(root, "daemon-output.log")
         self.flags = [
+            # DHCP on bridges only: never answer DHCP on the machine's own network.
+            "-dhcpServerOnBridgesOnly",
             f"-stateDir={self.state_dir}",
             f"-logDir={root}/log",
             f"-portNum={self.port}",

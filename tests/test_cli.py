@@ -143,6 +143,7 @@ class HypervisorCommandTests(SynchronousTestCase):
                 f"-stateDir={path}",
                 f"-logDir={path}/log",
                 "-portNum=0",
+                "-dhcpServerOnBridgesOnly",
                 "-libvirtUri=test:///default",
                 "run",
             ],
