@@ -56,10 +56,10 @@ HANDSHAKE = re.compile(
 
 def transcripts_dir() -> str:
     """
-    Where the transcripts are: C{$SRPC_TRANSCRIPTS}, the shared reference, or the
-    copy in the tests.
+    Where the transcripts are: C{$SRPC_TRANSCRIPTS}, the copy in the tests, or the
+    shared reference.
     """
-    for candidate in (os.environ.get("SRPC_TRANSCRIPTS", ""), SHARED, LOCAL):
+    for candidate in (os.environ.get("SRPC_TRANSCRIPTS", ""), LOCAL, SHARED):
         if candidate and os.path.isdir(candidate):
             return candidate
     return LOCAL

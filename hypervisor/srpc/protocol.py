@@ -155,8 +155,12 @@ class ConnectRouter(protocol.Protocol):
         if not self.buffer.startswith(prefix) and prefix.startswith(self.buffer):
             return  # could still be CONNECT
         srpc = self.buffer.startswith(prefix)
-        factory = self.factory.srpc if srpc else self.factory.http
-        inner = factory.buildProtocol(self.addr)
+        if srpc:
+            inner: Optional[protocol.Protocol] = self.factory.srpc.buildProtocol(
+                self.addr, in_tls=self.factory.in_tls
+            )
+        else:
+            inner = self.factory.http.buildProtocol(self.addr)
         if inner is None:
             assert self.transport is not None
             self.transport.loseConnection()
@@ -180,9 +184,10 @@ class ConnectRouterFactory(protocol.Factory):
     Routes a connection's first line: C{CONNECT} to SRPC, the rest to C{http}.
     """
 
-    def __init__(self, http: IProtocolFactory, srpc: "SrpcFactory") -> None:
+    def __init__(self, http: IProtocolFactory, srpc: "SrpcFactory", in_tls: bool = False) -> None:
         self.http = http
         self.srpc = srpc
+        self.in_tls = in_tls
 
     def doStart(self) -> None:
         """
@@ -236,13 +241,14 @@ class SrpcFactory(protocol.Factory):
         """
         The first-line hook for L{hypervisor.tls.SniffingFactory}'s C{connect}.
         """
-        return ConnectRouterFactory(http, self)
+        return ConnectRouterFactory(http, self, in_tls)
 
-    def buildProtocol(self, addr: Any) -> "SrpcServer":
+    def buildProtocol(self, addr: Any, in_tls: bool = False) -> "SrpcServer":
         """
-        A server reading a CONNECT head.
+        A server reading a CONNECT head (inside TLS already when C{in_tls}: Go's
+        fallback, no second handshake).
         """
-        return SrpcServer(self, addr)
+        return SrpcServer(self, addr, in_tls=in_tls)
 
 
 class _SessionFactory(protocol.Factory):
