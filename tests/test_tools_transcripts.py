@@ -27,7 +27,7 @@ from twisted.trial.unittest import TestCase
 from hypervisor import certs
 from hypervisor.cli import goflags, hyper_control, tool, vm_control
 from hypervisor.cli.client import ClientError
-from hypervisor.cli.srpc_transport import ENDLESS_STREAMS, PROGRESS_STREAMS
+from hypervisor.cli.transport import ENDLESS_STREAMS, PROGRESS_STREAMS
 from tests.support import REPO
 
 TRANSCRIPTS = os.path.join(os.path.dirname(REPO), "shared", "reference", "srpc-transcripts")

@@ -22,13 +22,8 @@ from typing import Any, Optional
 from twisted.internet.threads import deferToThread
 
 from hypervisor.cli.client import CertPair, ClientError
-from hypervisor.cli.transport import OnMessage, Tail
+from hypervisor.cli.transport import ENDLESS_STREAMS, PROGRESS_STREAMS, OnMessage, Tail
 from hypervisor.srpc import client as srpc
-
-PROGRESS_STREAMS = frozenset(
-    {"CreateVm", "ReplaceVmImage", "DebugVmImage", "PatchVmImage", "CopyVm", "MigrateVm"}
-)
-ENDLESS_STREAMS = frozenset({"GetUpdates", "WatchDhcp"})
 
 CONNECT_TIMEOUT = 60.0
 

@@ -158,7 +158,7 @@ class Tool:
         if self.v["logDatestamps"]:
             now = time.time()
             prefix = time.strftime("%Y/%m/%d %H:%M:%S", time.localtime(now))
-            if self.v["logSubseconds"]:
+            if self.v.get("logSubseconds"):
                 prefix += f".{int(now % 1 * 1e6):06d}"
             prefix += " "
         print(prefix + message, file=sys.stderr, flush=True)
@@ -183,7 +183,7 @@ class Tool:
             port,
             self.pair,
             self.v["CAfile"],
-            self.v["srpcClientDoNotUseMethodPowers"],
+            self.v.get("srpcClientDoNotUseMethodPowers", False),
         )
         self._open.append(t)
         return t

@@ -36,6 +36,13 @@ OnMessage = Callable[[bytes], None]
 
 TRANSPORTS = ("srpc", "https")
 
+# Streams of progress messages ending with a Final (or Error) one.
+PROGRESS_STREAMS = frozenset(
+    {"CreateVm", "ReplaceVmImage", "DebugVmImage", "PatchVmImage", "CopyVm", "MigrateVm"}
+)
+# Streams with no final message: each message is given to on_message when it arrives.
+ENDLESS_STREAMS = frozenset({"GetUpdates", "WatchDhcp"})
+
 
 class Transport(Protocol):
     """
@@ -150,19 +157,26 @@ class HttpsTransport:
             ) from None
         messages: list[bytes] = []
         buffer = [b""]
+        endless = response.code == 200 and method.rpartition(".")[2] in ENDLESS_STREAMS
 
         def collect(data: bytes) -> None:
             buffer[0] += data
             while b"\n" in buffer[0]:
                 raw, buffer[0] = buffer[0].split(b"\n", 1)
-                if raw.strip():
-                    if messages and on_message is not None:
-                        on_message(messages[-1])
-                    messages.append(raw)
+                if not raw.strip():
+                    continue
+                if endless and on_message is not None:
+                    on_message(raw)
+                    continue
+                if messages and on_message is not None:
+                    on_message(messages[-1])
+                messages.append(raw)
 
         await response.collect(collect)
         if buffer[0].strip():
             messages.append(buffer[0])
+        if endless:
+            return messages[-1] if messages else b""
         if not messages:
             raise ClientError(f"empty answer from the hypervisor (HTTP {response.code})")
         last = messages[-1]
