@@ -29,6 +29,7 @@ from hypervisor.manager.manager import Manager
 from hypervisor.manager.updates import UpdateStream
 from hypervisor.model import (
     AccessRequest,
+    AddVmVolumesRequest,
     ChangeAddressPoolRequest,
     ChangeOwnersRequest,
     ChangeVmDestroyProtectionRequest,
@@ -37,9 +38,12 @@ from hypervisor.model import (
     ChangeVmOwnerUsersRequest,
     ChangeVmSizeRequest,
     ChangeVmTagsRequest,
+    ChangeVmVolumeSizeRequest,
     CreateVmRequest,
     CreateVmResponse,
+    DeleteVmVolumeRequest,
     DhcpResponse,
+    DiscardVmSnapshotRequest,
     ErrorResponse,
     GetCapacityResponse,
     GetVmCreateRequestResponse,
@@ -54,7 +58,11 @@ from hypervisor.model import (
     NetbootMachineRequest,
     RebootVmRequest,
     RegisterExternalLeasesRequest,
+    ReplaceVmImageRequest,
+    ReplaceVmImageResponse,
+    RestoreVmFromSnapshotRequest,
     SetDisabledStateRequest,
+    SnapshotVmRequest,
     StartVmRequest,
     UpdateSubnetsRequest,
     WatchDhcpRequest,
@@ -148,6 +156,22 @@ METHODS: dict[str, MethodSpec] = {
     "StopVm": MethodSpec(AccessRequest, PUBLIC),
     "UpdateSubnets": MethodSpec(UpdateSubnetsRequest, ADMIN),
     "WatchDhcp": MethodSpec(WatchDhcpRequest, ADMIN, UPDATES),
+    # Volumes, snapshots and root images (hypervisor.manager.volumeops):
+    "AddVmVolumes": MethodSpec(AddVmVolumesRequest, PUBLIC),
+    "ChangeVmVolumeSize": MethodSpec(ChangeVmVolumeSizeRequest, PUBLIC),
+    "DeleteVmVolume": MethodSpec(DeleteVmVolumeRequest, PUBLIC),
+    "DiscardVmOldImage": MethodSpec(IpRequest, PUBLIC),
+    "DiscardVmSnapshot": MethodSpec(DiscardVmSnapshotRequest, PUBLIC),
+    "ReplaceVmImage": MethodSpec(
+        ReplaceVmImageRequest,
+        PUBLIC,
+        PROGRESS,
+        upload=lambda r: max(r.ImageDataSize, 0),
+        max_upload=MAX_UPLOAD,
+    ),
+    "RestoreVmFromSnapshot": MethodSpec(RestoreVmFromSnapshotRequest, PUBLIC),
+    "RestoreVmImage": MethodSpec(IpRequest, PUBLIC),
+    "SnapshotVm": MethodSpec(SnapshotVmRequest, PUBLIC),
 }
 
 ACCESS: dict[str, str] = {name: spec.access for name, spec in METHODS.items()}
@@ -311,6 +335,121 @@ class HypervisorApi:
 
     def _done(self, d: "Deferred[None]") -> "Deferred[ErrorResponse]":
         return d.addCallback(lambda _: ErrorResponse())
+
+    # Volumes, snapshots and root images --------------------------------------------
+
+    def AddVmVolumes(
+        self, identity: Identity, request: AddVmVolumesRequest
+    ) -> "Deferred[ErrorResponse]":
+        """
+        Add raw secondary volumes to a stopped VM.
+        """
+        return self._done(
+            self.manager.volumes.add_vm_volumes(
+                identity, request.IpAddress, list(request.VolumeSizes)
+            )
+        )
+
+    def DeleteVmVolume(
+        self, identity: Identity, request: DeleteVmVolumeRequest
+    ) -> "Deferred[ErrorResponse]":
+        """
+        Delete a secondary volume of a stopped VM.
+        """
+        return self._done(
+            self.manager.volumes.delete_vm_volume(identity, request.IpAddress, request.VolumeIndex)
+        )
+
+    def ChangeVmVolumeSize(
+        self, identity: Identity, request: ChangeVmVolumeSizeRequest
+    ) -> "Deferred[ErrorResponse]":
+        """
+        Grow (or, with nothing beyond the new size, shrink) a raw volume.
+        """
+        return self._done(
+            self.manager.volumes.change_vm_volume_size(
+                identity, request.IpAddress, request.VolumeIndex, request.VolumeSize
+            )
+        )
+
+    def SnapshotVm(
+        self, identity: Identity, request: SnapshotVmRequest
+    ) -> "Deferred[ErrorResponse]":
+        """
+        Snapshot a VM's volumes.
+        """
+        return self._done(
+            self.manager.volumes.snapshot_vm(
+                identity,
+                request.IpAddress,
+                request.Name,
+                request.ForceIfNotStopped,
+                request.RootOnly,
+            )
+        )
+
+    def RestoreVmFromSnapshot(
+        self, identity: Identity, request: RestoreVmFromSnapshotRequest
+    ) -> "Deferred[ErrorResponse]":
+        """
+        Restore a VM's volumes from a snapshot.
+        """
+        return self._done(
+            self.manager.volumes.restore_vm_from_snapshot(
+                identity,
+                request.IpAddress,
+                request.Name,
+                request.ForceIfNotStopped,
+                request.Retain,
+            )
+        )
+
+    def DiscardVmSnapshot(
+        self, identity: Identity, request: DiscardVmSnapshotRequest
+    ) -> "Deferred[ErrorResponse]":
+        """
+        Remove a snapshot.
+        """
+        return self._done(
+            self.manager.volumes.discard_vm_snapshot(identity, request.IpAddress, request.Name)
+        )
+
+    @inlineCallbacks
+    def ReplaceVmImage(
+        self,
+        identity: Identity,
+        request: ReplaceVmImageRequest,
+        send: Callable[[ReplaceVmImageResponse], None] = lambda r: None,
+        upload: Optional[UploadStream] = None,
+    ) -> Any:
+        """
+        Replace a VM's root image; progress messages go to C{send}.
+        """
+
+        def progress(message: str) -> None:
+            send(ReplaceVmImageResponse(ProgressMessage=message))
+
+        try:
+            yield self.manager.volumes.replace_vm_image(identity, request, progress, upload)
+        except BaseException:
+            if upload is not None:
+                upload.discard()
+            raise
+        return ReplaceVmImageResponse(Final=True)
+
+    def RestoreVmImage(self, identity: Identity, request: IpRequest) -> "Deferred[ErrorResponse]":
+        """
+        Put C{root.old} back.
+        """
+        return self._done(self.manager.volumes.restore_vm_image(identity, request.IpAddress))
+
+    def DiscardVmOldImage(
+        self, identity: Identity, request: IpRequest
+    ) -> "Deferred[ErrorResponse]":
+        """
+        Remove C{root.old}.
+        """
+        return self._done(self.manager.volumes.discard_vm_old_image(identity, request.IpAddress))
 
     def ChangeVmSize(
         self, identity: Identity, request: ChangeVmSizeRequest

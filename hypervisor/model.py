@@ -85,6 +85,9 @@ class VolumeFormat(TextEnum):
     QCOW2 = "qcow2"
 
 
+VolumeFormatT = VolumeFormat
+
+
 class VolumeInterface(TextEnum):
     """
     How a volume is attached.
@@ -808,3 +811,108 @@ class WatchDhcpResponse:
     Error: MessageText = ""
     Interface: InterfaceText = ""
     Packet: Annotated[bytes, MaxLen(65536)] = b""
+
+
+# Volumes, snapshots and root images (reference §1.2, §1.3) ---------------------------
+
+
+@dataclass
+class AddVmVolumesRequest:
+    """
+    AddVmVolumes: new raw secondary volumes of these sizes (the VM stopped).
+    """
+
+    IpAddress: IPv4Text = ""
+    VolumeSizes: Annotated[list[Uint64], MaxLen(128)] = field(default_factory=list)
+
+
+@dataclass
+class DeleteVmVolumeRequest:
+    """
+    DeleteVmVolume: a secondary volume (index >= 1) of a stopped VM.
+    """
+
+    AccessToken: Annotated[bytes, MaxLen(4096)] = b""
+    IpAddress: IPv4Text = ""
+    VolumeIndex: Uint = 0
+
+
+@dataclass
+class ChangeVmVolumeSizeRequest:
+    """
+    ChangeVmVolumeSize: a raw volume's new size (the VM stopped).
+    """
+
+    IpAddress: IPv4Text = ""
+    VolumeIndex: Uint = 0
+    VolumeSize: Uint64 = 0
+
+
+@dataclass
+class SnapshotVmRequest:
+    """
+    SnapshotVm: copy the volumes (or the root only) to C{.snapshot[:Name]}.
+    """
+
+    IpAddress: IPv4Text = ""
+    ForceIfNotStopped: bool = False
+    Name: NameText = ""
+    RootOnly: bool = False
+
+
+@dataclass
+class RestoreVmFromSnapshotRequest:
+    """
+    RestoreVmFromSnapshot: the named snapshot back over the volumes.
+    """
+
+    IpAddress: IPv4Text = ""
+    ForceIfNotStopped: bool = False
+    Name: NameText = ""
+    Retain: bool = False
+
+
+@dataclass
+class DiscardVmSnapshotRequest:
+    """
+    DiscardVmSnapshot: remove the named snapshot.
+    """
+
+    IpAddress: IPv4Text = ""
+    Name: NameText = ""
+
+
+@dataclass
+class ReplaceVmImageRequest:
+    """
+    ReplaceVmImage: a new root from C{ImageURL} or from C{ImageDataSize} bytes that
+    follow the request. C{ImageName}, C{OverlayFiles} and C{SkipBootloader} are kept
+    for the Go client's sake; C{ImageName} is refused (no image server yet).
+    """
+
+    DhcpTimeout: Duration = Duration(0)
+    ImageDataSize: Uint64 = 0
+    ImageName: Annotated[str, MaxLen(1024)] = ""
+    ImageTimeout: Duration = Duration(0)
+    ImageURL: Annotated[str, MaxLen(4096)] = ""
+    IpAddress: IPv4Text = ""
+    MinimumFreeBytes: Uint64 = 0
+    OverlayFiles: Annotated[dict[Annotated[str, MaxLen(4096)], bytes], MaxLen(1024)] = field(
+        default_factory=dict
+    )
+    PreDelete: bool = False
+    RoundupPower: Uint64 = 0
+    SkipBackup: bool = False
+    SkipBootloader: bool = False
+    VolumeFormat: VolumeFormatT = VolumeFormat.RAW
+
+
+@dataclass
+class ReplaceVmImageResponse:
+    """
+    One message of ReplaceVmImage's progress stream; the last has C{Final} or C{Error}.
+    """
+
+    Error: MessageText = ""
+    Final: bool = False
+    ProgressMessage: MessageText = ""

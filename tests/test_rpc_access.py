@@ -60,6 +60,15 @@ from web.status import StatusPages
 VM_IP = "10.8.0.2"
 VM_OWNER_METHODS = {
     "AcknowledgeVm",
+    "AddVmVolumes",
+    "ChangeVmVolumeSize",
+    "DeleteVmVolume",
+    "DiscardVmOldImage",
+    "DiscardVmSnapshot",
+    "ReplaceVmImage",
+    "RestoreVmFromSnapshot",
+    "RestoreVmImage",
+    "SnapshotVm",
     "BecomePrimaryVmOwner",
     "ChangeVmDestroyProtection",
     "ChangeVmHostname",
@@ -112,6 +121,15 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "StopVm": {"IpAddress": VM_IP},
     "UpdateSubnets": {"Add": [{"Id": "extra", "IpGateway": "10.9.0.1", "IpMask": "255.255.255.0"}]},
     "WatchDhcp": {"MaxPackets": 1},
+    "AddVmVolumes": {"IpAddress": VM_IP, "VolumeSizes": [65536]},
+    "ChangeVmVolumeSize": {"IpAddress": VM_IP, "VolumeIndex": 0, "VolumeSize": 131072},
+    "DeleteVmVolume": {"IpAddress": VM_IP, "VolumeIndex": 1},
+    "DiscardVmOldImage": {"IpAddress": VM_IP},
+    "DiscardVmSnapshot": {"IpAddress": VM_IP, "Name": "none"},
+    "ReplaceVmImage": {"IpAddress": VM_IP, "ImageURL": "file:///nonexistent", "SkipBackup": True},
+    "RestoreVmFromSnapshot": {"IpAddress": VM_IP, "Name": "none"},
+    "RestoreVmImage": {"IpAddress": VM_IP},
+    "SnapshotVm": {"IpAddress": VM_IP, "Name": "m", "ForceIfNotStopped": True},
 }
 
 

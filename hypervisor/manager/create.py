@@ -67,7 +67,10 @@ from hypervisor.virt.connection import NotConnected
 MiB = 1024 * 1024
 MAX_USER_DATA = 64 * MiB
 PROGRESS_INTERVAL = 0.5
-HEADER = images.PROBE_BYTES
+# Bytes of an uploaded image read before its volume is made: enough for the qcow2
+# header fields that matter (magic, version, backing file, size) and the leading
+# magic numbers of what is not an image.
+HEADER = 32
 
 
 @inlineCallbacks

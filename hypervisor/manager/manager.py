@@ -189,6 +189,9 @@ class Manager(MultiService):
         self.lifecycle = Lifecycle(self.ctx)
         self.reconciler = Reconciler(self.ctx, self.lifecycle)
         self.creator = Creator(self.ctx, self.lifecycle)
+        from hypervisor.manager.volumeops import VolumeOps
+
+        self.volumes = VolumeOps(self.ctx, self.lifecycle)
         self.changes = Changes(self.ctx)
         self.admin = HostAdmin(self.ctx)
         self.start_time: Optional[float] = None
