@@ -214,6 +214,7 @@ def _make_web_service(
     from web.channel import HypervisorChannel
     from web.root import HypervisorSite, make_root
     from web.rpc import RpcEndpoints, request_factory
+    from web.srpc_routes import SrpcRoutes
 
     metrics = metrics or Metrics()
     metrics.watch_manager(manager)
@@ -237,7 +238,7 @@ def _make_web_service(
             tftp=tftp,
         )
 
-    site = HypervisorSite(make_root(pages, RpcEndpoints()))
+    site = HypervisorSite(make_root(pages, RpcEndpoints(), {b"_goSRPC_": SrpcRoutes()}))
     site.requestFactory = request_factory(dispatcher, trust)
     site.protocol = HypervisorChannel  # type: ignore[method-assign,assignment]
     site.displayTracebacks = False

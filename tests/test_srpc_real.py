@@ -446,6 +446,9 @@ class SrpcRealTests(SynchronousTestCase):
         c.call("ListVMs", {})
         c.call("GetCapacity", {})
         d.call("ListVMs", {})
+        status, listing = support.http_get(d.url + "/_goSRPC_/listMethods")
+        self.assertEqual(status, 200)
+        self.assertIn("Hypervisor.CreateVm\n", listing)
         text = support.http_get(d.url + "/metrics")[1]
         self.assertIn(
             'hypervisor_rpc_transport_calls_total{method="ListVMs",outcome="ok",transport="srpc"} 1.0',

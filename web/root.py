@@ -117,13 +117,14 @@ class LazyPages(Resource):
         return self.target().render(request)
 
 
-def make_root(pages: Any, rpc: Any) -> IResource:
+def make_root(pages: Any, rpc: Any, extra: Optional[dict[bytes, IResource]] = None) -> IResource:
     """
     The root resource: RPC under C{/rpc}, pages elsewhere. C{pages} is the pages
     object, or a function making it on the first page request (L{LazyPages}).
+    C{extra} adds leaf routes by first path segment (SRPC's C{_goSRPC_}).
     """
     default = LazyPages(pages) if callable(pages) else pages.resource()
-    return PathDispatch({b"rpc": rpc.resource()}, default)
+    return PathDispatch({b"rpc": rpc.resource(), **(extra or {})}, default)
 
 
 class HypervisorSite(Site):
