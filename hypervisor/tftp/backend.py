@@ -200,17 +200,32 @@ class FileReader:
         if first == last:
             base = first * self.chunk
             return self.chunks[first][offset - base : end - base]
-        data = b"".join(self.chunks[i] for i in range(first, last + 1))
-        base = first * self.chunk
-        return data[offset - base : end - base]
+        chunk = self.chunk
+        parts = [self.chunks[first][offset - first * chunk :]]
+        parts.extend(self.chunks[i] for i in range(first + 1, last))
+        parts.append(self.chunks[last][: end - last * chunk])
+        return b"".join(parts)
 
     def read(self, offset: int, length: int) -> Union[bytes, "Deferred[bytes]"]:
         """
         The bytes at C{offset}: at once if buffered; the next chunk is read ahead.
         """
+        chunk = self.chunk
+        first = offset // chunk
+        end = offset + length
+        if end > self.size:
+            end = self.size
+        # The common case: inside one buffered chunk whose successor is on its way.
+        if (end - 1) // chunk == first and (first + 1) in self.chunks:
+            data = self.chunks.get(first)
+            if data is not None:
+                base = first * chunk
+                return data[offset - base : end - base]
+        return self._read(offset, end)
+
+    def _read(self, offset: int, end: int) -> Union[bytes, "Deferred[bytes]"]:
         if self.closed:
             return fail(BackendError("the file is closed"))
-        end = min(self.size, offset + length)
         if end <= offset:
             return b""
         first, last = offset // self.chunk, (end - 1) // self.chunk

@@ -345,7 +345,7 @@ class SessionProtocol:
     transfer: Optional[Transfer] = None
     server: Optional[TftpServer] = None
 
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+    def deliver(self, datagram: bytes) -> None:
         """
         Hand the packet to the session (none yet while the file opens: the client
         sends nothing before the first DATA or OACK).
@@ -353,6 +353,12 @@ class SessionProtocol:
         transfer = self.transfer
         if transfer is not None and transfer.session is not None:
             transfer.session.datagram(datagram)
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        """
+        As L{deliver} (the socket is connected: C{addr} is the client).
+        """
+        self.deliver(datagram)
 
     def connectionRefused(self) -> None:
         """
@@ -416,11 +422,13 @@ class UdpSessionPort:
         """
         Hand waiting packets to the protocol (a bounded batch per turn).
         """
+        recv = self.socket.recv
+        deliver = self.protocol.deliver
         for _ in range(64):
             if self.closed:
                 return
             try:
-                data = self.socket.recv(codec.MAX_PACKET)
+                data = recv(codec.MAX_PACKET)
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionRefusedError:
@@ -429,7 +437,7 @@ class UdpSessionPort:
             except OSError as e:
                 self.protocol.failed(e)
                 return
-            self.protocol.datagramReceived(data, self.client)
+            deliver(data)
 
     def connectionLost(self, reason: Failure) -> None:
         """

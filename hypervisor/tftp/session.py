@@ -35,7 +35,7 @@ DEFAULT_RETRIES = 5
 MAX_WINDOW_BYTES = 1 << 20
 IP_UDP_TFTP_HEADERS = 20 + 8 + 4
 
-_ACK = struct.Struct("!HH")
+_DATA = struct.Struct("!HH")
 
 
 @dataclass
@@ -169,11 +169,9 @@ class ReadSession:
         """
         if self.finished:
             return
-        if len(data) == 4:
-            opcode, block = _ACK.unpack(data)
-            if opcode == codec.ACK:
-                self.ack(block)
-                return
+        if len(data) == 4 and data[1] == codec.ACK and data[0] == 0:
+            self.ack((data[2] << 8) | data[3])
+            return
         try:
             packet = codec.decode(data)
         except codec.MalformedPacket:
@@ -238,8 +236,9 @@ class ReadSession:
     # Sending -------------------------------------------------------------------------------
 
     def _arm(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self.timeout)
+        timer = self._timer
+        if timer is not None:  # pending: it is set to None when it fires or is cancelled
+            timer.reset(self.timeout)
         else:
             self._timer = self.clock.callLater(self.timeout, self._timed_out)
 
@@ -249,29 +248,40 @@ class ReadSession:
 
     def _send_window(self) -> None:
         first = self.base
-        last = min(self.last_block, first + self.windowsize - 1)
+        last = first + self.windowsize - 1
+        if last > self.last_block:
+            last = self.last_block
         self._generation += 1
-        generation = self._generation
-        offset = (first - 1) * self.blksize
-        data = self.reader.read(offset, (last - first + 1) * self.blksize)
         self._arm()
-        if isinstance(data, Deferred):
-            data.addCallbacks(
-                lambda d: self._send_blocks(generation, first, last, d),
-                lambda f: self._read_failed(generation, f),
-            )
-        else:
-            self._send_blocks(generation, first, last, data)
+        data = self.reader.read((first - 1) * self.blksize, (last - first + 1) * self.blksize)
+        if type(data) is bytes:
+            self._send_now(first, last, data)
+            return
+        assert isinstance(data, Deferred)
+        generation = self._generation
+        data.addCallbacks(
+            lambda d: self._send_blocks(generation, first, last, d),
+            lambda f: self._read_failed(generation, f),
+        )
 
     def _send_blocks(self, generation: int, first: int, last: int, data: bytes) -> None:
         if self.finished or generation != self._generation:
             return
-        size = self.blksize
+        self._send_now(first, last, data)
+
+    def _send_now(self, first: int, last: int, data: bytes) -> None:
         send = self.send
-        view = memoryview(data)
-        for i, block in enumerate(range(first, last + 1)):
-            send(codec.data_packet(block & 0xFFFF, view[i * size : (i + 1) * size].tobytes()))
-        self.sent_upto = max(self.sent_upto, last)
+        if first == last:
+            send(_DATA.pack(codec.DATA, first & 0xFFFF) + data)
+        else:
+            size = self.blksize
+            pack = _DATA.pack
+            at = 0
+            for block in range(first, last + 1):
+                send(pack(codec.DATA, block & 0xFFFF) + data[at : at + size])
+                at += size
+        if last > self.sent_upto:
+            self.sent_upto = last
 
     def _read_failed(self, generation: int, reason: Failure) -> None:
         if self.finished or generation != self._generation:
@@ -303,7 +313,7 @@ class ReadSession:
         self.finished = True
         self.reason = reason
         self._generation += 1
-        if self._timer is not None and self._timer.active():
+        if self._timer is not None:
             self._timer.cancel()
         self._timer = None
         self.reader.close()
