@@ -81,6 +81,28 @@ def with_encoding(response: T, data: bytes) -> T:
     return response
 
 
+RAW = "_raw"
+
+
+def with_raw(response: T, data: bytes) -> T:
+    """
+    Attach raw bytes that follow C{response}'s JSON on the wire (the reference's
+    GetVmUserData, GetVmLastPatchLog: a C{Length} field, then that many bytes). SRPC
+    sends the JSON as a bare message in its own TLS record and the bytes in later
+    ones (Go's client reads ahead up to 512 bytes past the JSON and loses them
+    otherwise: srpc-transcripts README, quirk 1).
+    """
+    object.__setattr__(response, RAW, data)
+    return response
+
+
+def raw_of(response: Any) -> Optional[bytes]:
+    """
+    The raw bytes attached by L{with_raw}, or None.
+    """
+    return getattr(response, RAW, None)
+
+
 def encode_reply(response: Any) -> bytes:
     """
     A response's JSON: the encoding attached by L{with_encoding}, else the codec's.

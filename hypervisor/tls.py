@@ -90,6 +90,13 @@ class _PromptCloseTLS(BufferingTLSTransport):
     that stopped reading or answering never sends: the connection would linger.
     """
 
+    def send_now(self) -> None:
+        """
+        Encrypt what was written so far now, as its own TLS record(s), instead of
+        joining it with the next writes of this reactor turn.
+        """
+        self._aggregator.flush()
+
     def _shutdownTLS(self) -> None:
         super()._shutdownTLS()
         if self.transport is not None and not self._aborted:

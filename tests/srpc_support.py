@@ -241,12 +241,8 @@ class Backend:
             allow_unauthenticated_reads=self.unauthenticated_reads,
         )
         self.trust = TrustStore.from_files(os.path.join(self.root, "CA.pem"), "")
-        self.factory = SrpcFactory(
-            self.dispatcher,
-            self.trust,
-            server_tls_options(self.server_pem, self.server_key, self.trust),
-            reactor,
-        )
+        self.tls_options = server_tls_options(self.server_pem, self.server_key, self.trust)
+        self.factory = SrpcFactory(self.dispatcher, self.trust, self.tls_options, reactor)
         while not self.libvirt.connected:
             await sleep(0.02)
 

@@ -36,7 +36,10 @@ the same ones the HTTPS adapter (L{web.rpc}) uses.
      Messages wait until the upload has fully arrived.
   5. progress streams (CreateVm): bare JSON lines, the last C{Final} or with an
      C{Error}; the connection then takes the next call (AcknowledgeVm).
-  6. GetUpdates: no request; the first Update is full, the next ones incremental,
+  6. replies with raw bytes after them (L{hypervisor.api.with_raw}: GetVmUserData
+     and the like): the JSON as a bare message in its own TLS record, the bytes in
+     later records, so that Go's JSON read-ahead cannot swallow them.
+  7. GetUpdates: no request; the first Update is full, the next ones incremental,
      each with C{HealthStatus}; every C{GetUpdatesRequest} the client sends (the
      fleet-manager keepalive) is answered with an Update, and a non-null
      C{RegisterExternalLeasesRequest} in it is applied with RegisterExternalLeases'
@@ -60,7 +63,7 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from hypervisor.api import PROGRESS, UPDATES, encode_reply
+from hypervisor.api import PROGRESS, UPDATES, encode_reply, raw_of
 from hypervisor.auth import ANONYMOUS, CertificateRefused, Identity, TrustStore
 from hypervisor.dispatch import Call, Dispatcher
 from hypervisor.errors import HypervisorError, NotFound
@@ -600,8 +603,11 @@ class SrpcServer(protocol.Protocol):
                 result.close()
             return
         kind = call.spec.kind
+        raw = raw_of(result)
         if kind == UPDATES:
             self._stream(result)
+        elif raw is not None:
+            self._finish_with_raw(wire.message(encode_reply(result)), raw)
         elif kind == PROGRESS:
             self._finish(wire.message(encode_reply(result)))
         else:
@@ -618,6 +624,18 @@ class SrpcServer(protocol.Protocol):
             self._finish(wire.message(wire.error_message(message)), close=True)
         else:
             self._finish(wire.reply(wire.error_message(message)))
+
+    def _finish_with_raw(self, message: bytes, raw: bytes) -> None:
+        """
+        A bare JSON message, then raw bytes in later TLS records: Go's client decodes
+        the JSON reading ahead up to 512 bytes and would lose raw bytes that came in
+        the same record.
+        """
+        self._write(message)
+        send_now = getattr(self.transport, "send_now", None)
+        if send_now is not None:
+            send_now()
+        self._finish(raw)
 
     def _finish(self, data: bytes, close: bool = False) -> None:
         self.outcome = (data, close)
