@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
+import time
 from typing import Any, Callable
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -150,6 +154,17 @@ class ToolsEndToEndTests(SynchronousTestCase):
             "52:54:0a:4d:00:09",
             words="error adding address: ",
         )
+        if transport == "srpc":
+            # Without its method powers (Go's -srpcClientDoNotUseMethodPowers) the
+            # admin certificate grants nothing.
+            self.fails(
+                hc,
+                "-srpcClientDoNotUseMethodPowers",
+                "add-address",
+                "52:54:0a:4d:00:09",
+                words="error adding address: ",
+            )
+            self.interrupt_get_updates(d, pki=os.path.join(d.dir, "pki"))
         self.ok(hc, "disable-hypervisor")
         create = ["-memory=64MiB", "-minFreeBytes=1MiB", "-roundupPower=0", "-doNotStart"]
         self.fails(vc, *create, "create-vm", words="error creating VM: Hypervisor is disabled")
@@ -206,6 +221,37 @@ class ToolsEndToEndTests(SynchronousTestCase):
         self.fails(vc, "migrate-vm", ip, words="not available", code=2)
         self.fails(vc, "-memory=lots", "create-vm", words="-memory", code=2)
         self.assertEqual(self.ok(vc, "list-vms"), "")
+
+    def interrupt_get_updates(self, d: Any, pki: str) -> None:
+        """
+        get-updates (endless) prints the first Update, and ^C ends it at once even
+        though a thread is blocked reading the connection.
+        """
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hypervisor.cli.hyper_control",
+                f"-hypervisorPortNum={d.port}",
+                f"-certDirectory={pki}/admin",
+                f"-CAfile={pki}/CA.pem",
+                "get-updates",
+            ],
+            cwd=support.REPO,
+            env=dict(os.environ, PYTHONPATH=support.REPO),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        if first != b"{\n":
+            process.kill()
+            self.fail(f"get-updates printed {first!r}: {process.communicate()[1]!r}")
+        process.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        process.wait(timeout=20)
+        self.assertLess(time.monotonic() - started, 10)
 
     def test_every_command_over_srpc(self) -> None:
         """
