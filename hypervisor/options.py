@@ -33,8 +33,6 @@ NOT_USED_MARK = "(accepted for compatibility; not used yet)"
 # Go flags that are parsed and validated but that nothing reads yet.
 NOT_USED_YET: frozenset[str] = frozenset(
     {
-        "imageServerHostname",
-        "imageServerPortNum",
         "tftpbootImageStream",
         "username",
         "lockCheckInterval",
@@ -124,7 +122,14 @@ PARAMETERS: list[tuple[str, str, Callable[[str], Any], str]] = [
         _directories,
         "Comma separated list of volume directories (default: auto-detect)",
     ),
-    ("imageServerHostname", "localhost", str, "Hostname of the image server"),
+    (
+        "imageServerHostname",
+        "localhost",
+        str,
+        "Hostname of the image server (for ImageName: ours is plain HTTPS, GET "
+        "/images/<name>, with the daemon's -certFile as client certificate; run one with "
+        "'hypervisor serve-images DIR')",
+    ),
     ("imageServerPortNum", "6971", _port, "Port number of the image server"),
     (
         "networkBootImage",
@@ -210,8 +215,7 @@ PARAMETERS: list[tuple[str, str, Callable[[str], Any], str]] = [
         "initialLogDebugLevel",
         "-1",
         int,
-        "initial debug log level (Go's debug levels; this daemon logs by twisted.logger "
-        "levels)",
+        "initial debug log level (Go's debug levels; this daemon logs by twisted.logger " "levels)",
     ),
     (
         "testMemoryAvailable",

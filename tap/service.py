@@ -82,7 +82,19 @@ def _image_options(options: Options) -> dict[str, Any]:
         from hypervisor.manager.fetch import tls_policy_from_ca_file
 
         policy = tls_policy_from_ca_file(options["imageCAfile"])
+    image_server = None
+    try:
+        from hypervisor.imageserver import ImageServerClientPolicy
+
+        image_server = (
+            options["imageServerHostname"],
+            options["imageServerPortNum"],
+            ImageServerClientPolicy(options["certFile"], options["keyFile"], options["CAfile"]),
+        )
+    except (OSError, ValueError) as e:
+        log.info("no image server for ImageName (needs -certFile, -keyFile, -CAfile): {e}", e=e)
     return dict(
+        image_server=image_server,
         image_cache_directory=directory,
         image_cache_size=options["objectCacheSize"],
         image_timeout=options["imageTimeout"],

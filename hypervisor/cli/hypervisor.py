@@ -97,6 +97,30 @@ class MakeCertsOptions(usage.Options):
             raise usage.UsageError(f"unexpected arguments: {' '.join(args)}")
 
 
+class ServeImagesOptions(usage.Options):
+    """
+    C{hypervisor serve-images DIR}: the image server for ImageName.
+    """
+
+    synopsis = "serve-images [--port N] DIR"
+    longdesc = (
+        "Serves the raw and qcow2 images in DIR over HTTPS for ImageName: "
+        "GET /images/<name> answers DIR/<name> (names may contain '/'). Uses "
+        "-certFile/-keyFile and requires client certificates signed by -CAfile, as "
+        "the daemon presents its own. Daemons fetch from "
+        "-imageServerHostname:-imageServerPortNum (SmallStack's image server speaks "
+        "its own protocol; this plain HTTPS layout is ours)."
+    )
+    optParameters = [
+        ["port", "p", None, "Port to listen on (default: -imageServerPortNum)", int],
+    ]
+
+    def parseArgs(self, *args: str) -> None:
+        if len(args) != 1:
+            raise usage.UsageError("serve-images takes one directory")
+        self["directory"] = args[0]
+
+
 class HypervisorCommand(Options):
     """
     The daemon's flags plus one subcommand.
@@ -139,6 +163,12 @@ class HypervisorCommand(Options):
             None,
             MakeCertsOptions,
             "Create the CA, the daemon's TLS certificate and user certificates",
+        ],
+        [
+            "serve-images",
+            None,
+            ServeImagesOptions,
+            "Serve DIR's images over HTTPS by name (GET /images/<name>) for ImageName",
         ],
     ]
     defaultSubCommand = "run"
@@ -273,6 +303,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if command == "make-certs":
         return make_certs(options, options.subOptions)
+    if command == "serve-images":
+        from hypervisor.imageserver import serve
+
+        sub = options.subOptions
+        port = sub["port"] if sub["port"] is not None else options["imageServerPortNum"]
+        return serve(
+            sub["directory"], port, options["certFile"], options["keyFile"], options["CAfile"]
+        )
     from hypervisor.manager import volumes
 
     return volumes.check_command(state, repair=command == "repair-vm-volume-allocations")

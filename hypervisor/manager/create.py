@@ -107,11 +107,8 @@ def validate(request: CreateVmRequest, has_upload: bool) -> None:
         )
     if request.RoundupPower > 40:
         raise InvalidRequest("RoundupPower must be at most 40")
-    if info.ImageName:
-        raise InvalidRequest(
-            "ImageName needs an image server, which this hypervisor "
-            "does not use yet; use ImageURL (file://) instead"
-        )
+    if info.ImageName and (info.ImageURL or request.ImageDataSize):
+        raise InvalidRequest("give one of ImageName, ImageURL and image data (ImageDataSize)")
     if request.ImageDataSize < 0 or request.UserDataSize < 0:
         raise InvalidRequest("ImageDataSize and UserDataSize must not be negative")
     if request.UserDataSize > MAX_USER_DATA:
@@ -132,9 +129,14 @@ def validate(request: CreateVmRequest, has_upload: bool) -> None:
         )
     if request.ImageDataSize and info.ImageURL:
         raise InvalidRequest("give ImageURL or image data (ImageDataSize), not both")
-    if not info.ImageURL and not request.ImageDataSize and request.MinimumFreeBytes <= 0:
+    if (
+        not info.ImageURL
+        and not info.ImageName
+        and not request.ImageDataSize
+        and request.MinimumFreeBytes <= 0
+    ):
         raise InvalidRequest(
-            "give ImageURL (a file:// image), image data (ImageDataSize) "
+            "give ImageName, ImageURL, image data (ImageDataSize) "
             "or MinimumFreeBytes (an empty root volume)"
         )
     if request.InitrdURL and not request.KernelURL:
@@ -273,14 +275,21 @@ class Creator:
                 f"ImageURL {info.ImageURL!r}: http(s) images need the image cache "
                 "(-objectCacheDirectory)"
             )
-        if info.ImageURL and ctx.image_cache is not None:
+        if info.ImageName and ctx.image_cache is None:
+            raise InvalidRequest("ImageName needs the image cache (-objectCacheDirectory)")
+        if (info.ImageURL or info.ImageName) and ctx.image_cache is not None:
             progress("getting image")
-            cached = yield ctx.image_cache.get(
-                info.ImageURL,
-                ctx.settings.images_directory,
-                float(request.ImageTimeout),
-                progress,
-            )
+            if info.ImageName:
+                cached = yield ctx.image_cache.get_named(
+                    info.ImageName, float(request.ImageTimeout), progress
+                )
+            else:
+                cached = yield ctx.image_cache.get(
+                    info.ImageURL,
+                    ctx.settings.images_directory,
+                    float(request.ImageTimeout),
+                    progress,
+                )
             pins.append(cached)
             image_format = cached.format
             if image_format == VolumeFormat.RAW:

@@ -330,15 +330,25 @@ def tls_policy_from_ca_file(path: str) -> BrowserLikePolicyForHTTPS:
     """
     from twisted.internet.ssl import Certificate, trustRootFromCertificates
 
+    return BrowserLikePolicyForHTTPS(
+        trustRootFromCertificates([Certificate.loadPEM(b) for b in read_pem_certificates(path)])
+    )
+
+
+def read_pem_certificates(path: str) -> list[bytes]:
+    """
+    The PEM certificate blocks in file C{path}.
+
+    @raise ValueError: there are none.
+    """
     with open(path, "rb") as f:
         text = f.read()
     end = b"-----END CERTIFICATE-----"
-    blocks = [block + end for block in text.split(end) if b"-----BEGIN CERTIFICATE-----" in block]
+    begin = b"-----BEGIN CERTIFICATE-----"
+    blocks = [begin + block.split(begin, 1)[1] + end for block in text.split(end) if begin in block]
     if not blocks:
         raise ValueError(f"{path}: no PEM certificate")
-    return BrowserLikePolicyForHTTPS(
-        trustRootFromCertificates([Certificate.loadPEM(block) for block in blocks])
-    )
+    return blocks
 
 
 def _header(response: Any, name: bytes) -> str:

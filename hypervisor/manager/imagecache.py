@@ -183,6 +183,7 @@ class ImageCache:
         self.reactor = reactor
         self.fetcher = fetcher
         self.volume_files = volume_files
+        self.image_server: Optional[tuple[str, int, Fetcher]] = None
         self.entries: dict[str, CachedImage] = {}
         self.pinned: dict[str, int] = {}
         self.hits = self.misses = self.revalidations = self.evictions = 0
@@ -281,11 +282,12 @@ class ImageCache:
         images_directory: str = "",
         timeout: float = 0.0,
         progress: Callable[[str], None] = lambda message: None,
+        fetcher: Optional[Fetcher] = None,
     ) -> Any:
         """
         The cached image for C{url} (C{http(s)://} or C{file://}), fetching it
-        first if needed; fires with a L{CachedImage} that stays pinned (never
-        evicted) until L{unpin}.
+        first if needed (with C{fetcher}, default L{fetcher}); fires with a
+        L{CachedImage} that stays pinned (never evicted) until L{unpin}.
         """
         base_url, sha256 = split_checksum(url)
         yield self.open()
@@ -297,7 +299,9 @@ class ImageCache:
         lock = self._locks.setdefault(source, DeferredLock())
         yield lock.acquire()
         try:
-            result = yield self._get(base_url, path, source, sha256, timeout, progress)
+            result = yield self._get(
+                base_url, path, source, sha256, timeout, progress, fetcher or self.fetcher
+            )
         finally:
             lock.release()
             if not lock.locked and not lock.waiting:
@@ -320,6 +324,7 @@ class ImageCache:
         sha256: str,
         timeout: float,
         progress: Callable[[str], None],
+        fetcher: Fetcher,
     ) -> Any:
         name = os.path.basename(path or url.rstrip("/")) or url
         if sha256 and sha256 in self.entries:
@@ -362,7 +367,7 @@ class ImageCache:
                 validators = known.sources[source] if known is not None else {}
                 progress(f"getting image {url}")
                 try:
-                    done = yield self.fetcher.fetch(
+                    done = yield fetcher.fetch(
                         url,
                         tmp,
                         sha256=sha256,
@@ -416,6 +421,32 @@ class ImageCache:
             raise
         yield self.evict()
         return entry
+
+    def get_named(
+        self,
+        name: str,
+        timeout: float = 0.0,
+        progress: Callable[[str], None] = lambda message: None,
+    ) -> Any:
+        """
+        The cached image C{ImageName} from the image server (L{image_server}:
+        hostname, port and the L{Fetcher} presenting our certificate); see
+        L{hypervisor.imageserver}.
+        """
+        if self.image_server is None:
+            raise InvalidRequest(
+                "ImageName needs an image server: start the daemon with -certFile, "
+                "-keyFile and -CAfile readable (it presents its certificate to "
+                "-imageServerHostname:-imageServerPortNum)"
+            )
+        from hypervisor.imageserver import image_server_url
+
+        hostname, port, fetcher = self.image_server
+        try:
+            url = image_server_url(hostname, port, name)
+        except ValueError as e:
+            raise InvalidRequest(f"ImageName: {e}") from None
+        return self.get(url, "", timeout, progress, fetcher=fetcher)
 
     # Eviction ----------------------------------------------------------------------
 

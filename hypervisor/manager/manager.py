@@ -125,6 +125,7 @@ class Manager(MultiService):
         image_timeout: float = 600.0,
         image_max_size: int = 64 << 30,
         image_tls_policy: Optional[Any] = None,
+        image_server: Optional[tuple[str, int, Any]] = None,
     ) -> None:
         super().__init__()
         self.state = state
@@ -182,6 +183,19 @@ class Manager(MultiService):
                 ),
                 self._volume_files,
             )
+            if image_server is not None:
+                hostname, port, policy = image_server
+                self.ctx.image_cache.image_server = (
+                    hostname,
+                    port,
+                    Fetcher(
+                        reactor,
+                        runner,
+                        max_size=image_max_size,
+                        timeout=image_timeout,
+                        tls_policy=policy,
+                    ),
+                )
         if domain_type != "auto":
             self.ctx.domain_type = domain_type
             self.ctx.domain_type_reason = "set by -domainType"

@@ -413,10 +413,8 @@ class VolumeOps:
         started again after.
         """
         ip = request.IpAddress
-        if request.ImageName:
-            raise InvalidRequest("ImageName needs an image server; use ImageURL")
-        if bool(request.ImageURL) == bool(request.ImageDataSize):
-            raise InvalidRequest("give ImageURL or image data (ImageDataSize), one of them")
+        if (bool(request.ImageURL) + bool(request.ImageDataSize) + bool(request.ImageName)) != 1:
+            raise InvalidRequest("give one of ImageName, ImageURL and image data (ImageDataSize)")
         if request.ImageDataSize and (upload is None or upload.length != request.ImageDataSize):
             raise InvalidRequest("ImageDataSize announces data that did not come with the request")
         if request.ImageURL and urllib.parse.urlparse(request.ImageURL).scheme not in (
@@ -444,7 +442,15 @@ class VolumeOps:
             cache = ctx.image_cache
             yield ctx.runner.run(_unlink, staged)
             try:
-                if request.ImageURL:
+                if request.ImageName:
+                    if cache is None:
+                        raise InvalidRequest("ImageName needs the image cache")
+                    progress("getting image")
+                    cached = yield cache.get_named(
+                        request.ImageName, float(request.ImageTimeout), progress
+                    )
+                    volume = yield self._overlay(cached, staged, request, progress)
+                elif request.ImageURL:
                     scheme = urllib.parse.urlparse(request.ImageURL).scheme
                     if cache is None and scheme != "file":
                         raise InvalidRequest(
@@ -458,16 +464,7 @@ class VolumeOps:
                             float(request.ImageTimeout),
                             progress,
                         )
-                        virtual = cached.virtual_size
-                        if cached.format == VolumeFormat.RAW:
-                            virtual = images.round_up(
-                                virtual + request.MinimumFreeBytes, request.RoundupPower
-                            )
-                        progress("creating copy-on-write root volume")
-                        size = yield ctx.runner.run(
-                            images.make_overlay, cached.path, cached.format, staged, virtual
-                        )
-                        volume = Volume(Format=VolumeFormat.QCOW2, Size=size, VirtualSize=virtual)
+                        volume = yield self._overlay(cached, staged, request, progress)
                     else:
                         path = yield ctx.runner.run(
                             images.local_image_path,
@@ -514,8 +511,8 @@ class VolumeOps:
                 new = ctx.table.copy(vm)
                 volume.Interface = old.Interface
                 new.VmInfo.Volumes[0] = volume
-                if request.ImageURL:
-                    new.VmInfo.ImageURL = request.ImageURL
+                new.VmInfo.ImageURL = request.ImageURL
+                new.VmInfo.ImageName = request.ImageName
                 yield ctx.table.commit(vm, new)
             except BaseException:
                 if upload is not None:
@@ -531,6 +528,26 @@ class VolumeOps:
                 yield self.lifecycle.start_domain(vm)
 
         return self._run(identity, ip, "ReplaceVmImage", replace, stopped=False)
+
+    @inlineCallbacks
+    def _overlay(
+        self,
+        cached: Any,
+        staged: str,
+        request: ReplaceVmImageRequest,
+        progress: Callable[[str], None],
+    ) -> Any:
+        """
+        A qcow2 overlay on a cached image at C{staged}; its Volume.
+        """
+        virtual = cached.virtual_size
+        if cached.format == VolumeFormat.RAW:
+            virtual = images.round_up(virtual + request.MinimumFreeBytes, request.RoundupPower)
+        progress("creating copy-on-write root volume")
+        size = yield self.ctx.runner.run(
+            images.make_overlay, cached.path, cached.format, staged, virtual
+        )
+        return Volume(Format=VolumeFormat.QCOW2, Size=size, VirtualSize=virtual)
 
     @inlineCallbacks
     def _sized(
