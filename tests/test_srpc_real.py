@@ -394,6 +394,19 @@ class SrpcRealTests(SynchronousTestCase):
         c.write(b'{"MemoryInMiB":"lots","SubnetId":"hvtest"}\n')
         self.assertIn(b"MemoryInMiB", self.read_until_closed(c))
         self.assertEqual(d.vm_dirs(), [])
+        # Silence after an accepted method line, or after the CONNECT reply (no TLS
+        # handshake): cut at the guard's deadlines (10 s), not kept.
+        c = self.tls_session(d)
+        c.write(b"Hypervisor.ListVMs\n")
+        self.assertEqual(c.read_line(), b"")
+        started = time.monotonic()
+        self.assertEqual(self.read_until_closed(c, timeout=30), b"")
+        self.assertLess(time.monotonic() - started, 25)
+        started = time.monotonic()
+        self.assertEqual(
+            self.raw(d, b"CONNECT /_SRPC_/TLS/JSON HTTP/1.0\n\n", timeout=30), CONNECTED
+        )
+        self.assertLess(time.monotonic() - started, 25)
         self.assert_no_traceback(d)
 
     def test_openssl_connect_inside_tls(self) -> None:

@@ -46,8 +46,9 @@ the same ones the HTTPS adapter (L{web.rpc}) uses.
      access rule. WatchDhcp: its request, then its packets.
 
 Deadlines and caps are the connection guard's (L{hypervisor.netguard}): the CONNECT
-head and every method line are C{HEADERS}, the TLS handshake C{HANDSHAKE}, a call in
-progress C{BUSY}, between calls C{IDLE}. Bytes a client sends while a call runs (it
+head, and every method line with its request JSON, are C{HEADERS} (due within its
+deadline), the TLS handshake C{HANDSHAKE}, a call in progress (its upload included)
+C{BUSY}, between calls C{IDLE}. Bytes a client sends while a call runs (it
 should not) are kept up to L{MAX_AHEAD}, beyond which the connection is closed.
 """
 
@@ -488,6 +489,8 @@ class SrpcServer(protocol.Protocol):
             self._write(b"\n")  # a ping
             self._enter(Phase.IDLE)
             return
+        # The method line and its request JSON are due within the headers deadline.
+        self._enter(Phase.HEADERS)
         service, method = wire.split_method(line)
         identity = self._caller()
         if service != SERVICE:
@@ -517,8 +520,8 @@ class SrpcServer(protocol.Protocol):
             return
         self.call = call
         self._write(b"\n")
-        self._enter(Phase.BUSY)
         if call.method == "GetUpdates":
+            self._enter(Phase.BUSY)
             self.stage = "busy"
             self._invoke(call.spec.request())
         else:
@@ -536,6 +539,7 @@ class SrpcServer(protocol.Protocol):
             _, message = self.dispatcher.classify(call, Failure(e))
             self._fail_line(message)
             return
+        self._enter(Phase.BUSY)
         if not size:
             self.stage = "busy"
             self._invoke(request)
