@@ -27,16 +27,19 @@ Cli = Callable[..., Any]
 
 class FakeFleetManager:
     """
-    A fleet manager's SRPC side for C{FleetManager.GetHypervisorForVM} only (there is
-    no Go fleet-manager binary on these machines): 404 to the gob endpoint, 200 and
-    TLS on C{/_SRPC_/TLS/JSON}, then method lines and JSON as SRPC frames them.
+    A fleet manager's SRPC side for C{FleetManager.GetHypervisorForVM} and
+    C{ListHypervisorsInLocation} only (there is no Go fleet-manager binary on these
+    machines): 404 to the gob endpoint, 200 and TLS on C{/_SRPC_/TLS/JSON}, then
+    method lines and JSON as SRPC frames them.
 
     @ivar vms: IP -> "host:port" it answers; other IPs get an Error.
+    @ivar hypervisors: the "host:port"s of ListHypervisorsInLocation.
     @ivar asked: the requests it was sent.
     """
 
-    def __init__(self, cert: str, key: str, vms: dict[str, str]) -> None:
+    def __init__(self, cert: str, key: str, vms: dict[str, str], hypervisors: list[str]) -> None:
         self.vms = vms
+        self.hypervisors = hypervisors
         self.asked: list[tuple[str, dict[str, Any]]] = []
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(cert, key)
@@ -80,18 +83,21 @@ class FakeFleetManager:
             if not method:
                 return
             name = method.decode().strip()
-            if name != "FleetManager.GetHypervisorForVM":
+            if name not in (
+                "FleetManager.GetHypervisorForVM",
+                "FleetManager.ListHypervisorsInLocation",
+            ):
                 tls.sendall(f"unknown method: {name}\n".encode())
                 return
             tls.sendall(b"\n")
             request = json.loads(reader.readline())
             self.asked.append((name, request))
-            address = self.vms.get(request.get("IpAddress", ""))
-            reply = (
-                {"HypervisorAddress": address, "Error": ""}
-                if address
-                else {"HypervisorAddress": "", "Error": "no hypervisor has this VM"}
-            )
+            if name == "FleetManager.ListHypervisorsInLocation":
+                reply: dict[str, Any] = {"HypervisorAddresses": self.hypervisors, "Error": ""}
+            elif request.get("IpAddress", "") in self.vms:
+                reply = {"HypervisorAddress": self.vms[request["IpAddress"]], "Error": ""}
+            else:
+                reply = {"HypervisorAddress": "", "Error": "no hypervisor has this VM"}
             tls.sendall(b"\n" + json.dumps(reply).encode() + b"\n")
 
     def close(self) -> None:
@@ -242,7 +248,8 @@ class ToolsEndToEndTests(SynchronousTestCase):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        self.addCleanup(lambda: process.poll() is None and process.kill())
+        self.addCleanup(process.wait)
+        self.addCleanup(process.kill)
         assert process.stdout is not None
         first = process.stdout.readline()
         if first != b"{\n":
@@ -267,9 +274,11 @@ class ToolsEndToEndTests(SynchronousTestCase):
 
     def test_through_a_fleet_manager(self) -> None:
         """
-        With C{-fleetManagerHostname}, vm-control asks the fleet manager which
-        hypervisor holds the VM (as Go's does) and calls that one; the fleet
-        manager's error is shown; over HTTPS it says a fleet manager needs SRPC.
+        With C{-fleetManagerHostname}, vm-control creates a VM on the first of the
+        fleet manager's hypervisors in C{-location} that takes it (as Go's does), asks
+        it which hypervisor holds a VM and calls that one; the fleet manager's error is
+        shown; over HTTPS it says a fleet manager needs SRPC; listing through it says
+        it is not implemented.
         """
         d, run = self.daemon()
         pki = os.path.join(d.dir, "pki")
@@ -286,19 +295,18 @@ class ToolsEndToEndTests(SynchronousTestCase):
             "52:54:0a:4d:00:02",
             "10.77.0.2",
         )
-        ip = self.ok(
-            lambda *a: run("vm_control", "admin", *a),
-            "-memory=64MiB",
-            "-minFreeBytes=1MiB",
-            "-doNotStart",
-            "create-vm",
-        ).strip()
-        fm = FakeFleetManager(f"{pki}/server.pem", f"{pki}/server.key", {ip: f"127.0.0.1:{d.port}"})
+        nowhere = support.free_port()
+        fm = FakeFleetManager(
+            f"{pki}/server.pem",
+            f"{pki}/server.key",
+            {"10.77.0.2": f"127.0.0.1:{d.port}"},
+            [f"127.0.0.1:{nowhere}", f"127.0.0.1:{d.port}"],
+        )
         self.addCleanup(fm.close)
 
         def via(*args: str) -> Any:
-            # -hypervisorPortNum (set by cli) points nowhere useful: the fleet manager
-            # decides.
+            # The hypervisor's host name is not given: the fleet manager decides
+            # (-hypervisorPortNum, set by cli, points nowhere).
             return run(
                 "vm_control",
                 "admin",
@@ -308,6 +316,14 @@ class ToolsEndToEndTests(SynchronousTestCase):
                 *args,
             )
 
+        r = via("-memory=64MiB", "-minFreeBytes=1MiB", "-doNotStart", "-location=lab", "create-vm")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        ip = r.stdout.strip()
+        self.assertEqual(ip, "10.77.0.2")
+        self.assertIn(f"error creating VM on 127.0.0.1:{nowhere}", r.stderr)
+        self.assertEqual(fm.asked[0][0], "FleetManager.ListHypervisorsInLocation")
+        self.assertEqual((fm.asked[0][1]["Location"], fm.asked[0][1]["SubnetId"]), ("lab", ""))
+        del fm.asked[:]
         info = json.loads(self.ok(via, "get-vm-info", ip))
         self.assertEqual(info["State"], "stopped")
         self.assertEqual(fm.asked, [("FleetManager.GetHypervisorForVM", {"IpAddress": ip})])
@@ -319,4 +335,5 @@ class ToolsEndToEndTests(SynchronousTestCase):
             ip,
             words="a fleet manager is reached over SRPC only",
         )
+        self.fails(via, "list-vms", words="give -hypervisorHostname")
         self.ok(via, "destroy-vm", ip)

@@ -201,41 +201,63 @@ class Tool:
 
     async def hypervisor(self, vm_ip: str = "") -> Transport:
         """
-        The hypervisor to talk to, found as Go's vm-control finds it: through the fleet
-        manager when C{-fleetManagerHostname} is given (the one holding C{vm_ip}, or for
-        a new VM the first in C{-location}), else C{-hypervisorHostname}, else
+        The hypervisor to talk to, found as Go's vm-control finds it: for a VM, through
+        the fleet manager when C{-fleetManagerHostname} is given
+        (C{FleetManager.GetHypervisorForVM}); else C{-hypervisorHostname}, else
         localhost.
+
+        @raise ClientError: a fleet manager is given for a command that is not about
+            one VM (listing through a fleet manager is not implemented here).
         """
         if self.fleet_manager_routing and self.v.get("fleetManagerHostname"):
+            if not vm_ip:
+                raise ClientError(
+                    "this command through a fleet manager (FleetManager.ListVMsInLocation)"
+                    " is not implemented here: give -hypervisorHostname"
+                )
             fm = self.fleet_manager()
-            if vm_ip:
-                reply = await self.call(
-                    fm, "FleetManager.GetHypervisorForVM", {"IpAddress": vm_ip}, None
-                )
-                address = reply.get("HypervisorAddress") or ""
-            else:
-                reply = await self.call(
-                    fm,
-                    "FleetManager.ListHypervisorsInLocation",
-                    {
-                        "HypervisorTagsToMatch": self.v.get("hypervisorTagsToMatch") or None,
-                        "IncludeUnhealthy": bool(self.v.get("includeUnhealthy")),
-                        "Location": self.v.get("location", ""),
-                        "SubnetId": self.v.get("subnetId", ""),
-                    },
-                    None,
-                )
-                addresses = reply.get("HypervisorAddresses") or []
-                if not addresses:
-                    raise ClientError("the fleet manager has no hypervisor for this VM")
-                address = addresses[0]
-            host, _, port = str(address).rpartition(":")
-            if not host or not port.isdigit():
-                raise ClientError(f"the fleet manager answered a bad address {address!r}")
-            self.debug(0, f"hypervisor: {address}")
-            return self.transport(host, int(port))
+            reply = await self.call(
+                fm, "FleetManager.GetHypervisorForVM", {"IpAddress": vm_ip}, None
+            )
+            return self._at(str(reply.get("HypervisorAddress") or ""))
         host = self.v["hypervisorHostname"] or "localhost"
         return self.transport(host, self.v["hypervisorPortNum"])
+
+    async def hypervisors_for_new_vm(self) -> list[Transport]:
+        """
+        Where create-vm may create the VM, in order, as Go's vm-control chooses:
+        C{-hypervisorHostname} if given; else the fleet manager's hypervisors in
+        C{-location} (C{FleetManager.ListHypervisorsInLocation}); else localhost.
+        """
+        if (
+            self.fleet_manager_routing
+            and self.v.get("fleetManagerHostname")
+            and not self.v["hypervisorHostname"]
+        ):
+            fm = self.fleet_manager()
+            reply = await self.call(
+                fm,
+                "FleetManager.ListHypervisorsInLocation",
+                {
+                    "HypervisorTagsToMatch": self.v.get("hypervisorTagsToMatch") or None,
+                    "IncludeUnhealthy": bool(self.v.get("includeUnhealthy")),
+                    "Location": self.v.get("location", ""),
+                    "SubnetId": self.v.get("subnetId", ""),
+                },
+                None,
+            )
+            addresses = reply.get("HypervisorAddresses") or []
+            if not addresses:
+                raise ClientError("the fleet manager has no hypervisor for this VM")
+            return [self._at(str(a)) for a in addresses]
+        return [await self.hypervisor()]
+
+    def _at(self, address: str) -> Transport:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ClientError(f"the fleet manager answered a bad address {address!r}")
+        self.debug(0, f"hypervisor: {address}")
+        return self.transport(host, int(port))
 
     async def call(
         self,

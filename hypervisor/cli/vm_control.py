@@ -479,22 +479,33 @@ async def create_vm(t: Tool, args: list[str]) -> int:
         if message.ProgressMessage:
             t.debug(0, message.ProgressMessage)
 
-    hv = await t.hypervisor()
-    t.debug(0, f"creating VM on {hv.address}")
-    if v["imageFile"]:
-        t.debug(0, "uploading image")
-    if v["userDataFile"]:
-        t.debug(0, "uploading user data")
-    final = await t.call(
-        hv,
-        "Hypervisor.CreateVm",
-        request,
-        model.CreateVmResponse,
-        (parts, sizes) if parts else None,
-        progress,
-    )
+    final: Optional[model.CreateVmResponse] = None
+    candidates = await t.hypervisors_for_new_vm()
+    for index, hv in enumerate(candidates):
+        for part in parts:
+            part.seek(0)
+        t.debug(0, f"creating VM on {hv.address}")
+        if v["imageFile"]:
+            t.debug(0, "uploading image")
+        if v["userDataFile"]:
+            t.debug(0, "uploading user data")
+        try:
+            final = await t.call(
+                hv,
+                "Hypervisor.CreateVm",
+                request,
+                model.CreateVmResponse,
+                (parts, sizes) if parts else None,
+                progress,
+            )
+            break
+        except ClientError as e:
+            if index + 1 == len(candidates):
+                raise
+            t.log(f"error creating VM on {hv.address}: {e}: trying the next hypervisor")
     for part in parts:
         part.close()
+    assert final is not None
     ip = final.IpAddress
     # Go's vm-control ignores AcknowledgeVm's Error (transcript 07, step 9).
     await t.call(hv, "Hypervisor.AcknowledgeVm", model.IpRequest(IpAddress=ip), None, check=False)
