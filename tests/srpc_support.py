@@ -1,7 +1,7 @@
 """
-Helpers for the SRPC tests: the capture transcripts of
-C{/work/shared/reference/srpc-transcripts} (C{SRPC_TRANSCRIPTS} overrides, falling
-back to C{tests/data/srpc-transcripts}) parsed into connections and calls, and an
+Helpers for the SRPC tests: the capture transcripts (C{tests/data/srpc-transcripts},
+a copy of the shared reference's C{srpc-transcripts}; C{$SRPC_TRANSCRIPTS} overrides)
+parsed into connections and calls, and an
 in-memory SRPC server over the real service layer (a L{Manager} on libvirt's
 C{test:///default} driver) with the transcripts' network: subnet C{t}
 (10.77.0.0/24), addresses 10.77.0.10-20, VM 10.77.0.10 owned by C{testuser}.
