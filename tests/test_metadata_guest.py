@@ -62,7 +62,7 @@ VM_MAC = "52:54:0a:71:00:02"
 MiB = 1024 * 1024
 USER_DATA = b"""#cloud-config
 runcmd:
-  - echo "hv-marker: runcmd on $(hostname)" > /dev/console
+  - 'echo "hv-marker runcmd on $(hostname)" > /dev/console'
 """
 FINISHED = r"Cloud-init v\. \S+ finished at"
 # Under TCG: no floppy/legacy probing, quiet kernel (the serial console is slow).
@@ -242,7 +242,7 @@ class StockCloudInitTests(TestCase):
         self.assertIn("/openstack", paths)
         self.assertTrue(any(p.endswith("/meta_data.json") for p in paths), paths)
         self.assertTrue(any(p.endswith("/user_data") for p in paths), paths)
-        self.assertIn("hv-marker: runcmd on stock-guest", log)
+        self.assertIn("hv-marker runcmd on stock-guest", log)
         self.assertIn("hv-cloud-init: hostname=stock-guest", log)
         self.assertRegex(log, FINISHED)
         self.assertIn("status: done", log)
