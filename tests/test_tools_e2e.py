@@ -171,6 +171,12 @@ class ToolsEndToEndTests(SynchronousTestCase):
                 words="error adding address: ",
             )
             self.interrupt_get_updates(d, pki=os.path.join(d.dir, "pki"))
+        r = hc("-netbootTimeout=1s", "netboot-machine", "52:54:0a:4d:00:30", "10.77.0.30", "pxe30")
+        self.assertEqual(r.returncode, 1, r.stderr)
+        # The daemon served the temporary lease and waited for Go's default of 2 ACKs.
+        self.assertIn("error netbooting machine: timed out receiving lease", r.stderr)
+        self.assertIn("(0 of 2 ACKs sent)", r.stderr)
+        self.fails(hc, "watch-dhcp", "nope0", words="error watching DHCP: interface 'nope0'")
         self.ok(hc, "disable-hypervisor")
         create = ["-memory=64MiB", "-minFreeBytes=1MiB", "-roundupPower=0", "-doNotStart"]
         self.fails(vc, *create, "create-vm", words="error creating VM: Hypervisor is disabled")
