@@ -27,6 +27,7 @@ from hypervisor.errors import AccessDenied, Unavailable
 from hypervisor.manager.create import upload_size
 from hypervisor.manager.manager import Manager
 from hypervisor.manager.updates import UpdateStream
+from hypervisor.manager.userdata import MAX_USER_DATA
 from hypervisor.model import (
     AccessRequest,
     AddVmVolumesRequest,
@@ -50,6 +51,7 @@ from hypervisor.model import (
     GetVmInfoResponse,
     GetVmInfosRequest,
     GetVmInfosResponse,
+    GetVmUserDataResponse,
     IpRequest,
     ListSubnetsRequest,
     ListSubnetsResponse,
@@ -60,6 +62,7 @@ from hypervisor.model import (
     RegisterExternalLeasesRequest,
     ReplaceVmImageRequest,
     ReplaceVmImageResponse,
+    ReplaceVmUserDataRequest,
     RestoreVmFromSnapshotRequest,
     SetDisabledStateRequest,
     SnapshotVmRequest,
@@ -194,6 +197,16 @@ METHODS: dict[str, MethodSpec] = {
     "RestoreVmFromSnapshot": MethodSpec(RestoreVmFromSnapshotRequest, PUBLIC),
     "RestoreVmImage": MethodSpec(IpRequest, PUBLIC),
     "SnapshotVm": MethodSpec(SnapshotVmRequest, PUBLIC),
+    # User data (hypervisor.manager.userdata):
+    "DiscardVmOldUserData": MethodSpec(IpRequest, PUBLIC),
+    "GetVmUserData": MethodSpec(AccessRequest, PUBLIC),
+    "ReplaceVmUserData": MethodSpec(
+        ReplaceVmUserDataRequest,
+        PUBLIC,
+        upload=lambda r: max(r.Size, 0),
+        max_upload=MAX_USER_DATA,
+    ),
+    "RestoreVmUserData": MethodSpec(IpRequest, PUBLIC),
 }
 
 ACCESS: dict[str, str] = {name: spec.access for name, spec in METHODS.items()}
@@ -458,6 +471,43 @@ class HypervisorApi:
                 upload.discard()
             raise
         return ReplaceVmImageResponse(Final=True)
+
+    def ReplaceVmUserData(
+        self,
+        identity: Identity,
+        request: ReplaceVmUserDataRequest,
+        upload: Optional[UploadStream] = None,
+    ) -> "Deferred[ErrorResponse]":
+        """
+        Replace a VM's user data with the C{Size} bytes that follow the request.
+        """
+        return self._done(
+            self.manager.user_data.replace(identity, request.IpAddress, request.Size, upload)
+        )
+
+    @inlineCallbacks
+    def GetVmUserData(self, identity: Identity, request: AccessRequest) -> Any:
+        """
+        A VM's user data.
+        """
+        data = yield self.manager.user_data.get(identity, request.IpAddress)
+        return with_raw(GetVmUserDataResponse(Length=len(data)), data)
+
+    def RestoreVmUserData(
+        self, identity: Identity, request: IpRequest
+    ) -> "Deferred[ErrorResponse]":
+        """
+        Put C{user-data.raw.old} back.
+        """
+        return self._done(self.manager.user_data.restore(identity, request.IpAddress))
+
+    def DiscardVmOldUserData(
+        self, identity: Identity, request: IpRequest
+    ) -> "Deferred[ErrorResponse]":
+        """
+        Remove C{user-data.raw.old}.
+        """
+        return self._done(self.manager.user_data.discard_old(identity, request.IpAddress))
 
     def RestoreVmImage(self, identity: Identity, request: IpRequest) -> "Deferred[ErrorResponse]":
         """

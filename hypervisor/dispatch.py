@@ -227,6 +227,8 @@ class Dispatcher:
             d = maybeDeferred(handler, call.identity, request, send, upload=upload)
         elif kind == UPDATES:
             d = maybeDeferred(handler, call.identity, request)
+        elif call.spec.upload is not None:  # a reply after raw bytes (ReplaceVmUserData)
+            d = maybeDeferred(handler, call.identity, request, upload=upload)
         else:
             d = maybeDeferred(handler, call.identity, request)
         return d

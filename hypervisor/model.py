@@ -916,3 +916,27 @@ class ReplaceVmImageResponse:
     Error: MessageText = ""
     Final: bool = False
     ProgressMessage: MessageText = ""
+
+
+# User data (reference §1.4) -------------------------------------------------------------
+
+
+@dataclass
+class ReplaceVmUserDataRequest:
+    """
+    ReplaceVmUserData: C{Size} bytes of user data follow the request.
+    """
+
+    IpAddress: IPv4Text = ""
+    Size: Uint64 = 0
+
+
+@dataclass
+class GetVmUserDataResponse:
+    """
+    GetVmUserData: C{{Error, Length}}, then C{Length} raw bytes on the connection
+    (L{hypervisor.api.with_raw}; after the JSON line over HTTPS too).
+    """
+
+    Error: MessageText = ""
+    Length: Uint64 = 0

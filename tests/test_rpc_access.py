@@ -69,6 +69,10 @@ VM_OWNER_METHODS = {
     "RestoreVmFromSnapshot",
     "RestoreVmImage",
     "SnapshotVm",
+    "DiscardVmOldUserData",
+    "GetVmUserData",
+    "ReplaceVmUserData",
+    "RestoreVmUserData",
     "BecomePrimaryVmOwner",
     "ChangeVmDestroyProtection",
     "ChangeVmHostname",
@@ -130,6 +134,10 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "RestoreVmFromSnapshot": {"IpAddress": VM_IP, "Name": "none"},
     "RestoreVmImage": {"IpAddress": VM_IP},
     "SnapshotVm": {"IpAddress": VM_IP, "Name": "m", "ForceIfNotStopped": True},
+    "DiscardVmOldUserData": {"IpAddress": VM_IP},
+    "GetVmUserData": {"IpAddress": VM_IP},
+    "ReplaceVmUserData": {"IpAddress": VM_IP, "Size": 0},
+    "RestoreVmUserData": {"IpAddress": VM_IP},
 }
 
 

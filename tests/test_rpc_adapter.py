@@ -742,3 +742,31 @@ class UpdatesTests(AdapterTestCase):
         )
         self.publish(True)
         self.assertEqual(len(Response(transport.value()).lines()), 2 + MAX_QUEUED)
+
+
+class UserDataStreamTests(AdapterTestCase):
+    """
+    ReplaceVmUserData (JSON line, then Size raw bytes) and GetVmUserData (JSON line
+    with Length, then the raw bytes) over HTTP.
+    """
+
+    def test_round_trip(self) -> None:
+        created = self.call("CreateVm", self.create_line(MinimumFreeBytes=MiB))
+        ip = created.lines()[-1]["IpAddress"]
+        self.call("AcknowledgeVm", json.dumps({"IpAddress": ip}).encode())
+        data = b"#cloud-config\nhostname: x\n" + bytes(range(256))
+        body = json.dumps({"IpAddress": ip, "Size": len(data)}).encode() + b"\n" + data
+        replaced = self.call("ReplaceVmUserData", body)
+        self.assertEqual(replaced.status, 200, replaced.body)
+        got = self.call("GetVmUserData", json.dumps({"IpAddress": ip}).encode())
+        self.assertEqual(got.status, 200)
+        line, _, rest = got.body.partition(b"\n")
+        self.assertEqual(json.loads(line)["Length"], len(data))
+        self.assertEqual(rest, data)
+        short = self.call(
+            "ReplaceVmUserData",
+            json.dumps({"IpAddress": ip, "Size": 10}).encode() + b"\nabc",
+        )
+        self.assertEqual(short.status, 400)
+        got = self.call("GetVmUserData", json.dumps({"IpAddress": ip}).encode())
+        self.assertEqual(got.body.partition(b"\n")[2], data)

@@ -7,6 +7,7 @@ and the GET side routes.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -194,6 +195,42 @@ class ServerTests(TestCase):
         self.assertTrue(out.endswith(b'\n\n{"IpAddresses":["10.77.0.10","10.77.0.11"]}\n'), out)
         vm = b.manager.vms["10.77.0.11"]
         self.assertEqual(vm.info.OwnerUsers[:1], ["testuser"])
+
+
+class FailedUploadTests(TestCase):
+    """
+    A CreateVm the service refuses after the upload began: SRPC reads (and drops)
+    the rest, as Go's client writes everything before it reads, then answers the
+    error; the connection takes the next call.
+    """
+
+    timeout = 120
+
+    async def test_drained_then_error(self) -> None:
+        b = Backend(self)
+        await b.start()
+        proto, transport = b.server(USER)
+        size = 3 * 1024 * 1024
+        request = (
+            b'{"MemoryInMiB":999999999,"MilliCPUs":10,"SubnetId":"t","ImageDataSize":%d}\n' % size
+        )
+        proto.dataReceived(b"Hypervisor.CreateVm\n" + request + b"\x01" * 1000)
+        await output_until(transport, lambda o: False, 0.5)
+        self.assertEqual(transport.value(), b"\n")  # nothing before the upload is in
+        left = size - 1000
+        while left:
+            n = min(65536, left)
+            proto.dataReceived(b"\x01" * n)
+            left -= n
+        proto.dataReceived(b"Hypervisor.ListVMs\n{}\n")
+        out = await output_until(transport, lambda o: b"IpAddresses" in o, 20)
+        lines = out.split(b"\n")
+        self.assertEqual(lines[0], b"")
+        error = json.loads(lines[1])
+        self.assertIn("memory", error["Error"].lower())
+        self.assertNotIn("Final", error)
+        self.assertEqual(lines[2:], [b"", b"", b'{"IpAddresses":[]}', b""])
+        self.assertEqual(b.manager.vms, {})
 
 
 class RoutesTests(SynchronousTestCase):

@@ -13,6 +13,7 @@ from typing import Any
 from twisted.internet import reactor
 
 from hypervisor import errors
+from hypervisor.api import raw_of
 from hypervisor.model import (
     AccessRequest,
     AddVmVolumesRequest,
@@ -21,6 +22,7 @@ from hypervisor.model import (
     DiscardVmSnapshotRequest,
     IpRequest,
     ReplaceVmImageRequest,
+    ReplaceVmUserDataRequest,
     RestoreVmFromSnapshotRequest,
     SnapshotVmRequest,
     StartVmRequest,
@@ -273,3 +275,50 @@ class VolumeOpsTests(ManagerTestCase):
         await self.api.DiscardVmOldImage(ALICE, IpRequest(ip))
         self.assertEqual(self.files(ip), ["root"])
         del image, other
+
+    async def test_user_data(self) -> None:
+        """
+        ReplaceVmUserData streams the bytes to user-data.raw (the previous one kept
+        as .old); GetVmUserData returns them; RestoreVmUserData and
+        DiscardVmOldUserData work on .old; strangers are refused; a short upload
+        changes nothing.
+        """
+        ip = await self.stopped_vm()
+        directory = os.path.join(self.root, "state", "VMs", ip)
+
+        async def replace(data: bytes, identity: Any = ALICE, length: Any = None) -> Any:
+            stream = UploadStream(len(data) if length is None else length)
+            reactor.callLater(0, stream.write, data)
+            if length is not None:
+                reactor.callLater(0.01, stream.finish)
+            return await self.api.ReplaceVmUserData(
+                identity, ReplaceVmUserDataRequest(IpAddress=ip, Size=stream.length), stream
+            )
+
+        await replace(b"#cloud-config\nfirst\n")
+        await replace(b"#cloud-config\nsecond\n")
+        got = await self.api.GetVmUserData(ALICE, AccessRequest(IpAddress=ip))
+        self.assertEqual(raw_of(got), b"#cloud-config\nsecond\n")
+        self.assertEqual(got.Length, len(raw_of(got) or b""))
+        with open(os.path.join(directory, "user-data.raw.old"), "rb") as f:
+            self.assertEqual(f.read(), b"#cloud-config\nfirst\n")
+        self.assertEqual(os.stat(os.path.join(directory, "user-data.raw")).st_mode & 0o777, 0o600)
+        await self.raises(errors.AccessDenied, replace, b"evil", BOB)
+        await self.raises(
+            errors.AccessDenied, self.api.GetVmUserData, BOB, AccessRequest(IpAddress=ip)
+        )
+        e = await self.raises(errors.InvalidRequest, replace, b"short", ALICE, 100)
+        self.assertIn("ended", str(e))
+        got = await self.api.GetVmUserData(ALICE, AccessRequest(IpAddress=ip))
+        self.assertEqual(raw_of(got), b"#cloud-config\nsecond\n")
+        self.assertNotIn("user-data.raw.new", os.listdir(directory))
+        await self.api.RestoreVmUserData(ALICE, IpRequest(ip))
+        got = await self.api.GetVmUserData(ALICE, AccessRequest(IpAddress=ip))
+        self.assertEqual(raw_of(got), b"#cloud-config\nfirst\n")
+        await self.raises(errors.NotFound, self.api.RestoreVmUserData, ALICE, IpRequest(ip))
+        await replace(b"third")
+        await self.api.DiscardVmOldUserData(ALICE, IpRequest(ip))
+        self.assertNotIn("user-data.raw.old", os.listdir(directory))
+        self.assertEqual(
+            self.manager.table.user_data_path(ip), os.path.join(directory, "user-data.raw")
+        )

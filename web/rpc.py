@@ -44,7 +44,14 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from hypervisor.api import METHODS, PROGRESS, UNAUTHENTICATED_READS, UPDATES, encode_reply
+from hypervisor.api import (
+    METHODS,
+    PROGRESS,
+    UNAUTHENTICATED_READS,
+    UPDATES,
+    encode_reply,
+    raw_of,
+)
 from hypervisor.auth import CertificateRefused, TrustStore
 from hypervisor.dispatch import Call, Dispatcher, RequestTooLarge
 from hypervisor.errors import HypervisorError, InvalidRequest
@@ -407,6 +414,9 @@ class RpcCall:
         self.outcome = None
         if kind == "reply":
             self._write(_line(value))
+            raw = raw_of(value)  # GetVmUserData: Length bytes after the JSON line
+            if raw:
+                self._write(raw)
             self.request.finish_reply()
         elif kind == "updates":
             self._drain_updates(value)

@@ -206,6 +206,9 @@ class Manager(MultiService):
         from hypervisor.manager.volumeops import VolumeOps
 
         self.volumes = VolumeOps(self.ctx, self.lifecycle)
+        from hypervisor.manager.userdata import UserData
+
+        self.user_data = UserData(self.ctx)
         self.changes = Changes(self.ctx)
         self.admin = HostAdmin(self.ctx)
         self.start_time: Optional[float] = None
