@@ -1,6 +1,7 @@
 """
 vm-control and hyper-control against the Go tools' own C{-h} output
-(C{../shared/reference/go-tools-help/}): the same flags (name, type, default, text),
+(C{../shared/reference/go-tools-help/}, copied in C{tests/data/go-tools-help}): the
+same flags (name, type, default, text),
 the same commands, Go's layout; read from those files here, so that drift fails.
 """
 
@@ -17,8 +18,10 @@ from hypervisor.api import METHODS
 from hypervisor.cli import goflags, hyper_control, tool, vm_control
 from tests.support import REPO
 
-REFERENCE = os.path.join(os.path.dirname(REPO), "shared", "reference")
-HELP_DIR = os.path.join(REFERENCE, "go-tools-help")
+SHARED = os.path.join(os.path.dirname(REPO), "shared", "reference", "go-tools-help")
+LOCAL = os.path.join(REPO, "tests", "data", "go-tools-help")
+# The copy in the tests (a clean clone has no ../shared), or the shared reference.
+HELP_DIR = LOCAL if os.path.isdir(LOCAL) else SHARED
 HOME = os.path.expanduser("~")
 
 
@@ -98,9 +101,8 @@ def newer_go_vm_control_commands() -> set[str]:
     """
     The vm-control commands of later Go versions, from the reference's section 13.
     """
-    with open(os.path.join(REFERENCE, "smallstack-hypervisor.md")) as f:
-        text = f.read()
-    section = text[text.index("### vm-control") : text.index("### hyper-control")]
+    with open(os.path.join(HELP_DIR, "vm-control-later-commands.txt")) as f:
+        section = f.read()
     return set(re.findall(r"\b([a-z]+(?:-[a-z]+)+)\b", section))
 
 

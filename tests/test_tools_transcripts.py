@@ -28,9 +28,9 @@ from hypervisor import certs
 from hypervisor.cli import goflags, hyper_control, tool, vm_control
 from hypervisor.cli.client import ClientError
 from hypervisor.cli.transport import ENDLESS_STREAMS, PROGRESS_STREAMS
-from tests.support import REPO
+from tests.srpc_support import transcripts_dir
 
-TRANSCRIPTS = os.path.join(os.path.dirname(REPO), "shared", "reference", "srpc-transcripts")
+TRANSCRIPTS = transcripts_dir()
 FILES = [
     "01-list-vms-get-vm-info.txt",
     "02-create-vm.txt",
