@@ -60,7 +60,22 @@ class _ClientCertOptions(ssl.CertificateOptions):
                 [crypto.X509.from_cryptography(c).get_subject() for c in self._client_cas]
             )
         ctx.set_session_id(b"smallstack-hypervisor")
+        ctx.set_alpn_select_callback(_alpn_select)
         return ctx
+
+
+def _alpn_select(connection: SSL.Connection, offered: list[bytes]) -> Any:
+    """
+    The ALPN answer: HTTP/1.1 if the client offers it, else no protocol (the handshake
+    goes on without ALPN).
+
+    Replaces Twisted's own callback (Twisted 26.10 installs one on every context):
+    when the wrapped factory names no protocols, as ours do not, it answers C{b""},
+    which pyOpenSSL passes to OpenSSL as a chosen protocol of length 0, and OpenSSL
+    fails the handshake with an C{internal_error} alert: every client offering ALPN
+    (curl, browsers) was refused.
+    """
+    return b"http/1.1" if b"http/1.1" in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 def server_tls_options(cert_file: str, key_file: str, trust: TrustStore) -> ssl.CertificateOptions:
