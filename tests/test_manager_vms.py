@@ -300,7 +300,7 @@ class CreateTests(ManagerTestCase):
                 errors.NotFound,
                 "no such file",
             ),
-            (dict(ImageName="debian"), errors.InvalidRequest, "image server"),
+            (dict(ImageName="debian"), errors.InvalidRequest, "image cache"),
             (dict(MilliCPUs=5000), errors.InsufficientCapacity, "1000 short"),
             (dict(MemoryInMiB=9000), errors.InsufficientCapacity, "808 MiB short"),
             (

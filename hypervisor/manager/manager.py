@@ -453,7 +453,29 @@ class Manager(MultiService):
             atomic_write(ctx.pool.path, ctx.pool.encode())
         for problem in self.check_invariants():
             self.log.error("address pool: {problem}", problem=problem)
+        self._scan_storage()
         ctx.stats.load()
+
+    def _scan_storage(self) -> None:
+        """
+        Clean up after interrupted volume operations and rediscover snapshots
+        (L{hypervisor.manager.volumeops.scan_storage}); blocking, at start only.
+        """
+        from hypervisor import codec
+        from hypervisor.manager.volumeops import scan_storage
+        from hypervisor.store import atomic_write
+
+        for vm in list(self.table.vms.values()):
+            try:
+                done = scan_storage(vm)
+                if done:
+                    vm.changed()
+                    atomic_write(self.table.info_path(vm), codec.encode(vm.local, indent=4))
+            except OSError as e:
+                self.log.error("VM {ip}: scanning its volumes failed: {e}", ip=vm.ip, e=e)
+                continue
+            for sentence in done:
+                self.log.warn("VM {ip}: {s}", ip=vm.ip, s=sentence)
 
     def startService(self) -> None:
         """
@@ -465,6 +487,12 @@ class Manager(MultiService):
         self.start_time = self.reactor.seconds()
         super().startService()
         self.ctx.stats.start()
+        if self.ctx.image_cache is not None:
+            # Empties partial/ (downloads a crash interrupted) and checks the index now,
+            # not at the first use.
+            self.ctx.image_cache.open().addErrback(
+                lambda f: self.log.failure("image cache {d}", f, d=self.ctx.image_cache.directory)
+            )
         for vm in self.table.vms.values():
             if vm.pending is not None and vm.pending.get("Phase") == "acknowledge":
                 self.log.info(

@@ -142,6 +142,45 @@ def _copy_then_rename(src: str, dst: str) -> int:
     return os.path.getsize(dst)
 
 
+def scan_storage(vm: Vm) -> list[str]:
+    """
+    At start (blocking, before the reactor runs; the reference's C{scanStorage}):
+    remove what an interrupted operation left (C{root.new}, C{<volume>.snapshot*.new},
+    C{user-data.raw.new}), adopt snapshot files that exist but are not recorded (a
+    crash between the file and C{info.json}) and forget recorded snapshots whose file
+    is gone. Changes C{vm.local} in place; returns what it did, for the log.
+    """
+    done = []
+    for name in ("user-data.raw.new",):
+        path = os.path.join(vm.directory, name)
+        if os.path.exists(path):
+            os.unlink(path)
+            done.append(f"removed {path}")
+    for volume, location in zip(vm.local.VmInfo.Volumes, vm.local.VolumeLocations):
+        directory, base = os.path.split(location.Filename)
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            full = os.path.join(directory, name)
+            if name == base + ".new" or (
+                name.startswith(base + ".snapshot") and name.endswith(".new")
+            ):
+                os.unlink(full)
+                done.append(f"removed {full}, left by an interrupted operation")
+            elif name == base + ".snapshot" or name.startswith(base + ".snapshot:"):
+                snap = name[len(base) + len(".snapshot:") :] if ":" in name else ""
+                if snap not in volume.Snapshots and (not snap or _SNAPSHOT_NAME.fullmatch(snap)):
+                    volume.Snapshots[snap] = os.path.getsize(full)
+                    done.append(f"adopted snapshot {full}")
+        for snap in list(volume.Snapshots):
+            if not os.path.exists(snapshot_path(location.Filename, snap)):
+                del volume.Snapshots[snap]
+                done.append(f"forgot snapshot {snap!r} of {location.Filename}: its file is gone")
+    return done
+
+
 class VolumeOps:
     """
     The volume and image methods.
