@@ -33,6 +33,7 @@ from hypervisor.model import (
     ChangeAddressPoolRequest,
     CreateVmRequest,
     IpRequest,
+    ReplaceVmUserDataRequest,
     Subnet,
     UpdateSubnetsRequest,
     VmInfo,
@@ -41,12 +42,15 @@ from hypervisor.srpc.protocol import SrpcFactory, SrpcServer
 from hypervisor.store import StateDirectory
 from hypervisor.testing import FakeHost
 from hypervisor.tls import server_tls_options
+from hypervisor.upload import UploadStream
 from hypervisor.virt.connection import LibvirtService, start_event_loop
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = "/work/shared/reference/srpc-transcripts"
 LOCAL = os.path.join(HERE, "data", "srpc-transcripts")
 VM_IP = "10.77.0.10"
+USER_DATA = b"#cloud-config\nhostname: demo-vm\n" + bytes(range(256)) * 20
+"""The fixture VM's user data (over 512 bytes: past Go's JSON read-ahead)."""
 RAW = re.compile(r"^<(\d+) raw bytes, sha256 ([0-9a-f]+)>")
 HANDSHAKE = re.compile(
     r"client cert CN=([^,]*), groups\(OID [0-9.]+\)=(\[[^\]]*\]), "
@@ -270,6 +274,12 @@ class Backend:
             ),
         )
         await self.api.AcknowledgeVm(ROOT, IpRequest(response.IpAddress))
+        upload = UploadStream(len(USER_DATA))
+        upload.write(USER_DATA)
+        reply = await self.api.ReplaceVmUserData(
+            ROOT, ReplaceVmUserDataRequest(IpAddress=VM_IP, Size=len(USER_DATA)), upload=upload
+        )
+        assert not reply.Error, reply
         # The creator (root) became the primary owner: make testuser the only one.
         vm = self.manager.vms[VM_IP]
         new = self.manager.table.copy(vm)

@@ -1,44 +1,27 @@
 """
-Server -> client raw bytes after a JSON reply (L{hypervisor.api.with_raw}: the
-reference's GetVmUserData and GetVmLastPatchLog) over real TLS on loopback, read by
-the Go-faithful client with Go's JSON read-ahead emulated (the decoder takes up to
-512 bytes past the JSON; srpc-transcripts README quirk 1, 03 steps 7-10).
+Server -> client raw bytes after a JSON reply (L{hypervisor.api.with_raw}:
+GetVmUserData) over real TLS on loopback, read by the Go-faithful client with Go's
+JSON read-ahead emulated (the decoder takes up to 512 bytes past the JSON;
+srpc-transcripts README quirk 1, 03 steps 7-10). The user data is set through
+ReplaceVmUserData (its upload) over SRPC too.
 
-The service layer has no such method yet, so a test method is registered for the
-test (a fake in addition to the real path, which is the same SRPC writer). The
-control: with the JSON and the bytes in one TLS record the same client loses the
+The control: with the JSON and the bytes in one TLS record the same client loses the
 first 512 - len(JSON) bytes, as the Go client did in the captures.
 """
 
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
 
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from hypervisor import dispatch
-from hypervisor.api import METHODS, PUBLIC, MethodSpec, with_raw
 from hypervisor.certs import make_certificate, write_pair
-from hypervisor.model import IpRequest
 from hypervisor.srpc import client as srpc
 from hypervisor.tls import SniffingFactory, _PromptCloseTLS
-from tests.srpc_support import Backend
-
-METHOD = "GetTestRawData"
-
-
-@dataclass
-class RawResponse:
-    """
-    Like GetVmUserDataResponse: an error and the length of what follows.
-    """
-
-    Error: str = ""
-    Length: int = 0
+from tests.srpc_support import VM_IP, Backend
 
 
 class DownloadTests(TestCase):
@@ -51,16 +34,7 @@ class DownloadTests(TestCase):
     async def setUp(self) -> None:
         self.backend = Backend(self)
         await self.backend.start()
-        METHODS[METHOD] = MethodSpec(IpRequest, PUBLIC)
-        dispatch.ACCESS[METHOD] = PUBLIC
-        self.addCleanup(METHODS.pop, METHOD)
-        self.addCleanup(dispatch.ACCESS.pop, METHOD)
-        self.payload = b""
-
-        def handler(identity: object, request: IpRequest) -> RawResponse:
-            return with_raw(RawResponse(Length=len(self.payload)), self.payload)
-
-        setattr(self.backend.api, METHOD, handler)
+        await self.backend.ensure_vm()
         b = self.backend
         factory = SniffingFactory(
             Factory.forProtocol(Protocol), b.tls_options, connect=b.factory.router
@@ -76,7 +50,14 @@ class DownloadTests(TestCase):
             "127.0.0.1", self.port.getHost().port, *self.cert, go_readahead=True, timeout=timeout
         )
         with c:
-            message, data = c.call_download(METHOD, {"IpAddress": "10.77.0.10"})
+            reply = c.call_upload(
+                "ReplaceVmUserData",
+                {"IpAddress": VM_IP, "Size": len(self.payload)},
+                [(self.payload, len(self.payload))],
+            )
+            if reply.get("Error"):
+                raise AssertionError(reply)
+            message, data = c.call_download("GetVmUserData", {"IpAddress": VM_IP})
             if message.get("Error"):
                 raise AssertionError(message)
             return data

@@ -8,7 +8,9 @@ ahead as Go's does), by raw sockets and by C{openssl s_client}:
 - CreateVm with the tiny guest: a raw root image and user data streamed after the
   request line, progress messages, C{Final} with the IP, AcknowledgeVm on the same
   connection (as vm-control does), the guest boots; the volume holds exactly the
-  uploaded bytes and the state directory the user data;
+  uploaded bytes and the state directory the user data; the user data read back with
+  GetVmUserData (raw bytes after the JSON, through Go's read-ahead), replaced with
+  ReplaceVmUserData's upload and read again;
 - GetUpdates for 30 s with a keepalive every 5 s: the first Update full, one
   C{HealthStatus} Update per keepalive, and the changes made meanwhile over other
   connections (SetDisabledState, ChangeAddressPool) arrive on the stream;
@@ -144,6 +146,18 @@ class SrpcRealTests(SynchronousTestCase):
         )
         with open(os.path.join(d.state_dir, "VMs", ip, "user-data.raw"), "rb") as f:
             self.assertEqual(f.read(), user_data)
+        # User data round trip over SRPC: read back (past Go's read-ahead), replaced
+        # with an upload, read again.
+        message, data = c.call_download("GetVmUserData", {"IpAddress": ip})
+        self.assertEqual((message.get("Error", ""), data), ("", user_data))
+        new_data = b"#cloud-config\nfinal_message: replaced\n" * 40
+        reply = c.call_upload(
+            "ReplaceVmUserData",
+            {"IpAddress": ip, "Size": len(new_data)},
+            [(new_data, len(new_data))],
+        )
+        self.assertEqual(reply.get("Error", ""), "")
+        self.assertEqual(c.call_download("GetVmUserData", {"IpAddress": ip})[1], new_data)
         # The guest boots from it.
         bootlog = os.path.join(d.state_dir, "VMs", ip, "bootlog")
 

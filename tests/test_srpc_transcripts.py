@@ -42,7 +42,15 @@ from hypervisor.srpc.codec import (
     SRPC_UNSECURED_JSON,
     parse_connect,
 )
-from tests.srpc_support import Backend, Connection, Step, Unit, all_steps, output_until
+from tests.srpc_support import (
+    USER_DATA,
+    Backend,
+    Connection,
+    Step,
+    Unit,
+    all_steps,
+    output_until,
+)
 
 METHOD_LINE = re.compile(rb"^[A-Za-z]*\.[A-Za-z]+\r?\n$")
 FULL_UPDATE_KEYS = {
@@ -261,6 +269,8 @@ class TranscriptReplayTests(TestCase):
                 if extra:
                     problems.append(f"{where}: unknown keys {sorted(extra)}")
             return True
+        if any(u.data.startswith(b"{") and b'"Length"' in u.data for u in theirs[1:]):
+            return await self.replay_download(transport, mark, where, problems)
         got = await output_until(transport, lambda out: _lines(out[mark:]) >= 2, 30)
         answer = got[mark:]
         if not answer.startswith(b"\n") or not answer.endswith(b"\n") or _lines(answer) != 2:
@@ -274,6 +284,29 @@ class TranscriptReplayTests(TestCase):
             compare_shapes(ours, json.loads(reply[1:]), where, problems)
             if ours.get("Error") and not json.loads(reply[1:]).get("Error"):
                 problems.append(f"{where}: failed where the Go peer succeeded: {ours['Error']}")
+        return True
+
+    async def replay_download(
+        self, transport: Any, mark: int, where: str, problems: list[str]
+    ) -> bool:
+        """
+        A reply followed by raw bytes (GetVmUserData): a bare JSON object with its
+        C{Length}, then exactly that many bytes (the fixture VM's user data).
+        """
+
+        def complete(out: bytes) -> bool:
+            head, found, rest = out[mark:].partition(b"\n")
+            if not found or not head.startswith(b"{"):
+                return bool(found)
+            return len(rest) >= json.loads(head).get("Length", 0)
+
+        got = await output_until(transport, complete, 10)
+        head, _, rest = got[mark:].partition(b"\n")
+        message = json.loads(head) if head.startswith(b"{") else {}
+        if message.get("Error") or message.get("Length") != len(USER_DATA):
+            problems.append(f"{where}: download answered {got[mark:][:200]!r}")
+        elif rest != USER_DATA:
+            problems.append(f"{where}: raw bytes {rest[:80]!r}... != the user data")
         return True
 
     async def replay_updates(
