@@ -121,6 +121,7 @@ class Transfer:
         self.name = name
         self.port = port
         self.session: Optional[ReadSession] = None
+        self.protocol: Optional[SessionProtocol] = None
 
     def status(self) -> dict[str, Any]:
         """
@@ -223,6 +224,7 @@ class TftpServer:
             self.log.error("cannot open a TFTP transfer port for {client}: {e}", client=client, e=e)
             return
         transfer = Transfer(client, name, port)
+        transfer.protocol = protocol
         protocol.transfer = transfer
         protocol.server = self
         self.transfers[client] = transfer
@@ -274,6 +276,8 @@ class TftpServer:
             on_done=lambda s, why: self._done(transfer, why),
         )
         transfer.session = session
+        if transfer.protocol is not None:
+            transfer.protocol.deliver = session.datagram
         self.stats.started(transfer.name)
         session.start()
 
@@ -342,17 +346,12 @@ class SessionProtocol:
     A transfer's socket: packets from the client go to its session.
     """
 
-    transfer: Optional[Transfer] = None
-    server: Optional[TftpServer] = None
-
-    def deliver(self, datagram: bytes) -> None:
-        """
-        Hand the packet to the session (none yet while the file opens: the client
-        sends nothing before the first DATA or OACK).
-        """
-        transfer = self.transfer
-        if transfer is not None and transfer.session is not None:
-            transfer.session.datagram(datagram)
+    def __init__(self) -> None:
+        self.transfer: Optional[Transfer] = None
+        self.server: Optional[TftpServer] = None
+        # Where packets go: nowhere while the file opens (the client sends nothing
+        # before the first DATA or OACK), then straight to the session.
+        self.deliver: Callable[[bytes], None] = lambda datagram: None
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         """

@@ -170,7 +170,28 @@ class ReadSession:
         if self.finished:
             return
         if len(data) == 4 and data[1] == codec.ACK and data[0] == 0:
-            self.ack((data[2] << 8) | data[3])
+            block = (data[2] << 8) | data[3]
+            base = self.base
+            if (
+                block == base & 0xFFFF
+                and self.windowsize == 1
+                and base == self.sent_upto
+                and base < self.last_block
+                and not self.waiting_oack
+            ):
+                # Lock-step, in order, more to send: the common case, done here.
+                size = self.blksize
+                payload = self.reader.read(base * size, size)
+                if type(payload) is bytes:
+                    following = base + 1
+                    self.acked = base
+                    self.base = self.sent_upto = following
+                    self.tries_left = self.retries
+                    self._generation += 1
+                    self._arm()
+                    self.send(_DATA.pack(codec.DATA, following & 0xFFFF) + payload)
+                    return
+            self.ack(block)
             return
         try:
             packet = codec.decode(data)
