@@ -270,3 +270,47 @@ class RealClientTests(TestCase):
             self.assertEqual(code, 68, output)
 
         return Deferred.fromCoroutine(go())  # type: ignore[return-value]
+
+    def test_no_disk_io_on_the_reactor(self) -> None:
+        """
+        Opening, reading and closing files (found, missing, refused, netascii) happens
+        on the TFTP thread pool: the file-system calls of our code on the reactor's
+        thread are none (the monitor of L{tests.test_reactor_io}).
+        """
+        from tests.test_reactor_io import Monitor
+
+        monitor = Monitor()
+
+        async def go() -> None:
+            monitor.install()
+            try:
+                runs = [
+                    self.tftp_hpa("f5.bin", "m1"),
+                    self.atftp("f6.bin", "m2"),
+                    self.curl("small.txt", "m3", "--tftp-no-options"),
+                    self.tftp_hpa("missing", "m4"),
+                    self.tftp_hpa("link-out", "m5"),
+                    self.client(
+                        "tftp",
+                        "127.0.0.1",
+                        self.port,
+                        "-m",
+                        "netascii",
+                        "-c",
+                        "get",
+                        "small.txt",
+                        "m6",
+                    ),
+                ]
+                for run in runs:
+                    await run
+            finally:
+                monitor.uninstall()
+            self.assertSame("f5.bin", "m1")
+            self.assertSame("f6.bin", "m2")
+            with open(self.local("m6"), "rb") as f:
+                self.assertEqual(f.read(), self.files["small.txt"])  # netascii decoded back
+            report = "\n\n".join(f"{call}\n{stack}" for call, stack in monitor.violations)
+            self.assertEqual(monitor.violations, [], report)
+
+        return Deferred.fromCoroutine(go())  # type: ignore[return-value]
