@@ -58,7 +58,12 @@ import dataclasses
 from typing import Any, Optional
 
 from twisted.internet import protocol
-from twisted.internet.interfaces import IHandshakeListener, IProtocolFactory, IPushProducer
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IProtocolFactory,
+    IProtocolNegotiationFactory,
+    IPushProducer,
+)
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
@@ -183,10 +188,23 @@ class ConnectRouter(protocol.Protocol):
             self.inner.connectionLost(reason)
 
 
+@implementer(IProtocolNegotiationFactory)
 class ConnectRouterFactory(protocol.Factory):
     """
     Routes a connection's first line: C{CONNECT} to SRPC, the rest to C{http}.
+
+    Under TLS it answers ALPN as the HTTP factory does: Twisted's TLS asks the
+    factory it wraps for the protocols it speaks, and a factory that cannot say
+    makes every client offering ALPN (curl, browsers) fail the handshake with an
+    "internal error" alert.
     """
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """
+        The HTTP factory's ALPN protocols (C{http/1.1}); SRPC clients offer none.
+        """
+        negotiation = IProtocolNegotiationFactory(self.http, None)
+        return negotiation.acceptableProtocols() if negotiation is not None else [b"http/1.1"]
 
     def __init__(self, http: IProtocolFactory, srpc: "SrpcFactory", in_tls: bool = False) -> None:
         self.http = http
