@@ -169,6 +169,27 @@ class RefusalTests(SynchronousTestCase):
         assert isinstance(error, codec.Error)
         self.assertIn("busy", error.message)
 
+    def test_per_client_limit(self) -> None:
+        """
+        One address gets at most max_per_client transfers at once; others still get
+        theirs, and the address gets more once one ends.
+        """
+        h = Harness(max_per_client=2)
+        h.request(rrq("boot"), ("10.0.0.5", 1))
+        h.request(rrq("boot"), ("10.0.0.5", 2))
+        h.request(rrq("boot"), ("10.0.0.5", 3))
+        self.assertEqual(len(h.ports), 2)
+        error = codec.decode(h.replies[0])
+        assert isinstance(error, codec.Error)
+        self.assertIn("2 transfers to this address", error.message)
+        h.request(rrq("nothing"), ("10.0.0.6", 1))
+        self.assertEqual(len(h.ports), 3)
+        for block in (1, 2, 3):
+            h.ports[0].deliver(codec.Ack(block))
+        self.assertTrue(h.ports[0].closed)
+        h.request(rrq("boot"), ("10.0.0.5", 4))
+        self.assertEqual(len(h.ports), 4)
+
 
 class TransferTests(SynchronousTestCase):
     """

@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from hypervisor.diskio import IBlockingRunner
 
 PREFIX = "/tftpboot"
-CHUNK = 256 * 1024
+CHUNK = 128 * 1024
 NETASCII_LIMIT = 16 * 1024 * 1024
 
 

@@ -9,7 +9,7 @@ the path MTU the block size is clamped to.
 L{TftpServer} decides: a malformed packet is dropped (a request gets an ERROR 4 no
 longer than itself), a write request gets ERROR 2 (this server is read-only), a
 repeated request of a transfer in progress is ignored, more than C{max_sessions}
-transfers get ERROR 0 (busy), and a file the backend cannot give gets its ERROR at
+transfers (or C{max_per_client} from one address) get ERROR 0 (busy), and a file the backend cannot give gets its ERROR at
 once; every outcome is counted (L{ITftpStats}).
 """
 
@@ -36,6 +36,7 @@ from hypervisor.tftp.session import (
 
 SERVER_PORT = 69
 MAX_SESSIONS = 256
+MAX_PER_CLIENT = 32
 IP_MTU = getattr(socket, "IP_MTU", 14)
 
 Address = tuple[str, int]
@@ -159,6 +160,7 @@ class TftpServer:
         timeout: float = DEFAULT_TIMEOUT,
         retries: int = DEFAULT_RETRIES,
         max_sessions: int = MAX_SESSIONS,
+        max_per_client: int = MAX_PER_CLIENT,
     ) -> None:
         self.backend = backend
         self.clock = clock
@@ -169,7 +171,9 @@ class TftpServer:
         self.timeout = timeout
         self.retries = retries
         self.max_sessions = max_sessions
+        self.max_per_client = max_per_client
         self.transfers: dict[Address, Transfer] = {}
+        self._per_client: dict[str, int] = {}
         self.completed = 0
         self.failed = 0
         self.stopping = False
@@ -209,6 +213,16 @@ class TftpServer:
             self.stats.refused(codec.ERR_NOT_DEFINED)
             reply(codec.error_packet(codec.ERR_NOT_DEFINED, "server busy: try again later"))
             return
+        if self._per_client.get(client[0], 0) >= self.max_per_client:
+            self.stats.refused(codec.ERR_NOT_DEFINED)
+            reply(
+                codec.error_packet(
+                    codec.ERR_NOT_DEFINED,
+                    f"{self.max_per_client} transfers to this address are in progress: "
+                    "try again when one ends",
+                )
+            )
+            return
         self._start(packet, client)
 
     def _start(self, request: codec.Request, client: Address) -> None:
@@ -227,7 +241,7 @@ class TftpServer:
         transfer.protocol = protocol
         protocol.transfer = transfer
         protocol.server = self
-        self.transfers[client] = transfer
+        self._add(transfer)
         opened = self.backend.open(client[0], request.filename, request.mode == "netascii")
         opened.addCallbacks(
             lambda reader: self._opened(transfer, request, reader),
@@ -249,8 +263,7 @@ class TftpServer:
             code=code,
             message=message,
         )
-        if self.transfers.get(transfer.client) is transfer:
-            del self.transfers[transfer.client]
+        self._remove(transfer)
         transfer.port.send(codec.error_packet(code, message))
         transfer.port.close()
 
@@ -284,8 +297,7 @@ class TftpServer:
     def _done(self, transfer: Transfer, why: Optional[str]) -> None:
         session = transfer.session
         assert session is not None
-        if self.transfers.get(transfer.client) is transfer:
-            del self.transfers[transfer.client]
+        self._remove(transfer)
         seconds = self.clock.seconds() - session.started
         if why is None:
             self.completed += 1
@@ -303,6 +315,22 @@ class TftpServer:
             )
         transfer.port.close()
 
+    def _add(self, transfer: Transfer) -> None:
+        self.transfers[transfer.client] = transfer
+        ip = transfer.client[0]
+        self._per_client[ip] = self._per_client.get(ip, 0) + 1
+
+    def _remove(self, transfer: Transfer) -> None:
+        if self.transfers.get(transfer.client) is not transfer:
+            return
+        del self.transfers[transfer.client]
+        ip = transfer.client[0]
+        left = self._per_client.get(ip, 1) - 1
+        if left > 0:
+            self._per_client[ip] = left
+        else:
+            self._per_client.pop(ip, None)
+
     def stop(self) -> None:
         """
         End every transfer (the clients get an ERROR); take no more requests.
@@ -312,7 +340,7 @@ class TftpServer:
             if transfer.session is not None:
                 transfer.session.stop("the server is stopping")
             else:
-                del self.transfers[transfer.client]
+                self._remove(transfer)
                 transfer.port.close()
 
     def status(self) -> dict[str, Any]:
