@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -264,3 +266,36 @@ class TransferTests(SynchronousTestCase):
         h.request(rrq("boot"), ("10.0.0.5", 5))
         self.assertEqual(len(h.ports), 1)
         self.assertEqual(h.metric("hypervisor_tftp_transfers_total", {"outcome": "stopped"}), 1)
+
+
+class HostileTests(SynchronousTestCase):
+    """
+    Random bytes at the server port and at a transfer port.
+    """
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        st.lists(st.binary(max_size=80), max_size=8), st.lists(st.binary(max_size=12), max_size=8)
+    )
+    def test_random_packets(self, requests: list[bytes], to_transfer: list[bytes]) -> None:
+        """
+        Random packets never raise; replies are never larger than their request
+        except an error for a refused read or write request; a transfer fed random
+        bytes still ends (completed, or given up after the timeouts) and leaves
+        nothing behind.
+        """
+        h = Harness(retries=1)
+        h.request(rrq("boot"))
+        for raw in requests:
+            before = len(h.replies)
+            h.request(raw, ("10.0.0.9", 7))
+            for reply in h.replies[before:]:
+                self.assertTrue(len(reply) <= len(raw) or raw[:2] in (b"\x00\x01", b"\x00\x02"))
+        port = h.ports[0]
+        for raw in to_transfer:
+            port.protocol.datagramReceived(raw, CLIENT)
+        for _ in range(5):
+            h.clock.advance(1.0)
+        self.assertEqual(h.server.transfers, {})
+        self.assertTrue(all(p.closed for p in h.ports))
+        self.assertEqual(h.clock.getDelayedCalls(), [])
