@@ -181,6 +181,7 @@ METHODS: dict[str, MethodSpec] = {
     "StopVm": MethodSpec(AccessRequest, PUBLIC),
     "UpdateSubnets": MethodSpec(UpdateSubnetsRequest, ADMIN),
     "WatchDhcp": MethodSpec(WatchDhcpRequest, ADMIN, UPDATES),
+    "TraceVmMetadata": MethodSpec(IpRequest, PUBLIC, UPDATES),
     # Volumes, snapshots and root images (hypervisor.manager.volumeops):
     "AddVmVolumes": MethodSpec(AddVmVolumesRequest, PUBLIC),
     "ChangeVmVolumeSize": MethodSpec(ChangeVmVolumeSizeRequest, PUBLIC),
@@ -221,9 +222,12 @@ class HypervisorApi:
     The RPC methods, over one L{Manager} (and the DHCP service, when one runs).
     """
 
-    def __init__(self, manager: Manager, dhcp: Optional[Any] = None) -> None:
+    def __init__(
+        self, manager: Manager, dhcp: Optional[Any] = None, metadata: Optional[Any] = None
+    ) -> None:
         self.manager = manager
         self.dhcp = dhcp
+        self.metadata = metadata
 
     # What the dispatcher asks before a request is read ----------------------------------
 
@@ -678,3 +682,16 @@ class HypervisorApi:
         """
         self._require_admin(identity, "WatchDhcp")
         return self._dhcp().watch(request.Interface, request.MaxPackets)
+
+    def TraceVmMetadata(self, identity: Identity, request: IpRequest) -> Any:
+        """
+        A stream of the metadata paths the VM requests (its owners; see
+        L{hypervisor.metadata.trace}).
+        """
+        vm = self.manager.table.get(request.IpAddress)
+        self.manager.ctx.check_owner(vm, identity, "TraceVmMetadata")
+        if self.metadata is None:
+            raise Unavailable("this hypervisor runs no metadata server (-metadataServer)")
+        from hypervisor.metadata.trace import subscribe
+
+        return subscribe(self.metadata, vm.ip)

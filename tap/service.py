@@ -193,15 +193,17 @@ def _make_dispatcher(
     reactor: Any,
     metrics: Metrics,
     dhcp: Optional[Any] = None,
+    metadata: Optional[Any] = None,
 ) -> Any:
     """
-    The one dispatcher every RPC transport uses.
+    The one dispatcher every RPC transport uses (C{metadata}: the metadata server's
+    backend, for TraceVmMetadata).
     """
     from hypervisor.api import HypervisorApi
     from hypervisor.dispatch import Dispatcher
 
     return Dispatcher(
-        HypervisorApi(manager, dhcp),
+        HypervisorApi(manager, dhcp, metadata),
         metrics,
         reactor,
         allow_unauthenticated_reads=options["allowUnauthenticatedReads"],
@@ -261,25 +263,36 @@ def _make_web_service(
     return factory.tcp_server(options["portNum"])
 
 
+def _make_metadata_backend(manager: Manager, reactor: Any) -> Any:
+    """
+    The metadata server's decisions (identity, path trees, traces), shared by the
+    C{metadata} service and the dispatcher (TraceVmMetadata).
+    """
+    from hypervisor.metadata.backend import MetadataBackend
+
+    return MetadataBackend(
+        manager, reactor, manager.runner, hypervisor_uuid=lambda: manager.state.uuid
+    )
+
+
 def _make_metadata_service(
     options: Options,
     manager: Manager,
     reactor: Any,
     metrics: Optional[Metrics] = None,
     web: Optional[Any] = None,
+    backend: Optional[Any] = None,
 ) -> Any:
     """
     The metadata server: per bridge a namespace holding 169.254.169.254, serving the
     path tree on port 80 and (given the C{web} service) the web port's factory on
-    C{portNum} there too.
+    C{portNum} there too; C{backend} from L{_make_metadata_backend} (made if not given).
     """
-    from hypervisor.metadata.backend import MetadataBackend
     from hypervisor.metadata.resource import MetadataMetrics
     from hypervisor.metadata.service import MetadataService
 
-    backend = MetadataBackend(
-        manager, reactor, manager.runner, hypervisor_uuid=lambda: manager.state.uuid
-    )
+    if backend is None:
+        backend = _make_metadata_backend(manager, reactor)
     extra = []
     if web is not None and getattr(web, "args", None):
         extra.append((options["portNum"], web.args[1]))
@@ -331,7 +344,15 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     tftp = _make_tftp_service(options, dhcp, reactor, metrics)
     named.append(("tftp", tftp))
     trust = TrustStore.from_files(options["CAfile"], options["identityCAfile"])
-    dispatcher = _make_dispatcher(options, manager, reactor, metrics, dhcp)
+    metadata = _make_metadata_backend(manager, reactor)
+    dispatcher = _make_dispatcher(
+        options,
+        manager,
+        reactor,
+        metrics,
+        dhcp,
+        metadata if options["metadataServer"] else None,
+    )
     web = _make_web_service(
         options,
         manager,
@@ -345,7 +366,9 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         tftp=tftp,
     )
     named.append(("web", web))
-    named.append(("metadata", _make_metadata_service(options, manager, reactor, metrics, web)))
+    named.append(
+        ("metadata", _make_metadata_service(options, manager, reactor, metrics, web, metadata))
+    )
     named.append(("control", _make_control_service(options, manager, reactor)))
     for name, child in named:
         child.setName(name)

@@ -3,25 +3,34 @@ The metadata server's tree in memory: a real manager on a C{Clock} (two VMs on s
 C{net}), the metadata site driven over a C{StringTransport} HTTP connection from each
 VM's address. Every path family and listing, 404s, user data absent and present,
 identity files, the IMDSv2 token flow, two VMs isolated, bounded bodies, metrics and
-traces.
+traces
+(TraceVmMetadata through the service layer).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Any, Optional
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from hypervisor import codec
+from hypervisor.api import HypervisorApi
+from hypervisor.errors import AccessDenied, NotFound, Unavailable
 from hypervisor.metadata import paths
 from hypervisor.metadata.backend import MetadataBackend, Trace
 from hypervisor.metadata.resource import MetadataMetrics, make_site
-from hypervisor.model import Subnet
-from tests.test_manager_clock import ClockDaemon
+from hypervisor.metadata.trace import (
+    NOT_KEEPING_UP,
+    VM_DESTROYED,
+    TraceVmMetadataResponse,
+    subscribe,
+)
+from hypervisor.model import AccessRequest, IpRequest, Subnet
+from tests.test_manager_clock import ALICE, BOB, ClockDaemon, fired
 
 KEY_A = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa a@x"
 KEY_B = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb b@x"
@@ -492,3 +501,77 @@ class IsolationTests(SynchronousTestCase):
         vm.info.Hostname = "gamma"
         self.w.backend.vm_changed(vm.info)
         self.assertEqual(self.w.get(self.w.a, "/latest/meta-data/hostname").text, "gamma")
+
+
+class TraceVmMetadataTests(SynchronousTestCase):
+    """
+    TraceVmMetadata through the service layer.
+    """
+
+    def setUp(self) -> None:
+        self.w = World(self)
+        self.api = HypervisorApi(self.w.manager, None, self.w.backend)
+
+    def drain(self, stream: Any) -> list[Any]:
+        out = []
+        while len(stream):
+            out.append(fired(stream.get()))
+        return out
+
+    def test_owner_sees_paths_until_destroyed(self) -> None:
+        """
+        The owner's stream starts with an empty message, then one message per path
+        the VM requests (only that VM's), then "VM destroyed" and the end.
+        """
+        stream = self.api.TraceVmMetadata(ALICE, IpRequest(self.w.a))
+        self.w.get(self.w.a, "/openstack")
+        self.w.get(self.w.b, "/latest/meta-data/")
+        self.w.get(self.w.a, "/latest/user-data")
+        messages = self.drain(stream)
+        self.assertEqual(
+            [(m.Error, m.Path) for m in messages],
+            [("", ""), ("", "/openstack"), ("", "/latest/user-data")],
+        )
+        waiting = stream.get()
+        destroyed = self.api.DestroyVm(ALICE, AccessRequest(IpAddress=self.w.a))
+        for _ in range(30):
+            self.w.clock.advance(1)
+        self.assertEqual(fired(destroyed).Error, "")
+        self.assertEqual(fired(waiting).Error, VM_DESTROYED)
+        self.assertIsNone(fired(stream.get()))
+        self.assertEqual(
+            codec.encode(TraceVmMetadataResponse(Path="/x")), b'{"Error":"","Path":"/x"}'
+        )
+
+    def test_access(self) -> None:
+        """
+        Someone who does not own the VM is refused; an unknown VM is not found; with no
+        metadata server the call is unavailable.
+        """
+        self.assertRaises(AccessDenied, self.api.TraceVmMetadata, BOB, IpRequest(self.w.a))
+        self.assertRaises(NotFound, self.api.TraceVmMetadata, ALICE, IpRequest("10.5.0.99"))
+        without = HypervisorApi(self.w.manager)
+        self.assertRaises(Unavailable, without.TraceVmMetadata, ALICE, IpRequest(self.w.a))
+
+    def test_slow_reader_dropped(self) -> None:
+        """
+        A subscriber that falls behind gets a last message saying so; its stream ends
+        and the backend forgets it.
+        """
+        stream = subscribe(self.w.backend, self.w.a, max_queued=3)
+        for i in range(5):
+            self.w.get(self.w.a, f"/p{i}")
+        messages = self.drain(stream)
+        self.assertEqual(messages[-1].Error, NOT_KEEPING_UP)
+        self.assertTrue(stream.closed)
+        self.assertEqual(self.w.backend._traces, {})
+
+    def test_stop_ends_streams(self) -> None:
+        """
+        When the server stops, streams end without claiming the VM was destroyed.
+        """
+        stream = subscribe(self.w.backend, self.w.a)
+        self.drain(stream)
+        waiting = stream.get()
+        self.w.backend.stop()
+        self.assertIsNone(fired(waiting))

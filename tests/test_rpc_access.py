@@ -69,6 +69,7 @@ VM_OWNER_METHODS = {
     "RestoreVmFromSnapshot",
     "RestoreVmImage",
     "SnapshotVm",
+    "ReorderVmVolumes",
     "DiscardVmOldUserData",
     "GetVmUserData",
     "ReplaceVmUserData",
@@ -85,6 +86,7 @@ VM_OWNER_METHODS = {
     "RebootVm",
     "StartVm",
     "StopVm",
+    "TraceVmMetadata",
 }
 
 # A request body for each method: valid, aimed at the fixture VM where it has one.
@@ -125,6 +127,7 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "StopVm": {"IpAddress": VM_IP},
     "UpdateSubnets": {"Add": [{"Id": "extra", "IpGateway": "10.9.0.1", "IpMask": "255.255.255.0"}]},
     "WatchDhcp": {"MaxPackets": 1},
+    "TraceVmMetadata": {"IpAddress": VM_IP},
     "AddVmVolumes": {"IpAddress": VM_IP, "VolumeSizes": [65536]},
     "ChangeVmVolumeSize": {"IpAddress": VM_IP, "VolumeIndex": 0, "VolumeSize": 131072},
     "DeleteVmVolume": {"IpAddress": VM_IP, "VolumeIndex": 1},
@@ -138,6 +141,7 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "GetVmUserData": {"IpAddress": VM_IP},
     "ReplaceVmUserData": {"IpAddress": VM_IP, "Size": 0},
     "RestoreVmUserData": {"IpAddress": VM_IP},
+    "ReorderVmVolumes": {"IpAddress": VM_IP, "VolumeIndices": [0]},
 }
 
 
@@ -310,7 +314,10 @@ class AccessMatrixTests(TestCase):
         )
         self.dhcp.privilegedStartService()
         self.addCleanup(self.dhcp.stopService)
-        api = HypervisorApi(self.manager, self.dhcp)
+        from hypervisor.metadata.backend import MetadataBackend
+
+        metadata = MetadataBackend(self.manager, reactor, SynchronousRunner())
+        api = HypervisorApi(self.manager, self.dhcp, metadata)
         self.api = api
         await api.UpdateSubnets(
             ROOT,

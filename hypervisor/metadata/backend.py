@@ -119,13 +119,19 @@ class Tokens:
 
 class Trace:
     """
-    One C{TraceVmMetadata} subscription: requested paths, pushed to C{deliver}; closed
-    with C{close} when the VM is destroyed.
+    One C{TraceVmMetadata} subscription: requested paths, pushed to C{deliver};
+    C{close} when the VM is destroyed; C{end} (default C{close}) when the server stops.
     """
 
-    def __init__(self, deliver: Callable[[str], None], close: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        deliver: Callable[[str], None],
+        close: Callable[[], None],
+        end: Optional[Callable[[], None]] = None,
+    ) -> None:
         self.deliver = deliver
         self.close = close
+        self.end = end or close
 
 
 class MetadataBackend:
@@ -177,8 +183,8 @@ class MetadataBackend:
             self.manager.remove_listener(self)
             self._listening = False
         for traces in list(self._traces.values()):
-            for trace in traces:
-                trace.close()
+            for trace in list(traces):
+                trace.end()
         self._traces.clear()
         self._trees.clear()
 
@@ -194,7 +200,7 @@ class MetadataBackend:
         """
         self._trees.pop(ip, None)
         self.tokens.drop_vm(ip)
-        for trace in self._traces.pop(ip, []):
+        for trace in list(self._traces.pop(ip, [])):
             trace.close()
 
     def subnets_changed(self, subnets: list[Subnet]) -> None:
