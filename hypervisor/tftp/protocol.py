@@ -36,7 +36,7 @@ from hypervisor.tftp.session import (
 
 SERVER_PORT = 69
 MAX_SESSIONS = 256
-MAX_PER_CLIENT = 32
+MAX_PER_CLIENT = 64
 IP_MTU = getattr(socket, "IP_MTU", 14)
 
 Address = tuple[str, int]
