@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from hypervisor import codec
 from hypervisor.api import HypervisorApi
+from hypervisor.auth import ROOT
 from hypervisor.errors import AccessDenied, NotFound, Unavailable
 from hypervisor.metadata import paths
 from hypervisor.metadata.backend import MetadataBackend, Trace
@@ -29,7 +30,13 @@ from hypervisor.metadata.trace import (
     TraceVmMetadataResponse,
     subscribe,
 )
-from hypervisor.model import AccessRequest, IpRequest, Subnet
+from hypervisor.model import (
+    AccessRequest,
+    Address,
+    ChangeAddressPoolRequest,
+    IpRequest,
+    Subnet,
+)
 from tests.test_manager_clock import ALICE, BOB, ClockDaemon, fired
 
 KEY_A = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa a@x"
@@ -575,3 +582,32 @@ class TraceVmMetadataTests(SynchronousTestCase):
         waiting = stream.get()
         self.w.backend.stop()
         self.assertIsNone(fired(waiting))
+
+
+class SecondaryAddressTests(SynchronousTestCase):
+    """
+    A VM's secondary address identifies it too.
+    """
+
+    def test_secondary(self) -> None:
+        """
+        A request from the VM's secondary address gets the VM's data; the tree lists
+        both interfaces by MAC.
+        """
+        w = World(self)
+        more = [Address(f"10.5.0.{i}", f"52:54:0a:05:00:{i:02x}") for i in (5, 6)]
+        response = fired(
+            w.daemon.api.ChangeAddressPool(ROOT, ChangeAddressPoolRequest(AddressesToAdd=more))
+        )
+        self.assertEqual(response.Error, "")
+        ip = w.daemon.create(Hostname="two", SecondarySubnetIDs=["net"])
+        info = w.manager.get_vm_info(ip)
+        self.assertEqual(len(info.SecondaryAddresses), 1)
+        secondary = info.SecondaryAddresses[0]
+        self.assertEqual(w.get(secondary.IpAddress, "/latest/meta-data/hostname").text, "two")
+        macs = w.get(ip, "/latest/meta-data/network/interfaces/macs/").text.split()
+        self.assertEqual(
+            sorted(macs), sorted([info.Address.MacAddress + "/", secondary.MacAddress + "/"])
+        )
+        data = json.loads(w.get(ip, "/openstack/latest/network_data.json").body)
+        self.assertEqual([n["ip_address"] for n in data["networks"]], [ip, secondary.IpAddress])
