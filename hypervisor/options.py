@@ -78,6 +78,16 @@ def _count(text: str) -> int:
     return value
 
 
+def _tftp_block_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 8 <= value <= 65464:
+        raise ValueError(f"{text!r} is not a TFTP block size (8 to 65464)")
+    return value
+
+
 def _domain_type(text: str) -> str:
     if text not in DOMAIN_TYPES:
         raise ValueError(f"{text!r} is not one of {', '.join(DOMAIN_TYPES)}")
@@ -148,6 +158,13 @@ PARAMETERS: list[tuple[str, str, Callable[[str], Any], str]] = [
         "(default: NetbootMachine files only)",
     ),
     ("tftpPortNum", "69", _port, f"{SECTION_OURS} UDP port of the TFTP server (0: no TFTP)"),
+    (
+        "tftpMaxBlockSize",
+        "65464",
+        _tftp_block_size,
+        f"{SECTION_OURS} largest TFTP blksize granted (8 to 65464; a transfer's path MTU "
+        "also limits it)",
+    ),
     (
         "localImagesDirectory",
         "",

@@ -183,6 +183,7 @@ def _make_tftp_service(
         directory=options["tftpbootDirectory"],
         port=options["tftpPortNum"],
         stats=metrics.tftp if metrics is not None else None,
+        max_blksize=options["tftpMaxBlockSize"],
         enabled=options["tftpPortNum"] != 0,
     )
 

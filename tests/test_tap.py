@@ -11,6 +11,7 @@ import tempfile
 
 from twisted.application.service import MultiService
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 import tap
@@ -46,6 +47,7 @@ class MakeServiceTests(SynchronousTestCase):
         options = tap.Options(flags_directory=tempfile.mkdtemp())
         options.parseOptions(
             ["-stateDir=/tmp/hv-tap-test", "-tftpPortNum=6969", "-tftpbootDirectory=/srv/tftp"]
+            + ["-tftpMaxBlockSize=1024"]
         )
         service = tap.makeService(options, reactor=MemoryReactorClock())
         tftp = service.getServiceNamed("tftp")
@@ -55,10 +57,18 @@ class MakeServiceTests(SynchronousTestCase):
         )
         self.assertEqual(tftp.server.backend.files_for, dhcp.policy.netboot_files)
         self.assertIsNotNone(tftp.server.backend.directory)
+        self.assertEqual(tftp.server.max_blksize, 1024)
         options = tap.Options(flags_directory=tempfile.mkdtemp())
         options.parseOptions(["-stateDir=/tmp/hv-tap-test", "-tftpPortNum=0"])
         tftp = tap.makeService(options, reactor=MemoryReactorClock()).getServiceNamed("tftp")
         self.assertFalse(tftp.enabled)
+        self.assertEqual(tftp.server.max_blksize, 65464)
+        for bad in ("7", "65465", "x"):
+            with self.assertRaises(UsageError) as e:
+                tap.Options(flags_directory=tempfile.mkdtemp()).parseOptions(
+                    [f"-tftpMaxBlockSize={bad}"]
+                )
+            self.assertIn("-tftpMaxBlockSize", str(e.exception))
         self.assertIsNone(tftp.server.backend.directory)
 
 
