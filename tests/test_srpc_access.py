@@ -22,6 +22,7 @@ from twisted.internet import reactor
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 
+from hypervisor import codec
 from hypervisor.api import METHODS, PROGRESS, UPDATES
 from hypervisor.srpc import client as srpc
 from hypervisor.srpc.protocol import SrpcFactory
@@ -62,6 +63,9 @@ class SrpcAccessMatrixTests(AccessMatrixTests):
             spec = METHODS[method]
             if method != "GetUpdates":
                 call.send(REQUESTS[method])
+                if spec.upload is not None:
+                    size = spec.upload(codec.decode(spec.request, json.dumps(REQUESTS[method])))
+                    call.send_raw(b"\0" * size, size)
             if spec.kind in (PROGRESS, UPDATES):
                 messages = []
                 while True:
@@ -71,7 +75,16 @@ class SrpcAccessMatrixTests(AccessMatrixTests):
                         break
                 last = messages[-1]
             else:
-                last = call.receive_reply()
+                # "\n" + JSON (request/reply), or a bare JSON message followed by
+                # its Length of raw bytes (GetVmUserData), or an error line.
+                line = call._decoder_line()
+                if line == b"":
+                    last = call.receive()
+                elif line.startswith(b"{"):
+                    last = json.loads(line)
+                    call.read_raw(int(last.get("Length") or 0))
+                else:
+                    raise srpc.SrpcError(line.decode())
             code = 500 if INTERNAL in str(last.get("Error", "")) else 200
             return code, json.dumps(last).encode()
         finally:
