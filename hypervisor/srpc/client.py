@@ -361,9 +361,16 @@ class Call:
             self._decoder += connection._buffer[:take]
             del connection._buffer[:take]
 
+    def _value_line(self) -> bytes:
+        while True:  # a JSON decoder skips whitespace between values
+            line = self._decoder_line()
+            if line.strip():
+                return line
+
     def receive(self, timeout: Optional[float] = None) -> dict[str, Any]:
         """
-        The next bare JSON value (stream messages).
+        The next bare JSON value (stream messages); blank lines before it are
+        skipped, as Go's decoder skips whitespace.
 
         @raise socket.timeout: nothing within C{timeout} seconds.
         """
@@ -372,10 +379,10 @@ class Call:
             old = sock.gettimeout()
             sock.settimeout(timeout)
             try:
-                return self._parse(self._decoder_line())
+                return self._parse(self._value_line())
             finally:
                 sock.settimeout(old)
-        return self._parse(self._decoder_line())
+        return self._parse(self._value_line())
 
     @staticmethod
     def _parse(line: bytes) -> dict[str, Any]:
@@ -397,7 +404,7 @@ class Call:
         if line:
             # Go's client: a non-empty status line is the error.
             raise SrpcError(line.decode("utf-8", "replace"))
-        return self.receive()
+        return self._parse(self._decoder_line())
 
     def read_raw(self, n: int) -> bytes:
         """
