@@ -198,9 +198,11 @@ class Backend:
         self.ca = (ca_key, ca)
         self.unauthenticated_reads = unauthenticated_reads
 
-    async def start(self) -> None:
+    async def start(self, dhcp: bool = False) -> None:
         """
-        Start the manager and set up the transcripts' network and VM.
+        Start the manager and set up the transcripts' network and VM; with C{dhcp},
+        a DHCP service without sockets too (its leases are what the DHCP methods
+        change).
         """
         import libvirt
 
@@ -222,7 +224,23 @@ class Backend:
         self.manager.startService()
         self.testcase.addCleanup(self.libvirt.stopService)
         self.testcase.addCleanup(self.manager.stopService)
-        self.api = HypervisorApi(self.manager)
+        self.dhcp = None
+        if dhcp:
+            from hypervisor.dhcp.interfaces import Discovery
+            from hypervisor.dhcp.policy import DhcpPolicy, HostView
+            from hypervisor.dhcp.protocol import DhcpServer
+            from hypervisor.dhcp.service import DhcpService
+            from hypervisor.testing import SynchronousRunner
+
+            self.dhcp = DhcpService(
+                DhcpServer(DhcpPolicy(self.manager, reactor)),
+                reactor,
+                runner=SynchronousRunner(),
+                discover=lambda bridges_only: Discovery(HostView()),
+            )
+            self.dhcp.privilegedStartService()
+            self.testcase.addCleanup(self.dhcp.stopService)
+        self.api = HypervisorApi(self.manager, self.dhcp)
         await self.api.UpdateSubnets(
             ROOT,
             UpdateSubnetsRequest(

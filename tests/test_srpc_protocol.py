@@ -197,6 +197,48 @@ class ServerTests(TestCase):
         self.assertEqual(vm.info.OwnerUsers[:1], ["testuser"])
 
 
+class ManagedLeasesTests(TestCase):
+    """
+    External leases sent on a GetUpdates stream (fleet-manager's keepalive) are
+    registered with RegisterExternalLeases' access rule and end with the stream.
+    """
+
+    timeout = 120
+
+    async def test_leases_end_with_the_stream(self) -> None:
+        b = Backend(self)
+        await b.start(dhcp=True)
+        assert b.dhcp is not None
+        policy = b.dhcp.policy
+        proto, transport = b.server(ADMIN)
+        proto.dataReceived(b"Hypervisor.GetUpdates\n")
+        await output_until(transport, lambda o: o.count(b"\n") >= 2)
+        mark = len(transport.value())
+        proto.dataReceived(
+            b'{"RegisterExternalLeasesRequest":{"Addresses":[{"IpAddress":"10.77.0.99",'
+            b'"MacAddress":"52:54:0a:4d:00:63"}],"Hostnames":["printer"]}}\n'
+        )
+        out = await output_until(transport, lambda o: o[mark:].count(b"\n") >= 1)
+        self.assertEqual(out[mark:], b'{"HealthStatus":"healthy"}\n')
+        await output_until(transport, lambda o: bool(policy.external), 5)
+        self.assertIn("10.77.0.99", str(policy.external))
+        proto.connectionLost(connectionDone)
+        await output_until(transport, lambda o: not policy.external, 5)
+        self.assertFalse(policy.external)
+        # A caller without the power: the keepalive is answered, nothing registered.
+        proto, transport = b.server(USER)
+        proto.dataReceived(b"Hypervisor.GetUpdates\n")
+        await output_until(transport, lambda o: o.count(b"\n") >= 2)
+        proto.dataReceived(
+            b'{"RegisterExternalLeasesRequest":{"Addresses":[{"IpAddress":"10.77.0.98",'
+            b'"MacAddress":"52:54:0a:4d:00:62"}]}}\n'
+        )
+        out = await output_until(transport, lambda o: o.endswith(b'{"HealthStatus":"healthy"}\n'))
+        self.assertTrue(out.endswith(b'{"HealthStatus":"healthy"}\n'))
+        self.assertFalse(policy.external)
+        proto.connectionLost(connectionDone)
+
+
 class FailedUploadTests(TestCase):
     """
     A CreateVm the service refuses after the upload began: SRPC reads (and drops)

@@ -43,7 +43,8 @@ the same ones the HTTPS adapter (L{web.rpc}) uses.
      each with C{HealthStatus}; every C{GetUpdatesRequest} the client sends (the
      fleet-manager keepalive) is answered with an Update, and a non-null
      C{RegisterExternalLeasesRequest} in it is applied with RegisterExternalLeases'
-     access rule. WatchDhcp: its request, then its packets.
+     access rule; those leases are removed when the stream ends (reference §1.9:
+     "managed" external leases). WatchDhcp: its request, then its packets.
 
 Deadlines and caps are the connection guard's (L{hypervisor.netguard}): the CONNECT
 head, and every method line with its request JSON, are C{HEADERS} (due within its
@@ -74,7 +75,7 @@ from hypervisor.auth import ANONYMOUS, CertificateRefused, Identity, TrustStore
 from hypervisor.dispatch import Call, Dispatcher
 from hypervisor.errors import HypervisorError, NotFound
 from hypervisor.metrics import Metrics
-from hypervisor.model import Update
+from hypervisor.model import RegisterExternalLeasesRequest, Update
 from hypervisor.netguard import Phase, find_guard
 from hypervisor.srpc import codec as wire
 from hypervisor.srpc.codec import (
@@ -319,6 +320,7 @@ class SrpcServer(protocol.Protocol):
         self.outcome: Optional[tuple[bytes, bool]] = None  # (bytes, close after)
         self.stream: Any = None
         self.paused = False
+        self.managed_leases = False
         self._pulling = False
         self._waiting = False
 
@@ -704,6 +706,10 @@ class SrpcServer(protocol.Protocol):
         stream, self.stream = self.stream, None
         if stream is not None:
             stream.close()
+            if self.managed_leases:
+                # The leases this GetUpdates stream registered end with it (§1.9).
+                self.managed_leases = False
+                self._register_leases(RegisterExternalLeasesRequest())
             transport: Any = self.transport
             if transport is not None and self.stage != "closed":
                 transport.unregisterProducer()
@@ -788,6 +794,8 @@ class SrpcServer(protocol.Protocol):
             )
         except HypervisorError:
             return  # refused and counted; the keepalive is still answered
+        if leases.Addresses:
+            self.managed_leases = True
         d = self.dispatcher.invoke(call, leases)
         d.addCallbacks(
             lambda _: self.dispatcher.finish(call, ok=True),
