@@ -60,6 +60,7 @@ from hypervisor.model import (
     NetbootMachineRequest,
     RebootVmRequest,
     RegisterExternalLeasesRequest,
+    ReorderVmVolumesRequest,
     ReplaceVmImageRequest,
     ReplaceVmImageResponse,
     ReplaceVmUserDataRequest,
@@ -197,6 +198,7 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "RestoreVmFromSnapshot": MethodSpec(RestoreVmFromSnapshotRequest, PUBLIC),
     "RestoreVmImage": MethodSpec(IpRequest, PUBLIC),
+    "ReorderVmVolumes": MethodSpec(ReorderVmVolumesRequest, PUBLIC),
     "SnapshotVm": MethodSpec(SnapshotVmRequest, PUBLIC),
     # User data (hypervisor.manager.userdata):
     "DiscardVmOldUserData": MethodSpec(IpRequest, PUBLIC),
@@ -469,12 +471,26 @@ class HypervisorApi:
             send(ReplaceVmImageResponse(ProgressMessage=message))
 
         try:
-            yield self.manager.volumes.replace_vm_image(identity, request, progress, upload)
+            timed_out = yield self.manager.volumes.replace_vm_image(
+                identity, request, progress, upload
+            )
         except BaseException:
             if upload is not None:
                 upload.discard()
             raise
-        return ReplaceVmImageResponse(Final=True)
+        return ReplaceVmImageResponse(DhcpTimedOut=timed_out, Final=True)
+
+    def ReorderVmVolumes(
+        self, identity: Identity, request: ReorderVmVolumesRequest
+    ) -> "Deferred[ErrorResponse]":
+        """
+        Put a stopped VM's volumes in a new order.
+        """
+        return self._done(
+            self.manager.volumes.reorder_vm_volumes(
+                identity, request.IpAddress, list(request.VolumeIndices)
+            )
+        )
 
     def ReplaceVmUserData(
         self,

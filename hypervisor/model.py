@@ -892,9 +892,9 @@ class ReplaceVmImageRequest:
 
     DhcpTimeout: Duration = Duration(0)
     ImageDataSize: Uint64 = 0
-    ImageName: Annotated[str, MaxLen(1024)] = ""
+    ImageName: Annotated[str, MaxLen(1024)] = field(omitempty=True, default="")
     ImageTimeout: Duration = Duration(0)
-    ImageURL: Annotated[str, MaxLen(4096)] = ""
+    ImageURL: Annotated[str, MaxLen(4096)] = field(omitempty=True, default="")
     IpAddress: IPv4Text = ""
     MinimumFreeBytes: Uint64 = 0
     OverlayFiles: Annotated[dict[Annotated[str, MaxLen(4096)], bytes], MaxLen(1024)] = field(
@@ -910,12 +910,14 @@ class ReplaceVmImageRequest:
 @dataclass
 class ReplaceVmImageResponse:
     """
-    One message of ReplaceVmImage's progress stream; the last has C{Final} or C{Error}.
+    One message of ReplaceVmImage's progress stream; the last has C{Final} or C{Error}
+    (Go's field order, as CreateVmResponse's).
     """
 
-    Error: MessageText = ""
+    DhcpTimedOut: bool = False
     Final: bool = False
     ProgressMessage: MessageText = ""
+    Error: MessageText = ""
 
 
 # User data (reference §1.4) -------------------------------------------------------------
@@ -940,3 +942,15 @@ class GetVmUserDataResponse:
 
     Error: MessageText = ""
     Length: Uint64 = 0
+
+
+@dataclass
+class ReorderVmVolumesRequest:
+    """
+    ReorderVmVolumes: the new order as a permutation of the volume indices (the root
+    stays first when 0 is not listed).
+    """
+
+    AccessToken: Annotated[bytes, MaxLen(4096)] = b""
+    IpAddress: IPv4Text = ""
+    VolumeIndices: Annotated[list[Uint], MaxLen(128)] = field(default_factory=list)

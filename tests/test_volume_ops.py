@@ -23,6 +23,7 @@ from hypervisor.model import (
     IpRequest,
     ReplaceVmImageRequest,
     ReplaceVmUserDataRequest,
+    ReorderVmVolumesRequest,
     RestoreVmFromSnapshotRequest,
     SnapshotVmRequest,
     StartVmRequest,
@@ -321,4 +322,54 @@ class VolumeOpsTests(ManagerTestCase):
         self.assertNotIn("user-data.raw.old", os.listdir(directory))
         self.assertEqual(
             self.manager.table.user_data_path(ip), os.path.join(directory, "user-data.raw")
+        )
+
+    async def test_reorder(self) -> None:
+        """
+        ReorderVmVolumes permutes volumes and renames their files to match; a
+        non-permutation, a running VM and snapshots are refused without change.
+        """
+        ip = await self.stopped_vm()
+        await self.api.AddVmVolumes(ALICE, AddVmVolumesRequest(ip, [2 * MiB, 3 * MiB]))
+        _, paths = self.on_disk(ip)
+        for path, tag in zip(paths, (b"root", b"two", b"three")):
+            with open(path, "r+b") as f:
+                f.write(tag)
+        before = (self.files(ip), self.on_disk(ip))
+        for indices in ([1, 1], [0, 1], [0, 1, 2, 3], [5]):
+            await self.raises(
+                errors.InvalidRequest,
+                self.api.ReorderVmVolumes,
+                ALICE,
+                ReorderVmVolumesRequest(IpAddress=ip, VolumeIndices=indices),
+            )
+            self.assertEqual((self.files(ip), self.on_disk(ip)), before)
+        await self.raises(
+            errors.AccessDenied,
+            self.api.ReorderVmVolumes,
+            BOB,
+            ReorderVmVolumesRequest(IpAddress=ip, VolumeIndices=[2, 1]),
+        )
+        await self.api.ReorderVmVolumes(
+            ALICE, ReorderVmVolumesRequest(IpAddress=ip, VolumeIndices=[2, 1])
+        )
+        volumes, paths = self.on_disk(ip)
+        self.assertEqual([v["Size"] for v in volumes], [MiB, 3 * MiB, 2 * MiB])
+        self.assertEqual(self.files(ip), ["root", "secondary-volume.0", "secondary-volume.1"])
+        for path, tag in zip(paths, (b"root", b"three", b"two")):
+            with open(path, "rb") as f:
+                self.assertEqual(f.read(len(tag)), tag)
+        await self.api.ReorderVmVolumes(
+            ALICE, ReorderVmVolumesRequest(IpAddress=ip, VolumeIndices=[1, 0, 2])
+        )
+        volumes, paths = self.on_disk(ip)
+        self.assertEqual([v["Size"] for v in volumes], [3 * MiB, MiB, 2 * MiB])
+        with open(paths[0], "rb") as f:
+            self.assertEqual(f.read(5), b"three")
+        await self.api.SnapshotVm(ALICE, SnapshotVmRequest(IpAddress=ip, Name="s"))
+        await self.raises(
+            errors.WrongState,
+            self.api.ReorderVmVolumes,
+            ALICE,
+            ReorderVmVolumesRequest(IpAddress=ip, VolumeIndices=[2, 1]),
         )

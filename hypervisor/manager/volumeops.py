@@ -122,6 +122,31 @@ def _own_format(path: str) -> tuple[VolumeFormat, int]:
     return VolumeFormat.RAW, 0
 
 
+def _rename_all(moves: list[tuple[str, str]]) -> None:
+    """
+    Rename C{src -> dst} for every pair at once (through temporary names, so that
+    swaps work); on failure, what was renamed is put back.
+    """
+    staged = []
+    try:
+        for src, dst in moves:
+            if src != dst:
+                os.replace(src, src + ".reorder")
+                staged.append((src, dst))
+        for src, dst in staged:
+            os.replace(src + ".reorder", dst)
+    except BaseException:
+        for src, dst in reversed(staged):
+            for path in (dst, src + ".reorder"):
+                if os.path.exists(path) and not os.path.exists(src):
+                    os.replace(path, src)
+        raise
+    from hypervisor.store import fsync_directory
+
+    for directory in {os.path.dirname(dst) for _, dst in moves}:
+        fsync_directory(directory)
+
+
 def _exists(path: str) -> bool:
     return os.path.exists(path)
 
@@ -342,6 +367,48 @@ class VolumeOps:
 
         return self._run(identity, ip, "ChangeVmVolumeSize", change)
 
+    def reorder_vm_volumes(self, identity: Identity, ip: str, indices: list[int]) -> Any:
+        """
+        ReorderVmVolumes: the volumes in a new order (0 first unless listed), their
+        files renamed to match (C{root}, C{secondary-volume.N}) in their directories.
+        Refused while any volume has snapshots.
+        """
+
+        @inlineCallbacks
+        def reorder(vm: Vm) -> Any:
+            ctx = self.ctx
+            n = len(vm.info.Volumes)
+            order = list(indices) if 0 in indices else [0] + list(indices)
+            if sorted(order) != list(range(n)):
+                raise InvalidRequest(
+                    f"VolumeIndices {list(indices)} is not a permutation of the volume "
+                    f"indices 0 to {n - 1} (0 may be left out)"
+                )
+            if any(v.Snapshots for v in vm.info.Volumes):
+                raise WrongState(f"VM {ip} has snapshots: discard them first")
+            if order == list(range(n)):
+                return
+            new = ctx.table.copy(vm)
+            new.VmInfo.Volumes = [vm.info.Volumes[i] for i in order]
+            locations = [vm.local.VolumeLocations[i] for i in order]
+            moves = []
+            for position, location in enumerate(locations):
+                directory = os.path.dirname(location.Filename)
+                name = "root" if position == 0 else f"secondary-volume.{position - 1}"
+                target = os.path.join(directory, name)
+                moves.append((location.Filename, target))
+                new.VolumeLocations[position] = VolumeLocation(
+                    DirectoryToCleanup=location.DirectoryToCleanup, Filename=target
+                )
+            yield ctx.runner.run(_rename_all, moves)
+            try:
+                yield ctx.table.commit(vm, new)
+            except BaseException:
+                yield ctx.runner.run(_rename_all, [(b, a) for a, b in moves])
+                raise
+
+        return self._run(identity, ip, "ReorderVmVolumes", reorder)
+
     # Snapshots -----------------------------------------------------------------------
 
     def snapshot_vm(
@@ -449,7 +516,8 @@ class VolumeOps:
         ReplaceVmImage: a new root from C{ImageURL} (through the image cache: a
         qcow2 overlay) or from the bytes streamed with the request; the old root is
         kept as C{root.old} unless C{SkipBackup}. A running VM is stopped first and
-        started again after.
+        started again after; fires with whether the DHCP wait (C{DhcpTimeout} > 0,
+        after a restart) timed out.
         """
         ip = request.IpAddress
         if (bool(request.ImageURL) + bool(request.ImageDataSize) + bool(request.ImageName)) != 1:
@@ -565,8 +633,20 @@ class VolumeOps:
             if was_running:
                 progress(f"starting VM {ip}")
                 yield self.lifecycle.start_domain(vm)
+                return vm
+            return None
 
-        return self._run(identity, ip, "ReplaceVmImage", replace, stopped=False)
+        @inlineCallbacks
+        def replace_then_wait() -> Any:
+            restarted = yield self._run(identity, ip, "ReplaceVmImage", replace, stopped=False)
+            if restarted is not None and request.DhcpTimeout > 0:
+                timed_out = yield self.lifecycle.wait_for_dhcp(
+                    restarted, float(request.DhcpTimeout)
+                )
+                return bool(timed_out)
+            return False
+
+        return replace_then_wait()
 
     @inlineCallbacks
     def _overlay(
