@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from hypervisor.dhcp.interfaces import Discovery
 from hypervisor.dhcp.policy import DhcpPolicy, HostInterface, HostView
 from hypervisor.dhcp.protocol import DhcpProtocol, DhcpServer
-from hypervisor.dhcp.service import REFRESH_INTERVAL, DhcpService, bind_socket
+from hypervisor.dhcp.service import RECEIVE_BUFFER, REFRESH_INTERVAL, DhcpService, bind_socket
 from hypervisor.manager.acks import DhcpAcknowledgements
 from hypervisor.model import Address
 from hypervisor.testing import SynchronousRunner
@@ -213,7 +213,9 @@ class SocketTests(SynchronousTestCase):
 
     def test_bind_socket_options(self) -> None:
         """
-        The socket is non-blocking, may broadcast, shares the port, and is bound to
+        The socket is non-blocking, may broadcast, shares the port, has a large
+        receive buffer (requests of a boot storm wait instead of being dropped), and is
+        bound to
         the interface (needs root; on loopback, an unprivileged port).
         """
         import os
@@ -233,6 +235,11 @@ class SocketTests(SynchronousTestCase):
             device = s.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16)
             self.assertEqual(device.rstrip(b"\0"), b"lo")
             self.assertFalse(s.getblocking())
+            # 4 MiB even beyond net.core.rmem_max (SO_RCVBUFFORCE, as root); the kernel
+            # reports twice the size it was given.
+            self.assertGreaterEqual(
+                s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), RECEIVE_BUFFER
+            )
             self.assertEqual(s.getsockname(), ("0.0.0.0", port))
         finally:
             s.close()

@@ -50,12 +50,33 @@ def bind_socket(name: str, port: int = SERVER_PORT) -> socket.socket:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, name.encode())
+        _large_receive_buffer(s)
         s.setblocking(False)
         s.bind(("0.0.0.0", port))
     except OSError:
         s.close()
         raise
     return s
+
+
+RECEIVE_BUFFER = 4 * 1024 * 1024
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+
+def _large_receive_buffer(s: socket.socket) -> None:
+    """
+    A receive buffer of L{RECEIVE_BUFFER} bytes (beyond C{net.core.rmem_max} as root):
+    the default (about 200 KiB, a few hundred requests) overflows in a boot storm
+    whenever the reactor is busy or not scheduled for a fraction of a second, and
+    overflowing drops requests that clients then repeat only seconds later.
+    """
+    try:
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
+    except OSError:
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        except OSError:
+            pass
 
 
 def _iso(seconds: float) -> str:
