@@ -215,8 +215,7 @@ class SocketTests(SynchronousTestCase):
         """
         The socket is non-blocking, may broadcast, shares the port, has a large
         receive buffer (requests of a boot storm wait instead of being dropped), and is
-        bound to
-        the interface (needs root; on loopback, an unprivileged port).
+        bound to the interface (needs root; on loopback, an unprivileged port).
         """
         import os
 
