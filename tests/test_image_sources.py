@@ -29,7 +29,14 @@ from hypervisor.manager.fetch import (
     split_checksum,
     tls_policy_from_ca_file,
 )
-from hypervisor.model import AccessRequest, CreateVmRequest, IpRequest, VmInfo, VolumeFormat
+from hypervisor.model import (
+    AccessRequest,
+    CreateVmRequest,
+    IpRequest,
+    ReplaceVmImageRequest,
+    VmInfo,
+    VolumeFormat,
+)
 from hypervisor.upload import UploadStream
 from tests import support
 from tests.imageserver import ImageServer
@@ -449,6 +456,34 @@ class EvictionTests(CachedCreateTests):
         with open(os.path.join(self.cache, "index.json")) as f:
             self.assertEqual(sorted(json.load(f)["Images"]), names)
         self.assertEqual(len(self.cache_of().entries), 2)
+
+
+class OldRootEvictionTests(CachedCreateTests):
+    """
+    A base that only a VM's root.old (or a snapshot) uses is not evicted either.
+    """
+
+    cache_size = 5 * MiB
+
+    async def test_old_root_keeps_its_base(self) -> None:
+        await self.prepare()
+        for name, seed in (("a.raw", 1), ("b.raw", 2), ("c.raw", 3)):
+            write_raw(os.path.join(self.served, name), 3 * MiB, seed)
+        ip = await self.create(ImageURL=self.server.url("/images/a.raw"), DoNotStart=True)
+        await self.api.ReplaceVmImage(
+            ALICE, ReplaceVmImageRequest(IpAddress=ip, ImageURL=self.server.url("/images/b.raw"))
+        )
+        self.assertTrue(os.path.exists(self.root_file(ip) + ".old"))
+        await self.create(ImageURL=self.server.url("/images/c.raw"))
+        cache = self.cache_of()
+        self.assertEqual(cache.evictions, 0)
+        self.assertEqual(len(cache.entries), 3)
+        await self.api.DiscardVmOldImage(ALICE, IpRequest(ip))
+        write_raw(os.path.join(self.served, "d.raw"), MiB, 4)
+        await self.create(ImageURL=self.server.url("/images/d.raw"))
+        self.assertEqual(cache.evictions, 1)
+        with open(os.path.join(self.served, "a.raw"), "rb") as f:
+            self.assertNotIn(hashlib.sha256(f.read()).hexdigest(), cache.entries)
 
 
 class RealGuestOverlayTests(TestCase):

@@ -218,13 +218,19 @@ class Manager(MultiService):
 
     def _volume_files(self) -> list[str]:
         """
-        Every VM's volume files (the image cache keeps their backing files).
+        Every VM's volume files, with their snapshots and C{root.old} (the image cache
+        keeps their backing files).
         """
-        return [
-            location.Filename
-            for vm in list(self.table.vms.values())
-            for location in vm.local.VolumeLocations
-        ]
+        from hypervisor.manager.volumeops import snapshot_path
+
+        files = []
+        for vm in list(self.table.vms.values()):
+            for volume, location in zip(vm.info.Volumes, vm.local.VolumeLocations):
+                files.append(location.Filename)
+                files.extend(snapshot_path(location.Filename, n) for n in volume.Snapshots)
+            if vm.local.VolumeLocations:
+                files.append(vm.local.VolumeLocations[0].Filename + ".old")
+        return files
 
     # Shared state, for pages, metrics and tests ------------------------------------
 
