@@ -99,6 +99,9 @@ class Dispatcher:
     ) -> None:
         self.api = api
         self.metrics = metrics
+        # The metric children of each (method, transport, outcome): prometheus_client's
+        # labels() takes a lock and builds a key per call.
+        self._counted: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
         self.reactor = reactor
         self.allow_unauthenticated_reads = allow_unauthenticated_reads
 
@@ -291,10 +294,19 @@ class Dispatcher:
         if call.finished:
             return
         call.finished = True
-        outcome = "ok" if ok else "error"
-        self.metrics.rpc_calls.labels(call.label, outcome).inc()
-        self.metrics.rpc_transport_calls.labels(call.label, call.transport, outcome).inc()
-        self.metrics.rpc_duration.labels(call.label).observe(self.reactor.seconds() - call.started)
+        key = (call.label, call.transport, "ok" if ok else "error")
+        children = self._counted.get(key)
+        if children is None:
+            m = self.metrics
+            children = self._counted[key] = (
+                m.rpc_calls.labels(key[0], key[2]),
+                m.rpc_transport_calls.labels(*key),
+                m.rpc_duration.labels(key[0]),
+            )
+        calls, transport_calls, duration = children
+        calls.inc()
+        transport_calls.inc()
+        duration.observe(self.reactor.seconds() - call.started)
 
 
 _NO_SPEC = MethodSpec(request=dict, access="admin")

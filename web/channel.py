@@ -38,6 +38,26 @@ class HypervisorChannel(HTTPChannel):
 
     _guard: Optional[GuardedConnection] = None
     _in_request = False
+    _peer: Any = None
+    _host: Any = None
+
+    def getPeer(self) -> Any:
+        """
+        The peer's address, asked of the transport once: each request asks for it,
+        and the question goes down through the TLS and guard wrappers to a new
+        address object each time.
+        """
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
+
+    def getHost(self) -> Any:
+        """
+        Our address, asked of the transport once (as L{getPeer}).
+        """
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     def connectionMade(self) -> None:
         """

@@ -18,7 +18,7 @@ import errno
 import ipaddress
 import os
 import re
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from hypervisor import codec
 from hypervisor.auth import Identity
@@ -289,6 +289,7 @@ class AddressPool:
         # Encodings of addresses seen (entries for removed addresses are dropped when
         # the table grows past twice the registered count).
         self._encodings: dict[tuple[str, str], bytes] = {}
+        self._num_free: Optional[tuple[list[Address], dict[str, Any], dict[str, int]]] = None
 
     def load(self) -> None:
         """
@@ -378,12 +379,18 @@ class AddressPool:
         """
         Free addresses per subnet id (addresses outside any subnet under "").
         """
+        # Kept until the free list or the subnets change (both are replaced, never
+        # changed in place): every update and status page asks for it.
+        kept = self._num_free
+        if kept is not None and kept[0] is self.free and kept[1] is self.subnets._subnet_of:
+            return dict(kept[2])
         counts: dict[str, int] = {}
         for a in self.free:
             subnet = self.subnets.subnet_of(a.IpAddress) if a.IpAddress else None
             key = subnet.Id if subnet else ""
             counts[key] = counts.get(key, 0) + 1
-        return counts
+        self._num_free = (self.free, self.subnets._subnet_of, counts)
+        return dict(counts)
 
     def change(
         self, to_add: list[Address], to_remove: list[Address], maximum_free: dict[str, int]
