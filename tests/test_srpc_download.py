@@ -12,6 +12,8 @@ first 512 - len(JSON) bytes, as the Go client did in the captures.
 from __future__ import annotations
 
 import socket
+import threading
+import time
 
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
@@ -21,7 +23,7 @@ from twisted.trial.unittest import TestCase
 from hypervisor.certs import make_certificate, write_pair
 from hypervisor.srpc import client as srpc
 from hypervisor.tls import SniffingFactory, _PromptCloseTLS
-from tests.srpc_support import VM_IP, Backend
+from tests.srpc_support import VM_IP, Backend, sleep
 
 
 class DownloadTests(TestCase):
@@ -80,3 +82,54 @@ class DownloadTests(TestCase):
         self.payload = bytes(range(235))
         with self.assertRaises((socket.timeout, TimeoutError, srpc.SrpcError)):
             await deferToThread(self.fetch, 2)
+
+    def updates_until_closed(self) -> float:
+        c = srpc.connect("127.0.0.1", self.port.getHost().port, *self.cert, timeout=10)
+        with c:
+            updates = c.get_updates()
+            updates.receive(timeout=5)
+            self.ready.set()
+            started = time.monotonic()
+            try:
+                while True:
+                    updates.receive(timeout=5)
+            except srpc.SrpcError:  # EOF: the server closed
+                return time.monotonic() - started
+
+    async def test_stream_end_closes_connection(self) -> None:
+        """
+        When the daemon ends a GetUpdates stream (a subscriber dropped for falling
+        behind, or the daemon stopping), the connection closes at once: the stream's
+        producer is unregistered first, since TLS does not shut down while one is
+        registered.
+        """
+        self.ready = threading.Event()
+        d = deferToThread(self.updates_until_closed)
+        while not self.ready.is_set():
+            await sleep(0.01)
+        await sleep(0.2)
+        self.backend.manager.ctx.hub.close_all()
+        self.assertLess(await d, 3)
+
+    def garbage_keepalive(self) -> tuple[bytes, float]:
+        c = srpc.connect("127.0.0.1", self.port.getHost().port, *self.cert, timeout=10)
+        with c:
+            updates = c.get_updates()
+            updates.receive(timeout=5)
+            started = time.monotonic()
+            c.write(b"not json\n")
+            out = b""
+            try:
+                while True:
+                    out += c.read_exactly(1)
+            except srpc.SrpcError:  # EOF
+                return out, time.monotonic() - started
+
+    async def test_garbage_on_stream_closes_connection(self) -> None:
+        """
+        A malformed keepalive on a GetUpdates stream: the error line, then the
+        connection closes at once (not held open by the stream's producer).
+        """
+        out, seconds = await deferToThread(self.garbage_keepalive)
+        self.assertIn(b"malformed GetUpdatesRequest", out)
+        self.assertLess(seconds, 3)

@@ -321,6 +321,8 @@ class SrpcServer(protocol.Protocol):
         self.stream: Any = None
         self.paused = False
         self.managed_leases = False
+        self.producing = False
+        self.lost = False
         self._pulling = False
         self._waiting = False
 
@@ -367,6 +369,7 @@ class SrpcServer(protocol.Protocol):
         The connection went away: an upload in progress fails, a stream ends.
         """
         self.stage = "closed"
+        self.lost = True
         if self.upload is not None and self.upload_left:
             self.upload.fail(UploadAborted("the client went away during the upload"))
         self._end_stream()
@@ -699,20 +702,25 @@ class SrpcServer(protocol.Protocol):
         self.stage = "updates"
         transport: Any = self.transport
         transport.registerProducer(self, True)
+        self.producing = True
         self.resumeProducing()
         self._advance()  # keepalives that came with the method line
 
     def _end_stream(self) -> None:
         stream, self.stream = self.stream, None
+        if self.producing:
+            # Unregister before any close: TLS does not shut down while a producer
+            # is registered.
+            self.producing = False
+            transport: Any = self.transport
+            if transport is not None and not self.lost:
+                transport.unregisterProducer()
         if stream is not None:
             stream.close()
             if self.managed_leases:
                 # The leases this GetUpdates stream registered end with it (§1.9).
                 self.managed_leases = False
                 self._register_leases(RegisterExternalLeasesRequest())
-            transport: Any = self.transport
-            if transport is not None and self.stage != "closed":
-                transport.unregisterProducer()
 
     def pauseProducing(self) -> None:
         """
