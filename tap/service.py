@@ -374,4 +374,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
     for name, child in named:
         child.setName(name)
         child.setServiceParent(top)
+    from hypervisor.gctune import settle_when_running
+
+    settle_when_running(reactor)
     return top
