@@ -39,6 +39,7 @@ from hypervisor.model import (
     ChangeVmOwnerUsersRequest,
     ChangeVmSizeRequest,
     ChangeVmTagsRequest,
+    ChangeVmVolumeInterfacesRequest,
     ChangeVmVolumeSizeRequest,
     CreateVmRequest,
     CreateVmResponse,
@@ -199,6 +200,7 @@ METHODS: dict[str, MethodSpec] = {
     "RestoreVmFromSnapshot": MethodSpec(RestoreVmFromSnapshotRequest, PUBLIC),
     "RestoreVmImage": MethodSpec(IpRequest, PUBLIC),
     "ReorderVmVolumes": MethodSpec(ReorderVmVolumesRequest, PUBLIC),
+    "ChangeVmVolumeInterfaces": MethodSpec(ChangeVmVolumeInterfacesRequest, PUBLIC),
     "SnapshotVm": MethodSpec(SnapshotVmRequest, PUBLIC),
     # User data (hypervisor.manager.userdata):
     "DiscardVmOldUserData": MethodSpec(IpRequest, PUBLIC),
@@ -479,6 +481,18 @@ class HypervisorApi:
                 upload.discard()
             raise
         return ReplaceVmImageResponse(DhcpTimedOut=timed_out, Final=True)
+
+    def ChangeVmVolumeInterfaces(
+        self, identity: Identity, request: ChangeVmVolumeInterfacesRequest
+    ) -> "Deferred[ErrorResponse]":
+        """
+        Change how a stopped VM's volumes are attached.
+        """
+        return self._done(
+            self.manager.volumes.change_vm_volume_interfaces(
+                identity, request.IpAddress, list(request.Interfaces)
+            )
+        )
 
     def ReorderVmVolumes(
         self, identity: Identity, request: ReorderVmVolumesRequest

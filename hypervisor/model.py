@@ -954,3 +954,17 @@ class ReorderVmVolumesRequest:
     AccessToken: Annotated[bytes, MaxLen(4096)] = b""
     IpAddress: IPv4Text = ""
     VolumeIndices: Annotated[list[Uint], MaxLen(128)] = field(default_factory=list)
+
+
+VolumeInterfaceT = VolumeInterface
+
+
+@dataclass
+class ChangeVmVolumeInterfacesRequest:
+    """
+    ChangeVmVolumeInterfaces: one interface per volume, in volume order (the VM
+    stopped).
+    """
+
+    Interfaces: Annotated[list[VolumeInterfaceT], MaxLen(128)] = field(default_factory=list)
+    IpAddress: IPv4Text = ""

@@ -70,6 +70,7 @@ VM_OWNER_METHODS = {
     "RestoreVmImage",
     "SnapshotVm",
     "ReorderVmVolumes",
+    "ChangeVmVolumeInterfaces",
     "DiscardVmOldUserData",
     "GetVmUserData",
     "ReplaceVmUserData",
@@ -142,6 +143,7 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "ReplaceVmUserData": {"IpAddress": VM_IP, "Size": 0},
     "RestoreVmUserData": {"IpAddress": VM_IP},
     "ReorderVmVolumes": {"IpAddress": VM_IP, "VolumeIndices": [0]},
+    "ChangeVmVolumeInterfaces": {"IpAddress": VM_IP, "Interfaces": ["ide"]},
 }
 
 

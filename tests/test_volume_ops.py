@@ -17,18 +17,20 @@ from hypervisor.api import raw_of
 from hypervisor.model import (
     AccessRequest,
     AddVmVolumesRequest,
+    ChangeVmVolumeInterfacesRequest,
     ChangeVmVolumeSizeRequest,
     DeleteVmVolumeRequest,
     DiscardVmSnapshotRequest,
     IpRequest,
+    ReorderVmVolumesRequest,
     ReplaceVmImageRequest,
     ReplaceVmUserDataRequest,
-    ReorderVmVolumesRequest,
     RestoreVmFromSnapshotRequest,
     SnapshotVmRequest,
     StartVmRequest,
     State,
     VolumeFormat,
+    VolumeInterface,
 )
 from hypervisor.upload import UploadStream
 from tests.imageserver import ImageServer
@@ -372,4 +374,44 @@ class VolumeOpsTests(ManagerTestCase):
             self.api.ReorderVmVolumes,
             ALICE,
             ReorderVmVolumesRequest(IpAddress=ip, VolumeIndices=[2, 1]),
+        )
+
+    async def test_change_interfaces(self) -> None:
+        """
+        ChangeVmVolumeInterfaces sets each volume's interface (virtio or ide), used
+        at the next start; a wrong count, an unsupported interface, a running VM and
+        a stranger are refused without change.
+        """
+        ip = await self.stopped_vm()
+        await self.api.AddVmVolumes(ALICE, AddVmVolumesRequest(ip, [MiB]))
+        ide, virtio = VolumeInterface.IDE, VolumeInterface.VIRTIO
+        await self.api.ChangeVmVolumeInterfaces(
+            ALICE, ChangeVmVolumeInterfacesRequest(IpAddress=ip, Interfaces=[ide, virtio])
+        )
+        self.assertEqual([v.Interface for v in self.info(ip).Volumes], [ide, virtio])
+        self.assertEqual(self.info_file(ip)["Volumes"][0]["Interface"], "ide")
+        before = self.on_disk(ip)
+        for interfaces, error in (
+            ([ide], errors.InvalidRequest),
+            ([VolumeInterface.NVME, ide], errors.InvalidRequest),
+        ):
+            await self.raises(
+                error,
+                self.api.ChangeVmVolumeInterfaces,
+                ALICE,
+                ChangeVmVolumeInterfacesRequest(IpAddress=ip, Interfaces=interfaces),
+            )
+        await self.raises(
+            errors.AccessDenied,
+            self.api.ChangeVmVolumeInterfaces,
+            BOB,
+            ChangeVmVolumeInterfacesRequest(IpAddress=ip, Interfaces=[virtio, virtio]),
+        )
+        self.assertEqual(self.on_disk(ip), before)
+        await self.api.StartVm(ALICE, StartVmRequest(IpAddress=ip))
+        await self.raises(
+            errors.WrongState,
+            self.api.ChangeVmVolumeInterfaces,
+            ALICE,
+            ChangeVmVolumeInterfacesRequest(IpAddress=ip, Interfaces=[virtio, virtio]),
         )

@@ -32,6 +32,7 @@ from hypervisor.model import (
     State,
     Volume,
     VolumeFormat,
+    VolumeInterface,
     VolumeLocation,
 )
 from hypervisor.upload import UploadStream, write_to_file
@@ -408,6 +409,33 @@ class VolumeOps:
                 raise
 
         return self._run(identity, ip, "ReorderVmVolumes", reorder)
+
+    def change_vm_volume_interfaces(
+        self, identity: Identity, ip: str, interfaces: list[VolumeInterface]
+    ) -> Any:
+        """
+        ChangeVmVolumeInterfaces: the interface of every volume (virtio or ide: the
+        ones this hypervisor attaches).
+        """
+
+        def change(vm: Vm) -> Any:
+            ctx = self.ctx
+            if len(interfaces) != len(vm.info.Volumes):
+                raise InvalidRequest(
+                    f"{len(interfaces)} interfaces for {len(vm.info.Volumes)} volumes"
+                )
+            for interface in interfaces:
+                if interface not in (VolumeInterface.VIRTIO, VolumeInterface.IDE):
+                    raise InvalidRequest(
+                        f"volume interface {interface.value!r} is not supported here "
+                        "(virtio or ide)"
+                    )
+            new = ctx.table.copy(vm)
+            for volume, interface in zip(new.VmInfo.Volumes, interfaces):
+                volume.Interface = interface
+            return ctx.table.commit(vm, new)
+
+        return self._run(identity, ip, "ChangeVmVolumeInterfaces", change)
 
     # Snapshots -----------------------------------------------------------------------
 
