@@ -109,6 +109,31 @@ class _Stalled(resource.Resource):
         return server.NOT_DONE_YET
 
 
+class _ToFile(resource.Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        return util.redirectTo(b"file:///etc/passwd", request)
+
+
+class _GzipBomb(resource.Resource):
+    """
+    16 MiB of zeros sent gzip-compressed (about 16 KiB on the wire).
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        import gzip
+
+        self.body = gzip.compress(b"\0" * (16 << 20))
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"Content-Encoding", b"gzip")
+        return self.body
+
+
 class _Status(resource.Resource):
     isLeaf = True
 
@@ -136,6 +161,8 @@ class ImageServer:
         root = _Counting(self.counts)
         root.putChild(b"images", static.File(directory))
         root.putChild(b"loop", _Loop())
+        root.putChild(b"tofile", _ToFile())
+        root.putChild(b"gzipbomb", _GzipBomb())
         root.putChild(b"chain", _Chain(b"/images/disk.raw"))
         root.putChild(b"truncated", _Truncated(1024 * 1024, b"\0" * 70000))
         root.putChild(b"unsized", _Unsized(b"\0" * (3 * 1024 * 1024)))

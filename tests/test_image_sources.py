@@ -142,6 +142,8 @@ class FetcherTests(TestCase):
         done = await self.fetcher().fetch(url("/chain/3"), self.dest)
         self.assertEqual(done.size, len(self.image))
         os.unlink(self.dest)
+        await self.fails(url("/tofile"), "unsupported URL")
+        await self.fails(url("/gzipbomb"), "limit", self.fetcher(max_size=MiB))
         port = support.free_port()
         await self.fails(f"http://127.0.0.1:{port}/x", "refused")
         with self.assertRaises(errors.InvalidRequest):
