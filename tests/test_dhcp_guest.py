@@ -127,6 +127,15 @@ class GuestLeaseTests(TestCase):
         self.assertEqual(sorted(dhcp.ports), [BRIDGE], dhcp.problems)
         api = HypervisorApi(manager, dhcp)
         await until(lambda: libvirt.connected, 30, "libvirt")
+        # The first reconciliation must be over: one that listed the domains before
+        # CreateVm and finished after it races the creation's own start (seen on a
+        # loaded host: "domain 'vm-10.78.0.2' already exists"; the manager's race is
+        # noted in issue 11's report, and test_metadata_guest waits the same way).
+        await until(
+            lambda: manager.domains_current and manager.reconciler.reconciling is None,
+            60,
+            "the first reconciliation",
+        )
         await api.UpdateSubnets(
             ROOT,
             UpdateSubnetsRequest(
