@@ -18,6 +18,7 @@ import sys
 import tempfile
 
 from twisted.internet import protocol, reactor, threads
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -56,7 +57,7 @@ class AlpnTests(TestCase):
             f"{d}/server.pem", f"{d}/server.key", TrustStore.from_files(f"{d}/CA.pem", "")
         )
 
-    def listen(self, factory: protocol.Factory) -> int:
+    def listen(self, factory: IProtocolFactory) -> int:
         port = reactor.listenTCP(  # type: ignore[attr-defined]
             0, tls.SniffingFactory(factory, self.options), interface="127.0.0.1"
         )
