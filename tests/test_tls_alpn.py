@@ -16,8 +16,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 from twisted.internet import protocol, reactor, threads
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
@@ -58,13 +60,12 @@ class AlpnTests(TestCase):
         )
 
     def listen(self, factory: IProtocolFactory) -> int:
-        port = reactor.listenTCP(  # type: ignore[attr-defined]
-            0, tls.SniffingFactory(factory, self.options), interface="127.0.0.1"
-        )
+        tcp: Any = reactor
+        port = tcp.listenTCP(0, tls.SniffingFactory(factory, self.options), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         return int(port.getHost().port)
 
-    def s_client(self, port: int, alpn: str) -> "threads.Deferred[str]":
+    def s_client(self, port: int, alpn: str) -> "Deferred[str]":
         def run() -> str:
             result = subprocess.run(
                 ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-alpn", alpn]
