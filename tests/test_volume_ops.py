@@ -14,6 +14,7 @@ from twisted.internet import reactor
 
 from hypervisor import errors
 from hypervisor.api import raw_of
+from hypervisor.manager import images
 from hypervisor.model import (
     AccessRequest,
     AddVmVolumesRequest,
@@ -29,8 +30,10 @@ from hypervisor.model import (
     SnapshotVmRequest,
     StartVmRequest,
     State,
+    Volume,
     VolumeFormat,
     VolumeInterface,
+    VolumeType,
 )
 from hypervisor.upload import UploadStream
 from tests.imageserver import ImageServer
@@ -415,3 +418,42 @@ class VolumeOpsTests(ManagerTestCase):
             ALICE,
             ChangeVmVolumeInterfacesRequest(IpAddress=ip, Interfaces=[virtio, virtio]),
         )
+
+
+class MemoryVolumeTests(ManagerTestCase):
+    """
+    Memory volumes: files on a tmpfs the manager mounts when needed.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.memory = os.path.join(self.root, "memory-volumes")
+        self.daemon = Daemon(self, self.root, self.host, memory_volume_directory=self.memory)
+        self.api = self.daemon.api
+        self.manager = self.daemon.manager
+        self.addCleanup(self.unmount)
+
+    def unmount(self) -> None:
+        if os.path.isdir(self.memory) and images.is_tmpfs(self.memory):
+            subprocess.run(["umount", self.memory], check=True)
+
+    async def test_memory_volume(self) -> None:
+        await self.prepare()
+        memory = Volume(Size=2 * MiB, Type=VolumeType.MEMORY)
+        disk = Volume(Size=MiB)
+        e = await self.raises(
+            errors.InsufficientCapacity,
+            self.create,
+            SecondaryVolumes=[Volume(Size=9000 * MiB, Type=VolumeType.MEMORY)],
+        )
+        self.assertIn("memory volumes", str(e))
+        ip = await self.create(SecondaryVolumes=[memory, disk], DoNotStart=True)
+        self.assertTrue(images.is_tmpfs(self.memory))
+        info = self.info_file(ip)
+        paths = [loc["Filename"] for loc in info["VolumeLocations"]]
+        self.assertEqual(paths[1], os.path.join(self.memory, ip, "secondary-volume.0"))
+        self.assertEqual(os.path.dirname(paths[2]), os.path.join(self.root, "volumes", ip))
+        self.assertEqual(info["Volumes"][1]["Type"], "memory")
+        self.assertEqual(os.path.getsize(paths[1]), 2 * MiB)
+        await self.api.DestroyVm(ALICE, AccessRequest(IpAddress=ip))
+        self.assertFalse(os.path.exists(os.path.join(self.memory, ip)))

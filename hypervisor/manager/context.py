@@ -43,6 +43,8 @@ class Settings:
     stop_timeout: float = STOP_TIMEOUT
     acknowledge_timeout: float = ACKNOWLEDGE_TIMEOUT
     images_directory: str = ""
+    # Memory volumes (Volume.Type memory) live on tmpfs here, mounted if needed.
+    memory_volume_directory: str = "/tmp/hyper-volumes"
     datasource: CloudInitDatasource = CloudInitDatasource.OPENSTACK
     requested_domain_type: str = "auto"
 

@@ -37,7 +37,7 @@ from twisted.logger import Logger
 
 from hypervisor import codec
 from hypervisor.auth import Identity
-from hypervisor.errors import AccessDenied, InvalidRequest, WrongState
+from hypervisor.errors import AccessDenied, InsufficientCapacity, InvalidRequest, WrongState
 from hypervisor.manager import capacity, images
 from hypervisor.manager.context import ManagerContext
 from hypervisor.manager.lifecycle import Lifecycle
@@ -146,8 +146,6 @@ def validate(request: CreateVmRequest, has_upload: bool) -> None:
             raise InvalidRequest(f"SecondaryVolumes[{i}].Size must be positive")
         if volume.Format != VolumeFormat.RAW:
             raise InvalidRequest(f"SecondaryVolumes[{i}]: only raw volumes")
-        if volume.Type == VolumeType.MEMORY:
-            raise InvalidRequest(f"SecondaryVolumes[{i}]: memory volumes are not " "supported yet")
     for volume in [Volume()] + request.SecondaryVolumes:
         if volume.Interface not in (VolumeInterface.VIRTIO, VolumeInterface.IDE):
             raise InvalidRequest(
@@ -345,7 +343,17 @@ class Creator:
                 ctx.settings.images_directory,
                 "InitrdURL",
             )
-        needed = root_size + sum(v.Size for v in request.SecondaryVolumes)
+        needed = root_size + sum(
+            v.Size for v in request.SecondaryVolumes if v.Type != VolumeType.MEMORY
+        )
+        in_memory = sum(v.Size for v in request.SecondaryVolumes if v.Type == VolumeType.MEMORY)
+        if in_memory:
+            _, available = ctx.stats.memory()
+            if in_memory // MiB + info.MemoryInMiB > available:
+                raise InsufficientCapacity(
+                    f"memory volumes of {in_memory // MiB} MiB and {info.MemoryInMiB} MiB of "
+                    f"VM memory do not fit in the {available} MiB available"
+                )
         volume_directory = ctx.stats.reserve(needed)
         try:
             addresses = yield ctx.allocate_addresses([subnet] + secondary, info.Address.IpAddress)
@@ -437,21 +445,26 @@ class Creator:
         new.IdentityName = identity_name
         new.IdentityExpires = identity_expires
         new.Volumes = [Volume(Format=image_format, Size=root_size)] + [
-            Volume(Size=v.Size, Interface=v.Interface) for v in request.SecondaryVolumes
+            Volume(Size=v.Size, Interface=v.Interface, Type=v.Type)
+            for v in request.SecondaryVolumes
         ]
         if image_format == VolumeFormat.QCOW2:
             new.Volumes[0].VirtualSize = virtual_size
         vm_volume_dir = os.path.join(volume_directory, ip)
-        files = [os.path.join(vm_volume_dir, "root")] + [
-            os.path.join(vm_volume_dir, f"secondary-volume.{i}")
-            for i in range(len(request.SecondaryVolumes))
+        memory_dir = os.path.join(ctx.settings.memory_volume_directory, ip)
+        locations = [
+            VolumeLocation(
+                DirectoryToCleanup=vm_volume_dir, Filename=os.path.join(vm_volume_dir, "root")
+            )
         ]
-        local = LocalVmInfo(
-            VmInfo=new,
-            VolumeLocations=[
-                VolumeLocation(DirectoryToCleanup=vm_volume_dir, Filename=f) for f in files
-            ],
-        )
+        for i, volume in enumerate(request.SecondaryVolumes):
+            where = memory_dir if volume.Type == VolumeType.MEMORY else vm_volume_dir
+            locations.append(
+                VolumeLocation(
+                    DirectoryToCleanup=where, Filename=os.path.join(where, f"secondary-volume.{i}")
+                )
+            )
+        local = LocalVmInfo(VmInfo=new, VolumeLocations=locations)
         vm = Vm(local, os.path.join(ctx.state.vms_path, ip))
         vm.pending = {"Phase": "creating"}
         vm.kernel = bool(request.KernelURL)
@@ -566,6 +579,14 @@ class Creator:
                 )
             if request.SecondaryVolumes:
                 progress("creating secondary volumes")
+            memory_dirs = {
+                os.path.dirname(location.Filename)
+                for volume, location in zip(vm.info.Volumes[1:], vm.local.VolumeLocations[1:])
+                if volume.Type == VolumeType.MEMORY
+            }
+            for directory in sorted(memory_dirs):
+                yield ctx.runner.run(images.ensure_tmpfs, os.path.dirname(directory))
+                yield ctx.runner.run(images.make_directories, directory)
             for volume, location in zip(vm.info.Volumes[1:], vm.local.VolumeLocations[1:]):
                 yield ctx.runner.run(images.make_thick, location.Filename, volume.Size)
             if kernel_path:

@@ -168,6 +168,39 @@ def inspect_local_image(
     return path, fmt, os.path.getsize(path), size
 
 
+def is_tmpfs(path: str, mounts: str = "/proc/mounts") -> bool:
+    """
+    Whether C{path} is itself a tmpfs mount point.
+    """
+    real = os.path.realpath(path)
+    with open(mounts) as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 3 and fields[1] == real and fields[2] == "tmpfs":
+                return True
+    return False
+
+
+def ensure_tmpfs(path: str) -> None:
+    """
+    Make C{path} a tmpfs mount (the reference mounts one for memory volumes if
+    needed); nothing if it is one already.
+
+    @raise OSError: it cannot be mounted.
+    """
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    if is_tmpfs(path):
+        return
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", path],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if result.returncode != 0:
+        raise OSError(f"cannot mount tmpfs on {path} for memory volumes: {result.stderr.strip()}")
+
+
 def make_directories(*paths: str) -> None:
     """
     Create new directories (0755); an existing one is an error (a VM's directories

@@ -126,6 +126,7 @@ class Manager(MultiService):
         image_max_size: int = 64 << 30,
         image_tls_policy: Optional[Any] = None,
         image_server: Optional[tuple[str, int, Any]] = None,
+        memory_volume_directory: str = "/tmp/hyper-volumes",
     ) -> None:
         super().__init__()
         self.state = state
@@ -159,6 +160,7 @@ class Manager(MultiService):
                 stop_timeout=stop_timeout,
                 acknowledge_timeout=acknowledge_timeout,
                 images_directory=images_directory,
+                memory_volume_directory=memory_volume_directory,
                 datasource=datasource,
                 requested_domain_type=domain_type,
             ),
