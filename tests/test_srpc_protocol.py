@@ -239,6 +239,37 @@ class ManagedLeasesTests(TestCase):
         proto.connectionLost(connectionDone)
 
 
+class SlowReaderTests(TestCase):
+    """
+    A GetUpdates client that stops reading (the transport paused the stream):
+    its keepalives are not answered meanwhile (each answer would grow the send
+    buffer), they are answered once it reads again, and a flood is cut.
+    """
+
+    timeout = 60
+
+    async def test_keepalives_wait_while_paused(self) -> None:
+        b = Backend(self)
+        await b.start()
+        proto, transport = b.server(USER)
+        proto.dataReceived(b"Hypervisor.GetUpdates\n")
+        await output_until(transport, lambda o: o.count(b"\n") >= 2)
+        self.assertIs(transport.producer, proto)
+        proto.pauseProducing()  # as the transport does when its buffer is full
+        mark = len(transport.value())
+        keepalive = b'{"RegisterExternalLeasesRequest":null}\n'
+        proto.dataReceived(keepalive * 3)
+        await output_until(transport, lambda o: False, 0.2)
+        self.assertEqual(transport.value()[mark:], b"")
+        proto.resumeProducing()
+        self.assertEqual(transport.value()[mark:], b'{"HealthStatus":"healthy"}\n' * 3)
+        proto.pauseProducing()
+        for _ in range(40):
+            proto.dataReceived(keepalive * 1000)
+        self.assertTrue(transport.disconnecting)
+        self.assertIn(b"keepalives sent while not reading", transport.value())
+
+
 class FailedUploadTests(TestCase):
     """
     A CreateVm the service refuses after the upload began: SRPC reads (and drops)

@@ -393,6 +393,12 @@ class SrpcServer(protocol.Protocol):
             if len(self.reader) > MAX_AHEAD:
                 self._fail_line(f"more than {MAX_AHEAD} bytes sent while a call was running")
             return
+        if self.stage == "updates" and self.paused:
+            # The client does not read: its keepalives wait (each would add an
+            # Update to the send buffer), at most a keepalive's limit of them.
+            if len(self.reader) > MAX_PING:
+                self._fail_line(f"more than {MAX_PING} bytes of keepalives sent while not reading")
+            return
         self._advance()
 
     def _advance(self) -> None:
@@ -419,6 +425,8 @@ class SrpcServer(protocol.Protocol):
                         return
                     self._request(line)
                 elif self.stage == "updates":
+                    if self.paused:
+                        return  # answered once the client reads again
                     line = self.reader.line(MAX_PING)
                     if line is None:
                         return
@@ -742,6 +750,8 @@ class SrpcServer(protocol.Protocol):
                 self.stream.get().addCallback(self._got)
         finally:
             self._pulling = False
+        if self.stage == "updates" and not self.paused and len(self.reader):
+            self._advance()  # keepalives that waited while the client was behind
 
     def stopProducing(self) -> None:
         """
