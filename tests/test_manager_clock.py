@@ -22,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from hypervisor.api import HypervisorApi
 from hypervisor.auth import ROOT, Identity
 from hypervisor.errors import HypervisorError, WrongState
+from hypervisor.manager.acks import DhcpAcknowledgements
 from hypervisor.manager.manager import Manager
 from hypervisor.model import (
     AccessRequest,
@@ -669,6 +670,35 @@ class AcknowledgementTests(SynchronousTestCase):
         d2.settle()
         self.assertEqual(d2.state(ip), State.RUNNING)
         self.assertIsNone(d2.pending(ip))
+
+    def test_reconciliation_during_a_creation_leaves_it_alone(self) -> None:
+        """
+        A reconciliation (libvirt reconnected, or the first one at start on a busy
+        host) that runs while a CreateVm waits for its DHCP acknowledgement neither
+        removes the VM (its pending.json still says "creating") nor starts its
+        domain a second time: the creation finishes, with one domain.
+        """
+        self.d.manager.ctx.acks = DhcpAcknowledgements(self.d.clock, serving=True)
+        d = self.d.api.CreateVm(ALICE, self.d.request(DhcpTimeout=5.0))
+        self.d.settle()
+        self.assertIs(fired(d), UNFIRED)
+        ip = "10.5.0.2"
+        self.assertTrue(self.d.running_domain(ip))
+        self.assertEqual(self.d.pending(ip), {"Phase": "creating"})
+        started = self.d.domains.created
+        self.d.manager.libvirt_connected()  # reconciles
+        self.d.settle()
+        self.assertIn(ip, self.d.manager.vms)
+        self.assertEqual(self.d.domains.created, started)
+        self.d.clock.advance(5.0)
+        self.d.settle()
+        response = fired(d)
+        self.assertFalse(isinstance(response, BaseException), response)
+        self.assertTrue(response.DhcpTimedOut)
+        self.assertEqual(response.IpAddress, ip)
+        self.assertEqual(self.d.state(ip), State.RUNNING)
+        self.assertTrue(self.d.running_domain(ip))
+        self.assertEqual(self.d.manager.check_invariants(), [])
 
     def test_restart_removes_unfinished_creation(self) -> None:
         """

@@ -378,6 +378,7 @@ class Creator:
             yield ctx.release_addresses(addresses)
             raise WrongState(f"VM {ip} exists already")
         ctx.table.add(vm)
+        vm.creating = True  # the reconciliation leaves it to us until we are done
         reserved = True
         yield vm.lock.acquire()
         try:
@@ -411,6 +412,7 @@ class Creator:
             raise
         finally:
             vm.lock.release()
+        vm.creating = False
         return CreateVmResponse(DhcpTimedOut=timed_out, Final=True, IpAddress=ip)
 
     def _new_vm(
@@ -618,6 +620,7 @@ class Creator:
         is unknown: the VM stays (still marked C{creating}) and the reconciliation
         after the reconnect removes it, domain first. Likewise if removing fails.
         """
+        vm.creating = False  # what is left of it is the reconciliation's now
         if vm.deleted:
             return
         if isinstance(error, NotConnected) and vm.info.State == State.STARTING:

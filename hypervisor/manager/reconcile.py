@@ -152,6 +152,10 @@ class Reconciler:
 
     @inlineCallbacks
     def _reconcile(self) -> Any:
+        # What each VM was before libvirt is asked: a VM that changes while the listing
+        # is under way is asked about again (the listing is stale for it), and a VM
+        # that appears meanwhile is a creation of this process, not ours to reconcile.
+        before = {ip: vm.local for ip, vm in self.ctx.table.vms.items()}
         summaries = yield self.ctx.domains.list()
         by_ip = {}
         for s in summaries:
@@ -167,7 +171,7 @@ class Reconciler:
                     ip=ip,
                     dir=self.ctx.state.vms_path,
                 )
-        listed = [(vm, vm.local) for vm in self.ctx.table.vms.values()]
+        listed = [(vm, before[vm.ip]) for vm in self.ctx.table.vms.values() if vm.ip in before]
         for vm, local in listed:
             summary = by_ip.get(vm.ip)
             try:
@@ -179,8 +183,8 @@ class Reconciler:
 
     @inlineCallbacks
     def _reconcile_vm(self, vm: Vm, summary: Optional[domains.DomainSummary], listed: Any) -> Any:
-        if vm.deleted:
-            return
+        if vm.deleted or vm.creating:
+            return  # a creation under way handles its own VM (and undoes its failures)
         active = summary is not None and summary.active
         if vm.local is not listed:
             # The VM changed while we waited for its lock (a stop or start ran): the

@@ -48,6 +48,10 @@ class Vm:
     @ivar sort_key: the numeric order of its primary IP (which never changes).
     @ivar kernel: the root volume directory holds a C{kernel} (and C{initrd}) for
         direct kernel boot (known without touching the disk).
+    @ivar creating: this process is creating the VM right now (its CreateVm has not
+        ended): the reconciliation leaves it to the creation, which undoes its own
+        failures. A VM whose C{pending.json} says C{creating} without this was being
+        created by a daemon that died: the reconciliation removes it.
     @ivar domain_uuid: the UUID of the libvirt domain we last started for it (events
         of older domains are ignored).
     """
@@ -59,6 +63,7 @@ class Vm:
         "expecting_stop",
         "deleted",
         "pending",
+        "creating",
         "domain_uuid",
         "kernel",
         "initrd",
@@ -76,6 +81,7 @@ class Vm:
         self.expecting_stop = False
         self.deleted = False
         self.pending: Optional[dict[str, Any]] = None
+        self.creating = False
         self.domain_uuid = ""
         self.kernel = False
         self.initrd = False
