@@ -267,7 +267,35 @@ class SlowReaderTests(TestCase):
         for _ in range(40):
             proto.dataReceived(keepalive * 1000)
         self.assertTrue(transport.disconnecting)
-        self.assertIn(b"keepalives sent while not reading", transport.value())
+        self.assertIn(b"bytes sent while not reading", transport.value())
+
+
+class PipelineTests(TestCase):
+    """
+    A client that sends calls back to back without reading the replies: once the
+    transport pauses the connection, no further call is taken (each reply would
+    grow the send buffer) until it resumes; more than MAX_AHEAD bytes waiting close
+    the connection.
+    """
+
+    timeout = 60
+
+    async def test_calls_wait_while_paused(self) -> None:
+        b = Backend(self)
+        await b.start()
+        proto, transport = b.server(USER)
+        self.assertIs(transport.producer, proto)
+        proto.pauseProducing()
+        proto.dataReceived(b"Hypervisor.ListVMs\n{}\n" * 3)
+        await output_until(transport, lambda o: False, 0.2)
+        self.assertEqual(transport.value(), b"")
+        proto.resumeProducing()
+        out = await output_until(transport, lambda o: o.count(b"IpAddresses") == 3)
+        self.assertEqual(out, b'\n\n{"IpAddresses":[]}\n' * 3)
+        proto.pauseProducing()
+        proto.dataReceived(b"Hypervisor.ListVMs\n{}\n" * 4000)
+        self.assertTrue(transport.disconnecting)
+        self.assertIsNone(transport.producer)  # unregistered, so TLS can close
 
 
 class FailedUploadTests(TestCase):

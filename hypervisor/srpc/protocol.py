@@ -340,6 +340,19 @@ class SrpcServer(protocol.Protocol):
                 pass
         if self.stage == "connect":
             self._enter(Phase.HEADERS)
+        else:
+            self._start_producing()
+
+    def _start_producing(self) -> None:
+        """
+        Be the connection's push producer while it carries calls: the transport
+        pauses us when its send buffer is full (the client does not read), and no
+        further call or keepalive is taken until it resumes us.
+        """
+        register = getattr(self.transport, "registerProducer", None)
+        if register is not None and not self.producing:
+            register(self, True)
+            self.producing = True
 
     def handshakeCompleted(self) -> None:
         """
@@ -361,8 +374,13 @@ class SrpcServer(protocol.Protocol):
             return
         self.stage = "closed"
         self._end_stream()
-        assert self.transport is not None
-        self.transport.loseConnection()
+        transport: Any = self.transport
+        if self.producing:
+            # Unregister before closing: TLS does not shut down while a producer is
+            # registered.
+            self.producing = False
+            transport.unregisterProducer()
+        transport.loseConnection()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         """
@@ -393,11 +411,12 @@ class SrpcServer(protocol.Protocol):
             if len(self.reader) > MAX_AHEAD:
                 self._fail_line(f"more than {MAX_AHEAD} bytes sent while a call was running")
             return
-        if self.stage == "updates" and self.paused:
-            # The client does not read: its keepalives wait (each would add an
-            # Update to the send buffer), at most a keepalive's limit of them.
-            if len(self.reader) > MAX_PING:
-                self._fail_line(f"more than {MAX_PING} bytes of keepalives sent while not reading")
+        if self.paused and self.stage in ("method", "updates"):
+            # The client does not read: its next calls and keepalives wait (each
+            # answer would grow the send buffer), up to a bound.
+            limit = MAX_PING if self.stage == "updates" else MAX_AHEAD
+            if len(self.reader) > limit:
+                self._fail_line(f"more than {limit} bytes sent while not reading")
             return
         self._advance()
 
@@ -412,6 +431,8 @@ class SrpcServer(protocol.Protocol):
                         return
                     self._connect(self.reader.take(end))
                 elif self.stage == "method":
+                    if self.paused:
+                        return  # the next call once the client reads again
                     line = self.reader.line(MAX_METHOD_LINE)
                     if line is None:
                         if len(self.reader):
@@ -488,6 +509,7 @@ class SrpcServer(protocol.Protocol):
     def _start_calls(self) -> None:
         self.stage = "method"
         self._enter(Phase.WAITING)
+        self._start_producing()
 
     def _start_tls(self) -> None:
         assert self.factory.tls is not None and self.transport is not None
@@ -708,21 +730,12 @@ class SrpcServer(protocol.Protocol):
     def _stream(self, stream: Any) -> None:
         self.stream = stream
         self.stage = "updates"
-        transport: Any = self.transport
-        transport.registerProducer(self, True)
-        self.producing = True
-        self.resumeProducing()
+        if not self.paused:
+            self.resumeProducing()
         self._advance()  # keepalives that came with the method line
 
     def _end_stream(self) -> None:
         stream, self.stream = self.stream, None
-        if self.producing:
-            # Unregister before any close: TLS does not shut down while a producer
-            # is registered.
-            self.producing = False
-            transport: Any = self.transport
-            if transport is not None and not self.lost:
-                transport.unregisterProducer()
         if stream is not None:
             stream.close()
             if self.managed_leases:
@@ -732,7 +745,7 @@ class SrpcServer(protocol.Protocol):
 
     def pauseProducing(self) -> None:
         """
-        The client is behind: take no more updates from the stream for now.
+        The client is behind: take no more updates, calls or keepalives for now.
         """
         self.paused = True
 
@@ -750,8 +763,8 @@ class SrpcServer(protocol.Protocol):
                 self.stream.get().addCallback(self._got)
         finally:
             self._pulling = False
-        if self.stage == "updates" and not self.paused and len(self.reader):
-            self._advance()  # keepalives that waited while the client was behind
+        if self.stage in ("method", "updates") and not self.paused and len(self.reader):
+            self._advance()  # calls and keepalives that waited while the client was behind
 
     def stopProducing(self) -> None:
         """
