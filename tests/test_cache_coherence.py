@@ -73,8 +73,12 @@ class CoherenceTests(SynchronousTestCase):
             fresh = codec.encode(GetVmInfoResponse(VmInfo=vm.info))
             self.assertEqual(encode_reply(reply), fresh, ip)
             self.assertEqual(reply.VmInfo, vm.info)
-        for mask in (0, 1 << 1, 1 << 4):
-            f = VmFilter(IgnoreStateMask=mask)
+        filters = [VmFilter(IgnoreStateMask=mask) for mask in (0, 1 << 1, 1 << 4)] + [
+            VmFilter(OwnerUsers=["bob"]),
+            VmFilter(OwnerUsers=["alice"], IgnoreStateMask=1 << 4),
+            VmFilter(VmTagsToMatch={"Name": []}),
+        ]
+        for f in filters:
             expected = sorted(
                 (ip for ip, vm in manager.vms.items() if matches(vm.info, f)), key=ip_sort_key
             )

@@ -58,7 +58,7 @@ from hypervisor.manager.network import AddressPool, Subnets, discover_bridges
 from hypervisor.manager.reconcile import Reconciler
 from hypervisor.manager.state import IVmListener, Lease, VmTable
 from hypervisor.manager.updates import UpdateHub
-from hypervisor.manager.vm import Vm, matches
+from hypervisor.manager.vm import Vm
 from hypervisor.model import Address, CloudInitDatasource, Subnet, VmFilter, VmInfo
 from hypervisor.store import StateDirectory
 from hypervisor.virt.domains import Domains, IDomains
@@ -409,10 +409,7 @@ class Manager(MultiService):
         """
         ListVMs.
         """
-        vms = [vm for vm in self.table.vms.values() if not vm.deleted and matches(vm.info, f)]
-        if sort:
-            vms.sort(key=lambda vm: vm.sort_key)
-        return [vm.ip for vm in vms]
+        return self.table.listing(f, sort)
 
     def get_vm_infos(self, f: VmFilter) -> list[VmInfo]:
         """

@@ -36,8 +36,8 @@ from hypervisor.errors import InvalidRequest, NotFound
 from hypervisor.manager.capacity import Usage
 from hypervisor.manager.network import Subnets
 from hypervisor.manager.updates import UpdateHub
-from hypervisor.manager.vm import Vm, ip_sort_key
-from hypervisor.model import Address, LocalVmInfo, State, Subnet, Update, VmInfo
+from hypervisor.manager.vm import Vm, ip_sort_key, matches
+from hypervisor.model import Address, LocalVmInfo, State, Subnet, Update, VmFilter, VmInfo
 from hypervisor.store import StateDirectory
 
 RETRY_INTERVAL = 5.0
@@ -118,6 +118,9 @@ class VmTable:
         self._retry: Optional[IDelayedCall] = None
         self._milli_cpus = 0
         self._memory_mib = 0
+        # ListVMs answers by filter, kept until any VM is added, removed or changed
+        # (a listing scans every VM and sorts: repeated calls need not).
+        self._listings: dict[Any, list[str]] = {}
 
     # Loading ----------------------------------------------------------------------
 
@@ -282,10 +285,33 @@ class VmTable:
 
     # Membership -------------------------------------------------------------------
 
+    def listing(self, f: VmFilter, sort: bool) -> list[str]:
+        """
+        The IPs of the VMs matching C{f} (ListVMs), sorted by address if asked; kept
+        until a VM is added, removed or changed.
+        """
+        key = (
+            sort,
+            f.IgnoreStateMask,
+            tuple(f.OwnerGroups),
+            tuple(f.OwnerUsers),
+            tuple((k, tuple(v)) for k, v in sorted(f.VmTagsToMatch.items())),
+        )
+        kept = self._listings.get(key)
+        if kept is None:
+            vms = [vm for vm in self.vms.values() if not vm.deleted and matches(vm.info, f)]
+            if sort:
+                vms.sort(key=lambda vm: vm.sort_key)
+            if len(self._listings) >= 64:  # bounded: filters come from clients
+                self._listings.clear()
+            kept = self._listings[key] = [vm.ip for vm in vms]
+        return list(kept)
+
     def add(self, vm: Vm) -> None:
         """
         Hold a new VM in memory (its files are written by the caller).
         """
+        self._listings.clear()
         self.vms[vm.ip] = vm
         self._index(vm)
         self._count(vm.info, 1)
@@ -295,6 +321,7 @@ class VmTable:
         Drop a deleted VM from memory and tell subscribers and listeners.
         """
         self._dirty.discard(vm)
+        self._listings.clear()
         if self.vms.get(vm.ip) is vm:
             del self.vms[vm.ip]
             if not vm.deleted:
@@ -401,6 +428,7 @@ class VmTable:
             self._count(new.VmInfo, 1)
         vm.local = new
         vm.changed()
+        self._listings.clear()
         if readdress:
             self._index(vm)
         if vm.deleted:
