@@ -18,7 +18,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from hypervisor.api import ACCESS, METHODS, PUBLIC
 from hypervisor.auth import Identity
 from hypervisor.srpc import codec as wire
-from hypervisor.srpc.protocol import MAX_AHEAD, SrpcServer
+from hypervisor.srpc.protocol import MAX_AHEAD, SrpcFactory, SrpcServer
 from tests.srpc_support import Backend, output_until
 from web.srpc_routes import SrpcRoutes
 
@@ -268,6 +268,47 @@ class SlowReaderTests(TestCase):
             proto.dataReceived(keepalive * 1000)
         self.assertTrue(transport.disconnecting)
         self.assertIn(b"bytes sent while not reading", transport.value())
+
+
+class EndpointTests(TestCase):
+    """
+    The unsecured endpoint with C{-allowUnauthenticatedReads} (plaintext: only the
+    unauthenticated reads), and the TLS endpoint when the daemon has no certificate
+    (404, so Go clients move on).
+    """
+
+    timeout = 60
+
+    async def test_unsecured_reads(self) -> None:
+        b = Backend(self, unauthenticated_reads=True)
+        await b.start()
+        proto, transport = b.server(connect=True)
+        proto.dataReceived(wire.connect_line(wire.SRPC_UNSECURED_JSON))
+        self.assertEqual(transport.value(), wire.CONNECTED)
+        mark = len(transport.value())
+        proto.dataReceived(b"Hypervisor.ListVMs\n{}\n")
+        out = await output_until(transport, lambda o: o[mark:].count(b"\n") >= 3)
+        self.assertEqual(out[mark:], b'\n\n{"IpAddresses":[]}\n')
+        for method in (b"SetDisabledState", b"CreateVm", b"GetUpdates", b"GetVmUserData"):
+            mark = len(transport.value())
+            proto.dataReceived(b"Hypervisor." + method + b"\n")
+            self.assertEqual(transport.value()[mark:], b"access to method denied\n", method)
+        self.assertFalse(b.manager.disabled)
+
+    async def test_no_tls(self) -> None:
+        b = Backend(self)
+        await b.start()
+        factory = SrpcFactory(b.dispatcher, b.trust, None, b.factory.reactor)
+        for path, want in (
+            (wire.SRPC_TLS_JSON, wire.NOT_FOUND),
+            (wire.SRPC_UNSECURED_JSON, wire.METHOD_NOT_ALLOWED),
+        ):
+            proto = factory.buildProtocol(None)
+            transport = StringTransport()
+            proto.makeConnection(transport)
+            proto.dataReceived(wire.connect_line(path))
+            self.assertEqual(transport.value(), want)
+            self.assertTrue(transport.disconnecting)
 
 
 class PipelineTests(TestCase):
