@@ -12,6 +12,7 @@ first 512 - len(JSON) bytes, as the Go client did in the captures.
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 
@@ -22,6 +23,7 @@ from twisted.trial.unittest import TestCase
 
 from hypervisor.certs import make_certificate, write_pair
 from hypervisor.srpc import client as srpc
+from hypervisor.srpc import codec as wire
 from hypervisor.tls import SniffingFactory, _PromptCloseTLS
 from tests.srpc_support import VM_IP, Backend, sleep
 
@@ -133,3 +135,29 @@ class DownloadTests(TestCase):
         out, seconds = await deferToThread(self.garbage_keepalive)
         self.assertIn(b"malformed GetUpdatesRequest", out)
         self.assertLess(seconds, 3)
+
+    def alpn_call(self) -> bytes:
+        s = socket.create_connection(("127.0.0.1", self.port.getHost().port), timeout=5)
+        s.sendall(wire.connect_line(wire.SRPC_TLS_JSON))
+        head = b""
+        while not head.endswith(b"\n\n"):
+            head += s.recv(1)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.load_cert_chain(*self.cert)
+        context.set_alpn_protocols(["h2", "http/1.1"])
+        with context.wrap_socket(s) as t:
+            t.sendall(b"Hypervisor.ListVMs\n{}\n")
+            out = b""
+            while out.count(b"\n") < 3:
+                out += t.recv(4096)
+            return out
+
+    async def test_client_offering_alpn(self) -> None:
+        """
+        A client that offers ALPN in the TLS after CONNECT still gets its calls
+        answered (a TLS factory that cannot answer ALPN fails such handshakes).
+        """
+        out = await deferToThread(self.alpn_call)
+        self.assertEqual(out, b'\n\n{"IpAddresses":["10.77.0.10"]}\n')
