@@ -53,6 +53,9 @@ WINDOWS = (1, 8, 16)
 
 
 def free_udp_port() -> int:
+    """
+    A UDP port on 127.0.0.1 free a moment ago.
+    """
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("127.0.0.1", 0))
     port: int = s.getsockname()[1]
@@ -94,6 +97,9 @@ class Server:
             raise RuntimeError(f"{kind} exited at once ({self.process.returncode})")
 
     def stop(self) -> None:
+        """
+        Stop the server (SIGTERM, then SIGKILL after 10 s).
+        """
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -131,6 +137,9 @@ def fetch(port: int, name: str, out: str, window: int) -> float:
 
 
 def same(a: str, b: str) -> bool:
+    """
+    Whether files C{a} and C{b} hold the same bytes.
+    """
     with open(a, "rb") as fa, open(b, "rb") as fb:
         while True:
             x, y = fa.read(1 << 20), fb.read(1 << 20)
@@ -160,6 +169,9 @@ class SmallTransfer:
         self.done = False
 
     def readable(self) -> None:
+        """
+        Take what arrived: OACK, DATA (in order: ACKed), or ERROR.
+        """
         while True:
             try:
                 data, addr = self.sock.recvfrom(2048)
@@ -189,6 +201,9 @@ class SmallTransfer:
         self.sock.sendto(packet, self.peer)
 
     def retry(self, now: float) -> None:
+        """
+        Send the last packet again after a second without progress.
+        """
         if now - self.last_send > 1.0:
             self.last_send = now
             self.sock.sendto(self.last_packet, self.peer or self.server)
@@ -232,6 +247,9 @@ def many_small(
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """
+    Run the benchmark; print the tables; the exit status.
+    """
     parser = argparse.ArgumentParser(prog="python -m bench.tftp")
     parser.add_argument("--size-mib", type=int, default=64)
     parser.add_argument("--runs", type=int, default=5)
