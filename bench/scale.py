@@ -275,6 +275,8 @@ class Daemon:
         self.flags = [
             # DHCP on bridges only: never answer DHCP on the machine's own network.
             "-dhcpServerOnBridgesOnly",
+            # No metadata namespaces on the host's bridges (killed daemons leave them).
+            "-metadataServer=false",
             f"-stateDir={self.state_dir}",
             f"-logDir={root}/log",
             f"-portNum={self.port}",

@@ -4,7 +4,7 @@ guest of L{tests.guest.debian} (Debian's unmodified C{cloud-init} package, built
 and cached) created by the manager on the real libvirtd on a bridge of its own, with
 user data. The DHCP and metadata services are made by the daemon's own factories
 (C{tap.service._make_dhcp_service}, C{_make_metadata_service}) and serve only that
-bridge, which holds the subnet's gateway 10.113.0.1.
+bridge, which holds the subnet's gateway 10.113.N.1 (N from the process id).
 
 What happens, as in production: our DHCP server leases the guest its address with the
 option 121 route to 169.254.169.254 via the gateway; ds-identify picks OpenStack from
@@ -54,11 +54,16 @@ from tests import support
 from tests.support import until
 
 ALICE = Identity(username="alice")
-BRIDGE = "br@hvmd"
-BRIDGE_MAC = "02:00:00:00:71:01"
-GATEWAY = "10.113.0.1"
-VM_IP = "10.113.0.2"
-VM_MAC = "52:54:0a:71:00:02"
+# A subnet, bridge and VM of this process's own (other runs of this test on the same
+# host, e.g. a parallel test suite, must not share the bridge, the domain name or the
+# gateway address).
+NET = 10 + os.getpid() % 200
+SUBNET_ID = f"hvmd{NET}"
+BRIDGE = f"br@{SUBNET_ID}"
+BRIDGE_MAC = f"02:00:00:71:{NET:02x}:01"
+GATEWAY = f"10.113.{NET}.1"
+VM_IP = f"10.113.{NET}.2"
+VM_MAC = f"52:54:0a:71:{NET:02x}:02"
 MiB = 1024 * 1024
 USER_DATA = b"""#cloud-config
 runcmd:
@@ -72,7 +77,7 @@ KERNEL_OPTIONS = (
 )
 
 
-def ensure_bridge() -> None:
+def make_bridge() -> None:
     """
     This test's bridge, holding the subnet's gateway address (the guest's route to
     169.254.169.254 goes via the gateway), up.
@@ -82,6 +87,13 @@ def ensure_bridge() -> None:
         subprocess.run(["ip", "link", "set", BRIDGE, "address", BRIDGE_MAC], check=True)
     subprocess.run(["ip", "addr", "replace", f"{GATEWAY}/24", "dev", BRIDGE], check=True)
     subprocess.run(["ip", "link", "set", BRIDGE, "up"], check=True)
+
+
+def remove_bridge() -> None:
+    """
+    Remove this test's bridge.
+    """
+    subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True)
 
 
 def debian_guest() -> str:
@@ -109,7 +121,8 @@ class StockCloudInitTests(TestCase):
         for tool in ("nft", "mmdebstrap"):
             support.require(shutil.which(tool) is not None, f"{tool} is not installed")
         self.guest = debian_guest()
-        ensure_bridge()
+        make_bridge()
+        self.addCleanup(remove_bridge)
         start_event_loop()
         self.root = support.public_tempdir("hv-md-guest-")
         self.addCleanup(shutil.rmtree, self.root, True)
@@ -182,7 +195,7 @@ class StockCloudInitTests(TestCase):
         await api.UpdateSubnets(
             ROOT,
             UpdateSubnetsRequest(
-                Add=[Subnet(Id="hvmd", IpGateway=GATEWAY, IpMask="255.255.255.0")]
+                Add=[Subnet(Id=SUBNET_ID, IpGateway=GATEWAY, IpMask="255.255.255.0")]
             ),
         )
         await api.ChangeAddressPool(
@@ -202,7 +215,7 @@ class StockCloudInitTests(TestCase):
                 VmInfo=VmInfo(
                     MemoryInMiB=768,
                     MilliCPUs=1000,
-                    SubnetId="hvmd",
+                    SubnetId=SUBNET_ID,
                     Hostname="stock-guest",
                     ImageURL=f"file://{self.guest}/root.img",
                     RootFileSystemLabel="root",
