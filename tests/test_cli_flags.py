@@ -172,6 +172,12 @@ class GoHelpTests(SynchronousTestCase):
                 if runnable:
                     self.assertIn(module.METHODS[command.name], METHODS, command.name)
             self.assertEqual(set(module.METHODS), set(module.RUNNERS), program)
+            # A command refused as "not served" names its method, which is indeed not
+            # served (when the daemon serves it, the command must get a runner).
+            refused = {c.name for c in module.COMMANDS if c.unavailable == module.NOT_SERVED}
+            self.assertEqual(refused, set(module.UNSERVED_METHODS), program)
+            for name, method in module.UNSERVED_METHODS.items():
+                self.assertNotIn(method, METHODS, f"{program} {name}: {method} is served now")
         newer = newer_go_vm_control_commands()
         for command in vm_control.COMMANDS:
             if not command.go:

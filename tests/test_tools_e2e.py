@@ -224,6 +224,7 @@ class ToolsEndToEndTests(SynchronousTestCase):
             (info["MilliCPUs"], info["VirtualCPUs"], info["MemoryInMiB"]), (500, 2, 96)
         )
         self.assertTrue(info["DestroyProtection"])
+        self.volume_image_and_user_data_commands(d, vc, ip)
         self.fails(vc, "stop-vm", ip, user="bob", words="error stopping VM: ")
         self.fails(vc, "get-vm-info", "10.77.0.77", words="error getting VM info: no VM with IP")
         self.fails(vc, "destroy-vm", "10.77.0.77", words="error destroying VM: no VM with IP")
@@ -233,6 +234,75 @@ class ToolsEndToEndTests(SynchronousTestCase):
         self.fails(vc, "migrate-vm", ip, words="not available", code=2)
         self.fails(vc, "-memory=lots", "create-vm", words="-memory", code=2)
         self.assertEqual(self.ok(vc, "list-vms"), "")
+
+    def volume_image_and_user_data_commands(self, d: Any, vc: Cli, ip: str) -> None:
+        """
+        The volume, snapshot, image and user data commands on a stopped VM.
+        """
+
+        def volumes() -> list[dict[str, Any]]:
+            return list(json.loads(self.ok(vc, "get-vm-info", ip))["Volumes"])
+
+        mib = 1 << 20
+        self.ok(vc, "-secondaryVolumeSizes=1MiB,2MiB", "add-vm-volumes", ip)
+        self.assertEqual([v["Size"] for v in volumes()[1:]], [mib, 2 * mib])
+        self.ok(vc, "-volumeIndices=0,2,1", "reorder-vm-volumes", ip)
+        self.assertEqual([v["Size"] for v in volumes()[1:]], [2 * mib, mib])
+        self.ok(vc, "-volumeIndex=2", "-volumeSize=3MiB", "change-vm-volume-size", ip)
+        self.assertEqual(volumes()[2]["Size"], 3 * mib)
+        self.ok(vc, "-volumeIndex=2", "delete-vm-volume", ip)
+        self.assertEqual(len(volumes()), 2)
+        self.ok(vc, "-snapshotRootOnly", "snapshot-vm", ip)
+        self.assertIn("Snapshots", volumes()[0])
+        self.ok(vc, "restore-vm-from-snapshot", ip)
+        self.ok(vc, "snapshot-vm", ip)
+        self.ok(vc, "discard-vm-snapshot", ip)
+        self.assertNotIn("Snapshots", volumes()[0])
+
+        vm_dir = os.path.join(d.state_dir, "VMs", ip)
+        user_data = os.path.join(d.dir, "user-data")
+        for text in (b"#cloud-config\nhostname: one\n", b"#cloud-config\nhostname: two\n"):
+            with open(user_data, "wb") as out:
+                out.write(text)
+            self.ok(vc, f"-userDataFile={user_data}", "replace-vm-user-data", ip)
+            with open(os.path.join(vm_dir, "user-data.raw"), "rb") as f:
+                self.assertEqual(f.read(), text)
+            self.ok(vc, f"-userDataFile={user_data}.got", "get-vm-user-data", ip)
+            with open(f"{user_data}.got", "rb") as f:
+                self.assertEqual(f.read(), text)
+        self.ok(vc, "restore-vm-user-data", ip)
+        with open(os.path.join(vm_dir, "user-data.raw"), "rb") as f:
+            self.assertEqual(f.read(), b"#cloud-config\nhostname: one\n")
+        self.ok(vc, "discard-vm-old-user-data", ip)
+        self.fails(vc, "replace-vm-user-data", ip, words="no -userDataFile given")
+        self.fails(vc, "get-vm-user-data", ip, words="no -userDataFile given")
+
+        image = os.path.join(d.dir, "image.raw")
+        with open(image, "wb") as out:
+            out.write(b"\x01" * (2 * mib))
+        self.ok(
+            vc,
+            f"-imageFile={image}",
+            "-minFreeBytes=1MiB",
+            "-roundupPower=0",
+            "replace-vm-image",
+            ip,
+        )
+        # The 2 MiB image and -minFreeBytes of free space after it.
+        self.assertEqual(volumes()[0]["Size"], 3 * mib)
+        self.ok(vc, "restore-vm-image", ip)
+        self.assertEqual(volumes()[0]["Size"], mib)
+        self.ok(
+            vc,
+            f"-imageFile={image}",
+            "-minFreeBytes=1MiB",
+            "-roundupPower=0",
+            "replace-vm-image",
+            ip,
+        )
+        self.ok(vc, "discard-vm-old-image", ip)
+        self.fails(vc, "restore-vm-image", ip, words="error restoring VM image: ")
+        self.fails(vc, "replace-vm-image", ip, words="no -imageName, -imageURL or -imageFile")
 
     def interrupt_get_updates(self, d: Any, pki: str) -> None:
         """

@@ -462,6 +462,14 @@ RUNNERS: dict[str, tool.Runner] = {
     "watch-dhcp": watch_dhcp,
 }
 
+UNSERVED_METHODS: dict[str, str] = {
+    "connect-to-vm-manager": "ConnectToVmManager",
+    "hold-lock": "HoldLock",
+    "hold-vm-lock": "HoldVmLock",
+    "list-volume-directories": "ListVolumeDirectories",
+    "power-off": "PowerOff",
+}
+
 METHODS: dict[str, str] = {
     "add-address": "ChangeAddressPool",
     "add-subnet": "UpdateSubnets",

@@ -127,6 +127,24 @@ class SrpcTransport:
         result: bytes = await deferToThread(self._call, method, request, tail, on_message)
         return result
 
+    def _download(self, method: str, request: bytes) -> tuple[bytes, bytes]:
+        try:
+            reply, data = self._connect().call_download(method, request, length_field="Length")
+        except srpc.SrpcError as e:
+            self._drop()
+            raise ClientError(str(e) or type(e).__name__) from None
+        except (OSError, ssl.SSLError, socket.timeout) as e:
+            self._drop()
+            raise ClientError(f"cannot reach {self.host}:{self.port} over SRPC: {e}") from None
+        return _dumps(reply), data
+
+    async def call_download(self, method: str, request: bytes) -> tuple[bytes, bytes]:
+        """
+        A reply with C{Length} raw bytes after it, in a pool thread.
+        """
+        result: tuple[bytes, bytes] = await deferToThread(self._download, method, request)
+        return result
+
     def _drop(self) -> None:
         if self._connection is not None:
             self._connection.close()

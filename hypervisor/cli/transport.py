@@ -65,10 +65,39 @@ class Transport(Protocol):
         where the protocol allows (SRPC's GetUpdates).
         """
 
+    async def call_download(self, method: str, request: bytes) -> tuple[bytes, bytes]:
+        """
+        A call answered with a JSON reply carrying C{Length}, then that many raw
+        bytes (GetVmUserData): the reply's JSON and the bytes (none if it has an Error).
+        """
+
     def close(self) -> None:
         """
         Drop any connection kept open.
         """
+
+
+MAX_DOWNLOAD = 64 << 20
+
+
+def split_download(body: bytes) -> tuple[bytes, bytes]:
+    """
+    A download's body: the JSON line, then C{Length} raw bytes.
+
+    @raise ClientError: no JSON line, or fewer bytes than C{Length}.
+    """
+    line, sep, rest = body.partition(b"\n")
+    if not sep:
+        raise ClientError(f"malformed download: {body[:200]!r}")
+    if error_of(line):
+        return line, b""
+    try:
+        length = int(json.loads(line).get("Length") or 0)
+    except (ValueError, AttributeError):
+        raise ClientError(f"malformed download reply: {line[:200]!r}") from None
+    if len(rest) < length:
+        raise ClientError(f"the download ended after {len(rest)} of {length} bytes")
+    return line, rest[:length]
 
 
 def best_certificate(cert_directory: str) -> Optional[CertPair]:
@@ -183,6 +212,39 @@ class HttpsTransport:
         if response.code != 200:
             raise ClientError(error_of(last) or f"HTTP {response.code}")
         return last
+
+    async def call_download(self, method: str, request: bytes) -> tuple[bytes, bytes]:
+        """
+        The reply's JSON line, then C{Length} raw bytes, in one HTTP body (bounded).
+        """
+        from twisted.web.client import FileBodyProducer
+        from twisted.web.http_headers import Headers
+
+        try:
+            response = await self.http.post(
+                self.url(method),
+                data=FileBodyProducer(io.BytesIO(request + b"\n")),
+                headers=Headers({b"Content-Type": [b"application/json"]}),
+                unbuffered=True,
+            )
+        except Exception as e:  # noqa: BLE001 - shown to the user
+            raise ClientError(
+                f"cannot reach the hypervisor at {self._netloc()}: {_describe(e)}"
+            ) from None
+        chunks: list[bytes] = []
+        size = [0]
+
+        def collect(data: bytes) -> None:
+            size[0] += len(data)
+            if size[0] > MAX_DOWNLOAD:
+                raise ClientError(f"download larger than {MAX_DOWNLOAD} bytes")
+            chunks.append(data)
+
+        await response.collect(collect)
+        body = b"".join(chunks)
+        if response.code != 200:
+            raise ClientError(error_of(body.split(b"\n", 1)[0]) or f"HTTP {response.code}")
+        return split_download(body)
 
     def close(self) -> None:
         """
