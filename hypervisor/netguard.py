@@ -307,7 +307,17 @@ class GuardedConnection(ProtocolWrapper):
     def connectionMade(self) -> None:
         """
         Start in C{WAITING}, before the protocol above hears of the connection.
+
+        Replies go out at once (C{TCP_NODELAY}): RPC is request/reply over a kept
+        connection, where Nagle's algorithm holds a reply's last segment back until
+        the client acknowledges the one before, which the client delays.
         """
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass  # not TCP after all (a socket pair in tests), or already gone
         self.enter(Phase.WAITING)
 
     def enter(self, phase: Phase) -> None:

@@ -1048,3 +1048,31 @@ class RealReactorServerTests(TestCase):
         service.startService()
         self.addCleanup(service.stopService)
         self.assertIsInstance(service._port, netguard.GuardedPort)
+
+
+class NoDelayTests(TestCase):
+    """
+    Guarded TCP connections send at once (TCP_NODELAY), over a real socket.
+    """
+
+    async def test_accepted_connections_have_no_delay(self) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.defer import Deferred
+
+        made: Deferred[Any] = Deferred()
+
+        class Server(protocol.Protocol):
+            def connectionMade(self) -> None:
+                made.callback(self.transport)
+
+        guard = netguard.guard_factory(protocol.Factory.forProtocol(Server), reactor)
+        port = reactor.listenTCP(0, guard, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(client.close)
+        transport = await made
+        tcp = transport.transport  # the guard's transport: the TCP connection
+        self.assertTrue(tcp.getTcpNoDelay())
+        raw = tcp.getHandle()
+        self.assertEqual(raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+        tcp.loseConnection()
