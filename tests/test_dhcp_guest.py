@@ -82,7 +82,7 @@ class GuestLeaseTests(TestCase):
 
         conn = libvirt.open(support.QEMU_URI)
         for dom in conn.listAllDomains():
-            if dom.name().startswith("vm-10.78.") and dom.isActive():
+            if dom.name().startswith("vm-10.78.0.") and dom.isActive():  # ours only
                 dom.destroy()
         conn.close()
 
