@@ -12,8 +12,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from hypervisor.metadata.backend import MetadataBackend
 from hypervisor.metadata.plumbing import BridgePlan, Plumbing
@@ -161,3 +165,71 @@ class PlansTests(SynchronousTestCase):
         self.service.startService()
         self.assertIsNone(self.service.plumbing)
         self.service.stopService()
+
+
+class HeldRunner:
+    """
+    A runner that holds each call until the test releases it.
+    """
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+
+    def run(self, fn: Any, *args: Any, **kwargs: Any) -> "Deferred[Any]":
+        d: Deferred[Any] = Deferred()
+        self.held.append((fn, args, d))
+        return d
+
+    def from_thread(self, fn: Any, *args: Any) -> None:
+        fn(*args)
+
+    def release(self) -> None:
+        fn, args, d = self.held.pop(0)
+        d.callback(fn(*args))
+
+
+class StopTests(TestCase):
+    """
+    Stopping while a sync runs.
+    """
+
+    async def test_stop_waits_for_a_running_sync(self) -> None:
+        """
+        The removal at stop waits until a sync running on a thread is over (else that
+        sync would make the table again after the removal).
+        """
+        daemon = ClockDaemon(self).start().network()
+        daemon.create()
+        commands: list[list[str]] = []
+
+        def command(argv: list[str], stdin: Any = None) -> str:
+            commands.append(argv)
+            return ""
+
+        runner = HeldRunner()
+        backend = MetadataBackend(daemon.manager, daemon.clock, daemon.runner)
+        service = MetadataService(
+            backend,
+            reactor,
+            runner=runner,
+            tag=lambda: "abcdef",
+            discover=lambda: {"no-such-bridge-hv": 0},
+        )
+        service.plumbing = Plumbing("abcdef", command=command)
+        service.bridges = {"no-such-bridge-hv": 0}
+        service._started = True
+        daemon.manager.subnets.subnets["net"] = Subnet(
+            Id="net", IpGateway="10.5.0.1", IpMask="255.255.255.0", VlanId=0
+        )
+        service.sync(force=True)
+        self.assertEqual(len(runner.held), 1)
+        stopped = service.stopService()
+        await deferLater(reactor, 0.2, lambda: None)
+        self.assertFalse(stopped.called)
+        self.assertNotIn(["nft", "list", "tables", "bridge"], commands)
+        runner.release()  # the sync's _apply, then its table script
+        await stopped
+        self.assertIn(["nft", "list", "tables", "bridge"], commands)
+        last_write = max(i for i, c in enumerate(commands) if c[:2] == ["nft", "-f"])
+        last_list = max(i for i, c in enumerate(commands) if c[:3] == ["nft", "list", "tables"])
+        self.assertLess(last_write, last_list)

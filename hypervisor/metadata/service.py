@@ -103,6 +103,7 @@ class MetadataService(Service):
         self._busy = False
         self._again = False
         self._pending: Optional[Any] = None
+        self._inflight: Optional[Deferred[None]] = None
         self._started = False
 
     # Plans --------------------------------------------------------------------------------
@@ -221,6 +222,10 @@ class MetadataService(Service):
         self.manager.remove_listener(self)
         self.backend.stop()
         closing = [self._close(bridge) for bridge in list(self.ports)]
+        if self._inflight is not None:
+            # A sync still running on a thread would make its namespaces and table
+            # again after we removed them: wait for it first.
+            closing.append(self._inflight)
         plumbing = self.plumbing
 
         def remove(_: Any) -> Any:
@@ -321,6 +326,7 @@ class MetadataService(Service):
 
         def done(result: Any) -> None:
             self._busy = False
+            self._inflight = None
             if isinstance(result, Failure):
                 self.log.error("metadata: cannot set up: {why}", why=result.getErrorMessage())
                 self.applied = None
@@ -336,7 +342,10 @@ class MetadataService(Service):
                 self.schedule()
 
         d = DeferredList(closing, consumeErrors=True).addCallback(apply)
-        return d.addBoth(done)
+        d.addBoth(done)
+        if self._busy:  # not done yet: a thread is applying it
+            self._inflight = d
+        return d
 
     def _apply(self, plans: list[BridgePlan], need: set[str]) -> dict[str, Any]:
         """
