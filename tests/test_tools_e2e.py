@@ -225,6 +225,8 @@ class ToolsEndToEndTests(SynchronousTestCase):
         )
         self.assertTrue(info["DestroyProtection"])
         self.volume_image_and_user_data_commands(d, vc, ip)
+        # The test daemons run no metadata server: the call is made and refused.
+        self.fails(vc, "trace-vm-metadata", ip, words="error tracing VM metadata: ")
         self.fails(vc, "stop-vm", ip, user="bob", words="error stopping VM: ")
         self.fails(vc, "get-vm-info", "10.77.0.77", words="error getting VM info: no VM with IP")
         self.fails(vc, "destroy-vm", "10.77.0.77", words="error destroying VM: no VM with IP")

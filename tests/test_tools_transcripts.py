@@ -308,3 +308,84 @@ class TranscriptReplayTests(TestCase):
             if "-logDebugLevel" not in step.argv:
                 self.assertEqual(ours, theirs, where)
         self.assertGreaterEqual(replayed, 25)
+
+
+class StreamCommandTests(TestCase):
+    """
+    trace-vm-metadata reads the daemon's message stream (L{hypervisor.metadata.trace}):
+    paths to stdout, the end of the stream by "VM destroyed" is a normal exit, any
+    other end an error. (The real daemon's refusal is in L{tests.test_tools_e2e}.)
+    """
+
+    async def run_trace(self, messages: list[bytes]) -> tuple[int, str, str]:
+        class Stream:
+            address = "127.0.0.1:6976"
+            description = "stream"
+
+            async def call(
+                self, method: str, request: bytes, tail: Any = None, on_message: Any = None
+            ) -> bytes:
+                assert method == "Hypervisor.TraceVmMetadata"
+                assert request == b'{"IpAddress":"10.0.0.2"}'
+                for message in messages:
+                    on_message(message)
+                return b""
+
+            def close(self) -> None:
+                pass
+
+        parsed = goflags.parse(
+            ["-certDirectory=/nonexistent", "trace-vm-metadata", "10.0.0.2"],
+            vm_control.FLAGS,
+            vm_control.COMMANDS,
+        )
+        assert parsed.command is not None
+        original = tool.make_transport
+        tool.make_transport = lambda *a, **k: Stream()  # type: ignore[assignment]
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            with redirect_stdout(out), redirect_stderr(err):
+                status = await tool.execute(
+                    "vm-control",
+                    parsed.values,
+                    parsed.command,
+                    vm_control.RUNNERS["trace-vm-metadata"],
+                    parsed.args,
+                    reactor,
+                )
+        finally:
+            tool.make_transport = original
+        return status, out.getvalue(), err.getvalue()
+
+    @defer.inlineCallbacks
+    def test_paths_until_destroyed(self):  # type: ignore[no-untyped-def]
+        """
+        The accepting empty message prints nothing; each path a line; "VM destroyed"
+        ends it with status 0.
+        """
+        status, out, err = yield defer.ensureDeferred(
+            self.run_trace(
+                [
+                    b'{"Error":"","Path":""}',
+                    b'{"Error":"","Path":"/latest/meta-data/"}',
+                    b'{"Error":"","Path":"/latest/user-data"}',
+                    b'{"Error":"VM destroyed","Path":""}',
+                ]
+            )
+        )
+        self.assertEqual((status, out), (0, "/latest/meta-data/\n/latest/user-data\n"))
+        self.assertIn("VM destroyed", err)
+
+    @defer.inlineCallbacks
+    def test_other_end_is_an_error(self):  # type: ignore[no-untyped-def]
+        """
+        A stream ended for another reason, or a malformed message, is an error.
+        """
+        status, _, err = yield defer.ensureDeferred(
+            self.run_trace([b'{"Error":"receiver not keeping up","Path":""}'])
+        )
+        self.assertEqual(status, 1)
+        self.assertIn("error tracing VM metadata: receiver not keeping up", err)
+        status, _, err = yield defer.ensureDeferred(self.run_trace([b"[1,2"]))
+        self.assertEqual(status, 1)
+        self.assertIn("error tracing VM metadata: malformed message", err)

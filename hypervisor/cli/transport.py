@@ -41,7 +41,7 @@ PROGRESS_STREAMS = frozenset(
     {"CreateVm", "ReplaceVmImage", "DebugVmImage", "PatchVmImage", "CopyVm", "MigrateVm"}
 )
 # Streams with no final message: each message is given to on_message when it arrives.
-ENDLESS_STREAMS = frozenset({"GetUpdates", "WatchDhcp"})
+ENDLESS_STREAMS = frozenset({"GetUpdates", "WatchDhcp", "TraceVmMetadata"})
 
 
 class Transport(Protocol):

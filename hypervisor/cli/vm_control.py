@@ -14,6 +14,7 @@ errors exit 2. Progress messages are logged at C{-logDebugLevel 0}, as Go's.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import IO, Any, Optional, Sequence
@@ -28,7 +29,6 @@ from hypervisor.cli.transport import error_of
 NOT_SERVED = "this hypervisor does not serve its method"
 FLEET_ONLY = "talks to a fleet manager's inventory, which this implementation does not query"
 LOCAL = "works on local libvirt/Dominator storage, which this implementation does not support"
-LINES = "served, but this vm-control does not read its line stream yet"
 
 _size = goflags.parse_size
 _sizes = goflags.parse_size_list
@@ -243,7 +243,7 @@ FLAGS: list[Flag] = tool.common_flags() + [
         "bool",
         "false",
         "If true, trace metadata calls until interrupted",
-        unused=_unused("trace-vm-metadata is not run by this vm-control"),
+        unused=_unused("create-vm does not trace; use trace-vm-metadata"),
     ),
     Flag(
         "userDataFile",
@@ -360,7 +360,7 @@ COMMANDS: list[Command] = [
     _ip("scan-vm-root", "scanning VM root", NOT_SERVED),
     _ip("start-vm", "starting VM"),
     _ip("stop-vm", "stopping VM"),
-    _ip("trace-vm-metadata", "tracing VM metadata", LINES),
+    _ip("trace-vm-metadata", "tracing VM metadata"),
     _ip("unset-vm-migrating", "unsetting VM migrating", NOT_SERVED),
     # Later Go vm-control versions have these; v0.3.4 does not:
     _ip("change-vm-hostname", "changing VM hostname", go=False),
@@ -743,7 +743,48 @@ async def get_vm_user_data(t: Tool, args: list[str]) -> int:
     return 0
 
 
+class _StreamEnded(Exception):
+    pass
+
+
+async def trace_vm_metadata(t: Tool, args: list[str]) -> int:
+    """
+    Print each metadata path the VM requests, until the VM is destroyed (or ^C).
+    """
+    ended: list[str] = []
+
+    def one(raw: bytes) -> None:
+        try:
+            message = json.loads(raw)
+        except ValueError:
+            raise ClientError(f"malformed message: {raw[:200]!r}") from None
+        if not isinstance(message, dict):
+            raise ClientError(f"malformed message: {raw[:200]!r}")
+        if message.get("Error"):
+            ended.append(str(message["Error"]))
+            raise _StreamEnded()
+        if message.get("Path"):
+            print(message["Path"], flush=True)
+
+    hv = await t.hypervisor(args[0])
+    request = model.IpRequest(IpAddress=args[0])
+    try:
+        last = await t.call(
+            hv, "Hypervisor.TraceVmMetadata", request, None, on_message=one, check=False
+        )
+        if last:
+            one(json.dumps(last).encode())
+    except _StreamEnded:
+        pass
+    if ended and ended[0] != "VM destroyed":
+        raise ClientError(ended[0])
+    if ended:
+        t.log(ended[0])
+    return 0
+
+
 RUNNERS: dict[str, tool.Runner] = {
+    "trace-vm-metadata": trace_vm_metadata,
     "get-vm-user-data": get_vm_user_data,
     "replace-vm-user-data": replace_vm_user_data,
     "replace-vm-image": replace_vm_image,
@@ -867,6 +908,7 @@ UNSERVED_METHODS: dict[str, str] = {
 # Each runnable command's hypervisor method (checked against the daemon's table).
 METHODS: dict[str, str] = {
     "get-vm-user-data": "GetVmUserData",
+    "trace-vm-metadata": "TraceVmMetadata",
     "replace-vm-user-data": "ReplaceVmUserData",
     "replace-vm-image": "ReplaceVmImage",
     "add-vm-volumes": "AddVmVolumes",
