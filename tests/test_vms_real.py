@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 from twisted.internet import reactor
@@ -244,7 +246,14 @@ async def main():
         print(r.IpAddress, flush=True)
     print("ready", flush=True)
 
-defer.Deferred.fromCoroutine(main()).addErrback(lambda f: (f.printTraceback(), reactor.stop()))
+def failed(f):
+    # Exit at once: stopping the reactor can wait forever on libvirt's threads, and
+    # the test would wait for a "ready" that never comes.
+    f.printTraceback(file=sys.stdout)
+    sys.stdout.flush()
+    __import__("os")._exit(1)
+
+defer.Deferred.fromCoroutine(main()).addErrback(failed)
 reactor.run()
 """
 
@@ -275,17 +284,26 @@ class KillTests(TestCase):
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            text=True,
         )
         self.addCleanup(lambda: runner.poll() is None and runner.kill())
-        ips = []
         assert runner.stdout is not None
-        for line in runner.stdout:
-            line = line.strip()
-            if line == "ready":
-                break
-            if line.startswith("10.77."):
-                ips.append(line)
+        fd = runner.stdout.fileno()
+        output = b""
+        lines: list[str] = []
+        deadline = time.monotonic() + 240
+        while "ready" not in lines:
+            # Read with a deadline: a runner that hangs must fail the test, not hang it.
+            left = deadline - time.monotonic()
+            readable, _, _ = select.select([fd], [], [], max(0.0, left))
+            if not readable:
+                runner.kill()
+                self.fail(f"the runner gave no 'ready' within 240 s:\n{output[-4000:]!r}")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                self.fail(f"the runner exited before 'ready':\n{output[-4000:]!r}")
+            output += chunk
+            lines = [line.strip() for line in output.decode(errors="replace").splitlines()]
+        ips = [line for line in lines if line.startswith("10.77.")]
         self.assertEqual(len(ips), 2, "the runner did not create two VMs")
         import libvirt
 
