@@ -287,8 +287,7 @@ class Daemon:
             f"-identityCAfile={self.pki}/none.pem",
             f"-certFile={self.pki}/server.pem",
             f"-keyFile={self.pki}/server.key",
-            # DHCP only on bridges: the bench's daemon must not answer on the host's LAN
-            "-dhcpServerOnBridgesOnly=true",
+            "-tftpPortNum=0",  # no TFTP server on the host's port 69
         ]
         self.env = dict(os.environ, PYTHONPATH=source, HYPERVISOR_FLAGS_DIRECTORY=root)
         # Bytecode cached as an installed daemon has it (pip compiles at install; the Go

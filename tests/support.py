@@ -163,6 +163,8 @@ class Daemon:
             # No metadata namespaces on the host's bridges from daemons of tests that
             # do not test it (tests kill daemons: their leftovers would stay).
             "-metadataServer=false",
+            # No TFTP on the host's port 69 either (tests of it run their own daemons).
+            "-tftpPortNum=0",
             *flags,
         ]
         self.output_path = os.path.join(self.dir, "output.log")
