@@ -4,7 +4,7 @@ Golden tests for L{hypervisor.codec}: the bytes we write are the Go daemon's, by
 for byte.
 
 The vectors are the JSON messages of the SRPC transcripts
-(C{../shared/reference/srpc-transcripts/}): what the real Go v0.3.4 vm-control,
+(C{tests/data/srpc-transcripts/}, copied from C{../shared/reference}): what the real Go v0.3.4 vm-control,
 hyper-control and fleet-manager sent (C{client}), and what the recording fake
 hypervisor answered, encoded like Go's C{encoding/json} (C{server}); the tools'
 printed output (C{MarshalIndent}) is Go's own encoding of what they decoded. Each
@@ -30,15 +30,9 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from hypervisor import codec, model
 from hypervisor.api import Empty
 
-TRANSCRIPTS = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)),
-    "..",
-    "..",
-    "shared",
-    "reference",
-    "srpc-transcripts",
-)
-"""The captures, beside the repository (as the issues name them)."""
+TRANSCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "srpc-transcripts")
+"""The captures, copied into the repository from C{../shared/reference/srpc-transcripts} (a
+clean clone anywhere has them)."""
 
 GOLDEN: list[tuple[str, str, type, bytes]] = [
     (
