@@ -166,8 +166,15 @@ class RealVmTests(TestCase):
         log = self.bootlog(ip)
         self.assertIn("tiny-guest: booted", log)
         self.assertIn("tiny-guest: powering off", log)
-        with open(os.path.join(self.root, "state", "VMs", ip, "info.json")) as f:
-            self.assertEqual(json.load(f)["State"], "stopped")
+        info_path = os.path.join(self.root, "state", "VMs", ip, "info.json")
+
+        def stored_state() -> str:
+            with open(info_path) as f:
+                return str(json.load(f)["State"])
+
+        # The state is recorded in memory at once and written by the state writer on
+        # its disk thread just after: wait for the file rather than race it.
+        await until(lambda: stored_state() == "stopped", 10, "info.json to say stopped")
         await api.StartVm(ALICE, StartVmRequest(IpAddress=ip))
         self.assertEqual(manager.vms[ip].info.State, State.RUNNING)
         await until(
