@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any, Awaitable, Callable, Optional, Sequence, Type, TypeVar
@@ -404,6 +405,10 @@ def run(
     status = [0]
 
     async def go(reactor: Any) -> None:
+        # ^C ends the tool at once, as it ends the Go tools (SIGINT's default action):
+        # Twisted's handler would stop the reactor and wait for the threads, and a
+        # thread blocked reading a stream could keep the tool alive.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         status[0] = await execute(program, values, command, runner, args, reactor, fleet_manager)
 
     try:
