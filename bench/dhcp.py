@@ -52,6 +52,7 @@ C{tests.test_bench_dhcp_smoke}; CI never runs the real thing.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import json
 import os
@@ -118,9 +119,9 @@ def leases(count: int) -> list[Lease]:
 # Servers ------------------------------------------------------------------------------
 
 
-class Server:
+class Server(abc.ABC):
     """
-    A DHCP server run inside the world.
+    A DHCP server run inside the world (each peer says how it is started: L{argv}).
     """
 
     name = ""
@@ -134,8 +135,11 @@ class Server:
         self.output_path = os.path.join(self.dir, "output.log")
         self.process: Optional[subprocess.Popen[bytes]] = None
 
+    @abc.abstractmethod
     def argv(self) -> list[str]:
-        raise NotImplementedError
+        """
+        The server's command line.
+        """
 
     def env(self) -> Optional[dict[str, str]]:
         return None

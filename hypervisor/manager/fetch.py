@@ -40,6 +40,7 @@ from twisted.web.http_headers import Headers
 
 from hypervisor.diskio import IBlockingRunner
 from hypervisor.errors import InvalidRequest
+from hypervisor.manager import images
 from hypervisor.upload import READ_CHUNK, UploadAborted, UploadStream
 
 GiB = 1024 * 1024 * 1024
@@ -156,13 +157,6 @@ def _write_hash(fd: int, data: bytes, digest: Any) -> None:
     while view:
         view = view[os.write(fd, view) :]
     digest.update(data)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class Fetcher:
@@ -314,7 +308,7 @@ class Fetcher:
             )
         except BaseException:
             if created:
-                yield self.runner.run(_unlink, path)
+                yield self.runner.run(images.remove_file, path)
             raise
         finally:
             if timer.active():

@@ -138,13 +138,6 @@ def _place(tmp: str, final: str) -> None:
     fsync_directory(os.path.dirname(final))
 
 
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 def backing_files(paths: Iterable[str]) -> set[str]:
     """
     The backing files named by the qcow2 images among C{paths} (resolved).
@@ -245,7 +238,7 @@ class ImageCache:
                 used = yield self.runner.run(backing_files, self.volume_files())
                 for path in orphans:
                     if os.path.realpath(path) not in used:
-                        yield self.runner.run(_unlink, path)
+                        yield self.runner.run(images.remove_file, path)
             self._opened = True
             if orphans or raw is None or len(raw or {}) != len(self.entries):
                 yield self._save()
@@ -398,7 +391,7 @@ class ImageCache:
             existing = self.entries.get(digest)
             if existing is not None:
                 entry = existing
-                yield self.runner.run(_unlink, tmp)
+                yield self.runner.run(images.remove_file, tmp)
             else:
                 progress(f"unpacking image: {name}")
                 fmt, virtual = yield self.runner.run(images.probe_file, tmp, f"ImageURL {url}")
@@ -417,7 +410,7 @@ class ImageCache:
             self._pin(entry)
             yield self._save()
         except BaseException:
-            yield self.runner.run(_unlink, tmp)
+            yield self.runner.run(images.remove_file, tmp)
             raise
         yield self.evict()
         return entry
@@ -466,7 +459,7 @@ class ImageCache:
             if entry.digest in self.pinned or os.path.realpath(entry.path) in used:
                 continue
             del self.entries[entry.digest]
-            yield self.runner.run(_unlink, entry.path)
+            yield self.runner.run(images.remove_file, entry.path)
             removed.append(entry.digest)
             self.evictions += 1
             self.log.info("image cache: evicted {d} ({n} bytes)", d=entry.digest, n=entry.size)

@@ -107,6 +107,16 @@ def copy_file(src: str, dst: str, progress: Optional[Callable[[int, int], None]]
     return total
 
 
+def remove_file(path: str) -> None:
+    """
+    Remove a file (missing is fine). Blocking: call it on a disk thread.
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def remove_tree(path: str) -> None:
     """
     Remove a VM's directory and everything in it (missing is fine).

@@ -15,18 +15,12 @@ from twisted.internet.defer import inlineCallbacks
 
 from hypervisor.auth import Identity
 from hypervisor.errors import InvalidRequest, NotFound
+from hypervisor.manager import images
 from hypervisor.manager.context import ManagerContext
 from hypervisor.manager.state import USER_DATA_FILE
 from hypervisor.upload import UploadStream, write_to_file
 
 MAX_USER_DATA = 64 * 1024 * 1024
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _install(new: str, current: str, keep_old: bool) -> None:
@@ -97,7 +91,7 @@ class UserData:
             except BaseException:
                 if upload is not None:
                     upload.discard()
-                yield ctx.runner.run(_unlink, new)
+                yield ctx.runner.run(images.remove_file, new)
                 raise
 
         return vm.lock.run(run)
@@ -123,4 +117,4 @@ class UserData:
         DiscardVmOldUserData: remove C{.old}.
         """
         vm, path = self._path(identity, ip, "DiscardVmOldUserData")
-        return vm.lock.run(self.ctx.runner.run, _unlink, path + ".old")
+        return vm.lock.run(self.ctx.runner.run, images.remove_file, path + ".old")

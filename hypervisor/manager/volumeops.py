@@ -58,13 +58,6 @@ def _check_name(name: str) -> None:
         raise InvalidRequest(f"snapshot name {name!r}: 1 to 64 letters, digits and _ . + - only")
 
 
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 def _data_after(path: str, offset: int) -> Optional[int]:
     """
     The first offset at or after C{offset} that holds data (not a hole, not zeros),
@@ -158,12 +151,12 @@ def _copy_then_rename(src: str, dst: str) -> int:
     that C{dst} is either the old file or the whole copy; the size copied.
     """
     tmp = dst + ".new"
-    _unlink(tmp)
+    images.remove_file(tmp)
     try:
         images.clone_or_copy(src, tmp)
         _rename(tmp, dst)
     except BaseException:
-        _unlink(tmp)
+        images.remove_file(tmp)
         raise
     return os.path.getsize(dst)
 
@@ -286,7 +279,7 @@ class VolumeOps:
             except BaseException:
                 ctx.stats.release(directory, needed, used=False)
                 for path in made:
-                    yield ctx.runner.run(_unlink, path)
+                    yield ctx.runner.run(images.remove_file, path)
                 raise
             ctx.stats.release(directory, needed, used=True)
 
@@ -312,8 +305,8 @@ class VolumeOps:
             del new.VolumeLocations[index]
             yield ctx.table.commit(vm, new)  # never referring to a file that is gone
             for name in list(volume.Snapshots) or []:
-                yield ctx.runner.run(_unlink, snapshot_path(path, name))
-            yield ctx.runner.run(_unlink, path)
+                yield ctx.runner.run(images.remove_file, snapshot_path(path, name))
+            yield ctx.runner.run(images.remove_file, path)
             ctx.stats.refresh()
 
         return self._run(identity, ip, "DeleteVmVolume", delete)
@@ -469,7 +462,7 @@ class VolumeOps:
             except BaseException:
                 for target in made:
                     if name not in vm.info.Volumes[made.index(target)].Snapshots:
-                        yield ctx.runner.run(_unlink, target)
+                        yield ctx.runner.run(images.remove_file, target)
                 raise
             ctx.stats.refresh()
 
@@ -526,7 +519,7 @@ class VolumeOps:
             yield ctx.table.commit(vm, new)
             for index in indices:
                 path = vm.local.VolumeLocations[index].Filename
-                yield ctx.runner.run(_unlink, snapshot_path(path, name))
+                yield ctx.runner.run(images.remove_file, snapshot_path(path, name))
             ctx.stats.refresh()
 
         return self._run(identity, ip, "DiscardVmSnapshot", discard, stopped=False)
@@ -575,7 +568,7 @@ class VolumeOps:
             staged = root + ".new"
             cached = None
             cache = ctx.image_cache
-            yield ctx.runner.run(_unlink, staged)
+            yield ctx.runner.run(images.remove_file, staged)
             try:
                 if request.ImageName:
                     if cache is None:
@@ -639,7 +632,7 @@ class VolumeOps:
                     yield self.lifecycle.stop_domain(vm, ctx.settings.stop_timeout)
                     yield ctx.table.record_state(vm, State.STOPPED)
                 if request.SkipBackup:
-                    yield ctx.runner.run(_unlink, root + ".old")
+                    yield ctx.runner.run(images.remove_file, root + ".old")
                 else:
                     yield ctx.runner.run(_rename, root, root + ".old")
                 yield ctx.runner.run(_rename, staged, root)
@@ -652,7 +645,7 @@ class VolumeOps:
             except BaseException:
                 if upload is not None:
                     upload.discard()
-                yield ctx.runner.run(_unlink, staged)
+                yield ctx.runner.run(images.remove_file, staged)
                 raise
             finally:
                 if cached is not None and cache is not None:
@@ -743,7 +736,7 @@ class VolumeOps:
             root = vm.local.VolumeLocations[0].Filename
             directory = os.path.dirname(root)
             for name in (root + ".old", "kernel.old", "initrd.old"):
-                yield ctx.runner.run(_unlink, os.path.join(directory, name))
+                yield ctx.runner.run(images.remove_file, os.path.join(directory, name))
             ctx.stats.refresh()
 
         return self._run(identity, ip, "DiscardVmOldImage", discard, stopped=False)
