@@ -24,6 +24,9 @@ if [ "${1:-}" = "--test" ]; then
   packages="$packages cloud-init mmdebstrap"
   # tftp-hpa, atftp (and curl, busybox): the TFTP server's real clients.
   packages="$packages tftp-hpa atftp"
+  # tor (with tor-gencert): the onion-service tests run a private Tor network on loopback
+  # (tests/tornet.py); an operator using -pbOnion installs tor the same way.
+  packages="$packages tor"
   extra="[test]"
 fi
 if [ "${1:-}" = "--bench" ]; then
