@@ -25,6 +25,8 @@ no libvirt domain uses and a pool of N addresses, all added through the RPC:
    encodings, if the daemon keeps them), and ListVMs (C{--listvms-calls}),
    sequentially over one HTTPS keep-alive connection with a client certificate,
    p50/p99 of the client's round trip; the daemon's CPU (utime + stime) per call;
+   then GetVmInfo and ListVMs over one SRPC connection (TLS, JSON: how the Go tools
+   reach the Go daemon, so the like-for-like row beside its figures);
 4. the C{/listVMs} status page over one plain HTTP keep-alive connection
    (C{--page-loads}), p50/p99;
 5. restart: SIGKILL, start again on the same directories, time until ListVMs over
@@ -91,6 +93,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from bench.torture import destroy_subnet_domains, free_port, open_libvirt  # noqa: E402
+from hypervisor.srpc import client as srpc_client  # noqa: E402
 
 MiB = 1024 * 1024
 QEMU_URI = "qemu:///system"
@@ -138,8 +141,12 @@ ROWS = [
     Row("getvminfo_p99", "GetVmInfo p99 (ms)", "{:.2f}", 0.67, goal="<= 1.0x"),
     Row("getvminfo_again_p50", "GetVmInfo again p50 (ms)", "{:.2f}", 0.30),
     Row("getvminfo_again_p99", "GetVmInfo again p99 (ms)", "{:.2f}", 0.67, goal="<= 1.0x"),
+    Row("srpc_getvminfo_p50", "GetVmInfo over SRPC p50 (ms)", "{:.2f}", 0.30),
+    Row("srpc_getvminfo_p99", "GetVmInfo over SRPC p99 (ms)", "{:.2f}", 0.67, goal="<= 1.0x"),
     Row("listvms_p50", "ListVMs p50 (ms)", "{:.2f}", 2.6, goal="<= 1.0x"),
     Row("listvms_p99", "ListVMs p99 (ms)", "{:.2f}", 7.9, goal="<= 1.0x"),
+    Row("srpc_listvms_p50", "ListVMs over SRPC p50 (ms)", "{:.2f}", 2.6, goal="<= 1.0x"),
+    Row("srpc_listvms_p99", "ListVMs over SRPC p99 (ms)", "{:.2f}", 7.9, goal="<= 1.0x"),
     Row("page_p50", "/listVMs page p50 (ms)", "{:.1f}", 10.0, goal="<= 1.0x"),
     Row("page_p99", "/listVMs page p99 (ms)", "{:.1f}"),
     Row("create_rate_1", "CreateVm+Ack rate, 1 client (/s)", "{:.1f}", 93.0, True, ">= 1.0x"),
@@ -155,6 +162,8 @@ ROWS = [
     Row("cpu_getvminfo", "daemon CPU per GetVmInfo (ms)", "{:.2f}"),
     Row("cpu_getvminfo_again", "daemon CPU per GetVmInfo again (ms)", "{:.2f}"),
     Row("cpu_listvms", "daemon CPU per ListVMs (ms)", "{:.2f}"),
+    Row("cpu_srpc_getvminfo", "daemon CPU per GetVmInfo over SRPC (ms)", "{:.2f}"),
+    Row("cpu_srpc_listvms", "daemon CPU per ListVMs over SRPC (ms)", "{:.2f}"),
     Row("cpu_page", "daemon CPU per /listVMs page (ms)", "{:.1f}"),
     Row("cpu_restart", "daemon CPU to ready after restart (s)", "{:.2f}"),
 ]
@@ -1086,6 +1095,7 @@ class Run:
             raise PhaseFailed("ListVMs does not return exactly the VMs created")
         self.timed("ListVMs", "listvms", self.settings.listvms_calls, list_vms)
         self.done_with(rpc)
+        self.srpc_queries(ips, expected)
         page = self.connection(tls=False)
         status, body = page.request("GET", "/listVMs")
         text = body.decode("utf-8", "replace")
@@ -1101,6 +1111,41 @@ class Run:
 
         self.timed("/listVMs page", "page", self.settings.page_loads, load, warmup=2)
         self.done_with(page)
+
+    def srpc_queries(self, ips: list[str], expected: list[str]) -> None:
+        """
+        GetVmInfo and ListVMs again over one SRPC connection (TLS, JSON), as the Go
+        tools speak to the Go daemon: the like-for-like comparison with its figures.
+        """
+        assert self.daemon is not None
+        users = f"{self.daemon.pki}/users"
+        srpc = srpc_client.connect(
+            "127.0.0.1", self.daemon.port, f"{users}/{USER}.cert", f"{users}/{USER}.key"
+        )
+        try:
+
+            def get_vm_info(i: int) -> None:
+                reply = srpc.call("GetVmInfo", {"IpAddress": ips[i]})
+                got = (reply.get("VmInfo") or {}).get("Address", {}).get("IpAddress")
+                if got != ips[i]:
+                    raise PhaseFailed(f"SRPC GetVmInfo {ips[i]} answered VM {got}")
+
+            def list_vms(i: int) -> None:
+                reply = srpc.call("ListVMs", {})
+                if len(reply.get("IpAddresses") or []) != self.n:
+                    raise PhaseFailed("SRPC ListVMs did not return every VM")
+
+            if sorted(srpc.call("ListVMs", {}).get("IpAddresses") or []) != expected:
+                raise PhaseFailed("SRPC ListVMs does not return exactly the VMs created")
+            self.timed(
+                "GetVmInfo over SRPC",
+                "srpc_getvminfo",
+                self.settings.getvminfo_calls,
+                get_vm_info,
+            )
+            self.timed("ListVMs over SRPC", "srpc_listvms", self.settings.listvms_calls, list_vms)
+        finally:
+            srpc.close()
 
     def restart(self) -> None:
         """
