@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol, TypeVar, Union
+from typing import Any, Callable, Optional, Protocol, Sequence, TypeVar, Union
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -143,6 +143,9 @@ def _write(path: str, data: Optional[bytes], mode: int) -> None:
         store.atomic_write(path, data, mode)
 
 
+WriteGroup = Callable[[list[tuple[str, Optional[bytes], int]]], None]
+
+
 @dataclass
 class _Pending:
     data: Optional[bytes]
@@ -157,6 +160,8 @@ class StateWriter:
     @ivar writes: how many writes reached the disk (for tests and metrics).
     @ivar write_file: the function doing one write (C{path, data or None, mode});
         tests replace it to inject failures.
+    @ivar write_files: the function doing a group of writes (L{write_all}):
+        L{hypervisor.store.atomic_write_many}.
     """
 
     log = Logger()
@@ -165,9 +170,11 @@ class StateWriter:
         self,
         runner: IBlockingRunner,
         write_file: Callable[[str, Optional[bytes], int], None] = _write,
+        write_files: WriteGroup = store.atomic_write_many,
     ) -> None:
         self.runner = runner
         self.write_file = write_file
+        self.write_files = write_files
         self.writes = 0
         self._running: set[str] = set()
         self._pending: dict[str, _Pending] = {}
@@ -184,6 +191,38 @@ class StateWriter:
         Remove C{path} durably (after any write of it asked for earlier).
         """
         return self._queue(path, None, 0)
+
+    def write_all(self, files: Sequence[tuple[str, Optional[bytes], int]]) -> "Deferred[None]":
+        """
+        Write (data) or remove (C{None}) several files whose order does not matter in
+        one job on the runner, with one directory flush per directory
+        (L{hypervisor.store.atomic_write_many}): fewer thread hops and fsyncs than a
+        L{write} each. Fires once all are on disk, or fails with the first
+        C{OSError}. When one of the files has a write running or waiting, the
+        files go through L{write} one by one instead, so each file's writes stay in
+        the order they were asked for.
+        """
+        paths = [path for path, _, _ in files]
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"a file appears twice in one group: {paths}")
+        if any(path in self._running or path in self._pending for path in paths):
+            return all_then_first_failure(
+                [self._queue(path, data, mode) for path, data, mode in files]
+            )
+        self._running.update(paths)
+        d = self.runner.run(self.write_files, list(files))
+
+        def done(result: Union[None, Failure]) -> Union[None, Failure]:
+            for path in paths:
+                self._running.discard(path)
+            if not isinstance(result, Failure):
+                self.writes += len(paths)
+            for path in paths:
+                if path in self._pending:
+                    self._start(path)
+            return result
+
+        return d.addBoth(done)
 
     def idle(self) -> bool:
         """
@@ -223,3 +262,17 @@ class StateWriter:
                 self._start(path)
 
         d.addBoth(done)
+
+
+def all_then_first_failure(ds: list["Deferred[None]"]) -> "Deferred[None]":
+    """
+    Fires when every one of C{ds} has fired: with the first failure if any failed.
+    """
+
+    def first_failure(results: list[tuple[bool, Any]]) -> Union[None, Failure]:
+        for ok, value in results:
+            if not ok:
+                return value  # type: ignore[no-any-return]
+        return None
+
+    return DeferredList(ds, consumeErrors=True).addCallback(first_failure)

@@ -24,7 +24,7 @@ import errno
 import fcntl
 import os
 import secrets
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 TEMP_INFIX = ".tmp-"
 UUID_FILE = "uuid"
@@ -61,6 +61,7 @@ def atomic_write(
     data: bytes,
     mode: int = 0o644,
     *,
+    sync_directory: bool = True,
     _before_rename: Optional[Callable[[str], None]] = None,
 ) -> None:
     """
@@ -68,6 +69,9 @@ def atomic_write(
 
     @param mode: permissions of the new file (set before any byte is written, so a
         private file is never readable by others, even briefly).
+    @param sync_directory: fsync the directory after the rename (the new content is
+        then durable when this returns); L{atomic_write_many} passes C{False} and syncs
+        each directory once for all its files.
     @param _before_rename: test hook called with the temporary file's path after it
         is written and synced, before the rename.
     @raise OSError: the write failed; the target is unchanged and no temporary file
@@ -95,19 +99,47 @@ def atomic_write(
         except OSError:
             pass
         raise
-    fsync_directory(directory)
+    if sync_directory:
+        fsync_directory(directory)
 
 
-def remove_file(path: str) -> bool:
+def remove_file(path: str, sync_directory: bool = True) -> bool:
     """
-    Remove a file durably; return whether it existed.
+    Remove a file durably (unless C{sync_directory} is false: the caller syncs the
+    directory); return whether it existed.
     """
     try:
         os.unlink(path)
     except FileNotFoundError:
         return False
-    fsync_directory(os.path.dirname(os.path.abspath(path)))
+    if sync_directory:
+        fsync_directory(os.path.dirname(os.path.abspath(path)))
     return True
+
+
+def atomic_write_many(files: Sequence[tuple[str, Optional[bytes], int]]) -> None:
+    """
+    Write (or, where the data is C{None}, remove) several files, each as
+    L{atomic_write} does, in order, then fsync each of their directories once:
+    one directory flush for a group of files instead of one per file. Each file on
+    its own still holds its old or its new content after a crash; the group as a
+    whole is not atomic (a crash may keep some files new and others old), so callers
+    group only files whose order does not matter.
+
+    @raise OSError: the first failure; files written before it are new (and their
+        directories synced), the failing one and those after it are unchanged.
+    """
+    directories: dict[str, None] = {}
+    try:
+        for path, data, mode in files:
+            if data is None:
+                remove_file(path, sync_directory=False)
+            else:
+                atomic_write(path, data, mode, sync_directory=False)
+            directories[os.path.dirname(os.path.abspath(path))] = None
+    finally:
+        for directory in directories:
+            fsync_directory(directory)
 
 
 def clean_temp_files(root: str) -> list[str]:

@@ -420,3 +420,101 @@ class StateWriterTests(SynchronousTestCase):
         self.assertEqual(order, [b"one", b"two"])
         self.assertEqual(self.content(), b"two")
         self.assertTrue(writer.idle())
+
+    def test_write_all_is_one_job(self) -> None:
+        """
+        A group of writes and a remove runs as one job on the runner; every file then
+        has its content and mode, the removed one is gone, no temporary file is left,
+        and the Deferred fires once.
+        """
+        with open(self.path("pending.json"), "wb") as f:
+            f.write(b"{}")
+        d = self.writer.write_all(
+            [
+                (self.path("info.json"), b"info", 0o644),
+                (self.path("key"), b"secret", 0o600),
+                (self.path("pending.json"), None, 0),
+            ]
+        )
+        self.rec.watch(d, "group")
+        self.assertEqual(len(self.runner.queue), 1)
+        self.assertFalse(self.writer.idle())
+        self.runner.step()
+        self.assertEqual(self.rec.results, [("group", "ok")])
+        self.assertEqual(self.content("info.json"), b"info")
+        self.assertEqual(self.content("key"), b"secret")
+        self.assertEqual(os.stat(self.path("key")).st_mode & 0o777, 0o600)
+        self.assertEqual(sorted(os.listdir(self.dir)), ["info.json", "key"])
+        self.assertEqual(self.writer.writes, 3)
+        self.assertTrue(self.writer.idle())
+
+    def test_write_all_waits_behind_a_running_write(self) -> None:
+        """
+        A group with a file whose write is running goes file by file: that file's
+        group content is written after the running write, never before it.
+        """
+        self.rec.watch(self.writer.write(self.path("info.json"), b"one"), "one")
+        self.rec.watch(
+            self.writer.write_all(
+                [(self.path("info.json"), b"two", 0o644), (self.path("other"), b"x", 0o644)]
+            ),
+            "group",
+        )
+        self.assertEqual(sorted(self.runner.paths()), [self.path("info.json"), self.path("other")])
+        self.runner.step(self.runner.paths().index(self.path("other")))
+        self.assertIsNone(self.rec.of("group"))
+        self.runner.step()
+        self.assertEqual(self.content(), b"one")
+        self.runner.step()
+        self.assertEqual(self.content(), b"two")
+        self.assertEqual(self.rec.results, [("one", "ok"), ("group", "ok")])
+        self.assertTrue(self.writer.idle())
+
+    def test_write_after_a_running_group_waits_for_it(self) -> None:
+        """
+        A write of a file asked for while a group holding it runs starts after the
+        group, with its own content.
+        """
+        self.rec.watch(self.writer.write_all([(self.path("info.json"), b"group", 0o644)]), "group")
+        self.rec.watch(self.writer.write(self.path("info.json"), b"later"), "later")
+        self.assertEqual(len(self.runner.queue), 1)
+        self.runner.step()
+        self.assertEqual(self.content(), b"group")
+        self.assertEqual(len(self.runner.queue), 1)
+        self.runner.step()
+        self.assertEqual(self.content(), b"later")
+        self.assertEqual(self.rec.results, [("group", "ok"), ("later", "ok")])
+
+    def test_write_all_failure_reaches_the_caller(self) -> None:
+        """
+        A group that fails in the middle fails its Deferred with the OSError: the
+        files before it are new, the failing one keeps its old content, no temporary
+        file is left, and the writer is idle again.
+        """
+        with open(self.path("b"), "wb") as f:
+            f.write(b"old")
+        d = self.writer.write_all(
+            [
+                (self.path("a"), b"new a", 0o644),
+                (self.path("no-such-directory/c"), b"c", 0o644),
+                (self.path("b"), b"new b", 0o644),
+            ]
+        )
+        self.rec.watch(d, "group")
+        self.runner.step()
+        self.assertIsInstance(self.rec.of("group"), FileNotFoundError)
+        self.assertEqual(self.content("a"), b"new a")
+        self.assertEqual(self.content("b"), b"old")
+        self.assertEqual(sorted(os.listdir(self.dir)), ["a", "b"])
+        self.assertTrue(self.writer.idle())
+
+    def test_write_all_refuses_a_file_twice(self) -> None:
+        """
+        The same file twice in one group is a programming error, refused at once.
+        """
+        self.assertRaises(
+            ValueError,
+            self.writer.write_all,
+            [(self.path(), b"a", 0o644), (self.path(), b"b", 0o644)],
+        )
+        self.assertEqual(self.runner.queue, [])
