@@ -272,7 +272,7 @@ def all_then_first_failure(ds: list["Deferred[None]"]) -> "Deferred[None]":
     def first_failure(results: list[tuple[bool, Any]]) -> Union[None, Failure]:
         for ok, value in results:
             if not ok:
-                return value  # type: ignore[no-any-return]
+                return value
         return None
 
     return DeferredList(ds, consumeErrors=True).addCallback(first_failure)
