@@ -161,7 +161,8 @@ class StateWriter:
     @ivar write_file: the function doing one write (C{path, data or None, mode});
         tests replace it to inject failures.
     @ivar write_files: the function doing a group of writes (L{write_all}):
-        L{hypervisor.store.atomic_write_many}.
+        L{hypervisor.store.atomic_write_many}, or C{write_file} once per file when
+        that was replaced.
     """
 
     log = Logger()
@@ -170,10 +171,14 @@ class StateWriter:
         self,
         runner: IBlockingRunner,
         write_file: Callable[[str, Optional[bytes], int], None] = _write,
-        write_files: WriteGroup = store.atomic_write_many,
+        write_files: Optional[WriteGroup] = None,
     ) -> None:
         self.runner = runner
         self.write_file = write_file
+        if write_files is None:
+            # With a write_file of its own (a test injecting faults), a group is that
+            # function once per file, so every file is a point where a fault can hit.
+            write_files = store.atomic_write_many if write_file is _write else self._one_by_one
         self.write_files = write_files
         self.writes = 0
         self._running: set[str] = set()
@@ -223,6 +228,10 @@ class StateWriter:
             return result
 
         return d.addBoth(done)
+
+    def _one_by_one(self, files: list[tuple[str, Optional[bytes], int]]) -> None:
+        for path, data, mode in files:
+            self.write_file(path, data, mode)
 
     def idle(self) -> bool:
         """

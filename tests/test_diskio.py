@@ -518,3 +518,23 @@ class StateWriterTests(SynchronousTestCase):
             [(self.path(), b"a", 0o644), (self.path(), b"b", 0o644)],
         )
         self.assertEqual(self.runner.queue, [])
+
+    def test_write_all_goes_through_an_injected_write_file(self) -> None:
+        """
+        With a C{write_file} of a test's own, a group calls it once per file in
+        order, so every file of the group is a point where a fault can be injected.
+        """
+        calls: list[str] = []
+
+        def record(path: str, data: Optional[bytes], mode: int) -> None:
+            calls.append(os.path.basename(path))
+            _write(path, data, mode)
+
+        writer = StateWriter(self.runner, record)
+        self.rec.watch(
+            writer.write_all([(self.path("a"), b"a", 0o644), (self.path("b"), b"b", 0o644)]),
+            "group",
+        )
+        self.runner.step()
+        self.assertEqual(calls, ["a", "b"])
+        self.assertEqual(self.rec.of("group"), "ok")

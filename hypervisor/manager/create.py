@@ -498,32 +498,28 @@ class Creator:
             os.path.join(vm.directory, PENDING_FILE), json.dumps(vm.pending).encode()
         )
         # With pending.json on disk, the rest may be written in any order (a crash
-        # leaves an unfinished creation that the next start removes): in parallel.
+        # leaves an unfinished creation that the next start removes): one group of
+        # files with one directory flush, on disk (info.json names the volumes to
+        # clean up) before any volume is made.
         stored = dataclasses.replace(request, IdentityKey=b"")  # the key is never stored here
-        side = [
-            writer.write(
-                os.path.join(vm.directory, "create-request.json"), codec.encode(stored, indent=4)
-            )
+        files = [
+            (os.path.join(vm.directory, INFO_FILE), codec.encode(vm.local, indent=4), 0o644),
+            (
+                os.path.join(vm.directory, "create-request.json"),
+                codec.encode(stored, indent=4),
+                0o644,
+            ),
         ]
         if request.IdentityCertificate:
-            side.append(
-                writer.write(
-                    os.path.join(vm.directory, IDENTITY_CERT_FILE), request.IdentityCertificate
-                )
+            files.append(
+                (os.path.join(vm.directory, IDENTITY_CERT_FILE), request.IdentityCertificate, 0o644)
             )
-            side.append(
-                writer.write(
-                    os.path.join(vm.directory, IDENTITY_KEY_FILE), request.IdentityKey, mode=0o600
-                )
+            files.append(
+                (os.path.join(vm.directory, IDENTITY_KEY_FILE), request.IdentityKey, 0o600)
             )
         try:
             yield _all(
-                [
-                    writer.write(
-                        os.path.join(vm.directory, INFO_FILE), codec.encode(vm.local, indent=4)
-                    ),
-                    ctx.runner.run(images.make_directories, volume_dir),
-                ]
+                [writer.write_all(files), ctx.runner.run(images.make_directories, volume_dir)]
             )
             root = vm.local.VolumeLocations[0].Filename
             root_volume = vm.info.Volumes[0]
@@ -600,15 +596,11 @@ class Creator:
                 yield ctx.runner.run(
                     images.copy_file, initrd_path, os.path.join(volume_dir, "initrd")
                 )
-            yield _all(side)
         except BaseException as e:
             error: Optional[BaseException] = e
         else:
             error = None
         if error is not None:
-            # Let the other writes finish (their failures are not the first one)
-            # before the caller removes the directory they write into.
-            yield DeferredList(side, consumeErrors=True)
             raise error
         self.log.info("VM {ip} created in {dir}", ip=vm.ip, dir=volume_dir)
 
