@@ -29,6 +29,8 @@ from twisted.logger import (
 )
 from twisted.python.logfile import LogFile
 
+from hypervisor.loglevels import filtered
+
 LOG_FILE_NAME = "hypervisor.log"
 ROTATE_LENGTH = 10 * 1024 * 1024
 MAX_ROTATED_FILES = 10
@@ -38,7 +40,7 @@ def stderr_observer() -> ILogObserver:
     """
     A human-readable observer on stderr (twistd's C{--logger} takes this factory).
     """
-    return FileLogObserver(sys.stderr, lambda event: formatEventAsClassicLogText(event))
+    return filtered(FileLogObserver(sys.stderr, lambda event: formatEventAsClassicLogText(event)))
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,8 @@ class LogFileService(Service):
         self.directory = directory
         self.publisher = publisher
         self.buffer = buffer
+        # The buffer behind the daemon's log levels (hypervisor.loglevels).
+        self._buffer_observer = filtered(buffer) if buffer is not None else None  # type: ignore[arg-type]
         self.path = os.path.join(directory, LOG_FILE_NAME)
         self.rotate_length = max(1, rotate_length)
         # The file being written counts against the quota too.
@@ -149,7 +153,7 @@ class LogFileService(Service):
                     why=e,
                 )
                 return
-            self._observer = jsonFileLogObserver(self._file, recordSeparator="")  # type: ignore[arg-type]
+            self._observer = filtered(jsonFileLogObserver(self._file, recordSeparator=""))  # type: ignore[arg-type]
             self.publisher.addObserver(self._observer)  # type: ignore[attr-defined]
         super().privilegedStartService()
 
@@ -159,8 +163,8 @@ class LogFileService(Service):
         """
         if not self._opened:
             self.privilegedStartService()
-        if self.buffer is not None:
-            self.publisher.addObserver(self.buffer)  # type: ignore[attr-defined]
+        if self._buffer_observer is not None:
+            self.publisher.addObserver(self._buffer_observer)  # type: ignore[attr-defined]
         super().startService()
         if self.mark_after > 0:
             self._last_event = self._clock().seconds()
@@ -206,8 +210,8 @@ class LogFileService(Service):
         if self._mark_call is not None and self._mark_call.active():
             self._mark_call.cancel()
         self._mark_call = None
-        if self.buffer is not None:
-            self.publisher.removeObserver(self.buffer)  # type: ignore[attr-defined]
+        if self._buffer_observer is not None:
+            self.publisher.removeObserver(self._buffer_observer)  # type: ignore[attr-defined]
         if self._observer is not None:
             self.publisher.removeObserver(self._observer)  # type: ignore[attr-defined]
             self._observer = None

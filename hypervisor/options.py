@@ -159,6 +159,13 @@ PARAMETERS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ),
     ("tftpPortNum", "69", _port, f"{SECTION_OURS} UDP port of the TFTP server (0: no TFTP)"),
     (
+        "pbPortNum",
+        "8787",
+        _port,
+        f"{SECTION_OURS} TCP port of the Perspective Broker admin service (TLS with a client "
+        "certificate; hyper-control -transport pb, hypervisor.client; 0: none)",
+    ),
+    (
         "tftpMaxBlockSize",
         "65464",
         _tftp_block_size,

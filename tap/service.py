@@ -4,7 +4,7 @@ The daemon's service tree: L{makeService} builds a C{MultiService} of named chil
 each from a small factory so a test can build one alone.
 
 Children, in start order (stop runs in reverse): C{logging}, C{libvirt}, C{manager},
-C{dhcp}, C{tftp}, C{web}, C{metadata}, C{control}.
+C{dhcp}, C{tftp}, C{web}, C{pb}, C{metadata}, C{control}.
 """
 
 from __future__ import annotations
@@ -203,8 +203,17 @@ def _make_dispatcher(
     from hypervisor.api import HypervisorApi
     from hypervisor.dispatch import Dispatcher
 
+    api = HypervisorApi(manager, dhcp, metadata)
+    # Migrations and copies call the other hypervisor with this daemon's own
+    # certificate; the source checks its outgoing migrations once running.
+    migrations = api.migrations
+    if options["certFile"] and options["keyFile"]:
+        migrations.credentials = (options["certFile"], options["keyFile"])
+    migrations.port = options["portNum"]
+    reactor.callWhenRunning(migrations.start)
+    reactor.addSystemEventTrigger("before", "shutdown", migrations.stop)
     return Dispatcher(
-        HypervisorApi(manager, dhcp, metadata),
+        api,
         metrics,
         reactor,
         allow_unauthenticated_reads=options["allowUnauthenticatedReads"],
@@ -222,6 +231,7 @@ def _make_web_service(
     trust: Optional[TrustStore] = None,
     dhcp: Optional[Any] = None,
     tftp: Optional[Any] = None,
+    tls: Optional[Any] = None,
 ) -> Any:
     from hypervisor.netguard import guard_factory
     from hypervisor.srpc.protocol import SrpcFactory
@@ -253,11 +263,17 @@ def _make_web_service(
             tftp=tftp,
         )
 
-    site = HypervisorSite(make_root(pages, RpcEndpoints(), {b"_goSRPC_": SrpcRoutes()}))
+    from web.console import routes as console_routes
+
+    extra = {b"_goSRPC_": SrpcRoutes(), **console_routes(manager, dispatcher, trust)}
+    site = HypervisorSite(make_root(pages, RpcEndpoints(), extra))
     site.requestFactory = request_factory(dispatcher, trust)
     site.protocol = HypervisorChannel  # type: ignore[method-assign,assignment]
     site.displayTracebacks = False
-    tls_options = _tls_options(options, trust)
+    # tls: the daemon's ReloadableTLS (certificate rotation), shared with the pb service.
+    tls_options = (
+        (tls if tls.available else None) if tls is not None else _tls_options(options, trust)
+    )
     # SRPC (CONNECT /_SRPC_/TLS/JSON) on the same port, over the same dispatcher.
     srpc = SrpcFactory(dispatcher, trust, tls_options, reactor, metrics)
     factory = guard_factory(SniffingFactory(site, tls_options, connect=srpc.router), reactor)
@@ -308,6 +324,21 @@ def _make_metadata_service(
     )
 
 
+def _make_pb_service(
+    options: Options, manager: Manager, dispatcher: Any, tls: Any, reactor: Any
+) -> service.IService:
+    """
+    The Perspective Broker admin service on C{-pbPortNum} (L{hypervisor.pb.server}),
+    with the runtime admin surface (L{hypervisor.pb.admin}).
+    """
+    from hypervisor.pb.admin import AdminSurface
+    from hypervisor.pb.server import PbService
+
+    return PbService(
+        dispatcher, tls, reactor, options["pbPortNum"], admin=AdminSurface(manager, tls)
+    )
+
+
 def _make_control_service(options: Options, manager: Manager, reactor: Any) -> internet.UNIXServer:
     return internet.UNIXServer(
         manager.state.control_path,
@@ -354,6 +385,16 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         dhcp,
         metadata if options["metadataServer"] else None,
     )
+    from hypervisor.tlsreload import ReloadableTLS
+
+    tls = ReloadableTLS(
+        options["certFile"],
+        options["keyFile"],
+        options["CAfile"],
+        options["identityCAfile"],
+        trust,
+        _tls_options(options, trust),
+    )
     web = _make_web_service(
         options,
         manager,
@@ -365,8 +406,10 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         trust=trust,
         dhcp=dhcp,
         tftp=tftp,
+        tls=tls,
     )
     named.append(("web", web))
+    named.append(("pb", _make_pb_service(options, manager, dispatcher, tls, reactor)))
     named.append(
         ("metadata", _make_metadata_service(options, manager, reactor, metrics, web, metadata))
     )

@@ -34,7 +34,7 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsInstance(service, MultiService)
         self.assertEqual(
             [s.name for s in service],
-            ["logging", "libvirt", "manager", "dhcp", "tftp", "web", "metadata", "control"],
+            ["logging", "libvirt", "manager", "dhcp", "tftp", "web", "pb", "metadata", "control"],
         )
         self.assertEqual(service.getServiceNamed("libvirt").uri, "qemu:///system")
         self.assertEqual(service.getServiceNamed("control").args[0], "/tmp/hv-tap-test/control")

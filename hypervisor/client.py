@@ -1,0 +1,335 @@
+# -*- test-case-name: tests.test_pb -*-
+"""
+A Python client for the hypervisor's Perspective Broker service (L{hypervisor.pb}),
+for scripts and for C{hyper-control -transport pb}.
+
+    from twisted.internet import task
+    from hypervisor.client import connect
+
+    async def main(reactor):
+        hv = await connect(reactor, "tcp:hv1.example:8787", "me.cert", "me.key",
+                           ca_file="/etc/ssl/CA.pem")
+        print(await hv.whoami())
+        print(await hv.call("ListSubnets", {"Sort": True}))       # a dict
+        subscription = hv.subscribe_updates(lambda update: print(update["HaveVMs"]))
+        ...
+        subscription.stop()
+        print(await hv.admin("ListClients"))
+        hv.close()
+
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+
+- L{connect}: a Twisted client endpoint string (C{tcp:HOST:PORT}, C{unix:PATH},
+  C{tor:ADDRESS.onion:PORT} with txtorcon installed...) or an endpoint object, and a
+  certificate pair; TLS always wraps the endpoint, presenting the certificate. The
+  server's certificate is verified against C{ca_file} (for C{hostname}, by default
+  the endpoint's host) when given, else not verified (as SmallStack's tools do).
+- L{HypervisorClient.call}: C{Hypervisor.<Method>} with a request (a dict, a
+  L{hypervisor.model} object or JSON bytes); returns the decoded reply (a dict), or
+  with C{call_json} the reply's JSON bytes, the same bytes HTTPS answers. A
+  refused or failed call raises L{CallFailed} with its status (401, 403, 404,
+  409, 503...) and the hypervisor's sentence.
+- L{HypervisorClient.stream}: CreateVm progress, GetUpdates, WatchDhcp,
+  TraceVmMetadata: each message to a callback (flow control: the next message comes
+  after the callback returns; a callback returning C{False} ends the stream).
+- L{HypervisorClient.upload}: methods followed by raw bytes (CreateVm with image
+  data, ReplaceVmImage, ReplaceVmUserData): the bytes from byte strings or files,
+  written with flow control.
+- L{HypervisorClient.admin}: the runtime admin surface (L{hypervisor.pb.admin}).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import IO, Any, Callable, Iterable, Optional, Union
+
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.python.failure import Failure
+from twisted.spread import pb
+
+from hypervisor import codec
+from hypervisor.pb.wire import CHUNK, chunks, join, parse_error
+
+OnMessage = Callable[[bytes], Any]
+
+UPLOAD_CHUNK = CHUNK
+
+
+class CallFailed(Exception):
+    """
+    A call was refused or failed on the hypervisor.
+
+    @ivar status: HTTP's number for it (401 no or bad certificate, 403 denied, 404
+        unknown, 400 malformed, 409 wrong state, 503 disabled or busy...).
+    @ivar message: the hypervisor's sentence.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{message} ({status})" if status else message)
+        self.status = status
+        self.message = message
+
+
+def _translate(failure: Failure) -> None:
+    """
+    A PB failure as L{CallFailed} (raised).
+    """
+    if failure.check(pb.PBConnectionLost, pb.DeadReferenceError):
+        raise CallFailed(0, "the connection to the hypervisor was lost")
+    if failure.check(CallFailed):
+        failure.raiseException()
+    status, message = parse_error(failure.getErrorMessage())
+    raise CallFailed(status, message)
+
+
+def _request_bytes(request: Any) -> bytes:
+    if request is None:
+        return b""
+    if isinstance(request, bytes):
+        return request
+    if isinstance(request, dict):
+        return json.dumps(request, separators=(",", ":")).encode()
+    return codec.encode(request)
+
+
+def endpoint_host(description: str) -> str:
+    """
+    The host an endpoint string names (for TLS verification), or "".
+    """
+    try:
+        args, kwargs = endpoints._parse(description)
+    except Exception:  # noqa: BLE001 - a malformed string fails later with its own error
+        return ""
+    if "host" in kwargs:
+        return str(kwargs["host"])
+    return str(args[1]) if len(args) > 1 else ""
+
+
+class _Observer(pb.Referenceable):
+    """
+    The client-side object the hypervisor sends stream messages to.
+    """
+
+    def __init__(self, on_message: OnMessage) -> None:
+        self.on_message = on_message
+        self.stopped = False
+
+    def remote_message(self, parts: Any) -> bool:
+        """
+        One message; False ends the stream.
+        """
+        if self.stopped:
+            return False
+        try:
+            keep = self.on_message(join(parts))
+        except Exception:
+            self.stopped = True
+            raise
+        if keep is False:
+            self.stopped = True
+        return not self.stopped
+
+
+class Subscription:
+    """
+    A running stream: C{done} fires when it ends; L{stop} ends it at its next message.
+    """
+
+    def __init__(self, observer: _Observer, done: "Deferred[bytes]") -> None:
+        self._observer = observer
+        self.done = done
+
+    def stop(self) -> None:
+        """
+        End the stream (the hypervisor is told at its next message).
+        """
+        self._observer.stopped = True
+
+
+class HypervisorClient:
+    """
+    One PB connection to a hypervisor, bound to the certificate presented.
+    """
+
+    def __init__(self, factory: pb.PBClientFactory, root: pb.RemoteReference) -> None:
+        self.factory = factory
+        self.root = root
+
+    def _remote(self, name: str, *args: Any) -> "Deferred[Any]":
+        try:
+            d = self.root.callRemote(name, *args)
+        except pb.DeadReferenceError:
+            d = Deferred()
+            d.errback(Failure(pb.DeadReferenceError("closed")))
+        return d.addErrback(_translate)
+
+    async def whoami(self) -> dict[str, Any]:
+        """
+        The identity the hypervisor sees (username, groups, grants, owner).
+        """
+        result: dict[str, Any] = await self._remote("whoami")
+        return result
+
+    async def call_json(
+        self, method: str, request: Any = None, on_message: Optional[OnMessage] = None
+    ) -> tuple[bytes, bytes]:
+        """
+        Call C{method} (C{ListVMs} or C{Hypervisor.ListVMs}); the reply's JSON bytes
+        and any raw bytes after it (GetVmUserData).
+
+        @raise CallFailed: refused or failed.
+        """
+        observer = _Observer(on_message) if on_message is not None else None
+        reply = await self._remote("call", method, chunks(_request_bytes(request)), observer)
+        return join(reply["json"]), join(reply.get("raw") or [])
+
+    async def call(self, method: str, request: Any = None) -> dict[str, Any]:
+        """
+        Call C{method}; the reply decoded (a dict).
+
+        @raise CallFailed: refused or failed.
+        """
+        data, _ = await self.call_json(method, request)
+        value = json.loads(data) if data.strip() else {}
+        return value if isinstance(value, dict) else {}
+
+    async def stream(self, method: str, request: Any, on_message: OnMessage) -> bytes:
+        """
+        A streaming call: each message (JSON bytes) to C{on_message} until the stream
+        ends (progress: the final reply is returned; GetUpdates and other endless
+        streams: b"" when it ends, or when C{on_message} returned False).
+        """
+        data, _ = await self.call_json(method, request, on_message)
+        return data
+
+    def subscribe_updates(self, on_update: Callable[[dict[str, Any]], Any]) -> Subscription:
+        """
+        GetUpdates: each Update (a dict) to C{on_update}; the first one is full.
+        """
+        observer = _Observer(lambda data: on_update(json.loads(data)))
+        d = self._remote("call", "GetUpdates", chunks(b""), observer)
+        d.addCallback(lambda reply: join(reply["json"]))
+        return Subscription(observer, d)
+
+    async def upload(
+        self,
+        method: str,
+        request: Any,
+        data: Iterable[Union[bytes, IO[bytes]]],
+        on_message: Optional[OnMessage] = None,
+    ) -> bytes:
+        """
+        A call followed by raw bytes (the request announces how many): C{data} is
+        byte strings and/or files, sent in order with flow control; returns the
+        reply's JSON bytes.
+
+        @raise CallFailed: refused, or failed (also when the hypervisor stopped
+            reading the upload: its reason).
+        """
+        observer = _Observer(on_message) if on_message is not None else None
+        sink = await self._remote("upload", method, chunks(_request_bytes(request)), observer)
+        stopped: Optional[CallFailed] = None
+        try:
+            for part in data:
+                if isinstance(part, bytes):
+                    pieces: Iterable[bytes] = chunks(part, UPLOAD_CHUNK) if part else []
+                else:
+                    pieces = iter(lambda f=part: f.read(UPLOAD_CHUNK), b"")  # type: ignore[misc]
+                for piece in pieces:
+                    await sink.callRemote("write", piece).addErrback(_translate)
+        except CallFailed as e:
+            if e.status != 409:
+                raise
+            stopped = e  # the hypervisor stopped reading: finish() has its reason
+        try:
+            reply = await sink.callRemote("finish").addErrback(_translate)
+        except CallFailed:
+            raise
+        if stopped is not None and not reply:
+            raise stopped
+        return join(reply["json"])
+
+    async def admin(self, action: str, request: Optional[dict[str, Any]] = None) -> Any:
+        """
+        A runtime admin action (L{hypervisor.pb.admin}); its reply decoded.
+        """
+        reply = await self._remote("admin", action, chunks(json.dumps(request or {}).encode()))
+        return json.loads(join(reply))
+
+    def close(self) -> "Deferred[None]":
+        """
+        Close the connection; fires once it is closed.
+        """
+        done: Deferred[None] = Deferred()
+        broker = self.root.broker
+        if broker.disconnected:
+            done.callback(None)
+            return done
+
+        def lost() -> None:
+            if not done.called:
+                done.callback(None)
+
+        broker.notifyOnDisconnect(lost)
+        self.factory.disconnect()
+        return done
+
+
+async def connect(
+    reactor: Any,
+    endpoint: Union[str, IStreamClientEndpoint],
+    cert_file: Optional[str],
+    key_file: Optional[str],
+    *,
+    ca_file: str = "",
+    hostname: str = "",
+    timeout: float = 30.0,
+) -> HypervisorClient:
+    """
+    Connect over TLS with a client certificate; fires with a L{HypervisorClient}.
+
+    @param endpoint: a client endpoint string (C{tcp:HOST:8787}) or object; TLS is
+        added on top.
+    @param ca_file: verify the server's certificate against this CA file (for
+        C{hostname}, default: the endpoint string's host); not verified if "".
+    @raise CallFailed: cannot connect, or the certificate is refused (401).
+    """
+    from hypervisor.cli.client import CertPair, ClientTLSPolicy
+
+    if isinstance(endpoint, str):
+        host = hostname or endpoint_host(endpoint)
+        try:
+            plain = endpoints.clientFromString(reactor, endpoint)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CallFailed(0, f"bad endpoint {endpoint!r}: {e}") from None
+    else:
+        host, plain = hostname or "localhost", endpoint
+    pair = CertPair(cert_file, key_file, [], 0.0) if cert_file and key_file else None
+    creator = ClientTLSPolicy(pair, ca_file).creatorForNetloc(host.encode() or b"localhost", 0)
+    tls = endpoints.wrapClientTLS(creator, plain)
+    factory = pb.PBClientFactory()
+    d = tls.connect(factory)
+    timer = reactor.callLater(timeout, d.cancel)
+    try:
+        await d
+        root = await factory.getRootObject()
+    except Exception as e:  # noqa: BLE001 - shown to the user
+        from hypervisor.cli.client import _describe
+
+        factory.disconnect()
+        raise CallFailed(0, f"cannot reach the hypervisor at {endpoint}: {_describe(e)}") from None
+    finally:
+        if timer.active():
+            timer.cancel()
+    client = HypervisorClient(factory, root)
+    try:
+        await client.whoami()  # a refused certificate fails here, with the hypervisor's reason
+    except CallFailed:
+        await client.close()
+        raise
+    return client
+
+
+__all__ = ["CallFailed", "HypervisorClient", "Subscription", "connect", "endpoint_host"]
