@@ -13,8 +13,10 @@ import datetime
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from twisted.internet.defer import DeferredLock, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hypervisor.auth import Identity
 from hypervisor.diskio import IBlockingRunner, StateWriter
@@ -82,6 +84,10 @@ class ManagerContext:
     # The local image cache (hypervisor.manager.imagecache.ImageCache), or None
     # when -objectCacheDirectory is off: then only file:// images, copied.
     image_cache: Optional[Any] = None
+    # The last background write of the pool (allocate_addresses), never failing.
+    _pool_saved: "Deferred[None]" = field(
+        default_factory=lambda: succeed(None), init=False, repr=False
+    )
 
     def now(self) -> datetime.datetime:
         """
@@ -177,8 +183,15 @@ class ManagerContext:
     def allocate_addresses(self, subnets: list[Any], requested_ip: str = "") -> Any:
         """
         Take one free address in each subnet (the first one C{requested_ip}, if
-        given) and persist the pool before they are believed taken; on any failure
-        nothing is taken.
+        given); on any failure nothing is taken.
+
+        The pool is written in the background, not waited for: what makes an
+        address taken on disk is the VM's own C{info.json}, written before the VM is
+        answered for, and the pool is repaired from the VMs at start (a crash before
+        the pool reaches the disk leaves the address free there and held by the VM
+        or by nobody: the repair takes or frees it). Allocation is decided in memory
+        under the pool lock, so no address is given twice. This takes one durable
+        write (two fsyncs) out of every CreateVm's path.
         """
         yield self.pool_lock.acquire()
         try:
@@ -186,11 +199,34 @@ class ManagerContext:
             try:
                 for i, subnet in enumerate(subnets):
                     taken.append(self.pool.allocate(subnet, requested_ip if i == 0 else ""))
-                yield self.save_pool()
             except BaseException:
                 for address in taken:
                     self.pool.release(address)
                 raise
+            self._pool_saved = self.save_pool().addErrback(self._pool_not_written, taken)
             return taken
         finally:
             self.pool_lock.release()
+
+    def pool_on_disk(self) -> "Deferred[None]":
+        """
+        Fires (never fails) once the pool writes asked for so far by
+        L{allocate_addresses} are done: CreateVm waits for it before its final answer
+        (long done by then), so an answered VM's address is taken on disk too.
+        """
+        d: Deferred[None] = Deferred()
+
+        def fire(result: Any) -> Any:
+            d.callback(None)
+            return result
+
+        self._pool_saved.addBoth(fire)
+        return d
+
+    def _pool_not_written(self, failure: Failure, taken: list[Address]) -> None:
+        Logger().error(
+            "cannot write the address pool after taking {ips}: {e}; it is written "
+            "again at the next change (and repaired from the VMs at start)",
+            ips=[a.IpAddress or a.MacAddress for a in taken],
+            e=failure.getErrorMessage(),
+        )

@@ -412,6 +412,7 @@ class Creator:
             raise
         finally:
             vm.lock.release()
+        yield ctx.pool_on_disk()  # written in the background since the allocation
         vm.creating = False
         return CreateVmResponse(DhcpTimedOut=timed_out, Final=True, IpAddress=ip)
 
