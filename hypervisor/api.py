@@ -23,6 +23,11 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 
 from hypervisor import codec
 from hypervisor.auth import Identity
+from hypervisor.console.model import (
+    ChangeVmConsoleTypeRequest,
+    ConnectToVmConsoleRequest,
+    ConnectToVmSerialPortRequest,
+)
 from hypervisor.errors import AccessDenied, Unavailable
 from hypervisor.manager.create import upload_size
 from hypervisor.manager.manager import Manager
@@ -54,6 +59,7 @@ from hypervisor.model import (
     GetVmInfosResponse,
     GetVmUserDataResponse,
     IpRequest,
+    ChangeVmVolumeStorageIndexRequest,
     ListSubnetsRequest,
     ListSubnetsResponse,
     ListVMsRequest,
@@ -71,6 +77,7 @@ from hypervisor.model import (
     StartVmRequest,
     UpdateSubnetsRequest,
     WatchDhcpRequest,
+    ListVolumeDirectoriesResponse,
 )
 from hypervisor.upload import UploadStream
 
@@ -122,6 +129,9 @@ ADMIN = "admin"
 RR = "request-reply"
 PROGRESS = "progress-stream"
 UPDATES = "update-stream"
+RAW = "raw-stream"
+"""A response, then raw bytes both ways (the consoles): the handler returns a
+L{hypervisor.console.pipe.VmPipe} the transport joins to its client."""
 
 
 T = TypeVar("T")
@@ -212,6 +222,17 @@ METHODS: dict[str, MethodSpec] = {
         max_upload=MAX_USER_DATA,
     ),
     "RestoreVmUserData": MethodSpec(IpRequest, PUBLIC),
+    # Consoles (hypervisor.console):
+    "ChangeVmConsoleType": MethodSpec(ChangeVmConsoleTypeRequest, PUBLIC),
+    "ConnectToVmConsole": MethodSpec(ConnectToVmConsoleRequest, PUBLIC, RAW, max_request=4096),
+    "ConnectToVmManager": MethodSpec(ConnectToVmConsoleRequest, ADMIN, RAW, max_request=4096),
+    # Volume directories (hypervisor.manager.storage):
+    "ChangeVmVolumeStorageIndex": MethodSpec(ChangeVmVolumeStorageIndexRequest, PUBLIC),
+    "GetVmVolumeStorageConfiguration": MethodSpec(IpRequest, PUBLIC),
+    "ListVolumeDirectories": MethodSpec(Empty, PUBLIC),
+    "ConnectToVmSerialPort": MethodSpec(
+        ConnectToVmSerialPortRequest, PUBLIC, RAW, max_request=4096
+    ),
 }
 
 ACCESS: dict[str, str] = {name: spec.access for name, spec in METHODS.items()}
@@ -513,6 +534,35 @@ class HypervisorApi:
         upload: Optional[UploadStream] = None,
     ) -> "Deferred[ErrorResponse]":
         """
+    def ChangeVmVolumeStorageIndex(
+        self, identity: Identity, request: ChangeVmVolumeStorageIndexRequest
+    ) -> "Deferred[ErrorResponse]":
+        """
+        Move a volume of a stopped VM to another volume directory (crash-safe copy).
+        """
+        return self._done(
+            self.manager.storage.change_storage_index(
+                identity, request.IpAddress, request.StorageIndex, request.VolumeIndex
+            )
+        )
+
+    def GetVmVolumeStorageConfiguration(self, identity: Identity, request: IpRequest) -> Any:
+        """
+        The volume directories' figures and the storage index of each of a VM's
+        volumes (any authenticated caller, as in the reference).
+        """
+        return self.manager.storage.get_configuration(request.IpAddress)
+
+    def ListVolumeDirectories(
+        self, identity: Identity, request: Empty
+    ) -> ListVolumeDirectoriesResponse:
+        """
+        The volume directories (callers on a loopback address only).
+        """
+        return ListVolumeDirectoriesResponse(
+            Directories=self.manager.storage.list_directories(identity)
+        )
+
         Replace a VM's user data with the C{Size} bytes that follow the request.
         """
         return self._done(
@@ -725,3 +775,48 @@ class HypervisorApi:
         from hypervisor.metadata.trace import subscribe
 
         return subscribe(self.metadata, vm.ip)
+
+    # Consoles (hypervisor.console.service) -------------------------------------------
+
+    @property
+    def consoles(self) -> Any:
+        """
+        The console methods (made on first use).
+        """
+        consoles = self.__dict__.get("_consoles")
+        if consoles is None:
+            from hypervisor.console.service import Consoles
+
+            consoles = self.__dict__["_consoles"] = Consoles(self.manager)
+        return consoles
+
+    def ConnectToVmSerialPort(
+        self, identity: Identity, request: ConnectToVmSerialPortRequest
+    ) -> Any:
+        """
+        A pipe to the VM's serial port (owners; one connection at a time).
+        """
+        return self.consoles.connect_serial(identity, request.IpAddress, request.PortNumber)
+
+    def ConnectToVmConsole(self, identity: Identity, request: ConnectToVmConsoleRequest) -> Any:
+        """
+        A pipe to the VM's VNC server (owners; ConsoleType vnc).
+        """
+        return self.consoles.connect_vnc(identity, request.IpAddress)
+
+    def ConnectToVmManager(self, identity: Identity, request: ConnectToVmConsoleRequest) -> Any:
+        """
+        Not supported (admin): see L{hypervisor.console.service}.
+        """
+        self._require_admin(identity, "ConnectToVmManager")
+        return self.consoles.connect_manager(identity, request.IpAddress)
+
+    def ChangeVmConsoleType(
+        self, identity: Identity, request: ChangeVmConsoleTypeRequest
+    ) -> "Deferred[ErrorResponse]":
+        """
+        Change a stopped VM's console type.
+        """
+        return self._done(
+            self.consoles.change_console_type(identity, request.IpAddress, request.ConsoleType)
+        )

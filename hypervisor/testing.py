@@ -343,6 +343,12 @@ class FakeDomains:
         """
         return self._call(lambda: None)
 
+    def vnc_socket(self, uuid: str) -> Any:
+        """
+        Fake domains have no VNC server.
+        """
+        return self._call(lambda: "")
+
     def probe_kvm(self) -> Any:
         """
         TCG only.

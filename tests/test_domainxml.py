@@ -124,7 +124,6 @@ class DomainXmlTests(SynchronousTestCase):
         root = build(
             self.info,
             bridges=["br@net", "br@b"],
-            vnc_socket="/s/vnc",
             disks=[
                 domainxml.DiskFile("/v/root", VolumeFormat.QCOW2),
                 domainxml.DiskFile("/v/sec", VolumeFormat.RAW, VolumeInterface.IDE),
@@ -135,7 +134,7 @@ class DomainXmlTests(SynchronousTestCase):
         self.assertEqual([d.find("target").get("dev") for d in disks], ["vda", "hdb"])
         nics = root.findall("devices/interface")
         self.assertEqual([n.find("model").get("type") for n in nics], ["e1000", "e1000"])
-        self.assertEqual(root.find("devices/graphics").get("socket"), "/s/vnc")
+        self.assertEqual(root.find("devices/graphics/listen").get("type"), "socket")
         self.assertRaises(
             InvalidRequest,
             build,

@@ -90,17 +90,6 @@ class SrpcAccessMatrixTests(AccessMatrixTests):
         finally:
             connection.close()
 
-    def denials(self) -> float:
-        """
-        The access refusals the dispatcher counted so far (any transport, any layer).
-        """
-        return sum(
-            sample.value
-            for family in self.dispatcher.metrics.rpc_denied.collect()
-            for sample in family.samples
-            if sample.name.endswith("_total")
-        )
-
     async def call(self, caller: Caller, method: str) -> tuple[int, bytes]:
         """
         One SRPC call on a new connection (in a thread: the client blocks).

@@ -47,6 +47,7 @@ from zope.interface import implementer
 from hypervisor.api import (
     METHODS,
     PROGRESS,
+    RAW,
     UNAUTHENTICATED_READS,
     UPDATES,
     encode_reply,
@@ -242,6 +243,15 @@ class RpcCall:
             self.refuse(e.status, str(e))
             return False
         spec = self.call.spec
+        if spec.kind == RAW:
+            # A console streams both ways: HTTP/1.1 request and response cannot.
+            self.fail_early(
+                InvalidRequest(
+                    f"{self.name} streams raw bytes both ways: open the WebSocket "
+                    f"/ws/{self.name} instead (web.console)"
+                )
+            )
+            return False
         limit = spec.max_request + (spec.max_upload if spec.upload else 0)
         if self.length is not None and self.length > limit:
             self.fail_early(

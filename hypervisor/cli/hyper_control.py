@@ -204,7 +204,7 @@ COMMANDS: list[Command] = [
     Command("hold-lock", unavailable=NOT_SERVED),
     Command("hold-vm-lock", unavailable=NOT_SERVED),
     Command("installer-shell", "hostname", 1, 1, MACHINES),
-    Command("list-volume-directories", unavailable=NOT_SERVED),
+    Command("list-volume-directories", action="getting volume directories"),
     Command("make-installer-iso", "hostname dirname", 2, 2, MACHINES),
     Command("move-ip-address", "IPaddr", 1, 1, FLEET_ONLY),
     Command("netboot-host", "hostname", 1, 1, MACHINES),
@@ -329,6 +329,20 @@ async def list_subnets(t: Tool, args: list[str]) -> int:
     hv = await t.hypervisor()
     reply = await t.call(
         hv, "Hypervisor.ListSubnets", model.ListSubnetsRequest(Sort=True), model.ListSubnetsResponse
+async def list_volume_directories(t: Tool, args: list[str]) -> int:
+    """
+    Print the volume directories, one per line (the daemon answers only callers on
+    its own host).
+    """
+    hv = await t.hypervisor()
+    reply = await t.call(
+        hv, "Hypervisor.ListVolumeDirectories", {}, model.ListVolumeDirectoriesResponse
+    )
+    for directory in reply.Directories:
+        print(directory)
+    return 0
+
+
     )
     for subnet in reply.Subnets:
         tool.show(subnet)
@@ -466,7 +480,6 @@ UNSERVED_METHODS: dict[str, str] = {
     "connect-to-vm-manager": "ConnectToVmManager",
     "hold-lock": "HoldLock",
     "hold-vm-lock": "HoldVmLock",
-    "list-volume-directories": "ListVolumeDirectories",
     "power-off": "PowerOff",
 }
 
@@ -497,3 +510,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+    "list-volume-directories": list_volume_directories,
+    "list-volume-directories": "ListVolumeDirectories",

@@ -25,6 +25,7 @@ from hypervisor.cli.client import ClientError
 from hypervisor.cli.goflags import Command, Flag
 from hypervisor.cli.tool import Tool, decode, show
 from hypervisor.cli.transport import error_of
+from hypervisor.console.model import ChangeVmConsoleTypeRequest
 
 NOT_SERVED = "this hypervisor does not serve its method"
 FLEET_ONLY = "talks to a fleet manager's inventory, which this implementation does not query"
@@ -217,7 +218,7 @@ FLAGS: list[Flag] = tool.common_flags() + [
         "File containing initialisation parameters for secondary volumes",
         unused=_unused("the daemon does not initialise secondary volumes"),
     ),
-    Flag("serialPort", "uint", "0", "Serial port number on VM", unused=_unused()),
+    Flag("serialPort", "uint", "0", "Serial port number on VM"),
     Flag(
         "skipBackup",
         "bool",
@@ -313,7 +314,7 @@ def _ip(name: str, action: str, unavailable: str = "", go: bool = True) -> Comma
 COMMANDS: list[Command] = [
     _ip("add-vm-volumes", "adding VM volumes"),
     _ip("become-primary-vm-owner", "becoming primary VM owner"),
-    _ip("change-vm-console-type", "changing VM console type", NOT_SERVED),
+    _ip("change-vm-console-type", "changing VM console type"),
     _ip("change-vm-cpus", "changing VM CPUs"),
     _ip("change-vm-destroy-protection", "changing VM destroy protection"),
     _ip("change-vm-memory", "changing VM memory"),
@@ -322,7 +323,7 @@ COMMANDS: list[Command] = [
     _ip("change-vm-vcpus", "changing VM vCPUs"),
     _ip("change-vm-volume-size", "changing VM volume size"),
     _ip("connect-to-vm-console", "connecting to VM console", NOT_SERVED),
-    _ip("connect-to-vm-serial-port", "connecting to VM serial port", NOT_SERVED),
+    _ip("connect-to-vm-serial-port", "connecting to VM serial port"),
     _ip("copy-vm", "copying VM", NOT_SERVED),
     Command("create-vm", action="creating VM"),
     _ip("debug-vm-image", "debugging VM image", NOT_SERVED),
@@ -783,7 +784,56 @@ async def trace_vm_metadata(t: Tool, args: list[str]) -> int:
     return 0
 
 
+async def connect_to_vm_serial_port(t: Tool, args: list[str]) -> int:
+    """
+    The VM's serial port on this terminal (hypervisor.cli.console), until Control-\\.
+    """
+    from twisted.internet.threads import deferToThread
+
+    from hypervisor.cli import console
+    from hypervisor.console.model import ConnectToVmSerialPortRequest
+
+    hv = await t.hypervisor(args[0])
+    host, _, port = hv.address.rpartition(":")
+    request = codec.encode(
+        ConnectToVmSerialPortRequest(IpAddress=args[0], PortNumber=t.v["serialPort"])
+    )
+    method = "Hypervisor.ConnectToVmSerialPort"
+    if t.v["transport"] == "srpc":
+        channel = await deferToThread(
+            console.open_srpc,
+            host.strip("[]"),
+            int(port),
+            t.pair,
+            t.v["CAfile"],
+            method,
+            request,
+            t.v.get("srpcClientDoNotUseMethodPowers", False),
+        )
+    else:
+        channel = await deferToThread(
+            console.open_websocket,
+            host.strip("[]"),
+            int(port),
+            t.pair,
+            t.v["CAfile"],
+            method,
+            request,
+        )
+    result: int = await deferToThread(
+        console.run_terminal, channel, sys.stdin.buffer, sys.stderr.buffer
+    )
+    return result
+
+
 RUNNERS: dict[str, tool.Runner] = {
+    "connect-to-vm-serial-port": connect_to_vm_serial_port,
+    "change-vm-console-type": _simple(
+        "Hypervisor.ChangeVmConsoleType",
+        lambda v, ip: ChangeVmConsoleTypeRequest(
+            IpAddress=ip, ConsoleType=model.ConsoleType(v["consoleType"])
+        ),
+    ),
     "trace-vm-metadata": trace_vm_metadata,
     "get-vm-user-data": get_vm_user_data,
     "replace-vm-user-data": replace_vm_user_data,
@@ -886,9 +936,7 @@ RUNNERS: dict[str, tool.Runner] = {
 # The Go commands not run because their method is not served: that method (a test
 # fails when the daemon starts serving one, so that its command gets a runner).
 UNSERVED_METHODS: dict[str, str] = {
-    "change-vm-console-type": "ChangeVmConsoleType",
     "connect-to-vm-console": "ConnectToVmConsole",
-    "connect-to-vm-serial-port": "ConnectToVmSerialPort",
     "copy-vm": "CopyVm",
     "debug-vm-image": "DebugVmImage",
     "export-local-vm": "ExportLocalVm",
@@ -907,6 +955,8 @@ UNSERVED_METHODS: dict[str, str] = {
 
 # Each runnable command's hypervisor method (checked against the daemon's table).
 METHODS: dict[str, str] = {
+    "change-vm-console-type": "ChangeVmConsoleType",
+    "connect-to-vm-serial-port": "ConnectToVmSerialPort",
     "get-vm-user-data": "GetVmUserData",
     "trace-vm-metadata": "TraceVmMetadata",
     "replace-vm-user-data": "ReplaceVmUserData",

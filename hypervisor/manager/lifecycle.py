@@ -32,6 +32,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from hypervisor.auth import Identity
+from hypervisor.console.paths import serial_socket_path
 from hypervisor.errors import WrongState
 from hypervisor.manager import images
 from hypervisor.manager.capacity import InsufficientCapacity
@@ -346,7 +347,7 @@ class Lifecycle:
             kernel=os.path.join(root_dir, "kernel") if vm.kernel else "",
             initrd=os.path.join(root_dir, "initrd") if vm.initrd else "",
             datasource=datasource,
-            vnc_socket=os.path.join(vm.directory, "vnc"),
+            serial_socket=serial_socket_path(vm.directory),
         )
 
     @inlineCallbacks

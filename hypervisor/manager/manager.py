@@ -32,7 +32,6 @@ L{Manager.user_data_path}, L{Manager.identity_paths}, L{Manager.add_listener}
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Optional
 
 from twisted.application.service import MultiService
@@ -68,24 +67,12 @@ DISK_THREADS = 4
 
 def detect_volume_directories(mounts: str = "/proc/mounts") -> list[str]:
     """
-    The reference's default: C{<mountpoint>/hyper-volumes} for each block-device
-    file system (not C{/boot}), one per device.
+    The reference's default volume directories: C{<mountpoint>/hyper-volumes} per disk
+    (L{hypervisor.manager.placement.detect_volume_directories}).
     """
-    seen: set[str] = set()
-    out = []
-    try:
-        with open(mounts) as f:
-            for line in f:
-                device, mountpoint = line.split()[:2]
-                if not device.startswith("/dev/") or device in seen:
-                    continue
-                if mountpoint.startswith("/boot"):
-                    continue
-                seen.add(device)
-                out.append(os.path.join(mountpoint, "hyper-volumes"))
-    except OSError:
-        pass
-    return out or ["/var/lib/hypervisor-volumes"]
+    from hypervisor.manager.placement import detect_volume_directories as detect
+
+    return detect(mounts)
 
 
 class Manager(MultiService):
@@ -208,6 +195,9 @@ class Manager(MultiService):
         from hypervisor.manager.volumeops import VolumeOps
 
         self.volumes = VolumeOps(self.ctx, self.lifecycle)
+        from hypervisor.manager.storage import VolumeStorage
+
+        self.storage = VolumeStorage(self.volumes)
         from hypervisor.manager.userdata import UserData
 
         self.user_data = UserData(self.ctx)
@@ -217,6 +207,17 @@ class Manager(MultiService):
         self.stop_vms_on_next_stop = False
         self._loaded = False
         self.ctx.domains.add_listener(self)
+        self.ctx.stats.allocated = self._volume_allocations
+
+    def _volume_allocations(self) -> list[tuple[str, int]]:
+        """
+        (path, effective size) of every VM volume: what placement counts as taken.
+        """
+        return [
+            (location.Filename, volume.effective_size)
+            for vm in list(self.table.vms.values())
+            for volume, location in zip(vm.info.Volumes, vm.local.VolumeLocations)
+        ]
 
     def _volume_files(self) -> list[str]:
         """
@@ -478,11 +479,14 @@ class Manager(MultiService):
                     atomic_write(self.table.info_path(vm), codec.encode(vm.local, indent=4))
             except OSError as e:
                 self.log.error("VM {ip}: scanning its volumes failed: {e}", ip=vm.ip, e=e)
+        from hypervisor.manager.storage import recover_moves
                 continue
             for sentence in done:
                 self.log.warn("VM {ip}: {s}", ip=vm.ip, s=sentence)
 
     def startService(self) -> None:
+                for sentence in recover_moves(vm, self.volume_directories):
+                    self.log.warn("VM {ip}: {s}", ip=vm.ip, s=sentence)
         """
         Start the disk threads, the host figures' refresh, and the acknowledgement
         timers of VMs that were awaiting theirs when the daemon stopped.

@@ -45,6 +45,18 @@ the same ones the HTTPS adapter (L{web.rpc}) uses.
      C{RegisterExternalLeasesRequest} in it is applied with RegisterExternalLeases'
      access rule; those leases are removed when the stream ends (reference §1.9:
      "managed" external leases). WatchDhcp: its request, then its packets.
+  8. consoles (ConnectToVmSerialPort, ConnectToVmConsole): the response as a bare
+     message in its own TLS record (Go's read-ahead), then the connection carries raw
+     bytes both ways to the VM's L{hypervisor.console.pipe.VmPipe} until either side
+     closes (the serial port's end is C{"VM serial port closed\n"}, then the
+     connection is closed, as Go's server does); an error answer keeps the
+     connection for the next call, as Go's does.
+
+Deadlines and caps are the connection guard's (L{hypervisor.netguard}): the CONNECT
+head, and every method line with its request JSON, are C{HEADERS} (due within its
+deadline), the TLS handshake C{HANDSHAKE}, a call in progress (its upload included)
+C{BUSY}, between calls C{IDLE}. Bytes a client sends while a call runs (it
+should not) are kept up to L{MAX_AHEAD}, beyond which the connection is closed.
 
 Deadlines and caps are the connection guard's (L{hypervisor.netguard}): the CONNECT
 head, and every method line with its request JSON, are C{HEADERS} (due within its
@@ -70,7 +82,7 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from hypervisor.api import PROGRESS, UPDATES, encode_reply, raw_of
+from hypervisor.api import PROGRESS, RAW, UPDATES, encode_reply, raw_of
 from hypervisor.auth import ANONYMOUS, CertificateRefused, Identity, TrustStore
 from hypervisor.dispatch import Call, Dispatcher
 from hypervisor.errors import HypervisorError, NotFound
@@ -319,6 +331,7 @@ class SrpcServer(protocol.Protocol):
         self.held: list[bytes] = []
         self.outcome: Optional[tuple[bytes, bool]] = None  # (bytes, close after)
         self.stream: Any = None
+        self.pipe: Any = None
         self.paused = False
         self.managed_leases = False
         self.producing = False
@@ -388,6 +401,8 @@ class SrpcServer(protocol.Protocol):
         """
         self.stage = "closed"
         self.lost = True
+        if self.pipe is not None:
+            self.pipe.close()
         if self.upload is not None and self.upload_left:
             self.upload.fail(UploadAborted("the client went away during the upload"))
         self._end_stream()
@@ -399,6 +414,9 @@ class SrpcServer(protocol.Protocol):
         Bytes from the client, by stage.
         """
         if self.stage in ("closed", "handed-over"):
+            return
+        if self.stage == "console":
+            self.pipe.write(data)
             return
         if self.stage == "upload":
             data = self._upload_bytes(data)
@@ -661,7 +679,9 @@ class SrpcServer(protocol.Protocol):
             return
         kind = call.spec.kind
         raw = raw_of(result)
-        if kind == UPDATES:
+        if kind == RAW:
+            self._console(result)
+        elif kind == UPDATES:
             self._stream(result)
         elif raw is not None:
             self._finish_with_raw(wire.message(encode_reply(result)), raw)
@@ -675,7 +695,7 @@ class SrpcServer(protocol.Protocol):
         if self.stage == "closed" or call is not self.call:
             return
         kind = call.spec.kind
-        if kind == PROGRESS:
+        if kind in (PROGRESS, RAW):
             self._finish(wire.message(wire.error_message(message)))
         elif kind == UPDATES:
             self._finish(wire.message(wire.error_message(message)), close=True)
@@ -693,6 +713,35 @@ class SrpcServer(protocol.Protocol):
         if send_now is not None:
             send_now()
         self._finish(raw)
+
+    def _console(self, pipe: Any) -> None:
+        """
+        A console: C{{"Error":""}} in its own TLS record, then raw bytes both ways.
+        """
+        self._write(wire.message(wire.error_message("")))
+        send_now = getattr(self.transport, "send_now", None)
+        if send_now is not None:
+            send_now()
+        self.stage = "console"
+        self.pipe = pipe
+        self.producing = False  # the pipe takes the transport's producer slot
+        pipe.attach(self._write, self._console_end, self.transport)
+        rest = self.reader.take(len(self.reader))
+        if rest:
+            pipe.write(rest)
+
+    def _console_end(self, farewell: bytes) -> None:
+        """
+        The VM side closed: the farewell, then close the connection.
+        """
+        if self.stage != "console":
+            return
+        if farewell:
+            self._write(farewell)
+        transport: Any = self.transport
+        transport.unregisterProducer()
+        self.stage = "closed"
+        transport.loseConnection()
 
     def _finish(self, data: bytes, close: bool = False) -> None:
         self.outcome = (data, close)

@@ -243,6 +243,18 @@ def send_ctrl_alt_del(conn: Any, uuid: str) -> None:
     conn.lookupByUUIDString(uuid).sendKey(libvirt.VIR_KEYCODE_SET_LINUX, 0, [29, 56, 111], 3, 0)
 
 
+def vnc_socket(conn: Any, uuid: str) -> str:
+    """
+    The unix socket of the running domain's VNC server (libvirt picks it for
+    C{<listen type='socket'/>}), or "" if it has none.
+    """
+    root = ElementTree.fromstring(conn.lookupByUUIDString(uuid).XMLDesc(0))
+    for graphics in root.findall("devices/graphics"):
+        if graphics.get("type") == "vnc":
+            return graphics.get("socket") or ""
+    return ""
+
+
 class IDomains(Protocol):
     """
     The domain operations the manager uses, each returning a Deferred; the real one is
@@ -311,6 +323,11 @@ class IDomains(Protocol):
     def probe_kvm(self) -> "Deferred[tuple[bool, str]]":
         """
         Whether KVM guests run here, and why.
+        """
+
+    def vnc_socket(self, uuid: str) -> "Deferred[str]":
+        """
+        The running domain's VNC socket ("" if none).
         """
 
 
@@ -395,3 +412,9 @@ class Domains:
         Whether KVM guests run here.
         """
         return self.service.call(probe_kvm)
+
+    def vnc_socket(self, uuid: str) -> "Deferred[str]":
+        """
+        The running domain's VNC socket ("" if none).
+        """
+        return self.service.call(vnc_socket, uuid)

@@ -15,7 +15,14 @@ What a domain gets:
   with the IP;
 - C{domainType} C{kvm} (host CPU passed through, as the Go hypervisor's C{-cpu host})
   or C{qemu} (TCG);
-- serial port 0 on a pty (a console can attach) logged to C{VMs/<IP>/bootlog};
+- serial port 0 on a unix socket libvirt makes and listens on (C{VMs/<IP>/serial0.sock},
+  L{hypervisor.console.paths.serial_socket_path}; C{ConnectToVmSerialPort} connects
+  to it: QEMU's socket chardev takes one client at a time), with everything the guest
+  writes also logged to C{VMs/<IP>/bootlog} by QEMU's chardev log (whether a console
+  is connected or not); without a socket path, a pty as before;
+- for C{ConsoleType} C{vnc}, VNC on a unix socket libvirt picks in its own per-domain
+  directory (QEMU must be able to create it there; C{ConnectToVmConsole} reads its path
+  from the live domain XML);
 - NICs on the subnets' bridges with the pool's MACs, virtio unless C{DisableVirtIO};
 - SMBIOS data so stock cloud-init finds our metadata server: product C{SmallStack}
   (as the Go hypervisor) and, for the OpenStack datasource, chassis asset tag
@@ -102,7 +109,7 @@ class DomainSpec:
     kernel: str = ""
     initrd: str = ""
     datasource: CloudInitDatasource = CloudInitDatasource.OPENSTACK
-    vnc_socket: str = ""
+    serial_socket: str = ""
     extra_cmdline: list[str] = field(default_factory=list)
 
 
@@ -204,13 +211,20 @@ def build_domain_xml(info: VmInfo, spec: DomainSpec) -> str:
         if queues > 1 and not info.DisableVirtIO:
             lines.append(f"      <driver name='vhost' queues='{queues}'/>")
         lines.append("    </interface>")
-    lines.append("    <serial type='pty'>")
+    if spec.serial_socket:
+        source = f"<source mode='bind' path={quoteattr(spec.serial_socket)}/>"
+        lines.append("    <serial type='unix'>")
+        lines.append(f"      {source}")
+    else:
+        source = ""
+        lines.append("    <serial type='pty'>")
     lines.append(f"      <log file={quoteattr(spec.bootlog)} append='on'/>")
     lines.append("      <target port='0'/>")
     lines.append("    </serial>")
-    lines.append("    <console type='pty'><target type='serial' port='0'/></console>")
-    if info.ConsoleType == ConsoleType.VNC and spec.vnc_socket:
-        lines.append(f"    <graphics type='vnc' socket={quoteattr(spec.vnc_socket)}/>")
+    kind = "unix" if spec.serial_socket else "pty"
+    lines.append(f"    <console type='{kind}'>{source}<target type='serial' port='0'/></console>")
+    if info.ConsoleType == ConsoleType.VNC:
+        lines.append("    <graphics type='vnc'><listen type='socket'/></graphics>")
         lines.append("    <input type='tablet' bus='usb'/>")
         lines.append("    <video><model type='vga'/></video>")
     elif info.ConsoleType == ConsoleType.DUMMY:

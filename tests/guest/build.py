@@ -12,16 +12,20 @@ The guest is a kernel and an initramfs for direct kernel boot:
   power button and evdev modules, and an C{/init} that brings up eth0 with udhcpc,
   fetches C{hv.url=} from the kernel command line (if given), prints everything to the
   serial console, and then powers off (C{hv.mode=poweroff}, default) or keeps running
-  until the ACPI power button is pressed (C{hv.mode=stay}); C{hv.dhcp=no} skips DHCP.
+  until the ACPI power button is pressed (C{hv.mode=stay}), or keeps running with an
+  interactive busybox shell on the serial console (C{hv.mode=shell}: the console
+  tests type commands into it); C{hv.dhcp=no} skips DHCP.
 
 Packages come from apt (C{apt-get download}); nothing is installed. The result is
 cached in C{/var/cache/smallstack-hypervisor/guest-<kernel package>/} (or C{--cache}) and
-reused while the kernel package version is unchanged.
+reused while the kernel package version and this file's guest scripts are unchanged
+(their hash is in the directory name).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import lzma
 import os
@@ -78,6 +82,10 @@ if [ -n "$URL" ]; then
   timeout 10 wget -q -O /tmp/fetched "$URL" && echo "tiny-guest: fetched:" && cat /tmp/fetched
   echo
   echo "tiny-guest: fetch done"
+fi
+if [ "$MODE" = "shell" ]; then
+  echo "tiny-guest: shell on the console"
+  while :; do sh -i; done
 fi
 if [ "$MODE" = "stay" ]; then
   echo "tiny-guest: staying up"
@@ -170,7 +178,8 @@ def build(cache: str) -> str:
     Build (or reuse) the guest; return its directory.
     """
     package = kernel_package()
-    target = os.path.join(cache, f"guest-{package}")
+    scripts = hashlib.sha256((INIT + UDHCPC + " ".join(MODULES)).encode()).hexdigest()[:12]
+    target = os.path.join(cache, f"guest-{package}-{scripts}")
     if os.path.exists(os.path.join(target, "initrd.cpio")):
         return target
     work = tempfile.mkdtemp(prefix="tiny-guest-")
@@ -206,9 +215,10 @@ def build(cache: str) -> str:
                 entries.append((f"lib/modules/{m}.ko", 0o100644, f.read()))
         entries.append(("init", 0o100755, INIT.replace("__MODULES__", " ".join(MODULES)).encode()))
         entries.append(("udhcpc.sh", 0o100755, UDHCPC.encode()))
-        staging = target + ".tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
+        # A staging directory of this build's own: builds running at the same time
+        # (parallel test runs) do not write into each other's.
+        os.makedirs(cache, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=os.path.basename(target) + ".", dir=cache)
         os.chmod(cache, 0o755)
         os.chmod(staging, 0o755)
         with open(os.path.join(staging, "vmlinux"), "wb") as f:
@@ -217,8 +227,13 @@ def build(cache: str) -> str:
             f.write(newc_archive(entries))
         with open(os.path.join(staging, "VERSION"), "w") as f:
             f.write(f"{package}\n")
-        shutil.rmtree(target, ignore_errors=True)
-        os.rename(staging, target)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            # Another build finished first (same inputs, same result): keep its.
+            shutil.rmtree(staging, ignore_errors=True)
+            if not os.path.exists(os.path.join(target, "initrd.cpio")):
+                raise
         return target
     finally:
         shutil.rmtree(work, ignore_errors=True)
