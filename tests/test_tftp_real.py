@@ -22,6 +22,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
@@ -148,6 +149,18 @@ class RealClientTests(TestCase):
             self.port,
         )
 
+    async def settled(self) -> None:
+        """
+        Wait until the server has no transfer in progress: a client exits on the
+        last block, before the server sees its last ACK (on a transfer's thread,
+        which then tells the reactor).
+        """
+        for _ in range(500):
+            if not self.service.server.transfers:
+                return
+            await deferLater(reactor, 0.01, lambda: None)
+        self.fail(f"transfers still in progress: {self.service.server.status()}")
+
     def metric(self, name: str, labels: dict[str, str]) -> float:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
 
@@ -175,6 +188,7 @@ class RealClientTests(TestCase):
             output, code = await self.atftp("f4.bin", "f")
             self.assertEqual(code, 0, output)
             self.assertSame("f4.bin", "f")
+            await self.settled()
             completed = self.metric("hypervisor_tftp_transfers_total", {"outcome": "completed"})
             self.assertEqual(completed, 6)
 
@@ -251,6 +265,7 @@ class RealClientTests(TestCase):
             for i, (output, code) in enumerate(results):
                 self.assertEqual(code, 0, output)
                 self.assertSame(f"f{i}.bin", f"c{i}")
+            await self.settled()
             self.assertEqual(self.service.server.transfers, {})
 
         return Deferred.fromCoroutine(go())  # type: ignore[return-value]
@@ -304,6 +319,7 @@ class RealClientTests(TestCase):
                 ]
                 for run in runs:
                     await run
+                await self.settled()
             finally:
                 monitor.uninstall()
             self.assertSame("f5.bin", "m1")

@@ -2,7 +2,7 @@
 The TFTP server alone, serving a directory (benchmarks, tests, trying it out):
 
     python -m hypervisor.tftp --root DIR [--port 69] [--interface ADDR]
-        [--file IP=NAME=PATH ...]
+        [--file IP=NAME=PATH ...] [--transfer-threads N]
 
 C{--file} registers a per-client file as NetbootMachine does (C{NAME} for client
 C{IP}, with the content of C{PATH}). It prints C{ready PORT} once it listens.
@@ -29,6 +29,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--interface", default="")
     parser.add_argument("--file", action="append", default=[])
     parser.add_argument("--log", action="store_true", help="log to stderr")
+    parser.add_argument("--transfer-threads", type=int, default=16)
     args = parser.parse_args(argv)
     files: dict[str, dict[str, bytes]] = {}
     for spec in args.file:
@@ -43,6 +44,7 @@ def main(argv: list[str]) -> int:
         directory=args.root,
         port=args.port,
         interface=args.interface,
+        transfer_threads=args.transfer_threads,
     )
     service.privilegedStartService()
     service.startService()

@@ -137,9 +137,18 @@ class MemoryReader:
         Nothing to release.
         """
 
+    def blocking(self) -> "MemoryReader":
+        """
+        Itself: its reads never wait (and change nothing), on any thread.
+        """
+        return self
+
 
 def _pread(fd: int, length: int, offset: int) -> bytes:
-    out = bytearray()
+    first = os.pread(fd, length, offset)
+    if len(first) == length or not first:
+        return first  # the usual case: one read, no copy
+    out = bytearray(first)
     while len(out) < length:
         got = os.pread(fd, length - len(out), offset + len(out))
         if not got:
@@ -266,6 +275,18 @@ class FileReader:
             self._fd_closed = True
             self.runner.run(os.close, self.fd).addErrback(lambda _: None)
 
+    def blocking(self) -> Optional["BlockingFileReader"]:
+        """
+        For a transfer's own thread: a reader that reads on the thread calling it,
+        taking the descriptor over (this reader is closed; no I/O here); C{None} if
+        reads are in flight already (then it stays on the reactor).
+        """
+        if self.loading or self.closed:
+            return None
+        self.closed = self._fd_closed = True
+        self.chunks.clear()
+        return BlockingFileReader(self.fd, self.size, self.chunk)
+
     def close(self) -> None:
         """
         Drop the buffers; close the file once reads in flight finished (on a thread).
@@ -273,6 +294,58 @@ class FileReader:
         self.closed = True
         self.chunks.clear()
         self._maybe_close_fd()
+
+
+class BlockingFileReader:
+    """
+    An open file read on the thread that calls L{read} (a transfer's own thread,
+    never the reactor's), by chunks; it owns the descriptor.
+    """
+
+    def __init__(self, fd: int, size: int, chunk: int = CHUNK) -> None:
+        self.fd = fd
+        self.size = size
+        self.chunk = chunk
+        self._base = 0
+        self._data = b""
+        self._error: Optional[BackendError] = None
+
+    def read(self, offset: int, length: int) -> Union[bytes, "Deferred[bytes]"]:
+        """
+        The bytes at C{offset} (reading the chunks they are in if not buffered); a
+        failed Deferred if the file cannot be read or shrank.
+        """
+        end = offset + length
+        if end > self.size:
+            end = self.size
+        base = self._base
+        if offset >= base and end <= base + len(self._data):
+            return self._data[offset - base : end - base]
+        if self._error is not None or self.fd < 0:
+            return fail(self._error or BackendError("the file is closed"))
+        if end <= offset:
+            return b""
+        start = offset  # reads go forward: from here on (a window's start)
+        want = min(self.size, max(end, start + self.chunk)) - start
+        try:
+            data = _pread(self.fd, want, start)
+        except OSError as e:
+            self._error = BackendError(f"cannot read the file: {e}")
+            return fail(self._error)
+        if len(data) != want:
+            self._error = BackendError("the file changed while it was being sent")
+            return fail(self._error)
+        self._base, self._data = start, data
+        return data[offset - start : end - start]
+
+    def close(self) -> None:
+        """
+        Close the file (on the calling thread).
+        """
+        fd, self.fd = self.fd, -1
+        self._data = b""
+        if fd >= 0:
+            os.close(fd)
 
 
 def open_beneath(root: str, name: str) -> tuple[int, int]:

@@ -31,6 +31,10 @@ MAX_BLOCK = 65535
 MAX_DATA = 65464  # RFC 2348's largest blksize
 MAX_PACKET = MAX_DATA + 4
 MAX_TEXT = 512  # a file name, mode, option name or value, error message
+# The largest packet a reading client sends that decodes (an ERROR with the longest
+# message): a transfer's socket reads no more (a longer packet, cut, still fails or
+# is still not an ACK), which spares allocating MAX_PACKET bytes per ACK.
+MAX_CLIENT_PACKET = 4 + MAX_TEXT + 1
 MAX_OPTIONS = 32
 
 _HEADER = struct.Struct("!HH")

@@ -11,6 +11,10 @@ longer than itself), a write request gets ERROR 2 (this server is read-only), a
 repeated request of a transfer in progress is ignored, more than C{max_sessions}
 transfers (or C{max_per_client} from one address) get ERROR 0 (busy), and a file the backend cannot give gets its ERROR at
 once; every outcome is counted (L{ITftpStats}).
+
+A transfer whose file can be read without the reactor runs on a thread of its own
+(L{hypervisor.tftp.threaded}) while fewer than C{threads.limit} do; the others run on
+the reactor, their socket read by it. Both drive the same L{ReadSession}.
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ from hypervisor.tftp.backend import BackendError, IBackend, IReader, normalise
 from hypervisor.tftp.session import (
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
+    Negotiated,
     ReadSession,
     describe,
     negotiate,
 )
+from hypervisor.tftp.threaded import TransferThread, TransferThreads
 
 SERVER_PORT = 69
 MAX_SESSIONS = 256
@@ -123,13 +129,24 @@ class Transfer:
         self.port = port
         self.session: Optional[ReadSession] = None
         self.protocol: Optional[SessionProtocol] = None
+        # On a thread of its own: the session is the thread's until it ends; the
+        # reactor sees what it reports.
+        self.thread: Optional[TransferThread] = None
+        self.negotiated: Optional[Negotiated] = None
+        self.size = 0
+        self.progress = (0, 0)
 
     def status(self) -> dict[str, Any]:
         """
         The transfer as the status page shows it.
         """
         row: dict[str, Any] = {"client": f"{self.client[0]}:{self.client[1]}", "file": self.name}
-        if self.session is not None:
+        if self.thread is not None and self.negotiated is not None:
+            sent, retransmissions = self.progress
+            row.update(bytes=sent, size=self.size, blksize=self.negotiated.blksize)
+            row.update(windowsize=self.negotiated.windowsize, retransmissions=retransmissions)
+            row["started"] = self.thread.started
+        elif self.session is not None:
             row.update(describe(self.session))
             row["started"] = self.session.started
         else:
@@ -161,6 +178,7 @@ class TftpServer:
         retries: int = DEFAULT_RETRIES,
         max_sessions: int = MAX_SESSIONS,
         max_per_client: int = MAX_PER_CLIENT,
+        threads: Optional[TransferThreads] = None,
     ) -> None:
         self.backend = backend
         self.clock = clock
@@ -172,6 +190,7 @@ class TftpServer:
         self.retries = retries
         self.max_sessions = max_sessions
         self.max_per_client = max_per_client
+        self.threads = threads
         self.transfers: dict[Address, Transfer] = {}
         self._per_client: dict[str, int] = {}
         self.completed = 0
@@ -280,6 +299,8 @@ class TftpServer:
             max_windowsize=self.max_windowsize,
             default_timeout=self.timeout,
         )
+        if self._on_thread(transfer, reader, negotiated):
+            return
         session = ReadSession(
             reader,
             transfer.port.send,
@@ -293,6 +314,57 @@ class TftpServer:
             transfer.protocol.deliver = session.datagram
         self.stats.started(transfer.name)
         session.start()
+
+    def _on_thread(self, transfer: Transfer, reader: IReader, negotiated: Negotiated) -> bool:
+        """
+        Run the transfer on a thread of its own if one is free and its file and socket
+        can be used there; False: it runs on the reactor.
+        """
+        threads = self.threads
+        detach = getattr(transfer.port, "detach", None)
+        blocking = getattr(reader, "blocking", None)
+        if threads is None or detach is None or blocking is None or not threads.available():
+            return False
+        fast: Optional[IReader] = blocking()
+        if fast is None:
+            return False
+        thread = TransferThread(
+            threads.reactor,
+            detach(),
+            fast,
+            negotiated,
+            retries=self.retries,
+            on_progress=lambda sent, again: setattr(transfer, "progress", (sent, again)),
+            on_done=lambda t, why: self._thread_done(transfer, t, why),
+            name=f"tftp {transfer.client[0]}:{transfer.client[1]}",
+        )
+        transfer.thread = thread
+        transfer.negotiated = negotiated
+        transfer.size = reader.size
+        if threads.start(thread):
+            self.stats.started(transfer.name)
+        else:
+            # No thread after all (the system has none to give): busy.
+            self.log.error("TFTP: cannot start a transfer thread")
+            transfer.thread = None
+            self._remove(transfer)
+            self.stats.refused(codec.ERR_NOT_DEFINED)
+            thread.sock.send(codec.error_packet(codec.ERR_NOT_DEFINED, "server busy"))
+            thread.sock.close()
+            threads.reactor.callInThread(fast.close)
+            transfer.port.close()
+        return True
+
+    def _thread_done(self, transfer: Transfer, thread: TransferThread, why: Optional[str]) -> None:
+        transfer.progress = thread.progress
+        if thread.session is not None:
+            transfer.session = thread.session
+            self._done(transfer, why)
+            return
+        self._remove(transfer)
+        self.failed += 1
+        self.stats.finished(transfer.name, "error", 0, self.clock.seconds() - thread.started)
+        transfer.port.close()
 
     def _done(self, transfer: Transfer, why: Optional[str]) -> None:
         session = transfer.session
@@ -337,7 +409,9 @@ class TftpServer:
         """
         self.stopping = True
         for transfer in list(self.transfers.values()):
-            if transfer.session is not None:
+            if transfer.thread is not None:
+                transfer.thread.stop("the server is stopping")
+            elif transfer.session is not None:
                 transfer.session.stop("the server is stopping")
             else:
                 self._remove(transfer)
@@ -431,6 +505,7 @@ class UdpSessionPort:
             self.socket.close()
             raise
         self._fileno = self.socket.fileno()
+        self.detached = False
         reactor.addReader(self)
 
     def fileno(self) -> int:
@@ -455,7 +530,7 @@ class UdpSessionPort:
             if self.closed:
                 return
             try:
-                data = recv(codec.MAX_PACKET)
+                data = recv(codec.MAX_CLIENT_PACKET)
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionRefusedError:
@@ -488,6 +563,16 @@ class UdpSessionPort:
             self.reactor.callLater(0, self.protocol.connectionRefused)
         except OSError as e:
             self.reactor.callLater(0, self.protocol.failed, e)
+
+    def detach(self) -> socket.socket:
+        """
+        Hand the socket to a transfer thread: the reactor no longer reads it, this
+        port no longer sends, and L{close} leaves it to the thread.
+        """
+        if not self.closed:
+            self.reactor.removeReader(self)
+            self.closed = self.detached = True
+        return self.socket
 
     def close(self) -> None:
         """

@@ -2,7 +2,9 @@
 """
 The named service C{tftp}: the TFTP server on UDP port C{-tftpPortNum} (69), bound
 in C{privilegedStartService} (before twistd drops root), with its own small thread
-pool for file reads so large transfers never wait behind state writes.
+pool for file reads so large transfers never wait behind state writes, and up to
+C{transfer_threads} (C{-tftpTransferThreads}) transfers at a time each on a thread
+of its own (L{hypervisor.tftp.threaded}).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from hypervisor.tftp.protocol import (
     TftpServer,
     session_ports,
 )
+from hypervisor.tftp.threaded import TransferThreads
 
 
 class TftpService(Service):
@@ -48,10 +51,12 @@ class TftpService(Service):
         max_blksize: int = codec.MAX_DATA,
         max_windowsize: int = 64,
         threads: int = 2,
+        transfer_threads: int = 16,
         enabled: bool = True,
     ) -> None:
         self.reactor = reactor
         self.runner = ThreadPoolRunner(reactor, "tftp", size=threads)
+        self.transfer_threads = TransferThreads(reactor, transfer_threads)
         self.directory = directory
         backend = TftpBackend(
             files_for, DirectoryBackend(directory, self.runner) if directory else None
@@ -63,6 +68,7 @@ class TftpService(Service):
             stats=stats,
             max_blksize=max_blksize,
             max_windowsize=max_windowsize,
+            threads=self.transfer_threads,
         )
         self.port_number = port
         self.interface = interface
@@ -119,13 +125,15 @@ class TftpService(Service):
 
     def stopService(self) -> "Deferred[Any]":
         """
-        End the transfers, close the port, stop the threads.
+        End the transfers, close the port, stop the threads (once every transfer
+        thread has ended).
         """
         super().stopService()
         self.server.stop()
         port, self.port = self.port, None
         stopped = port.stopListening() if port is not None else None
         d = stopped if isinstance(stopped, Deferred) else succeed(None)
+        d.addCallback(lambda _: self.transfer_threads.idle())
         return d.addCallback(lambda _: self.runner.stopService())
 
     def status(self) -> dict[str, Any]:

@@ -144,6 +144,9 @@ class ReadSession:
         self._timer: Optional[IDelayedCall] = None
         self._generation = 0
         self._gap_resent = False
+        # Lock-step: the DATA packet of the block after the one in flight, made
+        # ready while the client works (block, packet).
+        self._ready: Optional[tuple[int, bytes]] = None
 
     # Progress ----------------------------------------------------------------------------
 
@@ -180,17 +183,40 @@ class ReadSession:
                 and not self.waiting_oack
             ):
                 # Lock-step, in order, more to send: the common case, done here.
+                # The client waits for the next block: it goes first (made ready
+                # after the previous one was sent, when it could be), then the
+                # bookkeeping, then the block after it is made ready.
+                following = base + 1
                 size = self.blksize
-                payload = self.reader.read(base * size, size)
-                if type(payload) is bytes:
-                    following = base + 1
-                    self.acked = base
-                    self.base = self.sent_upto = following
-                    self.tries_left = self.retries
-                    self._generation += 1
-                    self._arm()
+                ready = self._ready
+                self._ready = None
+                if ready is not None and ready[0] == following:
+                    self.send(ready[1])
+                else:
+                    payload = self.reader.read(base * size, size)
+                    if type(payload) is not bytes:
+                        # Not buffered: ack() below reads it again and waits (or fails).
+                        if isinstance(payload, Deferred):
+                            payload.addErrback(lambda _: None)
+                        self.ack(block)
+                        return
                     self.send(_DATA.pack(codec.DATA, following & 0xFFFF) + payload)
-                    return
+                self.acked = base
+                self.base = self.sent_upto = following
+                self.tries_left = self.retries
+                self._generation += 1
+                self._arm()
+                if following < self.last_block:
+                    after = self.reader.read(following * size, size)
+                    if type(after) is bytes:
+                        after_block = following + 1
+                        self._ready = (
+                            after_block,
+                            _DATA.pack(codec.DATA, after_block & 0xFFFF) + after,
+                        )
+                    elif isinstance(after, Deferred):
+                        after.addErrback(lambda _: None)  # asked for again when due
+                return
             self.ack(block)
             return
         try:

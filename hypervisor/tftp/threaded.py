@@ -1,0 +1,365 @@
+# -*- test-case-name: tests.test_tftp_threaded -*-
+"""
+A transfer's data path on a thread of its own: the transfer's socket (its own
+ephemeral port, connected to the client) is read by a blocking loop on that
+thread, which drives the same L{ReadSession} the reactor path drives (and the
+L{Clock}-driven tests drive), on a clock of its own (L{LoopClock}), with a reader
+whose reads block that thread only (never the reactor's).
+
+Why: in lock-step every block is a round trip (ACK in, DATA out), and through the
+reactor each costs an C{epoll_wait}, a C{recv}, a C{recv} that says C{EAGAIN} and
+the loop's bookkeeping; a blocking C{recv} on a thread of its own costs one
+C{recv} and one C{send}.
+
+L{TransferThreads} bounds the number of such threads (C{-tftpTransferThreads});
+beyond it transfers run on the reactor. What the reactor needs from a transfer's
+thread crosses with C{callFromThread}: its progress every L{REPORT_EVERY} seconds
+(not per block), its end once. The reactor asks a thread to stop
+(L{TransferThread.stop}) by shutting the socket's read side down, which wakes the
+blocked C{recv} at once.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from typing import Any, Callable, Optional
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from hypervisor.tftp import codec
+from hypervisor.tftp.backend import IReader
+from hypervisor.tftp.session import DEFAULT_RETRIES, Negotiated, ReadSession
+
+REPORT_EVERY = 0.25
+# A receive timeout within this of the session's next deadline is kept as it is
+# (changing it is a system call): the timer fires at most this late.
+TIMEOUT_SLACK = 0.02
+IDLE_WAIT = 1.0
+
+_TIMEVAL = struct.Struct("@ll")
+
+
+@implementer(IDelayedCall)
+class LoopCall:
+    """
+    A call scheduled on a L{LoopClock}.
+    """
+
+    def __init__(
+        self,
+        clock: "LoopClock",
+        when: float,
+        f: Callable[..., Any],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+    ) -> None:
+        self.clock = clock
+        self.time = when
+        self.f = f
+        self.args = args
+        self.kwargs = kwargs
+        self.cancelled = False
+        self.called = False
+
+    def getTime(self) -> float:
+        """
+        When it is due (the clock's monotonic seconds).
+        """
+        return self.time
+
+    def reset(self, secondsFromNow: float) -> None:
+        """
+        Due C{secondsFromNow} from now instead.
+        """
+        self.time = time.monotonic() + secondsFromNow
+
+    def delay(self, secondsLater: float) -> None:
+        """
+        Due C{secondsLater} later.
+        """
+        self.time += secondsLater
+
+    def cancel(self) -> None:
+        """
+        Not to be called.
+        """
+        if not self.cancelled and not self.called:
+            self.cancelled = True
+            self.clock.calls.remove(self)
+
+    def active(self) -> bool:
+        """
+        Neither called nor cancelled.
+        """
+        return not (self.cancelled or self.called)
+
+
+@implementer(IReactorTime)
+class LoopClock:
+    """
+    Time for code running on one thread's loop: L{seconds} is wall-clock time like
+    the reactor's; calls are due by the monotonic clock and are run by the loop
+    (L{run_due}).
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[LoopCall] = []
+
+    def seconds(self) -> float:
+        """
+        Wall-clock time (as the reactor's C{seconds}).
+        """
+        return time.time()
+
+    def callLater(
+        self, delay: float, callable: Callable[..., Any], *args: object, **kwargs: object
+    ) -> LoopCall:
+        """
+        Call C{callable(*args, **kwargs)} C{delay} seconds from now.
+        """
+        call = LoopCall(self, time.monotonic() + delay, callable, args, kwargs)
+        self.calls.append(call)
+        return call
+
+    def getDelayedCalls(self) -> list[IDelayedCall]:
+        """
+        The calls not yet run.
+        """
+        return list(self.calls)
+
+    def next_due(self) -> Optional[float]:
+        """
+        When the earliest call is due (None: no call).
+        """
+        calls = self.calls
+        if not calls:
+            return None
+        if len(calls) == 1:
+            return calls[0].time
+        return min(c.time for c in calls)
+
+    def run_due(self, now: float) -> None:
+        """
+        Run the calls due at C{now} (monotonic).
+        """
+        for call in [c for c in self.calls if c.time <= now]:
+            if call.active():
+                call.called = True
+                self.calls.remove(call)
+                call.f(*call.args, **call.kwargs)
+
+
+class TransferThread:
+    """
+    One transfer's thread: its session, socket and clock. C{reader} must answer
+    every read at once (a blocking reader: its reads run on this thread) or with a
+    failed Deferred; the socket must no longer be read by the reactor.
+
+    @ivar session: created on the thread (C{None} before).
+    @ivar progress: (bytes acknowledged, retransmissions) as last reported.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        sock: socket.socket,
+        reader: IReader,
+        negotiated: Negotiated,
+        *,
+        retries: int = DEFAULT_RETRIES,
+        on_progress: Callable[[int, int], None] = lambda sent, retransmissions: None,
+        on_done: Callable[["TransferThread", Optional[str]], None] = lambda t, why: None,
+        name: str = "tftp-transfer",
+    ) -> None:
+        self.reactor = reactor
+        self.sock = sock
+        self.reader = reader
+        self.negotiated = negotiated
+        self.retries = retries
+        self.on_progress = on_progress
+        self.on_done = on_done
+        self.clock = LoopClock()
+        self.session: Optional[ReadSession] = None
+        self.progress = (0, 0)
+        self.started = time.time()
+        self._stop_reason: Optional[str] = None
+        self._send_error: Optional[Exception] = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._receive_timeout = -1.0
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        """
+        Start the thread (C{RuntimeError} if the system has no thread to give).
+        """
+        self.thread.start()
+
+    def stop(self, reason: str) -> None:
+        """
+        From any thread: end the transfer (the client gets an ERROR with C{reason}).
+        """
+        with self._lock:
+            if self._stop_reason is None:
+                self._stop_reason = reason
+            if not self._closed:
+                try:
+                    # Wakes the thread's recv at once (it returns b""); sending works on.
+                    self.sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+
+    # On the thread ---------------------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            pass  # dropped: the timeout sends it again
+        except OSError as e:
+            if self._send_error is None:
+                self._send_error = e
+
+    def _set_receive_timeout(self, seconds: float) -> None:
+        whole = int(seconds)
+        micro = max(1000 if whole == 0 else 0, int((seconds - whole) * 1e6))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(whole, micro))
+        self._receive_timeout = seconds
+
+    def _run(self) -> None:
+        why: Optional[str] = "the transfer thread failed"
+        try:
+            why = self._transfer()
+        except Exception:
+            self.log.failure("TFTP transfer thread failed")
+            if self.session is not None and not self.session.finished:
+                self.session.stop("internal error")
+        finally:
+            with self._lock:
+                self._closed = True
+                self.sock.close()
+            if self.session is None:
+                self.reader.close()  # on this thread: it may close a file
+            self.reactor.callFromThread(self.on_done, self, why)
+
+    def _transfer(self) -> Optional[str]:
+        session = ReadSession(
+            self.reader, self._send, self.clock, self.negotiated, retries=self.retries
+        )
+        self.session = session
+        self.sock.setblocking(True)
+        session.start()
+        clock = self.clock
+        recv = self.sock.recv
+        datagram = session.datagram
+        monotonic = time.monotonic
+        next_report = monotonic() + REPORT_EVERY
+        while not session.finished:
+            now = monotonic()
+            due = clock.next_due()
+            if due is not None and due <= now:
+                clock.run_due(now)
+                continue
+            wait = IDLE_WAIT if due is None else due - now
+            current = self._receive_timeout
+            if wait < current - TIMEOUT_SLACK or wait > current + TIMEOUT_SLACK:
+                self._set_receive_timeout(wait)
+            try:
+                data = recv(codec.MAX_CLIENT_PACKET)
+            except (BlockingIOError, InterruptedError):
+                continue  # the receive timeout: the clock decides
+            except ConnectionRefusedError:
+                session.stop("the client went away", notify=False)
+                break
+            except OSError as e:
+                session.stop(f"cannot receive: {e.strerror}", notify=False)
+                break
+            if not data and self._stop_reason is not None:
+                session.stop(self._stop_reason)
+                break
+            datagram(data)
+            if self._send_error is not None:
+                error = self._send_error
+                if isinstance(error, ConnectionRefusedError):
+                    session.stop("the client went away", notify=False)
+                else:
+                    session.stop(f"cannot send: {getattr(error, 'strerror', error)}", notify=False)
+                break
+            if now >= next_report:
+                next_report = now + REPORT_EVERY
+                self.progress = progress = (session.bytes_acked, session.retransmissions)
+                self.reactor.callFromThread(self.on_progress, *progress)
+        return session.reason
+
+
+class TransferThreads:
+    """
+    At most C{limit} transfer threads at a time.
+    """
+
+    def __init__(self, reactor: Any, limit: int) -> None:
+        self.reactor = reactor
+        self.limit = limit
+        self.running: set[TransferThread] = set()
+        self._idle: list[Deferred[None]] = []
+
+    def available(self) -> bool:
+        """
+        Whether one more transfer may have a thread.
+        """
+        return len(self.running) < self.limit
+
+    def start(self, transfer: TransferThread) -> bool:
+        """
+        Start C{transfer}'s thread; False if the limit is reached or the system has no
+        thread to give (the caller runs the transfer on the reactor).
+        """
+        if not self.available():
+            return False
+        done = transfer.on_done
+
+        def ended(t: TransferThread, why: Optional[str]) -> None:
+            self.running.discard(t)
+            t.thread.join()  # it has returned from its loop: at most a moment
+            try:
+                done(t, why)
+            finally:
+                if not self.running:
+                    idle, self._idle = self._idle, []
+                    for d in idle:
+                        d.callback(None)
+
+        transfer.on_done = ended
+        try:
+            transfer.start()
+        except RuntimeError:
+            transfer.on_done = done
+            return False
+        self.running.add(transfer)
+        return True
+
+    def stop(self, reason: str) -> "Deferred[None]":
+        """
+        Ask every thread to stop; fires once none is left.
+        """
+        for transfer in list(self.running):
+            transfer.stop(reason)
+        return self.idle()
+
+    def idle(self) -> "Deferred[None]":
+        """
+        Fires once no thread is running.
+        """
+        if not self.running:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        return d
