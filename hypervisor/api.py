@@ -46,6 +46,7 @@ from hypervisor.model import (
     ChangeVmTagsRequest,
     ChangeVmVolumeInterfacesRequest,
     ChangeVmVolumeSizeRequest,
+    ChangeVmVolumeStorageIndexRequest,
     CreateVmRequest,
     CreateVmResponse,
     DeleteVmVolumeRequest,
@@ -59,11 +60,11 @@ from hypervisor.model import (
     GetVmInfosResponse,
     GetVmUserDataResponse,
     IpRequest,
-    ChangeVmVolumeStorageIndexRequest,
     ListSubnetsRequest,
     ListSubnetsResponse,
     ListVMsRequest,
     ListVMsResponse,
+    ListVolumeDirectoriesResponse,
     NetbootMachineRequest,
     RebootVmRequest,
     RegisterExternalLeasesRequest,
@@ -77,7 +78,6 @@ from hypervisor.model import (
     StartVmRequest,
     UpdateSubnetsRequest,
     WatchDhcpRequest,
-    ListVolumeDirectoriesResponse,
 )
 from hypervisor.upload import UploadStream
 
@@ -226,13 +226,13 @@ METHODS: dict[str, MethodSpec] = {
     "ChangeVmConsoleType": MethodSpec(ChangeVmConsoleTypeRequest, PUBLIC),
     "ConnectToVmConsole": MethodSpec(ConnectToVmConsoleRequest, PUBLIC, RAW, max_request=4096),
     "ConnectToVmManager": MethodSpec(ConnectToVmConsoleRequest, ADMIN, RAW, max_request=4096),
+    "ConnectToVmSerialPort": MethodSpec(
+        ConnectToVmSerialPortRequest, PUBLIC, RAW, max_request=4096
+    ),
     # Volume directories (hypervisor.manager.storage):
     "ChangeVmVolumeStorageIndex": MethodSpec(ChangeVmVolumeStorageIndexRequest, PUBLIC),
     "GetVmVolumeStorageConfiguration": MethodSpec(IpRequest, PUBLIC),
     "ListVolumeDirectories": MethodSpec(Empty, PUBLIC),
-    "ConnectToVmSerialPort": MethodSpec(
-        ConnectToVmSerialPortRequest, PUBLIC, RAW, max_request=4096
-    ),
 }
 
 ACCESS: dict[str, str] = {name: spec.access for name, spec in METHODS.items()}
@@ -527,13 +527,6 @@ class HypervisorApi:
             )
         )
 
-    def ReplaceVmUserData(
-        self,
-        identity: Identity,
-        request: ReplaceVmUserDataRequest,
-        upload: Optional[UploadStream] = None,
-    ) -> "Deferred[ErrorResponse]":
-        """
     def ChangeVmVolumeStorageIndex(
         self, identity: Identity, request: ChangeVmVolumeStorageIndexRequest
     ) -> "Deferred[ErrorResponse]":
@@ -563,6 +556,13 @@ class HypervisorApi:
             Directories=self.manager.storage.list_directories(identity)
         )
 
+    def ReplaceVmUserData(
+        self,
+        identity: Identity,
+        request: ReplaceVmUserDataRequest,
+        upload: Optional[UploadStream] = None,
+    ) -> "Deferred[ErrorResponse]":
+        """
         Replace a VM's user data with the C{Size} bytes that follow the request.
         """
         return self._done(
