@@ -67,6 +67,8 @@ class Identity:
         against the full-authority CA.
     @ivar hypervisor_owner: the caller is an owner of the hypervisor (ChangeOwners).
     @ivar full_authority: the chain verified against CA.pem (not only IdentityCA.pem).
+    @ivar loopback: the connection comes from a loopback address (set by the
+        transport; the reference's C{testIfLoopback}, e.g. ListVolumeDirectories).
     """
 
     username: str = ""
@@ -74,6 +76,7 @@ class Identity:
     method_patterns: tuple[str, ...] = ()
     hypervisor_owner: bool = False
     full_authority: bool = False
+    loopback: bool = False
 
     def has_method_power(self, method: str) -> bool:
         """

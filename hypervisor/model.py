@@ -968,3 +968,53 @@ class ChangeVmVolumeInterfacesRequest:
 
     Interfaces: Annotated[list[VolumeInterfaceT], MaxLen(128)] = field(default_factory=list)
     IpAddress: IPv4Text = ""
+
+
+@dataclass
+class StorageInfo:
+    """
+    One volume directory's file system in GetVmVolumeStorageConfiguration (bytes):
+    available to users, free (to root), its size, and what a new volume may take
+    there (size less the VM volumes already there, and available less 1 GiB on the
+    root file system, whichever is smaller).
+    """
+
+    AvailableBytes: Uint64 = 0
+    FreeBytes: Uint64 = 0
+    SizeBytes: Uint64 = 0
+    UsableBytes: Uint64 = 0
+
+
+@dataclass
+class GetVmVolumeStorageConfigurationResponse:
+    """
+    GetVmVolumeStorageConfiguration: every volume directory's figures (by storage
+    index) and the storage index of each of the VM's volumes.
+    """
+
+    Error: MessageText = ""
+    StorageInfos: Annotated[list[StorageInfo], MaxLen(1024)] = field(default_factory=list)
+    VolumeStorageIndices: Annotated[list[Uint], MaxLen(128)] = field(default_factory=list)
+
+
+@dataclass
+class ChangeVmVolumeStorageIndexRequest:
+    """
+    ChangeVmVolumeStorageIndex: move a volume of a stopped VM to the volume directory
+    with that storage index.
+    """
+
+    IpAddress: IPv4Text = ""
+    StorageIndex: Uint = 0
+    VolumeIndex: Uint = 0
+
+
+@dataclass
+class ListVolumeDirectoriesResponse:
+    """
+    ListVolumeDirectories (loopback callers only): the volume directories, by storage
+    index.
+    """
+
+    Directories: Annotated[list[PathText], MaxLen(1024)] = field(default_factory=list)
+    Error: MessageText = ""

@@ -21,6 +21,7 @@ Port 6976 speaks plain HTTP and HTTPS at once, and TLS asks for client certifica
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Optional
 
 from cryptography import x509
@@ -259,5 +260,22 @@ def peer_identity(transport: Any, trust: TrustStore) -> tuple[bool, Identity]:
     except CertificateRefused as e:
         transport._hypervisor_identity = e
         raise
+    if _from_loopback(transport):
+        identity = replace(identity, loopback=True)
     transport._hypervisor_identity = identity
     return True, identity
+
+
+def _from_loopback(transport: Any) -> bool:
+    """
+    Whether the peer's address is a loopback address (127.0.0.0/8, ::1).
+    """
+    import ipaddress
+
+    try:
+        host = transport.getPeer().host
+        address = ipaddress.ip_address(host)
+    except (AttributeError, ValueError):
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool((mapped or address).is_loopback)

@@ -706,27 +706,30 @@ class HostStatsTests(SynchronousTestCase):
         self.clock.advance(hoststats.REFRESH_INTERVAL * 3)
         self.assertEqual(stats.memory(), (4096, 7))
 
-    def test_reserve_round_robin_and_release(self) -> None:
+    def test_reserve_first_fit_and_release(self) -> None:
         """
-        Reservations take directories in turn and count against their free space
-        until released; a release of used space takes it off the cached figure.
+        Reservations take the first directory with room (the reference's placement
+        starts from the first directory for every request) and count against its free
+        space until released; a release of used space takes it off the cached figure.
         """
         stats = self.stats()
         for entry in stats.snapshot.directories:
             entry.on_root = False
         first = stats.reserve(4 * GiB)
-        second = stats.reserve(4 * GiB)
-        self.assertEqual({first, second}, {self.a, self.b})
+        self.assertEqual(first, self.a)
+        self.assertEqual(stats.reserve(4 * GiB), self.a)
         third = stats.reserve(6 * GiB)
-        self.assertEqual(third, first)
+        self.assertEqual(third, self.b)  # a has 2 GiB left
         error = self.assertRaises(InsufficientCapacity, stats.reserve, 7 * GiB)
-        self.assertIn("not enough storage", str(error))
+        self.assertIn("not enough free space", str(error))
+        self.assertIn(f"[0] {self.a}: 2 GiB usable", str(error))
         runner = DelayedRunner()
         stats.runner = runner
         stats.release(third, 6 * GiB, used=False)
         stats.release(first, 4 * GiB, used=True)
         self.assertEqual(stats.storage(first), (100 * GiB, 6 * GiB))
-        self.assertEqual(stats.reserve(6 * GiB), second)
+        # a: 6 GiB available, 4 GiB of it still reserved.
+        self.assertEqual(stats.reserve(6 * GiB), self.b)
 
     def test_root_keeps_one_gib(self) -> None:
         """
@@ -760,6 +763,7 @@ class HostStatsTests(SynchronousTestCase):
         stats.snapshot = Snapshot()
         error = self.assertRaises(InsufficientCapacity, stats.reserve, 1)
         self.assertIn("no volume directories", str(error))
+        stats.directories = ["/x"]
         stats.snapshot = Snapshot(directories=[DirectoryStats("/x", Error="gone")])
         error = self.assertRaises(InsufficientCapacity, stats.reserve, 1)
         self.assertIn("/x: gone", str(error))

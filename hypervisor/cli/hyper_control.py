@@ -322,13 +322,6 @@ async def get_capacity(t: Tool, args: list[str]) -> int:
     return 0
 
 
-async def list_subnets(t: Tool, args: list[str]) -> int:
-    """
-    Print the subnets, Go-indented.
-    """
-    hv = await t.hypervisor()
-    reply = await t.call(
-        hv, "Hypervisor.ListSubnets", model.ListSubnetsRequest(Sort=True), model.ListSubnetsResponse
 async def list_volume_directories(t: Tool, args: list[str]) -> int:
     """
     Print the volume directories, one per line (the daemon answers only callers on
@@ -343,6 +336,13 @@ async def list_volume_directories(t: Tool, args: list[str]) -> int:
     return 0
 
 
+async def list_subnets(t: Tool, args: list[str]) -> int:
+    """
+    Print the subnets, Go-indented.
+    """
+    hv = await t.hypervisor()
+    reply = await t.call(
+        hv, "Hypervisor.ListSubnets", model.ListSubnetsRequest(Sort=True), model.ListSubnetsResponse
     )
     for subnet in reply.Subnets:
         tool.show(subnet)
@@ -468,6 +468,7 @@ RUNNERS: dict[str, tool.Runner] = {
     "get-capacity": get_capacity,
     "get-updates": get_updates,
     "list-subnets": list_subnets,
+    "list-volume-directories": list_volume_directories,
     "netboot-machine": netboot_machine,
     "register-external-leases": register_external_leases,
     "remove-excess-addresses": remove_excess_addresses,
@@ -492,6 +493,7 @@ METHODS: dict[str, str] = {
     "get-capacity": "GetCapacity",
     "get-updates": "GetUpdates",
     "list-subnets": "ListSubnets",
+    "list-volume-directories": "ListVolumeDirectories",
     "netboot-machine": "NetbootMachine",
     "register-external-leases": "RegisterExternalLeases",
     "remove-excess-addresses": "ChangeAddressPool",
@@ -510,5 +512,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-    "list-volume-directories": list_volume_directories,
-    "list-volume-directories": "ListVolumeDirectories",

@@ -282,6 +282,14 @@ FLAGS: list[Flag] = tool.common_flags() + [
     ),
     # Ours:
     Flag(
+        "storageIndex",
+        "uint",
+        "0",
+        "change-vm-volume-storage-index: storage index (volume directory) to move"
+        " -volumeIndex to",
+        go=False,
+    ),
+    Flag(
         "kernelURL",
         "string",
         "",
@@ -368,6 +376,8 @@ COMMANDS: list[Command] = [
     _ip("change-vm-owner-groups", "changing VM owner groups", go=False),
     _ip("get-vm-create-request", "getting VM create request", go=False),
     Command("get-vm-infos", go=False, action="getting VM infos"),
+    _ip("change-vm-volume-storage-index", "changing VM volume storage index", go=False),
+    _ip("get-vm-volume-storage-configuration", "getting VM volume storage configuration", go=False),
 ]
 
 
@@ -528,6 +538,23 @@ async def get_vm_info(t: Tool, args: list[str]) -> int:
     Print the VmInfo, Go-indented.
     """
     show(await _vm_info(t, await t.hypervisor(args[0]), args[0]))
+    return 0
+
+
+async def get_vm_volume_storage_configuration(t: Tool, args: list[str]) -> int:
+    """
+    Print the volume directories' figures and the storage index of each of the VM's
+    volumes, Go-indented.
+    """
+    hv = await t.hypervisor(args[0])
+    show(
+        await t.call(
+            hv,
+            "Hypervisor.GetVmVolumeStorageConfiguration",
+            model.IpRequest(IpAddress=args[0]),
+            model.GetVmVolumeStorageConfigurationResponse,
+        )
+    )
     return 0
 
 
@@ -850,6 +877,13 @@ RUNNERS: dict[str, tool.Runner] = {
             IpAddress=ip, VolumeIndex=v["volumeIndex"], VolumeSize=v["volumeSize"]
         ),
     ),
+    "change-vm-volume-storage-index": _simple(
+        "Hypervisor.ChangeVmVolumeStorageIndex",
+        lambda v, ip: model.ChangeVmVolumeStorageIndexRequest(
+            IpAddress=ip, StorageIndex=v["storageIndex"], VolumeIndex=v["volumeIndex"]
+        ),
+    ),
+    "get-vm-volume-storage-configuration": get_vm_volume_storage_configuration,
     "delete-vm-volume": _simple(
         "Hypervisor.DeleteVmVolume",
         lambda v, ip: model.DeleteVmVolumeRequest(IpAddress=ip, VolumeIndex=v["volumeIndex"]),
@@ -968,6 +1002,8 @@ METHODS: dict[str, str] = {
     "discard-vm-old-user-data": "DiscardVmOldUserData",
     "discard-vm-snapshot": "DiscardVmSnapshot",
     "reorder-vm-volumes": "ReorderVmVolumes",
+    "change-vm-volume-storage-index": "ChangeVmVolumeStorageIndex",
+    "get-vm-volume-storage-configuration": "GetVmVolumeStorageConfiguration",
     "restore-vm-from-snapshot": "RestoreVmFromSnapshot",
     "restore-vm-image": "RestoreVmImage",
     "restore-vm-user-data": "RestoreVmUserData",

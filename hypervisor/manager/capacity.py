@@ -74,6 +74,13 @@ class Host:
         st = os.statvfs(directory)
         return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
+    def storage_free(self, directory: str) -> int:
+        """
+        Free bytes (to root) of the file system holding C{directory}.
+        """
+        st = os.statvfs(directory)
+        return st.f_bfree * st.f_frsize
+
 
 @dataclass
 class Usage:

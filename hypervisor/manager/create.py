@@ -343,9 +343,24 @@ class Creator:
                 ctx.settings.images_directory,
                 "InitrdURL",
             )
-        needed = root_size + sum(
-            v.Size for v in request.SecondaryVolumes if v.Type != VolumeType.MEMORY
-        )
+        # Persistent volumes are placed one by one (StorageIndices pin, SpreadVolumes
+        # spreads); memory volumes go to the tmpfs and are not counted here.
+        persistent = [0] + [
+            i + 1 for i, v in enumerate(request.SecondaryVolumes) if v.Type != VolumeType.MEMORY
+        ]
+        # The root's directory also holds the kernel and initrd of direct kernel boot.
+        beside_root = 0
+        for path in (kernel_path, initrd_path):
+            if path:
+                beside_root += yield ctx.runner.run(os.path.getsize, path)
+        sizes = [
+            root_size + beside_root if i == 0 else request.SecondaryVolumes[i - 1].Size
+            for i in persistent
+        ]
+        pins = [
+            request.StorageIndices[i] if i < len(request.StorageIndices) else None
+            for i in persistent
+        ]
         in_memory = sum(v.Size for v in request.SecondaryVolumes if v.Type == VolumeType.MEMORY)
         if in_memory:
             _, available = ctx.stats.memory()
@@ -354,18 +369,19 @@ class Creator:
                     f"memory volumes of {in_memory // MiB} MiB and {info.MemoryInMiB} MiB of "
                     f"VM memory do not fit in the {available} MiB available"
                 )
-        volume_directory = ctx.stats.reserve(needed)
+        chosen = ctx.stats.reserve_volumes(sizes, info.SpreadVolumes, pins)
+        directories = dict(zip(persistent, chosen))
         try:
             addresses = yield ctx.allocate_addresses([subnet] + secondary, info.Address.IpAddress)
         except BaseException:
-            ctx.stats.release(volume_directory, needed, used=False)
+            ctx.stats.release_volumes(chosen, sizes, used=False)
             raise
         vm = self._new_vm(
             identity,
             request,
             subnet.Id,
             addresses,
-            volume_directory,
+            directories,
             image_format,
             root_size,
             virtual_size,
@@ -374,7 +390,7 @@ class Creator:
         )
         ip = vm.ip
         if ip in ctx.table.vms:  # the pool prevents this
-            ctx.stats.release(volume_directory, needed, used=False)
+            ctx.stats.release_volumes(chosen, sizes, used=False)
             yield ctx.release_addresses(addresses)
             raise WrongState(f"VM {ip} exists already")
         ctx.table.add(vm)
@@ -385,7 +401,7 @@ class Creator:
             yield self._build(
                 vm, request, image_path, header, kernel_path, initrd_path, progress, upload, cached
             )
-            ctx.stats.release(volume_directory, needed, used=True)
+            ctx.stats.release_volumes(chosen, sizes, used=True)
             reserved = False
             if request.DoNotStart:
                 yield ctx.table.commit_state(vm, State.STOPPED)
@@ -394,7 +410,7 @@ class Creator:
                 yield self.lifecycle.start_domain(vm)
         except BaseException as e:
             if reserved:
-                ctx.stats.release(volume_directory, needed, used=False)
+                ctx.stats.release_volumes(chosen, sizes, used=False)
             yield self._undo(vm, e)
             raise
         finally:
@@ -422,7 +438,7 @@ class Creator:
         request: CreateVmRequest,
         subnet_id: str,
         addresses: list[Any],
-        volume_directory: str,
+        directories: dict[int, str],
         image_format: VolumeFormat,
         root_size: int,
         virtual_size: int,
@@ -453,7 +469,7 @@ class Creator:
         ]
         if image_format == VolumeFormat.QCOW2:
             new.Volumes[0].VirtualSize = virtual_size
-        vm_volume_dir = os.path.join(volume_directory, ip)
+        vm_volume_dir = os.path.join(directories[0], ip)
         memory_dir = os.path.join(ctx.settings.memory_volume_directory, ip)
         locations = [
             VolumeLocation(
@@ -461,7 +477,10 @@ class Creator:
             )
         ]
         for i, volume in enumerate(request.SecondaryVolumes):
-            where = memory_dir if volume.Type == VolumeType.MEMORY else vm_volume_dir
+            if volume.Type == VolumeType.MEMORY:
+                where = memory_dir
+            else:
+                where = os.path.join(directories[i + 1], ip)
             locations.append(
                 VolumeLocation(
                     DirectoryToCleanup=where, Filename=os.path.join(where, f"secondary-volume.{i}")
@@ -585,6 +604,13 @@ class Creator:
             }
             for directory in sorted(memory_dirs):
                 yield ctx.runner.run(images.ensure_tmpfs, os.path.dirname(directory))
+                yield ctx.runner.run(images.make_directories, directory)
+            other_dirs = {
+                os.path.dirname(location.Filename)
+                for volume, location in zip(vm.info.Volumes[1:], vm.local.VolumeLocations[1:])
+                if volume.Type != VolumeType.MEMORY
+            } - {volume_dir}
+            for directory in sorted(other_dirs):  # placed in other volume directories
                 yield ctx.runner.run(images.make_directories, directory)
             for volume, location in zip(vm.info.Volumes[1:], vm.local.VolumeLocations[1:]):
                 yield ctx.runner.run(images.make_thick, location.Filename, volume.Size)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -22,7 +22,9 @@ from twisted.logger import Logger
 
 from hypervisor.diskio import IBlockingRunner
 from hypervisor.errors import InsufficientCapacity
+from hypervisor.manager import placement
 from hypervisor.manager.capacity import IHost
+from hypervisor.model import StorageInfo
 
 REFRESH_INTERVAL = 2.0
 GiB = 1024**3
@@ -40,6 +42,7 @@ class DirectoryStats:
     Size: int = 0
     Available: int = 0
     Error: str = ""
+    Free: int = 0
     device: int = -1
     on_root: bool = False
     exists: bool = False
@@ -86,6 +89,8 @@ def read_snapshot(host: IHost, directories: list[str]) -> Snapshot:
             entry.device = os.stat(target).st_dev
             entry.on_root = entry.device == root_device
             entry.Size, entry.Available = host.storage(target)
+            free_of = getattr(host, "storage_free", None)
+            entry.Free = free_of(target) if free_of is not None else entry.Available
         except OSError as e:
             entry.Error = e.strerror or str(e)
         snapshot.directories.append(entry)
@@ -118,10 +123,11 @@ class HostStats:
         self.snapshot = Snapshot()
         self._cpus = host.num_cpus()
         self._reserved: dict[str, int] = {}
+        # (path, effective size) of every VM volume: set by the manager.
+        self.allocated: Callable[[], Iterable[tuple[str, int]]] = lambda: ()
         self._refreshing: Optional[Deferred[None]] = None
         self._refresh_again = False
         self._loop: Optional[LoopingCall] = None
-        self._next = 0
 
     # Refreshing ------------------------------------------------------------------
 
@@ -218,44 +224,82 @@ class HostStats:
             total += entry.Size
         return total
 
-    def usable(self, entry: DirectoryStats) -> int:
+    def usable(self) -> tuple[list[int], list[str]]:
         """
-        Bytes a new volume may take in this directory (1 GiB is kept free on the root
-        file system; reservations of creations in flight are subtracted).
-        """
-        keep = GiB if entry.on_root else 0
-        return entry.Available - keep - self._reserved.get(entry.Directory, 0)
-
-    def reserve(self, needed: int) -> str:
-        """
-        Pick a volume directory with room for C{needed} bytes (round-robin) and reserve
-        them there until L{release}.
-
-        @raise InsufficientCapacity: no directory has room (the message says how much
-            each lacks).
+        Bytes a new volume may take in each volume directory (by storage index:
+        L{placement.usable_bytes} less the reservations of operations in flight),
+        and per directory why its figures are unknown ("" when known).
         """
         entries = self.snapshot.directories
-        errors = []
-        n = len(entries)
-        for i in range(n):
-            entry = entries[(self._next + i) % n]
+        if [e.Directory for e in entries] != self.directories:
+            return [0] * len(self.directories), ["not read yet"] * len(self.directories)
+        allocated = placement.allocations(self.directories, self.allocated())
+        usable, problems = [], []
+        for index, entry in enumerate(entries):
             if entry.Error:
-                errors.append(f"{entry.Directory}: {entry.Error}")
+                usable.append(0)
+                problems.append(entry.Error)
                 continue
-            usable = self.usable(entry)
-            if needed > usable:
-                errors.append(
-                    f"not enough storage in {entry.Directory}: {needed // MiB} MiB "
-                    f"needed, {max(usable, 0) // MiB} MiB usable "
-                    f"({(needed - max(usable, 0)) // MiB + 1} MiB short)"
-                )
-                continue
-            self._next = (self._next + i + 1) % n
-            self._reserved[entry.Directory] = self._reserved.get(entry.Directory, 0) + needed
-            return entry.Directory
-        if not errors:
-            raise InsufficientCapacity("no volume directories are configured")
-        raise InsufficientCapacity("; ".join(errors))
+            room = placement.usable_bytes(
+                entry.Size, entry.Available, allocated.get(index, 0), entry.on_root
+            )
+            usable.append(max(0, room - self._reserved.get(entry.Directory, 0)))
+            problems.append("")
+        return usable, problems
+
+    def storage_infos(self, snapshot: Optional[Snapshot] = None) -> list[StorageInfo]:
+        """
+        Each volume directory's figures, by storage index (GetVmVolumeStorageConfiguration),
+        from C{snapshot} (a fresh L{read_snapshot}) or the cached figures.
+        """
+        allocated = placement.allocations(self.directories, self.allocated())
+        return [
+            placement.storage_info(e.Size, e.Free, e.Available, allocated.get(i, 0), e.on_root)
+            for i, e in enumerate((snapshot or self.snapshot).directories)
+        ]
+
+    def read(self) -> "Deferred[Snapshot]":
+        """
+        Read the figures now on the runner (not cached: for a reply that must be
+        current whatever refresh is in flight).
+        """
+        return self.runner.run(read_snapshot, self.host, self.directories)
+
+    def reserve_volumes(
+        self,
+        sizes: Sequence[int],
+        spread: bool = False,
+        indices: Sequence[Optional[int]] = (),
+    ) -> list[str]:
+        """
+        A volume directory for each volume size (L{placement.place}: C{StorageIndices}
+        pin, else the first with room, moving on after each with C{SpreadVolumes}),
+        the bytes reserved there until L{release_volumes}.
+
+        @raise InsufficientCapacity: a volume fits nowhere (the message says what
+            each directory can take).
+        @raise InvalidRequest: a storage index that does not exist.
+        """
+        usable, problems = self.usable()
+        chosen = placement.place(self.directories, usable, sizes, spread, indices, problems)
+        out = [self.directories[i] for i in chosen]
+        for directory, size in zip(out, sizes):
+            self._reserved[directory] = self._reserved.get(directory, 0) + size
+        return out
+
+    def release_volumes(self, directories: Sequence[str], sizes: Sequence[int], used: bool) -> None:
+        """
+        L{release} each reservation of L{reserve_volumes}.
+        """
+        for directory, size in zip(directories, sizes):
+            self.release(directory, size, used)
+
+    def reserve(self, needed: int, index: Optional[int] = None) -> str:
+        """
+        Reserve C{needed} bytes in one volume directory (the one with storage index
+        C{index} when given, else the first with room) until L{release}.
+        """
+        return self.reserve_volumes([needed], indices=() if index is None else [index])[0]
 
     def release(self, directory: str, amount: int, used: bool) -> None:
         """

@@ -468,25 +468,25 @@ class Manager(MultiService):
         (L{hypervisor.manager.volumeops.scan_storage}); blocking, at start only.
         """
         from hypervisor import codec
+        from hypervisor.manager.storage import recover_moves
         from hypervisor.manager.volumeops import scan_storage
         from hypervisor.store import atomic_write
 
         for vm in list(self.table.vms.values()):
             try:
+                for sentence in recover_moves(vm, self.volume_directories):
+                    self.log.warn("VM {ip}: {s}", ip=vm.ip, s=sentence)
                 done = scan_storage(vm)
                 if done:
                     vm.changed()
                     atomic_write(self.table.info_path(vm), codec.encode(vm.local, indent=4))
             except OSError as e:
                 self.log.error("VM {ip}: scanning its volumes failed: {e}", ip=vm.ip, e=e)
-        from hypervisor.manager.storage import recover_moves
                 continue
             for sentence in done:
                 self.log.warn("VM {ip}: {s}", ip=vm.ip, s=sentence)
 
     def startService(self) -> None:
-                for sentence in recover_moves(vm, self.volume_directories):
-                    self.log.warn("VM {ip}: {s}", ip=vm.ip, s=sentence)
         """
         Start the disk threads, the host figures' refresh, and the acknowledgement
         timers of VMs that were awaiting theirs when the daemon stopped.

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 
 from hypervisor.auth import Identity
 from hypervisor.errors import InvalidRequest, NotFound, WrongState
-from hypervisor.manager import images
+from hypervisor.manager import images, placement
 from hypervisor.manager.context import ManagerContext
 from hypervisor.manager.lifecycle import Lifecycle
 from hypervisor.manager.vm import Vm
@@ -240,8 +240,9 @@ class VolumeOps:
 
     def add_vm_volumes(self, identity: Identity, ip: str, sizes: list[int]) -> Any:
         """
-        AddVmVolumes: new thick raw secondary volumes of the given sizes, placed in a
-        volume directory with room for all of them.
+        AddVmVolumes: new thick raw secondary volumes of the given sizes, each placed
+        in a volume directory with room for it (spread over the directories when the
+        VM has C{SpreadVolumes}).
         """
         if not sizes:
             raise InvalidRequest("VolumeSizes is empty")
@@ -253,16 +254,15 @@ class VolumeOps:
             ctx = self.ctx
             if len(vm.info.Volumes) + len(sizes) > MAX_VOLUMES:
                 raise InvalidRequest(f"a VM has at most {MAX_VOLUMES} volumes")
-            needed = sum(sizes)
-            directory = ctx.stats.reserve(needed)
-            vm_dir = os.path.join(directory, ip)
+            directories = ctx.stats.reserve_volumes(sizes, vm.info.SpreadVolumes)
             used_names = {os.path.basename(loc.Filename) for loc in vm.local.VolumeLocations}
             new = ctx.table.copy(vm)
             made: list[str] = []
             try:
-                yield ctx.runner.run(os.makedirs, vm_dir, 0o755, True)
                 n = 0
-                for size in sizes:
+                for size, directory in zip(sizes, directories):
+                    vm_dir = os.path.join(directory, ip)
+                    yield ctx.runner.run(os.makedirs, vm_dir, 0o755, True)
                     while f"secondary-volume.{n}" in used_names:
                         n += 1
                     used_names.add(f"secondary-volume.{n}")
@@ -277,11 +277,11 @@ class VolumeOps:
                     )
                 yield ctx.table.commit(vm, new)
             except BaseException:
-                ctx.stats.release(directory, needed, used=False)
+                ctx.stats.release_volumes(directories, sizes, used=False)
                 for path in made:
                     yield ctx.runner.run(images.remove_file, path)
                 raise
-            ctx.stats.release(directory, needed, used=True)
+            ctx.stats.release_volumes(directories, sizes, used=True)
 
         return self._run(identity, ip, "AddVmVolumes", add)
 
@@ -337,7 +337,11 @@ class VolumeOps:
             new = ctx.table.copy(vm)
             if size > volume.Size:
                 extra = size - volume.Size
-                directory = ctx.stats.reserve(extra)
+                # Room is needed where the volume is (any directory for a volume
+                # outside them, e.g. on the memory volumes' tmpfs).
+                directory = ctx.stats.reserve(
+                    extra, placement.storage_index(ctx.stats.directories, path)
+                )
                 try:
                     yield ctx.runner.run(images.make_thick, path, size)
                     new.VmInfo.Volumes[index].Size = size
