@@ -146,8 +146,10 @@ class Consoles:
 
 
 def _no_device(what: str, error: BaseException) -> str:
-    reason = getattr(error, "osError", None) or error
-    if isinstance(reason, OSError) and reason.errno in (errno.ENOENT, errno.ECONNREFUSED):
+    code = getattr(error, "osError", None)  # Twisted's ConnectError: the errno
+    if isinstance(error, OSError):
+        code = error.errno
+    if code in (errno.ENOENT, errno.ECONNREFUSED):
         return (
             f"no {what} device for VM (its socket is missing: a VM started before this "
             "hypervisor served consoles needs a stop and start)"

@@ -65,7 +65,7 @@ from twisted.python.failure import Failure
 from twisted.spread import pb
 from zope.interface import implementer
 
-from hypervisor.api import METHODS, PROGRESS, UPDATES, encode_reply, raw_of
+from hypervisor.api import METHODS, PROGRESS, RAW, UPDATES, encode_reply, raw_of
 from hypervisor.auth import CertificateRefused, Identity, Unauthenticated
 from hypervisor.dispatch import Call, Dispatcher
 from hypervisor.errors import HypervisorError, InvalidRequest, Unavailable
@@ -445,6 +445,10 @@ class SessionRoot(pb.Referenceable):
             call = self.dispatcher.admit(name, identity, True, transport="pb")
         except HypervisorError as e:
             raise _fail(e.status, str(e))
+        if call.spec.kind == RAW:
+            message = f"{name} (a console) is served over SRPC and the HTTPS WebSocket, not PB"
+            status, message = self.dispatcher.classify(call, Failure(InvalidRequest(message)))
+            raise _fail(status, message)
         try:
             try:
                 data = join(request)
