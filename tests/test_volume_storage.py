@@ -297,14 +297,15 @@ class VolumeStorageRealTests(TestCase):
 
         free = [a.IpAddress for a in self.manager.pool.free]
         before = self.listing()
-        for error, fields, text in [
+        cases: list[tuple[Any, dict[str, Any], str]] = [
             (
                 errors.InsufficientCapacity,
                 {"StorageIndices": [0], "MinimumFreeBytes": 100 * MiB},
                 "storage[0]",
             ),
             (errors.InvalidRequest, {"StorageIndices": [5]}, "storage index 5 does not exist"),
-        ]:
+        ]
+        for error, fields, text in cases:
             message = await self.refused(error, lambda: self.create(**fields))
             self.assertIn(text, message)
             self.assertEqual(self.listing(), before)
