@@ -72,6 +72,7 @@ from hypervisor.diskio import IBlockingRunner
 log = Logger()
 
 KEY_TYPE = "ED25519-V3"
+ONION_DIRECTORY = "onion"
 DEFAULT_ONION_PORT = 8787
 RETRY_FIRST = 5.0
 RETRY_MAX = 300.0
@@ -191,6 +192,14 @@ def load_or_create_key(directory: str, name: str = "pb") -> tuple[OnionKey, bool
     body = json.dumps({"Key": key.blob, "Address": key.address}, indent=2) + "\n"
     store.atomic_write(path, body.encode("ascii"), mode=0o600)
     return key, True
+
+
+def state_key(state_dir: str) -> OnionKey:
+    """
+    The PB onion key of the daemon whose state directory is C{state_dir} (made if
+    missing): for C{hypervisor onion-address} and C{hypervisor -pbOnion make-certs}.
+    """
+    return load_or_create_key(os.path.join(state_dir, ONION_DIRECTORY))[0]
 
 
 def parse_reply(lines: str) -> dict[str, str]:
@@ -627,11 +636,16 @@ class _TorProcess(ProcessProtocol):
         return d
 
 
-def make_onion_service(options: Any, pb_service: Any, runner: IBlockingRunner, reactor: Any) -> Any:
+def make_onion_service(
+    options: Any, pb_service: Callable[[], Any], runner: IBlockingRunner, reactor: Any
+) -> OnionService:
     """
     The C{onion} service for C{-pbOnion}: the PB factory of L{hypervisor.pb.server}
     (sharing the C{pb} service's dispatcher, TLS, admin surface and sessions) on a
     loopback listener, published through C{-torControl}'s tor or one launched.
+
+    @param pb_service: returns the C{pb} service (called at start, so that this
+        service can be made before it, e.g. for the status pages).
     """
     from hypervisor.pb.server import LIMITS, make_pb_factory
 
@@ -640,12 +654,13 @@ def make_onion_service(options: Any, pb_service: Any, runner: IBlockingRunner, r
     limits = dataclasses.replace(LIMITS, max_idle_per_source=LIMITS.max_idle_total)
 
     def factory() -> Any:
+        pb = pb_service()
         return make_pb_factory(
-            pb_service.dispatcher,
-            pb_service.tls,
+            pb.dispatcher,
+            pb.tls,
             reactor,
-            admin=pb_service.admin,
-            sessions=pb_service.sessions,
+            admin=pb.admin,
+            sessions=pb.sessions,
             transport="pb-onion",
             limits=limits,
         ).factory
@@ -654,7 +669,7 @@ def make_onion_service(options: Any, pb_service: Any, runner: IBlockingRunner, r
     return OnionService(
         reactor,
         runner,
-        os.path.join(state_dir, "onion"),
+        os.path.join(state_dir, ONION_DIRECTORY),
         factory,
         onion_port=options["pbPortNum"] or DEFAULT_ONION_PORT,
         control=options["torControl"],

@@ -166,6 +166,15 @@ PARAMETERS: list[tuple[str, str, Callable[[str], Any], str]] = [
         "certificate; hyper-control -transport pb, hypervisor.client; 0: none)",
     ),
     (
+        "torControl",
+        "",
+        str,
+        f"{SECTION_OURS} with -pbOnion: the control port of a tor you run on this host, as a "
+        "Twisted client endpoint string (unix:/run/tor/control, tcp:127.0.0.1:9051; cookie "
+        "authentication); empty: the daemon launches its own tor (DataDirectory "
+        "<stateDir>/tor), which needs to reach the Tor network",
+    ),
+    (
         "tftpMaxBlockSize",
         "65464",
         _tftp_block_size,
@@ -320,6 +329,12 @@ BOOLEANS: list[tuple[str, str]] = [
         "If true, allow unauthenticated reads of VM and capacity information",
     ),
     ("dhcpServerOnBridgesOnly", "If true, run the DHCP server on bridge interfaces only"),
+    (
+        "pbOnion",
+        f"{SECTION_OURS} If true, also publish the Perspective Broker service as a Tor onion "
+        "service (key in <stateDir>/onion: a stable address; port -pbPortNum, or 8787; "
+        "client certificates still decide access; see -torControl)",
+    ),
     ("showVGA", "If true, show VGA console"),
     (
         "addHypervisorSubnet",

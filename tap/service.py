@@ -4,7 +4,7 @@ The daemon's service tree: L{makeService} builds a C{MultiService} of named chil
 each from a small factory so a test can build one alone.
 
 Children, in start order (stop runs in reverse): C{logging}, C{libvirt}, C{manager},
-C{dhcp}, C{tftp}, C{web}, C{pb}, C{metadata}, C{control}.
+C{dhcp}, C{tftp}, C{web}, C{pb}, C{onion} (with C{-pbOnion}), C{metadata}, C{control}.
 """
 
 from __future__ import annotations
@@ -232,6 +232,7 @@ def _make_web_service(
     dhcp: Optional[Any] = None,
     tftp: Optional[Any] = None,
     tls: Optional[Any] = None,
+    onion: Optional[Any] = None,
 ) -> Any:
     from hypervisor.netguard import guard_factory
     from hypervisor.srpc.protocol import SrpcFactory
@@ -261,6 +262,7 @@ def _make_web_service(
             log_dir=options["logDir"],
             dhcp=dhcp,
             tftp=tftp,
+            onion=onion,
         )
 
     from web.console import routes as console_routes
@@ -395,6 +397,15 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         trust,
         _tls_options(options, trust),
     )
+    onion = None
+    if options["pbOnion"]:
+        # -pbOnion: the pb service also published as a Tor onion service (made before
+        # the web service, whose status page shows it; it finds pb when it starts).
+        from hypervisor.onion import make_onion_service
+
+        onion = make_onion_service(
+            options, lambda: top.getServiceNamed("pb"), manager.runner, reactor
+        )
     web = _make_web_service(
         options,
         manager,
@@ -407,9 +418,12 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> service.Mult
         dhcp=dhcp,
         tftp=tftp,
         tls=tls,
+        onion=onion,
     )
     named.append(("web", web))
     named.append(("pb", _make_pb_service(options, manager, dispatcher, tls, reactor)))
+    if onion is not None:
+        named.append(("onion", onion))
     named.append(
         ("metadata", _make_metadata_service(options, manager, reactor, metrics, web, metadata))
     )

@@ -345,12 +345,18 @@ class TorNetwork:
             role += "SocksPort 0\n"
             self._spawn(self._node(f"relay{i}", role, os.path.join(self.keys, f"relay{i}")))
 
-    def add_client(self, name: str, socks: bool = True, extra: str = "") -> Node:
+    def add_client(
+        self, name: str, socks: bool = True, extra: str = "", socks_port: int = 0
+    ) -> Node:
         """
         Start a client tor C{name} with a control socket (cookie authentication) and,
-        if C{socks}, a SOCKS port on 127.0.0.1 (L{Node.socks_port}).
+        if C{socks}, a SOCKS port on 127.0.0.1 (L{Node.socks_port}: C{socks_port}, or
+        one of ours).
         """
-        socks_port = SOCKS_BASE + len(self.nodes) if socks else 0
+        if socks and not socks_port:
+            socks_port = SOCKS_BASE + len(self.nodes)
+        if not socks:
+            socks_port = 0
         role = (
             f"SocksPort {'127.0.0.1:%d' % socks_port if socks else '0'}\n"
             f"ControlPort unix:{os.path.join(self.dir, name, 'control.sock')}\n"

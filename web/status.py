@@ -527,8 +527,10 @@ class StatusPages:
         log_dir: str = "",
         dhcp: Optional[Any] = None,
         tftp: Optional[Any] = None,
+        onion: Optional[Any] = None,
     ) -> None:
         self.manager = manager
+        self.onion = onion
         self.libvirt = libvirt
         self.dhcp = dhcp
         self.tftp = tftp
@@ -722,6 +724,7 @@ class StatusPages:
             volume_directories=report.volume_directories(m.volume_directories, m.host),
             owners=sorted(m.owner_users) + [f"group {g}" for g in sorted(m.owner_groups)],
             tftp=self.tftp.status() if self.tftp is not None else None,
+            onion=self.onion.status() if self.onion is not None else None,
         )
 
     @app.route("/listVMs", branch=False)

@@ -65,6 +65,14 @@ class RepairOptions(_NoFlags):
     synopsis = "repair-vm-volume-allocations"
 
 
+class OnionAddressOptions(_NoFlags):
+    """
+    C{hypervisor onion-address}.
+    """
+
+    synopsis = "onion-address"
+
+
 class MakeCertsOptions(usage.Options):
     """
     C{hypervisor make-certs}: the CA, the daemon's certificate, user certificates.
@@ -170,6 +178,12 @@ class HypervisorCommand(Options):
             ServeImagesOptions,
             "Serve DIR's images over HTTPS by name (GET /images/<name>) for ImageName",
         ],
+        [
+            "onion-address",
+            None,
+            OnionAddressOptions,
+            "Print the onion address of -pbOnion (its key in <stateDir>/onion, made if missing)",
+        ],
     ]
     defaultSubCommand = "run"
 
@@ -218,6 +232,11 @@ def make_certs(options: Options, sub: usage.Options) -> int:
         names = certs.default_server_names() + [
             n.strip() for n in sub["hostnames"].split(",") if n.strip()
         ]
+        if options["pbOnion"]:
+            # Clients reaching PB over Tor verify the certificate for the onion address.
+            from hypervisor.onion import state_key
+
+            names.append(state_key(options["stateDir"]).address)
         key, cert = certs.make_certificate(ca_key, ca_cert, names[0], server_names=names, days=days)
         certs.write_pair(options["certFile"], options["keyFile"], key, cert)
         print(f"created the daemon's certificate {options['certFile']} for " f"{', '.join(names)}")
@@ -303,6 +322,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if command == "make-certs":
         return make_certs(options, options.subOptions)
+    if command == "onion-address":
+        from hypervisor.onion import OnionKeyError, state_key
+
+        try:
+            print(state_key(options["stateDir"]).address)
+        except (OSError, OnionKeyError) as e:
+            print(f"hypervisor onion-address: {e}", file=sys.stderr)
+            return 1
+        return 0
     if command == "serve-images":
         from hypervisor.imageserver import serve
 
