@@ -885,9 +885,9 @@ class DiscardVmSnapshotRequest:
 @dataclass
 class ReplaceVmImageRequest:
     """
-    ReplaceVmImage: a new root from C{ImageURL} or from C{ImageDataSize} bytes that
-    follow the request. C{ImageName}, C{OverlayFiles} and C{SkipBootloader} are kept
-    for the Go client's sake; C{ImageName} is refused (no image server yet).
+    ReplaceVmImage: a new root from C{ImageName}, C{ImageURL} or C{ImageDataSize} bytes
+    that follow the request. C{SkipBootloader}, C{PreDelete} and C{OverlayFiles} (which
+    the reference applies to its file-system images) are refused when set.
     """
 
     DhcpTimeout: Duration = Duration(0)

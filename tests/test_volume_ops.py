@@ -214,6 +214,23 @@ class VolumeOpsTests(ManagerTestCase):
         )
         self.assertIn("SkipBackup", str(e))
         self.assertEqual(self.files(ip), ["root"])
+        # What the reference does for its file-system images is refused, not ignored.
+        before = self.on_disk(ip)
+        for fields, words in [
+            ({"SkipBootloader": True}, "SkipBootloader"),
+            ({"PreDelete": True}, "PreDelete"),
+            ({"OverlayFiles": {"/etc/motd": b"hi"}}, "OverlayFiles"),
+        ]:
+            e = await self.raises(
+                errors.InvalidRequest,
+                self.api.ReplaceVmImage,
+                ALICE,
+                ReplaceVmImageRequest(IpAddress=ip, ImageURL=url, SkipBackup=True, **fields),
+            )
+            self.assertIn(words, str(e))
+            self.assertIn("not supported", str(e))
+            self.assertEqual(self.on_disk(ip), before)
+            self.assertEqual(self.files(ip), ["root"])
         await self.api.StartVm(ALICE, StartVmRequest(IpAddress=ip))
         messages: list[str] = []
         response = await self.api.ReplaceVmImage(

@@ -557,6 +557,24 @@ class VolumeOps:
             raise InvalidRequest("ImageURL: only file://, http:// and https:// URLs")
         if request.RoundupPower > 40:
             raise InvalidRequest("RoundupPower must be at most 40")
+        # The reference acts on these for its file-system images (ImageName from its own
+        # image server): refused rather than ignored, since the root here is a disk image.
+        if request.SkipBootloader:
+            raise InvalidRequest(
+                "SkipBootloader (boot the image's kernel directly) is not supported: this "
+                "hypervisor does not take a kernel out of a disk image; leave it unset "
+                "(CreateVm's KernelURL and InitrdURL boot a kernel directly)"
+            )
+        if request.PreDelete:
+            raise InvalidRequest(
+                "PreDelete (delete the VM's files that the new image lacks) is not "
+                "supported: the new image replaces the whole root disk here; leave it unset"
+            )
+        if request.OverlayFiles:
+            raise InvalidRequest(
+                "OverlayFiles are not supported: files cannot be written into a disk "
+                "image here; leave OverlayFiles empty"
+            )
 
         @inlineCallbacks
         def replace(vm: Vm) -> Any:
@@ -564,8 +582,6 @@ class VolumeOps:
             was_running = vm.info.State == State.RUNNING
             if vm.info.State not in (State.STOPPED, State.RUNNING):
                 raise WrongState(f"VM {ip} is {vm.info.State.value}")
-            if request.PreDelete and was_running:
-                raise WrongState("PreDelete needs a stopped VM")
             if was_running:
                 ctx.require_libvirt()
             root = vm.local.VolumeLocations[0].Filename
