@@ -469,7 +469,6 @@ class OnionService(service.Service):
         import txtorcon
         from twisted.internet.endpoints import UNIXClientEndpoint
 
-        binary = self.tor_binary or shutil.which("tor") or "/usr/sbin/tor"
         directory = self.tor_data_directory
         control = os.path.join(directory, "control.sock")
         torrc = os.path.join(directory, "torrc")
@@ -478,7 +477,9 @@ class OnionService(service.Service):
             "CookieAuthentication 1\nSocksPort 0\nLog notice stdout\n"
             f"__OwningControllerProcess {os.getpid()}\n" + self.tor_config
         )
-        await self.runner.run(_prepare_tor_directory, directory, torrc, text, control)
+        binary = await self.runner.run(
+            _prepare_tor_directory, directory, torrc, text, control, self.tor_binary
+        )
         process = _TorProcess()
         self._process = process
         process.transport = self.reactor.spawnProcess(
@@ -561,11 +562,18 @@ class OnionService(service.Service):
             self.error = "a descriptor upload failed (tor tries other HSDirs)"
 
 
-def _prepare_tor_directory(directory: str, torrc: str, text: str, control: str) -> None:
+def _prepare_tor_directory(
+    directory: str, torrc: str, text: str, control: str, binary: Optional[str]
+) -> str:
     """
     The launched tor's DataDirectory (0700, as tor demands), its torrc, and no stale
-    control socket.
+    control socket; return the tor binary to run (C{binary}, or C{tor} on C{PATH}).
+
+    @raise OSError: no tor binary.
     """
+    found = binary or shutil.which("tor")
+    if not found:
+        raise OSError("no tor binary on PATH (Debian: apt-get install tor)")
     os.makedirs(directory, mode=0o700, exist_ok=True)
     os.chmod(directory, 0o700)
     store.atomic_write(torrc, text.encode("utf-8"), mode=0o600)
@@ -573,6 +581,7 @@ def _prepare_tor_directory(directory: str, torrc: str, text: str, control: str) 
         os.unlink(control)
     except FileNotFoundError:
         pass
+    return found
 
 
 class _TorProcess(ProcessProtocol):

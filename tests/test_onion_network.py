@@ -29,6 +29,7 @@ from twisted.trial.unittest import TestCase
 from tests import support, tornet
 
 SUBNET = ("onionnet", "10.96.0.1", "255.255.255.0", "10.96.0.1")
+OTHER_SOCKS = 9111
 
 
 class WorldDaemon(support.Daemon):
@@ -106,7 +107,9 @@ class OnionNetworkTests(TestCase):
         # The operator's tor (control socket, cookie) and a client tor with Debian's
         # default SOCKS port, 9050.
         self.hs = self.network.add_client("hs", socks=False)
-        self.client_tor = self.network.add_client("client", socks_port=9050)
+        self.client_tor = self.network.add_client(
+            "client", socks_port=9050, extra=f"SocksPort 127.0.0.1:{OTHER_SOCKS}\n"
+        )
         self.d = WorldDaemon(
             self,
             self.world,
@@ -162,9 +165,12 @@ class OnionNetworkTests(TestCase):
         self.assertEqual(stranger.returncode, 0, stranger.stderr)
         self.other = other
 
-    def hyper(self, cert_directory: str, *args: str) -> subprocess.CompletedProcess[str]:
+    def hyper(
+        self, cert_directory: str, *args: str, endpoint: str = ""
+    ) -> subprocess.CompletedProcess[str]:
         """
-        hyper-control over PB through Tor, inside the namespace.
+        hyper-control over PB through Tor, inside the namespace (to C{endpoint}, by
+        default C{tor:ADDRESS:8787}, which uses SOCKS port 9050).
         """
         return subprocess.run(
             self.world.prefix()
@@ -175,7 +181,7 @@ class OnionNetworkTests(TestCase):
                 f"-certDirectory={cert_directory}",
                 f"-CAfile={self.pki}/CA.pem",
                 "-transport=pb",
-                f"-pbEndpoint=tor:{self.address}:8787",
+                f"-pbEndpoint={endpoint or f'tor:{self.address}:8787'}",
                 *args,
             ],
             cwd=support.REPO,
@@ -224,6 +230,15 @@ class OnionNetworkTests(TestCase):
         added = self.hyper(f"{self.pki}/admin", "add-subnet", *SUBNET)
         self.assertEqual(added.returncode, 0, added.stderr + added.stdout)
         self.assertIn('"Id": "onionnet"', self.until_reachable())
+        # A tor whose SOCKS port is not the default one: named in the endpoint string.
+        explicit = self.hyper(
+            f"{self.pki}/admin",
+            "list-subnets",
+            endpoint=f"tor:host={self.address}:port=8787:socksHostname=127.0.0.1"
+            f":socksPort={OTHER_SOCKS}",
+        )
+        self.assertEqual(explicit.returncode, 0, explicit.stderr)
+        self.assertIn('"Id": "onionnet"', explicit.stdout)
 
         refused = self.hyper(f"{self.other}/stranger", "list-subnets")
         self.assertNotEqual(refused.returncode, 0, refused.stdout)
