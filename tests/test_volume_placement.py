@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
+from typing import Optional
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -395,3 +397,26 @@ class RecoverMovesTests(SynchronousTestCase):
         recover_moves(self.vm(0, 0, 0), self.dirs)
         self.assertEqual(self.names(0), ["notes.txt", "root", "secondary-volume.0"])
         self.assertEqual(self.names(1), ["secondary-volume.0", "secondary-volume.1"])
+
+
+class SinglePartitionTests(SynchronousTestCase):
+    """
+    L{growfs.single_partition} on tables made by the real C{sfdisk}: only a DOS table
+    with exactly one partition counts (the reference's C{grow2fs} rule).
+    """
+
+    def table(self, script: str) -> Optional[tuple[int, int]]:
+        from hypervisor.manager import growfs
+
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.truncate(64 * MiB)
+        if script:
+            subprocess.run(["sfdisk", "-q", path], input=script, text=True, check=True)
+        return growfs.single_partition(path)
+
+    def test_tables(self) -> None:
+        self.assertEqual(self.table("label: dos\n2048,,83\n"), (MiB, 63 * MiB))
+        self.assertIsNone(self.table(""))
+        self.assertIsNone(self.table("label: dos\n2048,20480,83\n,,83\n"))
+        self.assertIsNone(self.table("label: gpt\n,,L\n"))

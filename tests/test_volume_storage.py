@@ -27,6 +27,7 @@ from hypervisor.manager.manager import Manager
 from hypervisor.model import (
     AccessRequest,
     AddVmVolumesRequest,
+    ChangeVmVolumeSizeRequest,
     ChangeVmVolumeStorageIndexRequest,
     CreateVmRequest,
     IpRequest,
@@ -335,3 +336,57 @@ class VolumeStorageRealTests(TestCase):
         self.assertEqual(reply.Directories, [self.big, self.small])
         e = self.assertRaises(errors.AccessDenied, self.api.ListVolumeDirectories, ALICE, Empty())
         self.assertEqual(str(e), "local connection required")
+
+    async def test_growing_a_volume_grows_its_file_system(self) -> None:
+        """
+        ChangeVmVolumeSize grows the ext4 file system on a whole volume, and extends
+        the single partition of a partitioned volume and grows the file system in it
+        (checked by e2fsck, the partition table and the superblock); a volume of zeros
+        just grows; the VM then runs with them on the real libvirtd.
+        """
+        await self.start([self.big])
+        ip = await self.create(
+            SecondaryVolumes=[Volume(Size=16 * MiB), Volume(Size=16 * MiB), Volume(Size=8 * MiB)]
+        )
+        whole = os.path.join(self.big, ip, "secondary-volume.0")
+        parted = os.path.join(self.big, ip, "secondary-volume.1")
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "whole", whole], check=True)
+        subprocess.run(
+            ["sfdisk", "-q", parted], input="label: dos\n2048,,83\n", text=True, check=True
+        )
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-E", f"offset={MiB}", parted, str(15 * MiB // 1024)],
+            check=True,
+        )
+        for index in (1, 2, 3):
+            await self.api.ChangeVmVolumeSize(
+                ALICE, ChangeVmVolumeSizeRequest(ip, VolumeIndex=index, VolumeSize=48 * MiB)
+            )
+        self.assertEqual(ext_size(whole, 0), 48 * MiB)
+        subprocess.run(["e2fsck", "-f", "-n", whole], check=True, capture_output=True)
+        table = json.loads(
+            subprocess.run(["sfdisk", "-J", parted], capture_output=True, text=True).stdout
+        )
+        [partition] = table["partitiontable"]["partitions"]
+        self.assertEqual((partition["start"], partition["size"]), (2048, (48 * MiB - MiB) // 512))
+        self.assertEqual(ext_size(parted, MiB), 47 * MiB)
+        self.assertEqual(
+            os.path.getsize(os.path.join(self.big, ip, "secondary-volume.2")), 48 * MiB
+        )
+        self.assertEqual([v.Size for v in self.manager.vms[ip].info.Volumes[1:]], [48 * MiB] * 3)
+        await self.api.StartVm(ALICE, StartVmRequest(IpAddress=ip))
+        self.assertEqual(self.manager.vms[ip].info.State, State.RUNNING)
+        await self.api.DestroyVm(ALICE, AccessRequest(IpAddress=ip))
+
+
+def ext_size(path: str, offset: int) -> int:
+    """
+    The size of the ext file system at C{offset} in C{path}, from its superblock.
+    """
+    import struct
+
+    with open(path, "rb") as f:
+        f.seek(offset + 1024)
+        block = f.read(1024)
+    blocks, log = struct.unpack_from("<I", block, 4)[0], struct.unpack_from("<I", block, 24)[0]
+    return int(blocks * (1024 << log))

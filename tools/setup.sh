@@ -9,8 +9,9 @@ set -eu
 cd "$(dirname "$0")/.."
 
 packages="libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils libvirt-dev pkg-config
-gcc python3-dev python3-venv curl nftables"
+gcc python3-dev python3-venv curl nftables e2fsprogs fdisk"
 # nftables: the metadata server's bridge rule (a table of its own).
+# e2fsprogs, fdisk (sfdisk): ChangeVmVolumeSize grows the file system in a volume.
 extra=""
 if [ "${1:-}" = "--test" ]; then
   # openssl: real TLS client in tests; procps: pgrep for libvirtd restarts;

@@ -314,7 +314,8 @@ class VolumeOps:
     def change_vm_volume_size(self, identity: Identity, ip: str, index: int, size: int) -> Any:
         """
         ChangeVmVolumeSize: raw volumes only. Growing allocates the new blocks
-        (thick). Shrinking is done only when nothing but zeros lies beyond the new
+        (thick), then grows the ext file system in the volume (or in its single DOS
+        partition, extended first) as the reference does (L{growfs}). Shrinking is done only when nothing but zeros lies beyond the new
         size (the reference shrinks the file system first with resize2fs, which
         this hypervisor does not do: it refuses rather than cut data).
         """
@@ -351,6 +352,18 @@ class VolumeOps:
                     yield ctx.runner.run(_shrink, path, volume.Size)
                     raise
                 ctx.stats.release(directory, extra, used=True)
+                # As the reference: then grow the file system in it (the volume has
+                # grown whatever happens; a failure here is reported, not undone).
+                from hypervisor.manager.growfs import grow_file_system
+
+                done = yield ctx.runner.run(grow_file_system, path)
+                self.log.info(
+                    "VM {ip} volume {i} grown to {size}: {done}",
+                    ip=ip,
+                    i=index,
+                    size=size,
+                    done=done,
+                )
                 return
             data = yield ctx.runner.run(_data_after, path, size)
             if data is not None:
