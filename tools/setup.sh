@@ -28,6 +28,8 @@ if [ "${1:-}" = "--test" ]; then
   # tor (with tor-gencert): the onion-service tests run a private Tor network on loopback
   # (tests/tornet.py); an operator using -pbOnion installs tor the same way.
   packages="$packages tor"
+  # iputils-ping: the migration tests ping the guest while it moves; rsync: bench/migrate.py.
+  packages="$packages iputils-ping rsync"
   extra="[test]"
 fi
 if [ "${1:-}" = "--bench" ]; then
