@@ -18,6 +18,7 @@ same address again, reachable again; nothing is left running afterwards.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -239,6 +240,12 @@ class OnionNetworkTests(TestCase):
         )
         self.assertEqual(explicit.returncode, 0, explicit.stderr)
         self.assertIn('"Id": "onionnet"', explicit.stdout)
+
+        # The admin surface sees this session as an onion one.
+        clients = self.hyper(f"{self.pki}/admin", "list-clients")
+        self.assertEqual(clients.returncode, 0, clients.stderr)
+        sessions = json.loads(clients.stdout)
+        self.assertIn(("admin", "pb-onion"), [(c["Identity"], c["Transport"]) for c in sessions])
 
         refused = self.hyper(f"{self.other}/stranger", "list-subnets")
         self.assertNotEqual(refused.returncode, 0, refused.stdout)
