@@ -46,6 +46,7 @@ from typing import IO, Any, Callable, Iterable, Optional, Union
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.spread import pb
 
@@ -277,6 +278,24 @@ class HypervisorClient:
         return done
 
 
+class _Broker(pb.Broker):
+    """
+    A client broker that tells its factory when the connection is lost (endpoints,
+    unlike connectors, do not): a TLS failure then fails C{getRootObject} with its
+    reason instead of leaving it waiting.
+    """
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        factory = self.factory
+        if factory is not None:
+            factory.clientConnectionLost(None, reason)
+
+
+class _ClientFactory(pb.PBClientFactory):
+    protocol = _Broker
+
+
 async def connect(
     reactor: Any,
     endpoint: Union[str, IStreamClientEndpoint],
@@ -309,12 +328,21 @@ async def connect(
     pair = CertPair(cert_file, key_file, [], 0.0) if cert_file and key_file else None
     creator = ClientTLSPolicy(pair, ca_file).creatorForNetloc(host.encode() or b"localhost", 0)
     tls = endpoints.wrapClientTLS(creator, plain)
-    factory = pb.PBClientFactory()
+    factory = _ClientFactory()
     d = tls.connect(factory)
-    timer = reactor.callLater(timeout, d.cancel)
+    root_d: Optional[Deferred[Any]] = None
+
+    def too_slow() -> None:
+        d.cancel()
+        factory.disconnect()
+        if root_d is not None and not root_d.called:
+            root_d.cancel()
+
+    timer = reactor.callLater(timeout, too_slow)
     try:
         await d
-        root = await factory.getRootObject()
+        root_d = factory.getRootObject()
+        root = await root_d
     except Exception as e:  # noqa: BLE001 - shown to the user
         from hypervisor.cli.client import _describe
 

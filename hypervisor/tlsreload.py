@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from cryptography import x509
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -87,12 +87,15 @@ def load_tls(
     try:
         options = server_tls_options(cert_file, key_file, trust)
         options.getContext()  # checks that the key matches the certificate
-    except (OSError, ValueError, SSL.Error) as e:
+    except (OSError, ValueError, SSL.Error, crypto.Error) as e:
         raise CertificateLoadError(
             f"cannot use the server certificate {cert_file} with key {key_file}: {e}"
         )
-    with open(cert_file, "rb") as f:
-        leaf = x509.load_pem_x509_certificate(f.read())
+    try:
+        with open(cert_file, "rb") as f:
+            leaf = x509.load_pem_x509_certificate(f.read())
+    except (OSError, ValueError) as e:
+        raise CertificateLoadError(f"cannot read the server certificate {cert_file}: {e}")
     summary = TlsSummary(
         leaf.subject.rfc4514_string(),
         format(leaf.serial_number, "x"),

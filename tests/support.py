@@ -165,6 +165,8 @@ class Daemon:
             "-metadataServer=false",
             # No TFTP on the host's port 69 either (tests of it run their own daemons).
             "-tftpPortNum=0",
+            # Nor Perspective Broker on the shared port 8787 (tests of it pass their own).
+            "-pbPortNum=0",
             *flags,
         ]
         self.output_path = os.path.join(self.dir, "output.log")

@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from hypervisor.api import METHODS
 from hypervisor.cli import goflags, hyper_control, tool, vm_control
+from hypervisor.pb.admin import ACTIONS as ADMIN_ACTIONS
 from tests.support import REPO
 
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "reference", "go-tools-help")
@@ -169,9 +170,16 @@ class GoHelpTests(SynchronousTestCase):
             for command in module.COMMANDS:
                 runnable = command.name in module.RUNNERS
                 self.assertEqual(runnable, not command.unavailable, command.name)
-                if runnable:
+                admin = getattr(module, "ADMIN_ACTIONS", {})  # the PB admin surface's
+                if runnable and command.name in admin:
+                    self.assertIn(admin[command.name], ADMIN_ACTIONS, command.name)
+                elif runnable:
                     self.assertIn(module.METHODS[command.name], METHODS, command.name)
-            self.assertEqual(set(module.METHODS), set(module.RUNNERS), program)
+            self.assertEqual(
+                set(module.METHODS) | set(getattr(module, "ADMIN_ACTIONS", {})),
+                set(module.RUNNERS),
+                program,
+            )
             # A command refused as "not served" names its method, which is indeed not
             # served (when the daemon serves it, the command must get a runner).
             refused = {c.name for c in module.COMMANDS if c.unavailable == module.NOT_SERVED}

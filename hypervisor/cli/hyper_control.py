@@ -231,6 +231,13 @@ COMMANDS: list[Command] = [
     # Ours (not in any Go hyper-control):
     Command("change-owners", "[user...]", 0, 1024, go=False, action="changing owners"),
     Command("list-subnets", go=False, action="listing subnets"),
+    # The runtime admin surface (-transport pb, admin certificates: hypervisor.pb.admin):
+    Command("log-level", "[namespace [level]]", 0, 2, go=False, action="log levels"),
+    Command("list-clients", go=False, action="listing clients"),
+    Command("disconnect-client", "ID", 1, 1, go=False, action="disconnecting client"),
+    Command("reload-certificates", go=False, action="reloading certificates"),
+    Command("reconcile", go=False, action="reconciling"),
+    Command("disabled-state", go=False, action="getting disabled state"),
 ]
 
 
@@ -459,8 +466,97 @@ async def watch_dhcp(t: Tool, args: list[str]) -> int:
     return 0
 
 
+async def _pb_admin(t: Tool, action: str, request: Optional[dict[str, Any]] = None) -> Any:
+    """
+    A runtime admin action over PB (hypervisor.pb.admin).
+    """
+    from hypervisor.cli.pb_transport import PbTransport
+
+    hv = await t.hypervisor()
+    if not isinstance(hv, PbTransport):
+        raise ClientError(
+            "this command is part of the PB admin surface: use -transport pb "
+            "(and -pbEndpoint if the PB service is not on port 8787 of -hypervisorHostname)"
+        )
+    return await hv.admin(action, request)
+
+
+def _print_json(value: Any) -> None:
+    import json
+
+    print(json.dumps(value, indent=4, sort_keys=True))
+
+
+async def log_level(t: Tool, args: list[str]) -> int:
+    """
+    No argument: the log levels per namespace; a namespace: its level in force; a
+    namespace and a level (debug, info, warn, error, critical, inherit; "" is the
+    default namespace): set it.
+    """
+    if len(args) == 2:
+        reply = await _pb_admin(t, "SetLogLevel", {"Namespace": args[0], "Level": args[1]})
+        _print_json(reply["Levels"])
+    elif args:
+        reply = await _pb_admin(t, "GetLogLevels", {"Namespace": args[0]})
+        print(reply["Level"])
+    else:
+        _print_json((await _pb_admin(t, "GetLogLevels"))["Levels"])
+    return 0
+
+
+async def list_clients(t: Tool, args: list[str]) -> int:
+    """
+    The PB clients connected, with their identity, transport, address, since when,
+    and the streams they hold open.
+    """
+    _print_json((await _pb_admin(t, "ListClients"))["Clients"])
+    return 0
+
+
+async def disconnect_client(t: Tool, args: list[str]) -> int:
+    """
+    Disconnect the PB client with this Id (list-clients).
+    """
+    try:
+        n = int(args[0])
+    except ValueError:
+        raise ClientError(f"client Id {args[0]!r} is not a number (see list-clients)") from None
+    await _pb_admin(t, "DisconnectClient", {"Id": n})
+    return 0
+
+
+async def reload_certificates(t: Tool, args: list[str]) -> int:
+    """
+    Read the daemon's certificate, key and CA files again; print what is in force.
+    """
+    _print_json(await _pb_admin(t, "ReloadCertificates"))
+    return 0
+
+
+async def reconcile(t: Tool, args: list[str]) -> int:
+    """
+    Reconcile the state directory with libvirt now.
+    """
+    _print_json(await _pb_admin(t, "Reconcile"))
+    return 0
+
+
+async def disabled_state(t: Tool, args: list[str]) -> int:
+    """
+    Print whether the hypervisor is disabled (enable-/disable-hypervisor change it).
+    """
+    _print_json(await _pb_admin(t, "GetDisabledState"))
+    return 0
+
+
 RUNNERS: dict[str, tool.Runner] = {
     "add-address": add_address,
+    "disabled-state": disabled_state,
+    "disconnect-client": disconnect_client,
+    "list-clients": list_clients,
+    "log-level": log_level,
+    "reconcile": reconcile,
+    "reload-certificates": reload_certificates,
     "add-subnet": add_subnet,
     "change-owners": change_owners,
     "disable-hypervisor": _set_disabled(True),
@@ -482,6 +578,16 @@ UNSERVED_METHODS: dict[str, str] = {
     "hold-lock": "HoldLock",
     "hold-vm-lock": "HoldVmLock",
     "power-off": "PowerOff",
+}
+
+# Commands of the PB admin surface, and the admin action each runs (hypervisor.pb.admin).
+ADMIN_ACTIONS: dict[str, str] = {
+    "disabled-state": "GetDisabledState",
+    "disconnect-client": "DisconnectClient",
+    "list-clients": "ListClients",
+    "log-level": "SetLogLevel",
+    "reconcile": "Reconcile",
+    "reload-certificates": "ReloadCertificates",
 }
 
 METHODS: dict[str, str] = {

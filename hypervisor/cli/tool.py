@@ -126,9 +126,19 @@ def common_flags(fleet_manager: bool = True) -> list[Flag]:
             "string",
             default_transport(),
             "How to reach the hypervisor: srpc (SmallStack's SRPC over TLS, as the Go tools;"
-            " reaches Go hypervisors and fleet managers too) or https (this hypervisor's"
-            " HTTPS JSON API, POST /rpc/Hypervisor.<Method>)",
+            " reaches Go hypervisors and fleet managers too), https (this hypervisor's"
+            " HTTPS JSON API, POST /rpc/Hypervisor.<Method>) or pb (this hypervisor's"
+            " Perspective Broker service, port 8787 or -pbEndpoint; the admin commands)",
             parse=goflags.one_of(*TRANSPORTS),
+            go=False,
+        ),
+        Flag(
+            "pbEndpoint",
+            "string",
+            "",
+            "With -transport pb: a Twisted client endpoint string for the hypervisor's PB"
+            " service, TLS added on top (default tcp:<hypervisorHostname>:8787; e.g."
+            " tcp:hv1:8787, tor:ADDRESS.onion:8787)",
             go=False,
         ),
     ]
@@ -185,6 +195,7 @@ class Tool:
             self.pair,
             self.v["CAfile"],
             self.v.get("srpcClientDoNotUseMethodPowers", False),
+            self.v.get("pbEndpoint", ""),
         )
         self._open.append(t)
         return t

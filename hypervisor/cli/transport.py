@@ -14,6 +14,8 @@ C{Error} field is returned, and the caller decides (as Go's tools do per command
    certificate (NDJSON replies): this project's own HTTP API.
  - C{srpc}: SmallStack's SRPC (C{CONNECT /_SRPC_/TLS/JSON}) through
    L{hypervisor.srpc.client}: what the Go hypervisor and fleet-manager speak.
+ - C{pb}: this hypervisor's Perspective Broker service (port 8787, or
+   C{-pbEndpoint}) through L{hypervisor.client} (L{hypervisor.cli.pb_transport}).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from hypervisor.cli.client import (
 Tail = tuple[list[IO[bytes]], list[int]]
 OnMessage = Callable[[bytes], None]
 
-TRANSPORTS = ("srpc", "https")
+TRANSPORTS = ("srpc", "https", "pb")
 
 # Streams of progress messages ending with a Final (or Error) one.
 PROGRESS_STREAMS = frozenset(
@@ -271,14 +273,21 @@ def make_transport(
     pair: Optional[CertPair],
     ca_file: str,
     do_not_use_method_powers: bool = False,
+    pb_endpoint: str = "",
 ) -> Transport:
     """
-    The transport called C{name} (C{srpc} or C{https}) to C{host:port}.
+    The transport called C{name} (C{srpc}, C{https} or C{pb}) to C{host:port}; for
+    C{pb}, to C{pb_endpoint} (a Twisted client endpoint string) or C{host}'s port 8787.
 
     @raise ClientError: an unknown name, or SRPC without its client library.
     """
     if name == "https":
         return HttpsTransport(reactor, host, port, pair, ca_file)
+    if name == "pb":
+        from hypervisor.cli.pb_transport import PbTransport, default_endpoint
+
+        endpoint = pb_endpoint or default_endpoint(host)
+        return PbTransport(reactor, endpoint, pair, ca_file, host if not pb_endpoint else "")
     if name == "srpc":
         from hypervisor.cli.srpc_transport import SrpcTransport
 

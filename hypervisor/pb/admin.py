@@ -3,7 +3,8 @@
 The runtime admin surface, beyond the Go daemon's methods, reached over PB
 (C{root.callRemote("admin", action, request_json)}; C{hyper-control} subcommands
 C{log-level}, C{list-clients}, C{disconnect-client}, C{reload-certificates},
-C{reconcile}, C{disabled-state}).
+C{reconcile}, C{disabled-state}; C{enable-hypervisor} and C{disable-hypervisor}
+use C{Hypervisor.SetDisabledState} on every transport).
 
 Admin certificates only: a certificate from CA.pem granting C{HypervisorAdmin.<Action>}
 (C{HypervisorAdmin.*}, or C{*.*}), or an owner of the hypervisor (ChangeOwners).
@@ -13,7 +14,8 @@ caller's identity.
 
 Actions (request and reply are JSON objects):
 
-- C{GetLogLevels} -> C{{"Levels": {namespace: level}}} (C{""}: the default)
+- C{GetLogLevels} C{{"Namespace": ...}} (optional) -> C{{"Levels": {namespace:
+  level}, "Level": the level in force for Namespace}} (C{""}: the default)
 - C{SetLogLevel} C{{"Namespace": ..., "Level": "debug"|"info"|"warn"|"error"|
   "critical"|"inherit"}} -> the levels
 - C{ListClients} -> C{{"Clients": [{"Id", "Identity", "Groups", "Transport",
@@ -120,7 +122,10 @@ class AdminSurface:
         return reply
 
     async def _GetLogLevels(self, body: dict[str, Any]) -> dict[str, Any]:
-        return {"Levels": self.levels.get()}
+        reply: dict[str, Any] = {"Levels": self.levels.get()}
+        if "Namespace" in body:
+            reply["Level"] = self.levels.level_for(_field(body, "Namespace", str))
+        return reply
 
     async def _SetLogLevel(self, body: dict[str, Any]) -> dict[str, Any]:
         namespace = _field(body, "Namespace", str, "")

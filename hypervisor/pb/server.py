@@ -58,6 +58,7 @@ from typing import Any, Callable, Optional
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -797,6 +798,8 @@ class PbService(service.MultiService):
     L{make_pb_factory}'s factory (none when the port is 0).
     """
 
+    log = Logger()
+
     def __init__(
         self,
         dispatcher: Dispatcher,
@@ -821,6 +824,20 @@ class PbService(service.MultiService):
         )
         if port:
             self.listening.factory.tcp_server(port, interface).setServiceParent(self)
+
+    def startService(self) -> None:
+        """
+        Listen; a port that cannot be had is logged, and the rest of the daemon runs.
+        """
+        try:
+            super().startService()
+        except CannotListenError as e:
+            self.log.error(
+                "PB admin service: cannot listen on port {port}: {why}; hyper-control "
+                "-transport pb will not reach this hypervisor (choose -pbPortNum)",
+                port=self.port,
+                why=e.socketError,
+            )
 
 
 def identity_name(identity: Optional[Identity]) -> str:
