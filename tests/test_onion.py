@@ -251,3 +251,42 @@ class OfflineTorTests(TestCase):
         self.assertIn("NoSuchOption", service.error)
         await service.stopService()
         self.assertEqual(tornet.tor_pids_using(data), [])
+
+
+class DaemonWithoutTorTests(TestCase):
+    """
+    The real daemon with C{-pbOnion} and no tor at C{-torControl}.
+    """
+
+    timeout = 180
+
+    def test_unreachable_tor_is_clear_and_harmless(self) -> None:
+        """
+        The log and the status page say the onion service is not published and why
+        (naming the endpoint), with the address it will have; the daemon serves its
+        pages and RPC meanwhile.
+        """
+        support.require(os.geteuid() == 0, "the daemon test runs as root (state, libvirt)")
+        support.require_libvirtd()
+        missing = os.path.join(tempfile.mkdtemp(prefix="hv-notor-"), "control.sock")
+        self.addCleanup(shutil.rmtree, os.path.dirname(missing), True)
+        d = support.Daemon(
+            self, "-domainType=qemu", "-pbPortNum=0", "-pbOnion", f"-torControl=unix:{missing}"
+        )
+        address = d.command("onion-address")
+        self.assertEqual(address.returncode, 0, address.stderr)
+        onion_address = address.stdout.strip()
+        d.start()
+        support.wait_for(
+            lambda: "cannot reach tor's control port" in d.output(), 60, "the error in the log"
+        )
+        line = next(x for x in d.output().splitlines() if "cannot reach tor's control" in x)
+        self.assertIn(onion_address, line)
+        self.assertIn(missing, line)
+        self.assertIn("the other endpoints are served", line)
+        status, page = support.http_get(d.url + "/")
+        self.assertEqual(status, 200)
+        self.assertIn(">not published</span>", page)
+        self.assertIn(f"tor:{onion_address}:8787", page)
+        self.assertIn(missing, page)
+        self.assertEqual(support.http_get(d.url + "/listSubnets")[0], 200)
