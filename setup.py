@@ -34,6 +34,8 @@ setup(
         "jinja2>=3.1",
         "treq>=23.11",
         "prometheus-client>=0.17",
+        # The console WebSocket on port 6976 (web/console.py).
+        "autobahn[twisted]>=24.4",
     ],
     extras_require={
         "test": [
@@ -43,6 +45,8 @@ setup(
             "mypy-zope>=1.0",
             "black>=24.1",
             "isort>=5.13",
+            # The browser console test drives /usr/bin/chromium (no browser download).
+            "playwright>=1.40",
         ],
     },
     entry_points={

@@ -74,9 +74,9 @@ def shell_vm(testcase, cli, last: int) -> str:  # type: ignore[no-untyped-def]
     return ip
 
 
-class SerialConsoleTests(SynchronousTestCase):
+class ShellGuestCase(SynchronousTestCase):
     """
-    The serial console against the real daemon and guest.
+    A real daemon with TLS and a running tiny guest with a shell on its serial port.
     """
 
     def setUp(self) -> None:
@@ -128,6 +128,12 @@ class SerialConsoleTests(SynchronousTestCase):
             "Hypervisor.ConnectToVmSerialPort",
             request,
         )
+
+
+class SerialConsoleTests(ShellGuestCase):
+    """
+    The serial console against the real daemon and guest.
+    """
 
     def test_srpc_and_websocket(self) -> None:
         """

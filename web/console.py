@@ -30,6 +30,7 @@ import html
 import ipaddress
 from typing import Any, Optional
 
+import txaio
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
@@ -45,6 +46,9 @@ from hypervisor.errors import HypervisorError
 from hypervisor.netguard import Phase, find_guard
 from hypervisor.tls import peer_identity
 from web.headers import SECURITY_HEADERS
+
+# autobahn logs every frame at debug level through the daemon's log observers.
+txaio.set_global_log_level("info")
 
 WS_PREFIX = "/ws/"
 MAX_FRAME = 64 * 1024

@@ -10,6 +10,7 @@
   var ws = new WebSocket("wss://" + location.host + "/ws/Hypervisor.ConnectToVmSerialPort");
   ws.binaryType = "arraybuffer";
   var connected = false;
+  var answered = false;
   var encoder = new TextEncoder();
   function say(text) { status.textContent = text; }
   ws.onopen = function () {
@@ -17,6 +18,7 @@
   };
   ws.onmessage = function (event) {
     if (!connected) {
+      answered = true;
       var response = JSON.parse(event.data);
       if (response.Error) { say("refused: " + response.Error); return; }
       connected = true;
@@ -25,8 +27,12 @@
     }
     term.write(new Uint8Array(event.data));
   };
-  ws.onclose = function () { connected = false; if (status.textContent === "connected" || status.textContent === "connecting") { say("closed"); } };
-  ws.onerror = function () { say("error: the WebSocket failed"); };
+  // A refusal (or the end) is kept on the page: the close that follows it may be
+  // reported as an error by the browser.
+  ws.onclose = function () {
+    if (connected) { say("closed"); } else if (!answered) { say("error: the WebSocket failed"); }
+    connected = false;
+  };
   term.onData(function (data) {
     if (connected && ws.readyState === WebSocket.OPEN) { ws.send(encoder.encode(data)); }
   });
