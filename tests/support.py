@@ -171,6 +171,8 @@ class Daemon:
         ]
         self.output_path = os.path.join(self.dir, "output.log")
         self.process: Optional[subprocess.Popen[bytes]] = None
+        # A command prefix for the daemon (e.g. nsenter into a network namespace).
+        self.prefix: list[str] = []
         testcase.addCleanup(self.cleanup)
 
     @property
@@ -201,7 +203,7 @@ class Daemon:
         env = dict(os.environ, PYTHONPATH=REPO, HYPERVISOR_FLAGS_DIRECTORY=self.dir)
         self._output = open(self.output_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "hypervisor", *self.flags, "run"],
+            [*self.prefix, sys.executable, "-m", "hypervisor", *self.flags, "run"],
             cwd=REPO,
             env=env,
             stdout=self._output,
@@ -212,12 +214,18 @@ class Daemon:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise AssertionError(f"daemon exited early:\n{self.output()}")
-            return http_get(self.url + "/healthz", timeout=2)[0] in (200, 503)
+            return self.answers()
 
         try:
             wait_for(up, 60, "the daemon's pages")
         except AssertionError as e:
             raise AssertionError(f"{e}\n--- daemon output ---\n{self.output()}") from None
+
+    def answers(self) -> bool:
+        """
+        Whether the daemon's pages answer (C{/healthz}: 200, or 503 without libvirt).
+        """
+        return http_get(self.url + "/healthz", timeout=2)[0] in (200, 503)
 
     def output(self) -> str:
         """

@@ -42,6 +42,7 @@ class WorldDaemon(support.Daemon):
     def __init__(self, testcase, world, *flags: str) -> None:  # type: ignore[no-untyped-def]
         super().__init__(testcase, *flags)
         self.world = world
+        self.prefix = world.prefix()
 
     def page(self, path: str) -> str:
         """
@@ -49,40 +50,21 @@ class WorldDaemon(support.Daemon):
         """
         return self.world.run("curl", "-sS", "--max-time", "5", self.url + path, check=False)
 
-    def start(self) -> None:
+    def answers(self) -> bool:
         """
-        Start the daemon inside the namespace; wait until its pages answer.
+        Whether C{/healthz} answers, asked from inside the namespace.
         """
-        env = dict(os.environ, PYTHONPATH=support.REPO, HYPERVISOR_FLAGS_DIRECTORY=self.dir)
-        self._output = open(self.output_path, "ab")
-        self.process = subprocess.Popen(
-            self.world.prefix() + [sys.executable, "-m", "hypervisor", *self.flags, "run"],
-            cwd=support.REPO,
-            env=env,
-            stdout=self._output,
-            stderr=subprocess.STDOUT,
+        code = self.world.run(
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            self.url + "/healthz",
+            check=False,
         )
-
-        def up() -> bool:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise AssertionError(f"daemon exited early:\n{self.output()}")
-            code = self.world.run(
-                "curl",
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                self.url + "/healthz",
-                check=False,
-            )
-            return code in ("200", "503")
-
-        try:
-            support.wait_for(up, 60, "the daemon's pages", interval=0.5)
-        except AssertionError as e:
-            raise AssertionError(f"{e}\n--- daemon output ---\n{self.output()}") from None
+        return code in ("200", "503")
 
     def stop(self) -> None:
         """
@@ -255,7 +237,7 @@ class OnionNetworkTests(TestCase):
         self.d.stop()
         self.d.start()
         self.assertIn('"Id": "onionnet"', self.until_reachable(240))
-        self.assertEqual(self.d.output().count(f"onion service {self.address}: added to tor"), 2)
+        self.assertIn(f"onion service {self.address}: added to tor", self.d.output())
 
         # Nothing left behind: the daemon's tor connection is gone with it, and every
         # tor of the network stops.
