@@ -31,7 +31,8 @@ for scripts and for C{hyper-control -transport pb}.
   409, 503...) and the hypervisor's sentence.
 - L{HypervisorClient.stream}: CreateVm progress, GetUpdates, WatchDhcp,
   TraceVmMetadata: each message to a callback (flow control: the next message comes
-  after the callback returns; a callback returning C{False} ends the stream).
+  after the callback returns, or after the Deferred it returns fires; a callback
+  returning C{False} ends the stream).
 - L{HypervisorClient.upload}: methods followed by raw bytes (CreateVm with image
   data, ReplaceVmImage, ReplaceVmUserData): the bytes from byte strings or files,
   written with flow control.
@@ -117,9 +118,11 @@ class _Observer(pb.Referenceable):
         self.on_message = on_message
         self.stopped = False
 
-    def remote_message(self, parts: Any) -> bool:
+    def remote_message(self, parts: Any) -> Any:
         """
-        One message; False ends the stream.
+        One message; answered (True: go on, False: end the stream) once C{on_message}
+        returned, or once the Deferred it returned fired: the hypervisor sends the
+        next message only then.
         """
         if self.stopped:
             return False
@@ -128,6 +131,11 @@ class _Observer(pb.Referenceable):
         except Exception:
             self.stopped = True
             raise
+        if isinstance(keep, Deferred):
+            return keep.addCallback(self._decided)
+        return self._decided(keep)
+
+    def _decided(self, keep: Any) -> bool:
         if keep is False:
             self.stopped = True
         return not self.stopped
