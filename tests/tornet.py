@@ -131,11 +131,32 @@ class Node:
         """
         What it logged so far.
         """
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return read_text(self.log_path)
+
+
+def read_text(path: str) -> str:
+    """
+    A log file's text ("" while it does not exist).
+    """
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def stop_process(process: Optional["subprocess.Popen[bytes]"]) -> None:
+    """
+    Stop a tor we started: SIGTERM, SIGKILL after 10 s; wait for it.
+    """
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
 
 
 def _run(argv: list[str], input: Optional[str] = None) -> "subprocess.CompletedProcess[str]":
@@ -404,15 +425,7 @@ class TorNetwork:
         """
         Stop one tor (SIGTERM; SIGKILL after 10 s).
         """
-        process = node.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        stop_process(node.process)
 
     def close(self) -> None:
         """
@@ -492,23 +505,13 @@ class OfflineTor:
         """
         What it logged.
         """
-        try:
-            with open(os.path.join(self.dir, "notice.log")) as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return read_text(os.path.join(self.dir, "notice.log"))
 
     def stop(self) -> None:
         """
         Stop it (SIGTERM, then SIGKILL).
         """
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process)
 
     def close(self) -> None:
         """
