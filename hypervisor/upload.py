@@ -216,6 +216,11 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def _write_hashing(fd: int, data: bytes, hasher: Any) -> None:
+    hasher.update(data)
+    _write_all(fd, data)
+
+
 @inlineCallbacks
 def write_to_file(
     upload: UploadStream,
@@ -225,25 +230,33 @@ def write_to_file(
     progress: Optional[Callable[[int, int], None]] = None,
     mode: int = 0o640,
     prefix: bytes = b"",
+    hasher: Optional[Any] = None,
 ) -> Any:
     """
     Write C{prefix} (bytes already read from the upload, e.g. a header) and then the
     next C{size} bytes of C{upload} into a new file C{path} on C{runner}'s threads,
     then fsync it. C{progress(done, total)} counts the prefix too. A failure leaves
-    the partial file for the caller to remove.
+    the partial file for the caller to remove. With C{hasher} (a C{hashlib} object)
+    every byte written is hashed too, on the same threads.
     """
     total = len(prefix) + size
     fd = yield runner.run(os.open, path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+
+    def write(data: bytes) -> Any:
+        if hasher is None:
+            return runner.run(_write_all, fd, data)
+        return runner.run(_write_hashing, fd, data, hasher)
+
     try:
         done = 0
         if prefix:
-            yield runner.run(_write_all, fd, prefix)
+            yield write(prefix)
             done = len(prefix)
         while done < total:
             chunk = yield upload.read(min(READ_CHUNK, total - done))
             if not chunk:
                 raise UploadAborted(f"the upload ended after {done} of {total} bytes")
-            yield runner.run(_write_all, fd, chunk)
+            yield write(chunk)
             done += len(chunk)
             if progress is not None:
                 progress(done, total)

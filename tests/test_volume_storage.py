@@ -75,7 +75,7 @@ class VolumeStorageRealTests(TestCase):
         self.services: list[Any] = []
         self.addCleanup(self.stop_services)
 
-    async def start(self, directories: list[str]) -> None:
+    async def start(self, directories: list[str], **extra: Any) -> None:
         libvirt = LibvirtService(support.QEMU_URI, reactor, max_backoff=1.0)
         self.manager = Manager(
             StateDirectory(os.path.join(self.root, "state")),
@@ -85,6 +85,7 @@ class VolumeStorageRealTests(TestCase):
             volume_directories=directories,
             images_directory=self.guest,
             stop_timeout=20,
+            **extra,
         )
         self.manager.privilegedStartService()
         libvirt.startService()
@@ -128,7 +129,7 @@ class VolumeStorageRealTests(TestCase):
                 dom.destroy()
         conn.close()
 
-    async def create(self, **fields: Any) -> str:
+    async def create(self, upload: Any = None, **fields: Any) -> str:
         vm_fields = {k: fields.pop(k) for k in ("SpreadVolumes",) if k in fields}
         request = CreateVmRequest(
             VmInfo=VmInfo(
@@ -144,7 +145,7 @@ class VolumeStorageRealTests(TestCase):
             DoNotStart=True,
             **fields,
         )
-        response = await self.api.CreateVm(ALICE, request)
+        response = await self.api.CreateVm(ALICE, request, upload=upload)
         await self.api.AcknowledgeVm(ALICE, IpRequest(response.IpAddress))
         return str(response.IpAddress)
 
@@ -377,6 +378,32 @@ class VolumeStorageRealTests(TestCase):
         await self.api.StartVm(ALICE, StartVmRequest(IpAddress=ip))
         self.assertEqual(self.manager.vms[ip].info.State, State.RUNNING)
         await self.api.DestroyVm(ALICE, AccessRequest(IpAddress=ip))
+
+    async def test_uploaded_root_through_the_image_cache(self) -> None:
+        """
+        The same root image uploaded twice with CreateVm: one image in the cache, two
+        qcow2 overlays on it, and the VM boots on the real libvirtd from its overlay.
+        """
+        from hypervisor.manager import images
+        from hypervisor.upload import UploadStream
+
+        cache = os.path.join(self.root, "objectcache")
+        await self.start([self.big], image_cache_directory=cache)
+        data = b"\0" * 510 + b"\x55\xaa" + b"\0" * (4 * MiB - 512)
+        ips = []
+        for _ in range(2):
+            stream = UploadStream(len(data))
+            reactor.callLater(0, stream.write, data)
+            ips.append(await self.create(upload=stream, ImageDataSize=len(data)))
+        [cached] = os.listdir(os.path.join(cache, "images"))
+        for ip in ips:
+            root = os.path.join(self.big, ip, "root")
+            self.assertEqual(images.qcow2_backing_file(root), os.path.join(cache, "images", cached))
+        await self.api.StartVm(ALICE, StartVmRequest(IpAddress=ips[1]))
+        self.assertEqual(self.manager.vms[ips[1]].info.State, State.RUNNING)
+        for ip in ips:
+            await self.api.DestroyVm(ALICE, AccessRequest(IpAddress=ip))
+        self.assertEqual(self.listing(), {})
 
 
 def ext_size(path: str, offset: int) -> int:

@@ -195,6 +195,16 @@ def check_identity(
     return name, cert.not_valid_after_utc
 
 
+def _upload_cached(ctx: ManagerContext, request: CreateVmRequest) -> bool:
+    """
+    Whether an uploaded image goes into the image cache (the root then a qcow2 overlay
+    on it) rather than straight into the root volume.
+    """
+    return bool(
+        request.ImageDataSize and ctx.image_cache is not None and not request.StandaloneRootVolume
+    )
+
+
 class Creator:
     """
     CreateVm.
@@ -325,6 +335,12 @@ class Creator:
                 virtual_size = 0
             else:
                 root_size = request.ImageDataSize
+            if _upload_cached(ctx, request):
+                # The bytes go into the image cache (by digest): the root is a qcow2
+                # overlay on them, of the size the root would have had.
+                virtual_size = root_size if image_format == VolumeFormat.RAW else virtual_size
+                image_format = VolumeFormat.QCOW2
+                root_size = virtual_size
         else:
             image_format = VolumeFormat.RAW
             root_size = images.round_up(request.MinimumFreeBytes, request.RoundupPower)
@@ -357,7 +373,7 @@ class Creator:
             root_size + beside_root if i == 0 else request.SecondaryVolumes[i - 1].Size
             for i in persistent
         ]
-        pins = [
+        pinned_to = [
             request.StorageIndices[i] if i < len(request.StorageIndices) else None
             for i in persistent
         ]
@@ -369,7 +385,7 @@ class Creator:
                     f"memory volumes of {in_memory // MiB} MiB and {info.MemoryInMiB} MiB of "
                     f"VM memory do not fit in the {available} MiB available"
                 )
-        chosen = ctx.stats.reserve_volumes(sizes, info.SpreadVolumes, pins)
+        chosen = ctx.stats.reserve_volumes(sizes, info.SpreadVolumes, pinned_to)
         directories = dict(zip(persistent, chosen))
         try:
             addresses = yield ctx.allocate_addresses([subnet] + secondary, info.Address.IpAddress)
@@ -399,7 +415,16 @@ class Creator:
         yield vm.lock.acquire()
         try:
             yield self._build(
-                vm, request, image_path, header, kernel_path, initrd_path, progress, upload, cached
+                vm,
+                request,
+                image_path,
+                header,
+                kernel_path,
+                initrd_path,
+                progress,
+                upload,
+                cached,
+                pins,
             )
             ctx.stats.release_volumes(chosen, sizes, used=True)
             reserved = False
@@ -505,6 +530,7 @@ class Creator:
         progress: Callable[[str], None],
         upload: Optional[UploadStream],
         cached: Optional[Any] = None,
+        pins: Optional[list[Any]] = None,
     ) -> Any:
         """
         Write the VM's files: C{pending.json} (creating) before anything else, then
@@ -572,6 +598,27 @@ class Creator:
             elif image_path:
                 progress(f"copying image {os.path.basename(image_path)}")
                 yield ctx.runner.run(images.copy_file, image_path, root, report_from_thread)
+            elif request.ImageDataSize and _upload_cached(ctx, request):
+                assert upload is not None and ctx.image_cache is not None
+                progress(
+                    f"writing uploaded image ({request.ImageDataSize // MiB} MiB) into the "
+                    "image cache"
+                )
+                image = yield ctx.image_cache.put_upload(
+                    upload, request.ImageDataSize - len(header), header, report
+                )
+                if pins is not None:
+                    pins.append(image)
+                else:
+                    ctx.image_cache.unpin(image)
+                progress("creating copy-on-write root volume")
+                root_volume.Size = yield ctx.runner.run(
+                    images.make_overlay, image.path, image.format, root, root_volume.VirtualSize
+                )
+                vm.changed()
+                yield writer.write(
+                    os.path.join(vm.directory, INFO_FILE), codec.encode(vm.local, indent=4)
+                )
             elif request.ImageDataSize:
                 assert upload is not None
                 progress(f"writing uploaded image ({request.ImageDataSize // MiB} MiB)")

@@ -415,6 +415,56 @@ class ImageCache:
         yield self.evict()
         return entry
 
+    @inlineCallbacks
+    def put_upload(
+        self,
+        upload: Any,
+        size: int,
+        prefix: bytes = b"",
+        progress: Optional[Callable[[int, int], None]] = None,
+    ) -> Any:
+        """
+        Stream an uploaded image (C{prefix}, already read, then C{size} more bytes of
+        C{upload}) into the cache, hashed on the disk threads as it is written; bytes
+        already cached under that digest are not kept twice. Fires with the pinned
+        L{CachedImage} (L{unpin} when done); a refused or broken upload leaves
+        nothing.
+        """
+        from hypervisor.upload import write_to_file
+
+        yield self.open()
+        tmp = self._partial_path()
+        hasher = hashlib.sha256()
+        try:
+            total = yield write_to_file(
+                upload, size, tmp, self.runner, progress, prefix=prefix, hasher=hasher
+            )
+            digest = hasher.hexdigest()
+            entry = self.entries.get(digest)
+            if entry is not None:
+                self.hits += 1
+                yield self.runner.run(images.remove_file, tmp)
+            else:
+                self.misses += 1
+                fmt, virtual = yield self.runner.run(images.probe_file, tmp, "the uploaded image")
+                yield self.runner.run(_place, tmp, self.image_path(digest))
+                entry = CachedImage(
+                    digest=digest,
+                    path=self.image_path(digest),
+                    format=fmt,
+                    size=total,
+                    virtual_size=virtual,
+                )
+                self.entries[digest] = entry
+            entry.sources.setdefault("upload", {})
+            self._pin(entry)
+            yield self._save()
+        except BaseException:
+            yield self.runner.run(images.remove_file, tmp)
+            raise
+        yield self.evict()
+        return entry
+
     def get_named(
         self,
         name: str,
