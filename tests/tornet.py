@@ -301,8 +301,13 @@ class TorNetwork:
     (registered as the test's cleanup by L{start_network}).
     """
 
-    def __init__(self, world: netns.World) -> None:
+    def __init__(self, world: netns.World, owner: int = 0) -> None:
+        """
+        @param owner: the process whose end makes every tor exit by itself (default:
+            this one).
+        """
         self.world = world
+        self.owner = owner or os.getpid()
         self.dir = tempfile.mkdtemp(prefix="tornet-", dir=world.dir)
         os.chmod(self.dir, 0o755)
         self.nodes: list[Node] = []
@@ -334,7 +339,7 @@ class TorNetwork:
             + self.dir_authorities
             + f"Nickname {name}\nDataDirectory {path}\n"
             + f"Log notice file {path}/notice.log\n"
-            + f"__OwningControllerProcess {os.getpid()}\n"
+            + f"__OwningControllerProcess {self.owner}\n"
             + role
         )
         with open(torrc, "w") as f:
