@@ -42,6 +42,7 @@ FILES = [
 SKIP = {
     ("03-vm-commands.txt", 8): "JSON and raw bytes in one write: Go's client lost bytes",
     ("03-vm-commands.txt", 10): "JSON and raw bytes in one write: Go's client lost bytes",
+    ("03-vm-commands.txt", 11): "a console on a terminal: tests.test_console_transcript",
     ("07-error-paths.txt", 10): "CONNECT answered 404 everywhere: below the call level",
     ("07-error-paths.txt", 11): "CONNECT answered 200 OK: below the call level",
     ("07-error-paths.txt", 12): "CONNECT answered 401: below the call level",

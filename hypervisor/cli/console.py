@@ -12,7 +12,8 @@ a blocking console client over either transport, and the terminal loop.
 
 L{run_terminal} relays stdin to the console and the console to stderr (where the Go
 tool writes it), with stdin in raw mode when it is a terminal; the Go tool's escape
-key, Control-\\ (0x1c), ends it (exit 0). Piped stdin works too (for scripts and
+key, Control-\\ (0x1c), ends it (exit 0), then a lone carriage return, as v0.3.4's
+(whose output the transcript shows: no banner of its own). Piped stdin works too (for scripts and
 tests): at its end nothing more is sent and the console is shown until it closes.
 """
 
@@ -361,8 +362,6 @@ def run_terminal(channel: Channel, stdin: IO[bytes], out: IO[bytes]) -> int:
 
         saved = termios.tcgetattr(fd)
         tty.setraw(fd)
-    out.write(b"Press control-\\ to disconnect\r\n")
-    out.flush()
     stdin_open = True
     try:
         while True:
