@@ -587,14 +587,7 @@ class Creator:
                 )
                 self.log.debug("root of {ip}: {how} of {d}", ip=vm.ip, how=how, d=cached.digest)
             elif cached is not None:
-                progress("creating copy-on-write root volume")
-                root_volume.Size = yield ctx.runner.run(
-                    images.make_overlay, cached.path, cached.format, root, root_volume.VirtualSize
-                )
-                vm.changed()
-                yield writer.write(
-                    os.path.join(vm.directory, INFO_FILE), codec.encode(vm.local, indent=4)
-                )
+                yield self._overlay_root(vm, cached, progress)
             elif image_path:
                 progress(f"copying image {os.path.basename(image_path)}")
                 yield ctx.runner.run(images.copy_file, image_path, root, report_from_thread)
@@ -611,14 +604,7 @@ class Creator:
                     pins.append(image)
                 else:
                     ctx.image_cache.unpin(image)
-                progress("creating copy-on-write root volume")
-                root_volume.Size = yield ctx.runner.run(
-                    images.make_overlay, image.path, image.format, root, root_volume.VirtualSize
-                )
-                vm.changed()
-                yield writer.write(
-                    os.path.join(vm.directory, INFO_FILE), codec.encode(vm.local, indent=4)
-                )
+                yield self._overlay_root(vm, image, progress)
             elif request.ImageDataSize:
                 assert upload is not None
                 progress(f"writing uploaded image ({request.ImageDataSize // MiB} MiB)")
@@ -677,6 +663,26 @@ class Creator:
         if error is not None:
             raise error
         self.log.info("VM {ip} created in {dir}", ip=vm.ip, dir=volume_dir)
+
+    @inlineCallbacks
+    def _overlay_root(self, vm: Vm, base: Any, progress: Callable[[str], None]) -> Any:
+        """
+        Make the VM's root a qcow2 overlay on a cached image, and record its size.
+        """
+        ctx = self.ctx
+        progress("creating copy-on-write root volume")
+        root_volume = vm.info.Volumes[0]
+        root_volume.Size = yield ctx.runner.run(
+            images.make_overlay,
+            base.path,
+            base.format,
+            vm.local.VolumeLocations[0].Filename,
+            root_volume.VirtualSize,
+        )
+        vm.changed()
+        yield ctx.writer.write(
+            os.path.join(vm.directory, INFO_FILE), codec.encode(vm.local, indent=4)
+        )
 
     @inlineCallbacks
     def _undo(self, vm: Vm, error: BaseException) -> Any:

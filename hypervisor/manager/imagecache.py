@@ -389,21 +389,9 @@ class ImageCache:
                 )
             self.misses += 1
             existing = self.entries.get(digest)
-            if existing is not None:
-                entry = existing
-                yield self.runner.run(images.remove_file, tmp)
-            else:
+            if existing is None:
                 progress(f"unpacking image: {name}")
-                fmt, virtual = yield self.runner.run(images.probe_file, tmp, f"ImageURL {url}")
-                yield self.runner.run(_place, tmp, self.image_path(digest))
-                entry = CachedImage(
-                    digest=digest,
-                    path=self.image_path(digest),
-                    format=fmt,
-                    size=size,
-                    virtual_size=virtual,
-                )
-                self.entries[digest] = entry
+            entry = yield self._adopt(tmp, digest, size, f"ImageURL {url}")
             for other in self.entries.values():
                 other.sources.pop(source, None)
             entry.sources[source] = validators
@@ -413,6 +401,24 @@ class ImageCache:
             yield self.runner.run(images.remove_file, tmp)
             raise
         yield self.evict()
+        return entry
+
+    @inlineCallbacks
+    def _adopt(self, tmp: str, digest: str, size: int, what: str) -> Any:
+        """
+        The entry for the bytes in C{tmp} (in C{partial/}) with this digest: the one
+        cached already (C{tmp} removed), else C{tmp} probed and moved into C{images/}.
+        """
+        existing = self.entries.get(digest)
+        if existing is not None:
+            yield self.runner.run(images.remove_file, tmp)
+            return existing
+        fmt, virtual = yield self.runner.run(images.probe_file, tmp, what)
+        yield self.runner.run(_place, tmp, self.image_path(digest))
+        entry = CachedImage(
+            digest=digest, path=self.image_path(digest), format=fmt, size=size, virtual_size=virtual
+        )
+        self.entries[digest] = entry
         return entry
 
     @inlineCallbacks
@@ -440,22 +446,11 @@ class ImageCache:
                 upload, size, tmp, self.runner, progress, prefix=prefix, hasher=hasher
             )
             digest = hasher.hexdigest()
-            entry = self.entries.get(digest)
-            if entry is not None:
+            if digest in self.entries:
                 self.hits += 1
-                yield self.runner.run(images.remove_file, tmp)
             else:
                 self.misses += 1
-                fmt, virtual = yield self.runner.run(images.probe_file, tmp, "the uploaded image")
-                yield self.runner.run(_place, tmp, self.image_path(digest))
-                entry = CachedImage(
-                    digest=digest,
-                    path=self.image_path(digest),
-                    format=fmt,
-                    size=total,
-                    virtual_size=virtual,
-                )
-                self.entries[digest] = entry
+            entry = yield self._adopt(tmp, digest, total, "the uploaded image")
             entry.sources.setdefault("upload", {})
             self._pin(entry)
             yield self._save()
