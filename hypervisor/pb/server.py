@@ -276,17 +276,23 @@ class PbBroker(pb.Broker):
         """
         self._message_bytes += len(data)
         if self._message_bytes > self._max_message:
-            self.log.info(
-                "PB connection from {address} closed: a message over {limit} bytes",
-                address=self.session.address,
-                limit=self._max_message,
-            )
-            transport: Any = self.transport
-            transport.abortConnection()
+            self._abort(f"a message over {self._max_message} bytes")
             return
-        super().dataReceived(data)
+        try:
+            super().dataReceived(data)
+        except Exception as e:  # noqa: BLE001 - malformed Banana: hostile or broken client
+            self._abort(f"malformed PB data ({type(e).__name__}: {str(e)[:100]})")
+            return
         if not self.listStack and not self.buffer:
             self._message_bytes = 0
+
+    def _abort(self, why: str) -> None:
+        self.log.info(
+            "PB connection from {address} closed: {why}", address=self.session.address, why=why
+        )
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
@@ -316,7 +322,8 @@ class Sink(pb.Referenceable):
         self.paused = False
         self._room: Optional[Deferred[None]] = None
         self.discarded = False
-        self.result: Optional[Deferred[Any]] = None
+        self._outcome: Optional[Any] = None  # the reply, or a Failure
+        self._waiting: list[Deferred[Any]] = []
         self.finished = False
         upload.register_producer(self)
         upload.on_discard = self._discarded
@@ -371,14 +378,27 @@ class Sink(pb.Referenceable):
             return self._room
         return succeed(None)
 
+    def done(self, outcome: Any) -> None:
+        """
+        The call ended (a reply, or a Failure): answer L{remote_finish}.
+        """
+        self._outcome = outcome
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
     def remote_finish(self) -> "Deferred[dict[str, list[bytes]]]":
         """
-        No more bytes: answered with the call's reply.
+        No more bytes: answered with the call's reply (or its error).
         """
         self.finished = True
         self.upload.finish()
-        assert self.result is not None
-        return self.result
+        d: Deferred[Any] = Deferred()
+        if self._outcome is None:
+            self._waiting.append(d)
+        else:
+            d.callback(None)
+        return d.addCallback(lambda _: self._outcome)
 
 
 class SessionRoot(pb.Referenceable):
@@ -494,9 +514,8 @@ class SessionRoot(pb.Referenceable):
                     Failure(InvalidRequest(f"{call.method} announces {size} bytes: use upload()")),
                 )
                 raise _fail(400, f"{call.method} announces {size} bytes of data: use upload()")
-            upload: Optional[UploadStream] = UploadStream(0)
-        else:
-            upload = None
+        # No bytes follow: the service layer gets no upload, as over HTTPS.
+        upload: Optional[UploadStream] = None
         if call.spec.kind in (PROGRESS, UPDATES) and observer is None:
             self.dispatcher.classify(
                 call, Failure(InvalidRequest(f"{call.method} streams: pass an observer"))
@@ -550,7 +569,9 @@ class SessionRoot(pb.Referenceable):
             self.session.closers.pop(stream_id, None)
             return self._end(result)
 
-        sink.result = ensureDeferred(self._run(call, parsed, observer, upload)).addBoth(done)
+        # The outcome is kept for finish(); a client that never asks leaves no
+        # unhandled failure behind.
+        ensureDeferred(self._run(call, parsed, observer, upload)).addBoth(done).addBoth(sink.done)
         return sink
 
     async def _run(
