@@ -22,6 +22,7 @@ layout changes.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -279,10 +280,16 @@ def _make_cache(path: str) -> None:
 
 def cached_keys(path: str = CACHE) -> str:
     """
-    The directory of cached keys, made first if missing or stale.
+    The directory of cached keys, made first if missing or stale (one process at a
+    time: test runs in parallel wait for the first to make it).
     """
-    if not _cache_fresh(path):
-        _make_cache(path)
+    if _cache_fresh(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _cache_fresh(path):
+            _make_cache(path)
     return path
 
 
