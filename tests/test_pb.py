@@ -351,3 +351,105 @@ class PbTests(TestCase):
             await c.call("ChangeOwners", {"OwnerUsers": ["idonly"]})
         self.assertEqual(caught.exception.status, 403)
         await c.close()
+
+    async def test_calls_in_flight_limit(self) -> None:
+        """
+        MAX_CALLS calls waiting for their answers on one connection: the next is
+        refused (503) at once; when they are answered the connection serves again.
+        (The service layer's ListSubnets is held back by a stand-in for this test.)
+        """
+        await self.start_pb()
+        held: list[Deferred[Any]] = []
+        real = self.api.ListSubnets
+
+        def slow(identity: Any, request: Any) -> "Deferred[Any]":
+            d: Deferred[Any] = Deferred()
+            d.addCallback(lambda _: real(identity, request))
+            held.append(d)
+            return d
+
+        self.api.ListSubnets = slow  # type: ignore[method-assign]
+        self.addCleanup(setattr, self.api, "ListSubnets", real)
+        c = await self.client()
+        waiting = [ensureDeferred(c.call("ListSubnets", {})) for _ in range(pbserver.MAX_CALLS)]
+        await until(lambda: len(held) == pbserver.MAX_CALLS, 10, "calls held")
+        with self.assertRaises(CallFailed) as caught:
+            await c.call("GetCapacity", {})
+        self.assertEqual(caught.exception.status, 503)
+        self.assertIn("too many calls at once", caught.exception.message)
+        for d in held:
+            d.callback(None)
+        for reply in waiting:
+            self.assertEqual((await reply)["Subnets"][0]["Id"], "net")
+        self.assertIn("NumCPUs", await c.call("GetCapacity", {}))
+        await c.close()
+
+    async def test_sinks_held_limit(self) -> None:
+        """
+        A client keeping references to MAX_SINKS finished upload sinks gets no more
+        (503); dropping them lets it upload again.
+        """
+        await self.start_pb()
+        await self.ensure_vm()
+        c = await self.client("alice")
+        request = json.dumps({"IpAddress": matrix.VM_IP, "Size": 1}).encode()
+        sinks = []
+        for _ in range(pbserver.MAX_SINKS):
+            sink = await c.root.callRemote("upload", "ReplaceVmUserData", [request], None)
+            await sink.callRemote("write", b"u")
+            await sink.callRemote("finish")
+            sinks.append(sink)
+        with self.assertRaises(Exception) as caught:
+            await c.root.callRemote("upload", "ReplaceVmUserData", [request], None)
+        self.assertIn("upload sinks", str(caught.exception))
+        del sinks, sink
+        gc.collect()  # the client's references go: PB tells the server
+        await deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(
+            json.loads(await c.upload("ReplaceVmUserData", request, [b"v"])).get("Error", ""), ""
+        )
+        await c.close()
+
+    def _send_raw(self, payload: bytes, cert: bool = True) -> bytes:
+        """
+        (Thread) TLS with a certificate, C{payload}, then read until the server
+        closes; what the server sent.
+        """
+        ctx = ssl.create_default_context(cafile=os.path.join(self.root, "CA.pem"))
+        if cert:
+            ctx.load_cert_chain(*self.user("fleet"))
+        sock = socket.create_connection(("127.0.0.1", self.pb_port.getHost().port), 10)
+        tls = ctx.wrap_socket(sock, server_hostname="localhost")
+        tls.settimeout(30)
+        received = b""
+        try:
+            tls.sendall(payload)
+            while True:
+                data = tls.recv(65536)
+                if not data:
+                    break
+                received += data
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            tls.close()
+        return received
+
+    async def test_malformed_banana_closes(self) -> None:
+        """
+        Bytes that are not Banana (an invalid type byte) close the connection
+        promptly, with a log line and no unhandled error.
+        """
+        await self.start_pb()
+        await deferToThread(self._send_raw, b"\x01\xff" * 10)
+        await until(lambda: not self.pb.sessions.open, 10, "the session gone")
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    async def test_refused_session_deadline(self) -> None:
+        """
+        A connection without a certificate that asks nothing is closed at the
+        guard's deadline (here 1 s), its session forgotten.
+        """
+        await self.start_pb(Limits(first_byte=1.0, handshake=1.0, headers=1.0))
+        await deferToThread(self._send_raw, b"", False)
+        await until(lambda: not self.pb.sessions.open, 10, "the session gone")

@@ -86,6 +86,9 @@ MAX_STREAMS = 4
 """Streams (updates, progress) and uploads open at once, per connection."""
 MAX_PROGRESS_QUEUED = 256
 """Progress messages waiting for a slow observer before older ones are dropped."""
+MAX_SINKS = 64
+"""Upload sinks a client may hold references to at once (PB keeps each until the
+client drops its reference; PB itself allows 1024 references of any kind)."""
 
 LIMITS = Limits(
     first_byte=10.0,
@@ -551,6 +554,16 @@ class SessionRoot(pb.Referenceable):
             )
             raise _fail(400, f"{call.method} sends progress messages: pass an observer")
         size = self._upload_size(call, parsed)
+        held = sum(isinstance(o.object, Sink) for o in self._broker().localObjects.values())
+        if held >= MAX_SINKS:
+            self.dispatcher.classify(
+                call, Failure(Unavailable(f"{held} upload sinks held on this connection"))
+            )
+            raise _fail(
+                503,
+                f"this connection holds {held} upload sinks: drop references to finished "
+                "ones (they are released when the client lets them go)",
+            )
         upload = UploadStream(size)
         sink = Sink(self, call, upload)
         stream_id = self.factory.sessions.new_stream_id()
