@@ -453,3 +453,32 @@ class PbTests(TestCase):
         await self.start_pb(Limits(first_byte=1.0, handshake=1.0, headers=1.0))
         await deferToThread(self._send_raw, b"", False)
         await until(lambda: not self.pb.sessions.open, 10, "the session gone")
+
+    async def test_other_listener_is_not_local(self) -> None:
+        """
+        A session of a listener named other than "pb" (the onion service's) is not a
+        local caller even though its peer (the local tor) is on loopback; the "pb"
+        listener's loopback peers are.
+        """
+        await self.start_pb()
+        onion = make_pb_factory(
+            self.dispatcher, self.pb.tls, reactor, sessions=self.pb.sessions, transport="pb-onion"
+        )
+        port = reactor.listenTCP(0, onion.factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        c = await self.client()
+        cert, key = self.user("fleet")
+        o = await connect(
+            reactor,
+            f"tcp:127.0.0.1:{port.getHost().port}",
+            cert,
+            key,
+            ca_file=os.path.join(self.root, "CA.pem"),
+            hostname="localhost",
+        )
+        by_transport = {s.transport: s for s in self.pb.sessions.open.values()}
+        self.assertEqual(sorted(by_transport), ["pb", "pb-onion"])
+        self.assertTrue(getattr(by_transport["pb"].identity, "loopback", True))
+        self.assertFalse(getattr(by_transport["pb-onion"].identity, "loopback", False))
+        await c.close()
+        await o.close()

@@ -53,7 +53,7 @@ How a connection goes:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 from twisted.application import service
@@ -244,6 +244,10 @@ class PbBroker(pb.Broker):
                     "IdentityCA.pem (hyper-control presents the best one in -certDirectory)"
                 )
             else:
+                if self.factory.transport != "pb" and getattr(identity, "loopback", False):
+                    # Another listener (an onion service): its connections all come
+                    # from the local tor, not from a local caller.
+                    identity = replace(identity, loopback=False)
                 session.identity = identity
         if session.refused is not None:
             self.log.info(
@@ -815,7 +819,10 @@ def make_pb_factory(
     @param admin: the runtime admin surface (L{hypervisor.pb.admin.AdminSurface}),
         or None for none.
     @param sessions: the registry shared with other listeners (a new one if None).
-    @param transport: the name shown for these sessions (C{pb}, C{pb-onion}).
+    @param transport: the name shown for these sessions (C{pb}, C{pb-onion}); for
+        any name but C{pb}, a peer on a loopback address is not a local caller
+        (an onion service's connections all come from the local tor): the
+        identity's C{loopback} is cleared.
     @param limits: the guard's deadlines and caps (e.g. a larger per-source cap
         for an onion service, whose connections all come from the local tor).
     """
