@@ -3,7 +3,7 @@
 A Python client for the hypervisor's Perspective Broker service (L{hypervisor.pb}),
 for scripts and for C{hyper-control -transport pb}.
 
-    from twisted.internet import task
+    from twisted.internet import defer, task
     from hypervisor.client import connect
 
     async def main(reactor):
@@ -11,11 +11,11 @@ for scripts and for C{hyper-control -transport pb}.
                            ca_file="/etc/ssl/CA.pem")
         print(await hv.whoami())
         print(await hv.call("ListSubnets", {"Sort": True}))       # a dict
-        subscription = hv.subscribe_updates(lambda update: print(update["HaveVMs"]))
+        subscription = hv.subscribe_updates(lambda update: print(sorted(update)))
         ...
-        subscription.stop()
+        await subscription.stop()
         print(await hv.admin("ListClients"))
-        hv.close()
+        await hv.close()
 
     task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
 
@@ -143,18 +143,28 @@ class _Observer(pb.Referenceable):
 
 class Subscription:
     """
-    A running stream: C{done} fires when it ends; L{stop} ends it at its next message.
+    A running stream: C{done} fires when it ends (with b"", or with L{CallFailed});
+    L{stop} ends it.
     """
 
-    def __init__(self, observer: _Observer, done: "Deferred[bytes]") -> None:
+    def __init__(
+        self, root: pb.RemoteReference, observer: _Observer, done: "Deferred[bytes]"
+    ) -> None:
+        self._root = root
         self._observer = observer
         self.done = done
 
-    def stop(self) -> None:
+    def stop(self) -> "Deferred[bytes]":
         """
-        End the stream (the hypervisor is told at its next message).
+        End the stream now; fires (with b"") once the hypervisor ended it. A
+        subscription stopped by its caller does not fail when the connection goes.
         """
         self._observer.stopped = True
+        try:
+            self._root.callRemote("cancel", self._observer).addErrback(lambda f: None)
+        except pb.DeadReferenceError:
+            pass
+        return self.done
 
 
 class HypervisorClient:
@@ -220,7 +230,15 @@ class HypervisorClient:
         observer = _Observer(lambda data: on_update(json.loads(data)))
         d = self._remote("call", "GetUpdates", chunks(b""), observer)
         d.addCallback(lambda reply: join(reply["json"]))
-        return Subscription(observer, d)
+
+        def lost(failure: Failure) -> Any:
+            error = failure.value
+            if observer.stopped and isinstance(error, CallFailed) and not error.status:
+                return b""  # stopped, then the connection closed first
+            return failure
+
+        d.addErrback(lost)
+        return Subscription(self.root, observer, d)
 
     async def upload(
         self,

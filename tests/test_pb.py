@@ -482,3 +482,20 @@ class PbTests(TestCase):
         self.assertFalse(getattr(by_transport["pb-onion"].identity, "loopback", False))
         await c.close()
         await o.close()
+
+    async def test_subscription_stop(self) -> None:
+        """
+        Subscription.stop ends a GetUpdates stream at once, without waiting for
+        another update: the hub has no subscriber and done fires with b"".
+        """
+        await self.start_pb()
+        c = await self.client()
+        got: list[dict[str, Any]] = []
+        subscription = c.subscribe_updates(got.append)
+        await until(lambda: got, 10, "the first update")
+        self.assertEqual(len(self.manager.ctx.hub.streams), 1)
+        self.assertEqual(await subscription.stop(), b"")
+        self.assertEqual(self.manager.ctx.hub.streams, [])
+        [session] = self.pb.sessions.open.values()
+        self.assertEqual((session.streams, session.by_observer), ({}, {}))
+        await c.close()

@@ -43,6 +43,7 @@ How a connection goes:
      ReplaceVmImage, ReplaceVmUserData): returns a L{Sink}; C{sink.write(bytes)}
      feeds the call's L{hypervisor.upload.UploadStream} and answers when there is
      room again; C{sink.finish()} answers with the reply;
+   - C{cancel(observer)}: end the stream sending to that observer now;
    - C{admin(action, request_json)}: the runtime admin surface
      (L{hypervisor.pb.admin}), for admin certificates only.
 3. Bounds: a PB message (one Banana expression) of at most L{MAX_MESSAGE} bytes;
@@ -132,6 +133,7 @@ class Session:
     calls: int = 0
     streams: dict[int, StreamInfo] = field(default_factory=dict)
     closers: dict[int, Callable[[], None]] = field(default_factory=dict)
+    by_observer: dict[int, int] = field(default_factory=dict)  # observer luid -> stream
     broker: Optional["PbBroker"] = None
 
     def describe(self) -> dict[str, Any]:
@@ -146,6 +148,7 @@ class Session:
             "Transport": self.transport,
             "Address": self.address,
             "Since": self.since,
+            "SinceUTC": _utc(self.since),
             "Refused": str(self.refused) if self.refused is not None else "",
             "Calls": self.calls,
             "Streams": [
@@ -202,6 +205,13 @@ class Sessions:
         session.closers.clear()
         session.streams.clear()
         session.broker = None
+
+
+def _utc(seconds: float) -> str:
+    import datetime
+
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return moment.isoformat(timespec="seconds")
 
 
 def _address(addr: Any) -> str:
@@ -635,6 +645,9 @@ class SessionRoot(pb.Referenceable):
             stream_id, call.method, self.factory.clock.seconds()
         )
         self.session.closers[stream_id] = stream.close
+        luid = getattr(observer, "luid", None)
+        if isinstance(luid, int):
+            self.session.by_observer[luid] = stream_id
         self._broker().activity()
         try:
             while True:
@@ -658,9 +671,24 @@ class SessionRoot(pb.Referenceable):
             stream.close()
             self.session.streams.pop(stream_id, None)
             self.session.closers.pop(stream_id, None)
+            if isinstance(luid, int):
+                self.session.by_observer.pop(luid, None)
             broker = self.session.broker
             if broker is not None:
                 broker.activity()
+
+    def remote_cancel(self, observer: Any) -> bool:
+        """
+        End the stream that sends to C{observer} now (its call then answers); False
+        if there is none.
+        """
+        self._identity()
+        stream_id = self.session.by_observer.get(getattr(observer, "luid", None))  # type: ignore[arg-type]
+        close = self.session.closers.get(stream_id) if stream_id is not None else None
+        if close is None:
+            return False
+        close()
+        return True
 
     # admin ---------------------------------------------------------------------------
 
