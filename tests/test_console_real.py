@@ -99,9 +99,12 @@ class ShellGuestCase(SynchronousTestCase):
         self.pki = os.path.join(self.d.dir, "pki")
         self.ip = shell_vm(self, self.cli, 20)
         self.bootlog = os.path.join(self.d.state_dir, "VMs", self.ip, "bootlog")
-        support.wait_for(
-            lambda: "shell on the console" in self._bootlog(), 120, "the guest's shell"
-        )
+        try:
+            support.wait_for(
+                lambda: "shell on the console" in self._bootlog(), 180, "the guest's shell"
+            )
+        except AssertionError as e:
+            raise AssertionError(f"{e}; boot log: {self._bootlog()[-1500:]!r}") from None
 
     def _bootlog(self) -> str:
         try:
@@ -215,3 +218,56 @@ class SerialConsoleTests(ShellGuestCase):
             process.stdin.close()
             process.stdout.close()  # type: ignore[union-attr]
             process.stderr.close()
+
+
+class GraphicalConsoleTests(ShellGuestCase):
+    """
+    ChangeVmConsoleType and ConnectToVmConsole (VNC) against the real daemon and guest.
+    """
+
+    def open_console(self, transport: str, method: str, user: str = "owner"):  # type: ignore[no-untyped-def]
+        from hypervisor.cli import console
+
+        opener = console.open_srpc if transport == "srpc" else console.open_websocket
+        return opener(
+            "127.0.0.1",
+            self.d.port,
+            self.pair(user),
+            f"{self.pki}/CA.pem",
+            f"Hypervisor.{method}",
+            json.dumps({"IpAddress": self.ip}).encode(),
+        )
+
+    def test_vnc(self) -> None:
+        """
+        Without a VNC console the call is refused; the type changes only while the VM is
+        stopped; after a start with ConsoleType vnc both transports reach the VM's RFB
+        server (its version banner, then its security types after ours);
+        ConnectToVmManager is refused as not supported.
+        """
+        from hypervisor.cli.client import ClientError
+
+        with self.assertRaises(ClientError) as e:
+            self.open_console("srpc", "ConnectToVmConsole")
+        self.assertEqual(str(e.exception), "VNC console is not enabled")
+        change = ("vm_control", "owner", "-consoleType", "vnc", "change-vm-console-type", self.ip)
+        r = self.cli(*change)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("is not stopped", r.stderr)
+        for args in (("stop-vm", self.ip), change[2:], ("-dhcpTimeout=0s", "start-vm", self.ip)):
+            r = self.cli("vm_control", "owner", *args)
+            self.assertEqual(r.returncode, 0, r.stderr)
+        for transport in ("srpc", "https"):
+            rfb = self.open_console(transport, "ConnectToVmConsole")
+            banner = read_until(rfb, b"\n", 30)
+            self.assertEqual(banner, b"RFB 003.008\n")
+            rfb.send(b"RFB 003.008\n")
+            types = rfb.recv()
+            self.assertGreaterEqual(types[0], 1, types)  # at least one security type
+            rfb.close()
+        with self.assertRaises(ClientError) as e:
+            self.open_console("srpc", "ConnectToVmManager", "admin")
+        self.assertIn("ConnectToVmManager is not supported", str(e.exception))
+        with self.assertRaises(ClientError) as e:
+            self.open_console("srpc", "ConnectToVmManager", "owner")
+        self.assertIn("denied", str(e.exception))
