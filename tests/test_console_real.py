@@ -271,3 +271,98 @@ class GraphicalConsoleTests(ShellGuestCase):
         with self.assertRaises(ClientError) as e:
             self.open_console("srpc", "ConnectToVmManager", "owner")
         self.assertIn("denied", str(e.exception))
+
+
+class HostileWebSocketTests(SynchronousTestCase):
+    """
+    The console WebSocket against hostile clients, on a real daemon (no VM needed: every
+    refusal comes before the console is reached): raw TLS sockets send what a browser
+    would not.
+    """
+
+    def setUp(self) -> None:
+        self.d, self.cli = support.tls_daemon(self, {"owner": ""})
+        self.pki = os.path.join(self.d.dir, "pki")
+
+    def handshake(self, headers: str, cert: bool = True, path: str = "ConnectToVmSerialPort"):  # type: ignore[no-untyped-def]
+        import socket
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        if cert:
+            pair = self.pair()
+            context.load_cert_chain(pair.cert_path, pair.key_path)
+        sock = context.wrap_socket(socket.create_connection(("127.0.0.1", self.d.port), 10))
+        sock.settimeout(10)
+        self.addCleanup(sock.close)
+        sock.sendall(
+            (
+                f"GET /ws/Hypervisor.{path} HTTP/1.1\r\nHost: 127.0.0.1:{self.d.port}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                f"{headers}\r\n"
+            ).encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = sock.recv(4096)
+            if not data:
+                break
+            head += data
+        return sock, head
+
+    def pair(self):  # type: ignore[no-untyped-def]
+        from hypervisor.cli.transport import best_certificate
+
+        return best_certificate(os.path.join(self.pki, "owner"))
+
+    def test_refused_before_opening(self) -> None:
+        """
+        Another site's Origin: 403; no client certificate: 401; a method that is not a
+        console: 400; an unknown one: 404 — each before the WebSocket opens.
+        """
+        _, head = self.handshake("Origin: https://evil.example\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 403"), head[:200])
+        _, head = self.handshake("", cert=False)
+        self.assertTrue(head.startswith(b"HTTP/1.1 401"), head[:200])
+        _, head = self.handshake("", path="ListVMs")
+        self.assertTrue(head.startswith(b"HTTP/1.1 400"), head[:200])
+        _, head = self.handshake("", path="NoSuchMethod")
+        self.assertTrue(head.startswith(b"HTTP/1.1 404"), head[:200])
+        _, head = self.handshake(f"Origin: https://127.0.0.1:{self.d.port}\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 101"), head[:200])
+
+    def test_oversized_frame_closes(self) -> None:
+        """
+        A frame announcing more than 64 KiB ends the connection (autobahn drops it);
+        the daemon keeps serving.
+        """
+        import struct
+
+        from hypervisor.cli.console import encode_frame
+
+        sock, head = self.handshake("")
+        self.assertTrue(head.startswith(b"HTTP/1.1 101"), head[:200])
+        header = bytes([0x82, 0x80 | 127]) + struct.pack("!Q", 1 << 40) + b"\0\0\0\0"
+        sock.sendall(header + b"x" * 1024)
+        data = b""
+        while True:
+            try:
+                chunk = sock.recv(4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        # autobahn drops the connection at once (failByDrop); a close frame, if any,
+        # says 1009 (message too big). Nothing of the frame reached the console.
+        if data:
+            self.assertEqual(data[:1], b"\x88")
+            self.assertEqual(struct.unpack("!H", data[2:4])[0], 1009)
+        sock2, head = self.handshake("")
+        self.assertTrue(head.startswith(b"HTTP/1.1 101"), head[:200])
+        sock2.sendall(encode_frame(1, b'{"IpAddress":"10.99.0.1"}'))
+        answer = sock2.recv(4096)
+        self.assertIn(b"no VM with IP 10.99.0.1", answer)
