@@ -202,6 +202,29 @@ def state_key(state_dir: str) -> OnionKey:
     return load_or_create_key(os.path.join(state_dir, ONION_DIRECTORY))[0]
 
 
+def certificate_lacks_onion(cert_file: str, state_dir: str) -> str:
+    """
+    A sentence if the daemon's certificate does not name its onion address (clients
+    over Tor verify it for that name), else "".
+    """
+    from cryptography import x509
+
+    address = state_key(state_dir).address
+    with open(cert_file, "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        dns = names.value.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        dns = []
+    if address in dns:
+        return ""
+    return (
+        f"{cert_file} does not name {address}: hyper-control over Tor cannot verify it; "
+        "move it and its key away and run make-certs again (then reload-certificates)"
+    )
+
+
 def parse_reply(lines: str) -> dict[str, str]:
     """
     C{KEY=VALUE} lines of a control-port reply (C{ADD_ONION}'s C{ServiceID=...}).

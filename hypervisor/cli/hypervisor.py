@@ -242,6 +242,12 @@ def make_certs(options: Options, sub: usage.Options) -> int:
         print(f"created the daemon's certificate {options['certFile']} for " f"{', '.join(names)}")
     else:
         print(f"using the daemon's certificate {options['certFile']}")
+        if options["pbOnion"]:
+            from hypervisor.onion import certificate_lacks_onion
+
+            lacking = certificate_lacks_onion(options["certFile"], options["stateDir"])
+            if lacking:
+                print(f"hypervisor make-certs: {lacking}", file=sys.stderr)
     if sub["user"]:
         out = sub["out"]
         cert_path = os.path.join(out, f"{sub['user']}.cert")
