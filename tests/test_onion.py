@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 from typing import Any
 
@@ -290,3 +292,64 @@ class DaemonWithoutTorTests(TestCase):
         self.assertIn(f"tor:{onion_address}:8787", page)
         self.assertIn(missing, page)
         self.assertEqual(support.http_get(d.url + "/listSubnets")[0], 200)
+
+
+class CommandTests(SynchronousTestCase):
+    """
+    C{hypervisor onion-address} and C{hypervisor -pbOnion make-certs}.
+    """
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="hv-onion-cli-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.flags = [
+            f"-stateDir={self.dir}/state",
+            f"-CAfile={self.dir}/CA.pem",
+            f"-certFile={self.dir}/server.pem",
+            f"-keyFile={self.dir}/server.key",
+        ]
+
+    def hypervisor(self, *args: str) -> "subprocess.CompletedProcess[str]":
+        return subprocess.run(
+            [sys.executable, "-m", "hypervisor", *self.flags, *args],
+            cwd=support.REPO,
+            env=dict(os.environ, PYTHONPATH=support.REPO, HYPERVISOR_FLAGS_DIRECTORY=self.dir),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def test_address_stable_and_in_certificate(self) -> None:
+        """
+        onion-address prints the same address each time; -pbOnion make-certs names it
+        in the daemon's certificate; a certificate made without it gets a warning.
+        """
+        first = self.hypervisor("onion-address")
+        self.assertEqual(first.returncode, 0, first.stderr)
+        address = first.stdout.strip()
+        self.assertTrue(onion.valid_onion_address(address), address)
+        self.assertEqual(self.hypervisor("onion-address").stdout.strip(), address)
+        made = self.hypervisor("-pbOnion", "make-certs")
+        self.assertEqual(made.returncode, 0, made.stderr)
+        self.assertIn(address, made.stdout)
+        self.assertEqual(
+            onion.certificate_lacks_onion(f"{self.dir}/server.pem", f"{self.dir}/state"), ""
+        )
+        again = self.hypervisor("-pbOnion", "make-certs")
+        self.assertEqual(again.stderr, "")
+        os.unlink(f"{self.dir}/server.pem")
+        os.unlink(f"{self.dir}/server.key")
+        self.assertEqual(self.hypervisor("make-certs").returncode, 0)
+        lacking = self.hypervisor("-pbOnion", "make-certs")
+        self.assertIn(f"does not name {address}", lacking.stderr)
+
+    def test_bad_key_file(self) -> None:
+        """
+        A key file that is not ours: onion-address fails (exit 1) naming it.
+        """
+        os.makedirs(f"{self.dir}/state/onion")
+        with open(f"{self.dir}/state/onion/pb.json", "w") as f:
+            f.write("{}")
+        result = self.hypervisor("onion-address")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("pb.json", result.stderr)
