@@ -25,6 +25,7 @@ How it works:
   that the daemon does not wait for tor to bootstrap (C{launch} waits for 100 %,
   forever when tor cannot reach the network): the service is added at once and tor
   publishes it once it has bootstrapped; the status page shows tor's progress.
+  C{-torConfigFile} names a torrc that launched tor includes (bridges, a proxy).
 - The service is an I{ephemeral} onion service (C{ADD_ONION}) whose key the daemon
   makes itself and keeps in C{<stateDir>/onion/pb.json} (mode 0600; its directory
   0700), so the address is known before tor is reached and stays the same across
@@ -706,4 +707,5 @@ def make_onion_service(
         onion_port=options["pbPortNum"] or DEFAULT_ONION_PORT,
         control=options["torControl"],
         tor_data_directory=os.path.join(state_dir, "tor"),
+        tor_config=f"%include {options['torConfigFile']}\n" if options["torConfigFile"] else "",
     )

@@ -175,11 +175,26 @@ PARAMETERS: list[tuple[str, str, Callable[[str], Any], str]] = [
         "<stateDir>/tor), which needs to reach the Tor network",
     ),
     (
+        "torConfigFile",
+        "",
+        _absolute,
+        f"{SECTION_OURS} with -pbOnion and no -torControl: a torrc file the tor the daemon "
+        "launches includes (%include), e.g. bridges (UseBridges, Bridge) or a proxy",
+    ),
+    (
         "tftpMaxBlockSize",
         "65464",
         _tftp_block_size,
         f"{SECTION_OURS} largest TFTP blksize granted (8 to 65464; a transfer's path MTU "
         "also limits it)",
+    ),
+    (
+        "tftpTransferThreads",
+        "16",
+        _count,
+        f"{SECTION_OURS} TFTP transfers that run on a thread of their own at a time (a "
+        "blocking loop on the transfer's port: the fastest path); the others run on the "
+        "event loop (0: all do)",
     ),
     (
         "localImagesDirectory",

@@ -93,6 +93,9 @@ class OnionNetworkTests(TestCase):
         self.client_tor = self.network.add_client(
             "client", socks_port=9050, extra=f"SocksPort 127.0.0.1:{OTHER_SOCKS}\n"
         )
+        # Should the test fail, the daemon's own tor (launched in the last part) is
+        # stopped after the daemon is killed (it would exit by itself within seconds).
+        self.addCleanup(self.kill_launched)
         self.d = WorldDaemon(
             self,
             self.world,
@@ -147,6 +150,10 @@ class OnionNetworkTests(TestCase):
         )
         self.assertEqual(stranger.returncode, 0, stranger.stderr)
         self.other = other
+
+    def kill_launched(self) -> None:
+        for pid in tornet.tor_pids_using(os.path.join(self.d.state_dir, "tor")):
+            os.kill(pid, signal.SIGKILL)
 
     def hyper(
         self, cert_directory: str, *args: str, endpoint: str = ""
@@ -239,8 +246,23 @@ class OnionNetworkTests(TestCase):
         self.assertIn('"Id": "onionnet"', self.until_reachable(240))
         self.assertIn(f"onion service {self.address}: added to tor", self.d.output())
 
-        # Nothing left behind: the daemon's tor connection is gone with it, and every
-        # tor of the network stops.
+        # The daemon's own tor (no -torControl), joined to the network by
+        # -torConfigFile: the same key, the same address, reachable again.
         self.d.stop()
+        config = self.world.file("daemon-torrc", self.network.client_config())
+        self.d.flags = [f for f in self.d.flags if not f.startswith("-torControl=")]
+        self.d.flags.append(f"-torConfigFile={config}")
+        self.d.start()
+        self.assertIn('"Id": "onionnet"', self.until_reachable(240))
+        self.assertIn(f"onion service {self.address}: added to tor (launched)", self.d.output())
+        launched = os.path.join(self.d.state_dir, "tor")
+        self.assertEqual(len(tornet.tor_pids_using(launched)), 1)
+
+        # Nothing left behind: the daemon's tor goes with it, and every tor of the
+        # network stops.
+        self.d.stop()
+        support.wait_for(
+            lambda: not tornet.tor_pids_using(launched), 30, "the launched tor to exit"
+        )
         self.network.close()
         self.assertEqual(tornet.tor_pids_using(self.network.dir), [])

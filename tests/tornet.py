@@ -333,6 +333,13 @@ class TorNetwork:
             )
         return "\n".join(lines) + "\n"
 
+    def client_config(self) -> str:
+        """
+        The torrc lines a tor started elsewhere needs to join this network (the daemon's
+        own tor, through C{-torConfigFile}).
+        """
+        return COMMON + self.dir_authorities
+
     def _node(self, name: str, role: str, copy_from: Optional[str] = None) -> Node:
         path = os.path.join(self.dir, name)
         if copy_from is not None:
