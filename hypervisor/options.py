@@ -189,6 +189,14 @@ PARAMETERS: list[tuple[str, str, Callable[[str], Any], str]] = [
         "also limits it)",
     ),
     (
+        "tftpTransferThreads",
+        "16",
+        _count,
+        f"{SECTION_OURS} TFTP transfers that run on a thread of their own at a time (a "
+        "blocking loop on the transfer's port: the fastest path); the others run on the "
+        "event loop (0: all do)",
+    ),
+    (
         "localImagesDirectory",
         "",
         _absolute,

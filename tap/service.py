@@ -184,6 +184,7 @@ def _make_tftp_service(
         port=options["tftpPortNum"],
         stats=metrics.tftp if metrics is not None else None,
         max_blksize=options["tftpMaxBlockSize"],
+        transfer_threads=options["tftpTransferThreads"],
         enabled=options["tftpPortNum"] != 0,
     )
 

@@ -47,7 +47,7 @@ class MakeServiceTests(SynchronousTestCase):
         options = tap.Options(flags_directory=tempfile.mkdtemp())
         options.parseOptions(
             ["-stateDir=/tmp/hv-tap-test", "-tftpPortNum=6969", "-tftpbootDirectory=/srv/tftp"]
-            + ["-tftpMaxBlockSize=1024"]
+            + ["-tftpMaxBlockSize=1024", "-tftpTransferThreads=3"]
         )
         service = tap.makeService(options, reactor=MemoryReactorClock())
         tftp = service.getServiceNamed("tftp")
@@ -58,6 +58,7 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(tftp.server.backend.files_for, dhcp.policy.netboot_files)
         self.assertIsNotNone(tftp.server.backend.directory)
         self.assertEqual(tftp.server.max_blksize, 1024)
+        self.assertEqual(tftp.transfer_threads.limit, 3)
         options = tap.Options(flags_directory=tempfile.mkdtemp())
         options.parseOptions(["-stateDir=/tmp/hv-tap-test", "-tftpPortNum=0"])
         tftp = tap.makeService(options, reactor=MemoryReactorClock()).getServiceNamed("tftp")

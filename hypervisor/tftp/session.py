@@ -36,6 +36,8 @@ MAX_WINDOW_BYTES = 1 << 20
 IP_UDP_TFTP_HEADERS = 20 + 8 + 4
 
 _DATA = struct.Struct("!HH")
+_DATA_OPCODE = codec.DATA
+_ACK = codec.ACK
 
 
 @dataclass
@@ -112,7 +114,7 @@ class ReadSession:
     def __init__(
         self,
         reader: IReader,
-        send: Callable[[bytes], None],
+        send: Callable[[bytes], object],
         clock: IReactorTime,
         negotiated: Optional[Negotiated] = None,
         *,
@@ -145,8 +147,10 @@ class ReadSession:
         self._generation = 0
         self._gap_resent = False
         # Lock-step: the DATA packet of the block after the one in flight, made
-        # ready while the client works (block, packet).
-        self._ready: Optional[tuple[int, bytes]] = None
+        # ready while the client works (valid while that block is base + 1, which
+        # only lock-step in order makes true: the block is set in that path only).
+        self._ready_block = 0
+        self._ready_packet = b""
 
     # Progress ----------------------------------------------------------------------------
 
@@ -172,52 +176,52 @@ class ReadSession:
         """
         if self.finished:
             return
-        if len(data) == 4 and data[1] == codec.ACK and data[0] == 0:
+        if len(data) == 4 and data[1] == _ACK and data[0] == 0:
             block = (data[2] << 8) | data[3]
             base = self.base
-            if (
+            following = base + 1
+            # Lock-step, in order, more to send: the common case, done here. The
+            # client waits for the next block: it goes first (made ready after the
+            # previous one was sent, when it could be), then the bookkeeping, then
+            # the block after it is made ready.
+            if self._ready_block == following and block == base & 0xFFFF:
+                self.send(self._ready_packet)
+            elif (
                 block == base & 0xFFFF
                 and self.windowsize == 1
                 and base == self.sent_upto
                 and base < self.last_block
                 and not self.waiting_oack
             ):
-                # Lock-step, in order, more to send: the common case, done here.
-                # The client waits for the next block: it goes first (made ready
-                # after the previous one was sent, when it could be), then the
-                # bookkeeping, then the block after it is made ready.
-                following = base + 1
                 size = self.blksize
-                ready = self._ready
-                self._ready = None
-                if ready is not None and ready[0] == following:
-                    self.send(ready[1])
-                else:
-                    payload = self.reader.read(base * size, size)
-                    if type(payload) is not bytes:
-                        # Not buffered: ack() below reads it again and waits (or fails).
-                        if isinstance(payload, Deferred):
-                            payload.addErrback(lambda _: None)
-                        self.ack(block)
-                        return
-                    self.send(_DATA.pack(codec.DATA, following & 0xFFFF) + payload)
-                self.acked = base
-                self.base = self.sent_upto = following
-                self.tries_left = self.retries
-                self._generation += 1
-                self._arm()
-                if following < self.last_block:
-                    after = self.reader.read(following * size, size)
-                    if type(after) is bytes:
-                        after_block = following + 1
-                        self._ready = (
-                            after_block,
-                            _DATA.pack(codec.DATA, after_block & 0xFFFF) + after,
-                        )
-                    elif isinstance(after, Deferred):
-                        after.addErrback(lambda _: None)  # asked for again when due
+                payload = self.reader.read(base * size, size)
+                if type(payload) is not bytes:
+                    # Not buffered: ack() below reads it again and waits (or fails).
+                    if isinstance(payload, Deferred):
+                        payload.addErrback(lambda _: None)
+                    self.ack(block)
+                    return
+                self.send(_DATA.pack(_DATA_OPCODE, following & 0xFFFF) + payload)
+            else:
+                self.ack(block)
                 return
-            self.ack(block)
+            self.acked = base
+            self.base = self.sent_upto = following
+            self.tries_left = self.retries
+            self._generation += 1
+            timer = self._timer
+            if timer is not None:
+                timer.reset(self.timeout)
+            else:
+                self._arm()
+            if following < self.last_block:
+                size = self.blksize
+                after = self.reader.read(following * size, size)
+                if type(after) is bytes:
+                    self._ready_packet = _DATA.pack(_DATA_OPCODE, (following + 1) & 0xFFFF) + after
+                    self._ready_block = following + 1
+                elif isinstance(after, Deferred):
+                    after.addErrback(lambda _: None)  # asked for again when due
             return
         try:
             packet = codec.decode(data)

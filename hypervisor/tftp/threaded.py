@@ -43,6 +43,7 @@ TIMEOUT_SLACK = 0.02
 IDLE_WAIT = 1.0
 
 _TIMEVAL = struct.Struct("@ll")
+_monotonic = time.monotonic
 
 
 @implementer(IDelayedCall)
@@ -77,7 +78,7 @@ class LoopCall:
         """
         Due C{secondsFromNow} from now instead.
         """
-        self.time = time.monotonic() + secondsFromNow
+        self.time = self.clock.now + secondsFromNow
 
     def delay(self, secondsLater: float) -> None:
         """
@@ -106,10 +107,14 @@ class LoopClock:
     Time for code running on one thread's loop: L{seconds} is wall-clock time like
     the reactor's; calls are due by the monotonic clock and are run by the loop
     (L{run_due}).
+
+    @ivar now: the loop's monotonic time, set by the loop each time it wakes (as a
+        reactor's time for the work of one turn); L{LoopCall.reset} counts from it.
     """
 
     def __init__(self) -> None:
         self.calls: list[LoopCall] = []
+        self.now = _monotonic()
 
     def seconds(self) -> float:
         """
@@ -123,7 +128,7 @@ class LoopClock:
         """
         Call C{callable(*args, **kwargs)} C{delay} seconds from now.
         """
-        call = LoopCall(self, time.monotonic() + delay, callable, args, kwargs)
+        call = LoopCall(self, self.now + delay, callable, args, kwargs)
         self.calls.append(call)
         return call
 
@@ -191,7 +196,6 @@ class TransferThread:
         self.progress = (0, 0)
         self.started = time.time()
         self._stop_reason: Optional[str] = None
-        self._send_error: Optional[Exception] = None
         self._lock = threading.Lock()
         self._closed = False
         self._receive_timeout = -1.0
@@ -219,15 +223,6 @@ class TransferThread:
 
     # On the thread ---------------------------------------------------------------------
 
-    def _send(self, data: bytes) -> None:
-        try:
-            self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            pass  # dropped: the timeout sends it again
-        except OSError as e:
-            if self._send_error is None:
-                self._send_error = e
-
     def _set_receive_timeout(self, seconds: float) -> None:
         whole = int(seconds)
         micro = max(1000 if whole == 0 else 0, int((seconds - whole) * 1e6))
@@ -251,53 +246,61 @@ class TransferThread:
             self.reactor.callFromThread(self.on_done, self, why)
 
     def _transfer(self) -> Optional[str]:
+        sock = self.sock
+        sock.setblocking(True)
+        # The session sends with the socket's own send (no wrapper on the way): a
+        # failure raises out of the session and ends the transfer below.
         session = ReadSession(
-            self.reader, self._send, self.clock, self.negotiated, retries=self.retries
+            self.reader, sock.send, self.clock, self.negotiated, retries=self.retries
         )
         self.session = session
-        self.sock.setblocking(True)
-        session.start()
+        try:
+            self.clock.now = time.monotonic()
+            session.start()
+            self._loop(session)
+        except ConnectionRefusedError:
+            session.stop("the client went away", notify=False)
+        except OSError as e:
+            session.stop(f"socket error: {e.strerror or e}", notify=False)
+        return session.reason
+
+    def _loop(self, session: ReadSession) -> None:
         clock = self.clock
+        calls = clock.calls
         recv = self.sock.recv
         datagram = session.datagram
         monotonic = time.monotonic
+        current = self._receive_timeout
         next_report = monotonic() + REPORT_EVERY
+        now = clock.now
         while not session.finished:
-            now = monotonic()
-            due = clock.next_due()
-            if due is not None and due <= now:
-                clock.run_due(now)
-                continue
-            wait = IDLE_WAIT if due is None else due - now
-            current = self._receive_timeout
+            if calls:
+                due = calls[0].time if len(calls) == 1 else min(c.time for c in calls)
+                if due <= now:
+                    clock.run_due(now)
+                    clock.now = now = monotonic()
+                    continue
+                wait = due - now
+            else:
+                wait = IDLE_WAIT
             if wait < current - TIMEOUT_SLACK or wait > current + TIMEOUT_SLACK:
                 self._set_receive_timeout(wait)
+                current = wait
             try:
                 data = recv(codec.MAX_CLIENT_PACKET)
-            except (BlockingIOError, InterruptedError):
+            except BlockingIOError:
+                clock.now = now = monotonic()
                 continue  # the receive timeout: the clock decides
-            except ConnectionRefusedError:
-                session.stop("the client went away", notify=False)
-                break
-            except OSError as e:
-                session.stop(f"cannot receive: {e.strerror}", notify=False)
-                break
-            if not data and self._stop_reason is not None:
+            clock.now = now = monotonic()
+            if data:
+                datagram(data)
+            elif self._stop_reason is not None:  # stop() shut the socket's reading down
                 session.stop(self._stop_reason)
-                break
-            datagram(data)
-            if self._send_error is not None:
-                error = self._send_error
-                if isinstance(error, ConnectionRefusedError):
-                    session.stop("the client went away", notify=False)
-                else:
-                    session.stop(f"cannot send: {getattr(error, 'strerror', error)}", notify=False)
-                break
+                return
             if now >= next_report:
                 next_report = now + REPORT_EVERY
                 self.progress = progress = (session.bytes_acked, session.retransmissions)
                 self.reactor.callFromThread(self.on_progress, *progress)
-        return session.reason
 
 
 class TransferThreads:
