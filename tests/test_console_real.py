@@ -45,7 +45,7 @@ def read_until(channel, marker: bytes, timeout: float = 60.0) -> bytes:  # type:
     return seen
 
 
-def shell_vm(testcase, cli, last: int) -> str:  # type: ignore[no-untyped-def]
+def shell_vm(testcase, cli, last: int, *flags: str) -> str:  # type: ignore[no-untyped-def]
     """
     A running tiny guest with a shell on its serial port, owned by C{owner}; its IP.
     """
@@ -66,6 +66,7 @@ def shell_vm(testcase, cli, last: int) -> str:  # type: ignore[no-untyped-def]
         "-roundupPower",
         "0",
         "-dhcpTimeout=0s",
+        *flags,
         "create-vm",
     )
     testcase.assertEqual(r.returncode, 0, r.stderr)
@@ -78,6 +79,8 @@ class ShellGuestCase(SynchronousTestCase):
     """
     A real daemon with TLS and a running tiny guest with a shell on its serial port.
     """
+
+    create_flags: tuple[str, ...] = ()
 
     def setUp(self) -> None:
         support.require_libvirtd()
@@ -97,7 +100,7 @@ class ShellGuestCase(SynchronousTestCase):
             r = admin("add-address", f"52:54:0a:4d:11:{i:02x}", f"10.77.17.{i}")
             self.assertEqual(r.returncode, 0, r.stderr)
         self.pki = os.path.join(self.d.dir, "pki")
-        self.ip = shell_vm(self, self.cli, 20)
+        self.ip = shell_vm(self, self.cli, 20, *self.create_flags)
         self.bootlog = os.path.join(self.d.state_dir, "VMs", self.ip, "bootlog")
         try:
             support.wait_for(

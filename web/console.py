@@ -19,9 +19,11 @@ C{ConnectToVmManager}):
    WebSocket is closed (1000). An error answer is followed by a close (1000).
 
 Page C{/console?<IP>}: the VM's serial console in xterm.js (vendored in
-C{web/static}, no external assets) for the VM's owners, decided by the client
-certificate as the method is (401/403 pages otherwise); its script
-(C{web/static/console.js}) opens the WebSocket above.
+C{web/static}, no external assets; C{tools/vendor-console-assets.sh} re-makes them)
+for the VM's owners, decided by the client certificate as the method is (401/403
+pages otherwise); its script (C{web/static/console.js}) opens the WebSocket above.
+For a VM whose C{ConsoleType} is C{vnc} the page also shows its screen in noVNC
+(C{web/static/vnc.js}, C{novnc.js}) over C{ConnectToVmConsole}'s WebSocket.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from twisted.web.resource import Resource
 
 from hypervisor.api import RAW, encode_reply
 from hypervisor.auth import CertificateRefused, TrustStore
-from hypervisor.console.model import ConsoleResponse
+from hypervisor.console.model import ConsoleResponse, ConsoleType
 from hypervisor.dispatch import Call, Dispatcher
 from hypervisor.errors import HypervisorError
 from hypervisor.netguard import Phase, find_guard
@@ -213,8 +215,15 @@ PAGE = """<!DOCTYPE html>
 <div id="terminal"></div>
 <script src="/static/xterm.js"></script>
 <script src="/static/console.js"></script>
-</body>
+{vnc}</body>
 </html>
+"""
+
+
+VNC_SECTION = """<h2>Graphical console (VNC)</h2>
+<p>state: <span id="vnc-status">connecting</span></p>
+<div id="screen" style="width: 1024px; height: 768px"></div>
+<script type="module" src="/static/vnc.js"></script>
 """
 
 
@@ -267,7 +276,9 @@ class ConsolePage(Resource):
             self.manager.ctx.check_owner(vm, identity, "ConnectToVmSerialPort")
         except HypervisorError as e:
             return self._error(request, e.status, str(e))
-        return self._answer(request, 200, PAGE.format(ip=ip), b"text/html; charset=utf-8")
+        vnc = VNC_SECTION if vm.info.ConsoleType == ConsoleType.VNC else ""
+        page = PAGE.format(ip=ip, vnc=vnc)
+        return self._answer(request, 200, page, b"text/html; charset=utf-8")
 
     render_HEAD = render_GET
 
