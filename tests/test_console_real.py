@@ -241,6 +241,46 @@ class GraphicalConsoleTests(ShellGuestCase):
             json.dumps({"IpAddress": self.ip}).encode(),
         )
 
+    def vnc_with_vm_control(self) -> None:
+        """
+        vm-control connect-to-vm-console -vncViewer= (Go's way without a viewer): it
+        logs the localhost port, a VNC client there gets the guest's RFB server.
+        """
+        import re
+        import socket
+
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hypervisor.cli.vm_control",
+                f"-hypervisorPortNum={self.d.port}",
+                f"-certDirectory={self.pki}/owner",
+                f"-CAfile={self.pki}/CA.pem",
+                "-vncViewer=",
+                "connect-to-vm-console",
+                self.ip,
+            ],
+            cwd=support.REPO,
+            env=dict(os.environ, PYTHONPATH=support.REPO),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        assert process.stderr is not None and process.stdout is not None
+        line = process.stderr.readline().decode()
+        m = re.search(r"listening on port (\d+) for VNC connection", line)
+        self.assertIsNotNone(m, line)
+        assert m is not None
+        viewer = socket.create_connection(("localhost", int(m.group(1))), 10)
+        viewer.settimeout(30)
+        self.assertEqual(viewer.recv(12), b"RFB 003.008\n")
+        viewer.close()
+        self.assertEqual(process.wait(30), 0)
+        process.stdout.close()
+        process.stderr.close()
+
     def test_vnc(self) -> None:
         """
         Without a VNC console the call is refused; the type changes only while the VM is
@@ -268,6 +308,7 @@ class GraphicalConsoleTests(ShellGuestCase):
             types = rfb.recv()
             self.assertGreaterEqual(types[0], 1, types)  # at least one security type
             rfb.close()
+        self.vnc_with_vm_control()
         with self.assertRaises(ClientError) as e:
             self.open_console("srpc", "ConnectToVmManager", "admin")
         self.assertIn("ConnectToVmManager is not supported", str(e.exception))

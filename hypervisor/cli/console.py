@@ -395,3 +395,51 @@ def run_terminal(channel: Channel, stdin: IO[bytes], out: IO[bytes]) -> int:
         channel.close()
         out.write(b"\r")
         out.flush()
+
+
+def serve_vnc_once(channel: Channel, viewer: str, log: Any) -> int:
+    """
+    Go's connect-to-vm-console after the call was answered: listen on a localhost port,
+    run C{viewer ::<port>} (or, without one, log the port), relay the first
+    connection to the console both ways until either side ends.
+
+    @raise ClientError: the viewer cannot be started.
+    """
+    import subprocess
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind(("localhost", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        if viewer:
+            try:
+                subprocess.Popen([viewer, f"::{port}"])
+            except OSError as e:
+                raise ClientError(f"exec: {viewer!r}: {e.strerror}") from None
+        else:
+            log(f"listening on port {port} for VNC connection")
+        client, _ = listener.accept()
+    finally:
+        listener.close()
+    try:
+        while True:
+            if channel.pending():
+                ready: list[Any] = [channel]
+            else:
+                ready = select.select([channel, client], [], [])[0]
+            if channel in ready:
+                data = channel.recv()
+                if not data:
+                    return 0
+                client.sendall(data)
+            if client in ready:
+                data = client.recv(65536)
+                if not data:
+                    return 0
+                channel.send(data)
+    except OSError:
+        return 0
+    finally:
+        client.close()
+        channel.close()

@@ -256,7 +256,7 @@ FLAGS: list[Flag] = tool.common_flags() + [
     Flag("vmHostname", "string", "", "Hostname for VM"),
     Flag("vmTags", "value", "", "Tags to apply to VM", goflags.parse_tags),
     Flag("vmTagsToMatch", "value", "", "Tags to match when listing", goflags.parse_match_tags),
-    Flag("vncViewer", "string", "vncviewer", "Path to VNC viewer", unused=_unused()),
+    Flag("vncViewer", "string", "vncviewer", "Path to VNC viewer"),
     Flag(
         "volumeFilename",
         "string",
@@ -330,7 +330,7 @@ COMMANDS: list[Command] = [
     _ip("change-vm-tags", "changing VM tags"),
     _ip("change-vm-vcpus", "changing VM vCPUs"),
     _ip("change-vm-volume-size", "changing VM volume size"),
-    _ip("connect-to-vm-console", "connecting to VM console", NOT_SERVED),
+    _ip("connect-to-vm-console", "connecting to VM console"),
     _ip("connect-to-vm-serial-port", "connecting to VM serial port"),
     _ip("copy-vm", "copying VM", NOT_SERVED),
     Command("create-vm", action="creating VM"),
@@ -811,21 +811,16 @@ async def trace_vm_metadata(t: Tool, args: list[str]) -> int:
     return 0
 
 
-async def connect_to_vm_serial_port(t: Tool, args: list[str]) -> int:
+async def _open_console(t: Tool, method: str, request: bytes, ip: str) -> Any:
     """
-    The VM's serial port on this terminal (hypervisor.cli.console), until Control-\\.
+    A console call over -transport, answered (hypervisor.cli.console), in a thread.
     """
     from twisted.internet.threads import deferToThread
 
     from hypervisor.cli import console
-    from hypervisor.console.model import ConnectToVmSerialPortRequest
 
-    hv = await t.hypervisor(args[0])
+    hv = await t.hypervisor(ip)
     host, _, port = hv.address.rpartition(":")
-    request = codec.encode(
-        ConnectToVmSerialPortRequest(IpAddress=args[0], PortNumber=t.v["serialPort"])
-    )
-    method = "Hypervisor.ConnectToVmSerialPort"
     if t.v["transport"] == "srpc":
         channel = await deferToThread(
             console.open_srpc,
@@ -847,14 +842,46 @@ async def connect_to_vm_serial_port(t: Tool, args: list[str]) -> int:
             method,
             request,
         )
+    return channel
+
+
+async def connect_to_vm_serial_port(t: Tool, args: list[str]) -> int:
+    """
+    The VM's serial port on this terminal (hypervisor.cli.console), until Control-\\.
+    """
+    from twisted.internet.threads import deferToThread
+
+    from hypervisor.cli import console
+    from hypervisor.console.model import ConnectToVmSerialPortRequest
+
+    request = codec.encode(
+        ConnectToVmSerialPortRequest(IpAddress=args[0], PortNumber=t.v["serialPort"])
+    )
+    channel = await _open_console(t, "Hypervisor.ConnectToVmSerialPort", request, args[0])
     result: int = await deferToThread(
         console.run_terminal, channel, sys.stdin.buffer, sys.stderr.buffer
     )
     return result
 
 
+async def connect_to_vm_console(t: Tool, args: list[str]) -> int:
+    """
+    Go's: the VM's VNC console on a localhost port, for -vncViewer (or any viewer).
+    """
+    from twisted.internet.threads import deferToThread
+
+    from hypervisor.cli import console
+    from hypervisor.console.model import ConnectToVmConsoleRequest
+
+    request = codec.encode(ConnectToVmConsoleRequest(IpAddress=args[0]))
+    channel = await _open_console(t, "Hypervisor.ConnectToVmConsole", request, args[0])
+    result: int = await deferToThread(console.serve_vnc_once, channel, t.v["vncViewer"], t.log)
+    return result
+
+
 RUNNERS: dict[str, tool.Runner] = {
     "connect-to-vm-serial-port": connect_to_vm_serial_port,
+    "connect-to-vm-console": connect_to_vm_console,
     "change-vm-console-type": _simple(
         "Hypervisor.ChangeVmConsoleType",
         lambda v, ip: ChangeVmConsoleTypeRequest(
@@ -970,7 +997,6 @@ RUNNERS: dict[str, tool.Runner] = {
 # The Go commands not run because their method is not served: that method (a test
 # fails when the daemon starts serving one, so that its command gets a runner).
 UNSERVED_METHODS: dict[str, str] = {
-    "connect-to-vm-console": "ConnectToVmConsole",
     "copy-vm": "CopyVm",
     "debug-vm-image": "DebugVmImage",
     "export-local-vm": "ExportLocalVm",
@@ -991,6 +1017,7 @@ UNSERVED_METHODS: dict[str, str] = {
 METHODS: dict[str, str] = {
     "change-vm-console-type": "ChangeVmConsoleType",
     "connect-to-vm-serial-port": "ConnectToVmSerialPort",
+    "connect-to-vm-console": "ConnectToVmConsole",
     "get-vm-user-data": "GetVmUserData",
     "trace-vm-metadata": "TraceVmMetadata",
     "replace-vm-user-data": "ReplaceVmUserData",
