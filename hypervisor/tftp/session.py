@@ -147,9 +147,9 @@ class ReadSession:
         self._generation = 0
         self._gap_resent = False
         # Lock-step: the DATA packet of the block after the one in flight, made
-        # ready while the client works (valid while that block is base + 1, which
-        # only lock-step in order makes true: the block is set in that path only).
-        self._ready_block = 0
+        # ready while the client works, and the ACK (of the block in flight) that
+        # lets it go; cleared whenever the window moves otherwise or the session ends.
+        self._ready_ack: Optional[bytes] = None  # the ACK that lets it go
         self._ready_packet = b""
 
     # Progress ----------------------------------------------------------------------------
@@ -174,54 +174,36 @@ class ReadSession:
         """
         A packet from the client.
         """
+        if data == self._ready_ack:
+            # Lock-step, in order, the next block made ready: the common case. The
+            # client waits for that block: it goes first, then the bookkeeping,
+            # then the block after it is made ready (while the client works).
+            self.send(self._ready_packet)
+            self._advance(self.base)
+            return
         if self.finished:
             return
         if len(data) == 4 and data[1] == _ACK and data[0] == 0:
             block = (data[2] << 8) | data[3]
             base = self.base
-            following = base + 1
-            # Lock-step, in order, more to send: the common case, done here. The
-            # client waits for the next block: it goes first (made ready after the
-            # previous one was sent, when it could be), then the bookkeeping, then
-            # the block after it is made ready.
-            if self._ready_block == following and block == base & 0xFFFF:
-                self.send(self._ready_packet)
-            elif (
+            if (
                 block == base & 0xFFFF
                 and self.windowsize == 1
                 and base == self.sent_upto
                 and base < self.last_block
                 and not self.waiting_oack
             ):
+                # Lock-step, in order, the next block not made ready yet.
                 size = self.blksize
                 payload = self.reader.read(base * size, size)
-                if type(payload) is not bytes:
-                    # Not buffered: ack() below reads it again and waits (or fails).
-                    if isinstance(payload, Deferred):
-                        payload.addErrback(lambda _: None)
-                    self.ack(block)
+                if type(payload) is bytes:
+                    self.send(_DATA.pack(_DATA_OPCODE, (base + 1) & 0xFFFF) + payload)
+                    self._advance(base)
                     return
-                self.send(_DATA.pack(_DATA_OPCODE, following & 0xFFFF) + payload)
-            else:
-                self.ack(block)
-                return
-            self.acked = base
-            self.base = self.sent_upto = following
-            self.tries_left = self.retries
-            self._generation += 1
-            timer = self._timer
-            if timer is not None:
-                timer.reset(self.timeout)
-            else:
-                self._arm()
-            if following < self.last_block:
-                size = self.blksize
-                after = self.reader.read(following * size, size)
-                if type(after) is bytes:
-                    self._ready_packet = _DATA.pack(_DATA_OPCODE, (following + 1) & 0xFFFF) + after
-                    self._ready_block = following + 1
-                elif isinstance(after, Deferred):
-                    after.addErrback(lambda _: None)  # asked for again when due
+                # Not buffered: ack() below reads it again and waits (or fails).
+                if isinstance(payload, Deferred):
+                    payload.addErrback(lambda _: None)
+            self.ack(block)
             return
         try:
             packet = codec.decode(data)
@@ -235,6 +217,30 @@ class ReadSession:
         elif not isinstance(packet, codec.Ack):
             self.send(codec.error_packet(codec.ERR_ILLEGAL_OPERATION, "only ACKs are expected"))
             self._finish("the client sent a packet other than an ACK")
+
+    def _advance(self, base: int) -> None:
+        """
+        Lock-step: block C{base} was acknowledged and the next one just sent.
+        """
+        following = base + 1
+        self.acked = base
+        self.base = self.sent_upto = following
+        self.tries_left = self.retries
+        self._generation += 1
+        timer = self._timer
+        if timer is not None:
+            timer.reset(self.timeout)
+        else:
+            self._arm()
+        self._ready_ack = None
+        if following < self.last_block:
+            size = self.blksize
+            after = self.reader.read(following * size, size)
+            if type(after) is bytes:
+                self._ready_packet = _DATA.pack(_DATA_OPCODE, (following + 1) & 0xFFFF) + after
+                self._ready_ack = _DATA.pack(_ACK, following & 0xFFFF)
+            elif isinstance(after, Deferred):
+                after.addErrback(lambda _: None)  # asked for again when due
 
     def ack(self, block: int) -> None:
         """
@@ -267,6 +273,7 @@ class ReadSession:
             return
         self.acked = acked
         self.base = acked + 1
+        self._ready_ack = None
         self.tries_left = self.retries
         self._gap_resent = False
         if acked >= self.last_block:
@@ -362,6 +369,7 @@ class ReadSession:
         if self.finished:
             return
         self.finished = True
+        self._ready_ack = None
         self.reason = reason
         self._generation += 1
         if self._timer is not None:
