@@ -20,7 +20,9 @@ Actions (request and reply are JSON objects):
   "critical"|"inherit"}} -> the levels
 - C{ListClients} -> C{{"Clients": [{"Id", "Identity", "Groups", "Transport",
   "Address", "Since", "Calls", "Streams": [{"Id", "Method", "Since"}]}]}}: the PB
-  sessions of every PB listener, with the streams and uploads they hold open
+  sessions of every PB listener, with the streams and uploads they hold open; and
+  C{"UpdateSubscribers": [{"Identity", "Queued"}]}: every GetUpdates stream of any
+  transport (HTTPS, SRPC, PB), with the updates waiting for it
 - C{DisconnectClient} C{{"Id": n}} -> C{{"Disconnected": n}}
 - C{ReloadCertificates} -> what is now in force (L{hypervisor.tlsreload}): new
   connections on every TLS listener use the new server certificate and CA files
@@ -143,7 +145,15 @@ class AdminSurface:
 
     async def _ListClients(self, body: dict[str, Any]) -> dict[str, Any]:
         open_ = self._sessions().open
-        return {"Clients": [open_[k].describe() for k in sorted(open_)]}
+        hub = getattr(getattr(self.manager, "ctx", None), "hub", None)
+        subscribers = [
+            {"Identity": stream.name, "Queued": len(stream)}
+            for stream in (hub.streams if hub is not None else [])
+        ]
+        return {
+            "Clients": [open_[k].describe() for k in sorted(open_)],
+            "UpdateSubscribers": subscribers,
+        }
 
     async def _DisconnectClient(self, body: dict[str, Any]) -> dict[str, Any]:
         n = _field(body, "Id", int)
