@@ -484,3 +484,38 @@ class ServiceTests(TestCase):
             self.assertEqual(self.service.server.failed, 2)
 
         return Deferred.fromCoroutine(go())  # type: ignore[return-value]
+
+    def test_no_thread_to_give(self) -> None:
+        """
+        When the system gives no thread, the client gets ERROR 0 at once and the
+        server holds nothing of the transfer (its file is closed).
+        """
+
+        def refuse(self: TransferThread) -> None:
+            raise RuntimeError("can't start new thread")
+
+        self.patch(TransferThread, "start", refuse)
+        opened: list[int] = []
+        real_close = BlockingFileReader.close
+
+        def close(reader: BlockingFileReader) -> None:
+            opened.append(reader.fd)
+            real_close(reader)
+
+        self.patch(BlockingFileReader, "close", close)
+
+        async def go() -> None:
+            sock = self.request()
+            packet = await deferToThread(sock.recv, 2048)
+            self.assertEqual(packet[:4], b"\0\5\0\0")
+            self.assertIn(b"server busy", packet)
+            for _ in range(500):
+                if opened:
+                    break
+                await deferLater(reactor, 0.01, lambda: None)
+            self.assertEqual(len(opened), 1)
+            self.assertGreaterEqual(opened[0], 0)
+            self.assertEqual(self.service.server.transfers, {})
+            self.assertEqual(self.service.transfer_threads.running, set())
+
+        return Deferred.fromCoroutine(go())  # type: ignore[return-value]
