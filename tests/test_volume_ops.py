@@ -6,6 +6,7 @@ and real C{qemu-img}; bad requests change nothing.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from typing import Any
@@ -248,16 +249,35 @@ class VolumeOpsTests(ManagerTestCase):
         self.assertEqual(info.Volumes[0].VirtualSize, 2 * MiB)
         self.assertEqual(self.files(ip), ["root"])
         await self.api.StopVm(ALICE, AccessRequest(IpAddress=ip))
-        # Now a raw upload (format change again: SkipBackup), then a qcow2 -> qcow2
-        # replacement with a backup, restored.
+        # Now a raw upload: into the image cache by digest, the root an overlay on it
+        # (with a backup of the old root), then again without the image cache (a raw
+        # root: a format change, so SkipBackup), then a qcow2 -> qcow2 replacement with
+        # a backup, restored.
         data = b"\x55" * MiB
         stream = UploadStream(len(data))
         reactor.callLater(0, stream.write, data)
         await self.api.ReplaceVmImage(
-            ALICE,
-            ReplaceVmImageRequest(IpAddress=ip, ImageDataSize=len(data), SkipBackup=True),
-            upload=stream,
+            ALICE, ReplaceVmImageRequest(IpAddress=ip, ImageDataSize=len(data)), upload=stream
         )
+        digest = hashlib.sha256(data).hexdigest()
+        self.assertEqual(self.info(ip).Volumes[0].Format, VolumeFormat.QCOW2)
+        self.assertEqual(
+            images.qcow2_backing_file(paths[0]), os.path.join(self.cache, "images", digest)
+        )
+        self.assertEqual(self.files(ip), ["root", "root.old"])
+        await self.api.DiscardVmOldImage(ALICE, IpRequest(ip))
+        cache = self.manager.ctx.image_cache
+        self.manager.ctx.image_cache = None
+        try:
+            stream = UploadStream(len(data))
+            reactor.callLater(0, stream.write, data)
+            await self.api.ReplaceVmImage(
+                ALICE,
+                ReplaceVmImageRequest(IpAddress=ip, ImageDataSize=len(data), SkipBackup=True),
+                upload=stream,
+            )
+        finally:
+            self.manager.ctx.image_cache = cache
         self.assertEqual(self.info(ip).Volumes[0].Format, VolumeFormat.RAW)
         with open(paths[0], "rb") as f:
             self.assertEqual(f.read(MiB), data)

@@ -642,6 +642,25 @@ class VolumeOps:
                     fmt, virtual = images.header_format(
                         header, request.ImageDataSize, "the uploaded image"
                     )
+                if (
+                    request.ImageDataSize
+                    and cache is not None
+                    and (request.SkipBackup or vm.info.Volumes[0].Format == VolumeFormat.QCOW2)
+                ):
+                    # Into the image cache by digest, as CreateVm's uploads: the root
+                    # is an overlay on the (possibly already) cached bytes. (Not over a
+                    # raw root kept as root.old: that format change needs SkipBackup.)
+                    progress(
+                        f"writing uploaded image ({request.ImageDataSize // MiB} MiB) into "
+                        "the image cache"
+                    )
+                    assert upload is not None
+                    cached = yield cache.put_upload(
+                        upload, request.ImageDataSize - len(header), header
+                    )
+                    volume = yield self._overlay(cached, staged, request, progress)
+                elif request.ImageDataSize:
+                    assert upload is not None
                     progress(f"writing uploaded image ({request.ImageDataSize // MiB} MiB)")
                     yield write_to_file(
                         upload,
