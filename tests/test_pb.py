@@ -499,3 +499,33 @@ class PbTests(TestCase):
         [session] = self.pb.sessions.open.values()
         self.assertEqual((session.streams, session.by_observer), ({}, {}))
         await c.close()
+
+    async def test_refused_client_is_closed_after_the_answer(self) -> None:
+        """
+        A client whose certificate is refused gets one answer (401, the reason),
+        then the connection closes: it cannot keep calling.
+        """
+        await self.start_pb()
+        from twisted.spread import pb
+
+        factory = pb.PBClientFactory()
+        cert, key = self.user("mallory")
+        from twisted.internet import endpoints
+
+        from hypervisor.cli.client import CertPair, ClientTLSPolicy
+
+        creator = ClientTLSPolicy(
+            CertPair(cert, key, [], 0.0), os.path.join(self.root, "CA.pem")
+        ).creatorForNetloc(b"localhost", 0)
+        endpoint = endpoints.wrapClientTLS(
+            creator,
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.pb_port.getHost().port),
+        )
+        broker = await endpoint.connect(factory)
+        root = await factory.getRootObject()
+        with self.assertRaises(Exception) as caught:
+            await root.callRemote("whoami")
+        self.assertIn("401 client certificate 'mallory' does not verify", str(caught.exception))
+        # At once, not at the guard's deadline (10 s).
+        await until(lambda: broker.disconnected, 3, "the connection closed by the server")
+        await until(lambda: not self.pb.sessions.open, 10, "the session gone")

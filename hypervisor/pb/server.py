@@ -26,9 +26,9 @@ How a connection goes:
    certificate and L{hypervisor.tls.peer_identity} verifies it when the handshake
    completes (the same function HTTPS and SRPC use: CA.pem grants methods,
    IdentityCA.pem only names, a client certificate can never issue another). No
-   certificate, or one that does not verify: every remote call answers C{401} with
-   the reason, nothing else is served, and the connection is closed at the guard's
-   deadline. There are no passwords.
+   certificate, or one that does not verify: the first remote call answers C{401}
+   with the reason and the connection is closed; nothing else is served, and a
+   client that asks nothing is closed at the guard's deadline. There are no passwords.
 2. The per-connection root object (L{SessionRoot}) is bound to that identity:
    - C{whoami()}: the identity the certificate proves;
    - C{call(method, request_chunks, observer=None)}: C{Hypervisor.<method>} through
@@ -130,6 +130,7 @@ class Session:
     since: float
     identity: Optional[Identity] = None
     refused: Optional[HypervisorError] = None
+    answered_refusal: bool = False
     calls: int = 0
     streams: dict[int, StreamInfo] = field(default_factory=dict)
     closers: dict[int, Callable[[], None]] = field(default_factory=dict)
@@ -440,7 +441,12 @@ class SessionRoot(pb.Referenceable):
         session = self.session
         if session.identity is None:
             refused = session.refused or Unauthenticated("the TLS handshake has not completed")
-            self.dispatcher.classify(None, Failure(refused))
+            if not session.answered_refusal:
+                # One answer with the reason, then the connection closes (once the
+                # answer is written): a refused client cannot go on calling.
+                session.answered_refusal = True
+                self.dispatcher.classify(None, Failure(refused))
+                self.factory.clock.callLater(0, session.disconnect)
             raise _fail(refused.status, str(refused))
         return session.identity
 
