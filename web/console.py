@@ -50,7 +50,7 @@ from hypervisor.tls import peer_identity
 from web.headers import SECURITY_HEADERS
 
 # autobahn logs every frame at debug level through the daemon's log observers.
-txaio.set_global_log_level("info")
+txaio.set_global_log_level("info")  # type: ignore[attr-defined]
 
 WS_PREFIX = "/ws/"
 MAX_FRAME = 64 * 1024
@@ -177,7 +177,7 @@ class ConsoleSocketFactory(WebSocketServerFactory):
     Makes L{ConsoleSocket}s over the daemon's dispatcher and trust store.
     """
 
-    protocol = ConsoleSocket
+    protocol = ConsoleSocket  # type: ignore[assignment]
 
     def __init__(self, dispatcher: Dispatcher, trust: TrustStore) -> None:
         super().__init__()

@@ -427,7 +427,8 @@ def serve_vnc_once(channel: Channel, viewer: str, log: Any) -> int:
             if channel.pending():
                 ready: list[Any] = [channel]
             else:
-                ready = select.select([channel, client], [], [])[0]
+                waiting: list[Any] = [channel, client]
+                ready = select.select(waiting, [], [])[0]
             if channel in ready:
                 data = channel.recv()
                 if not data:

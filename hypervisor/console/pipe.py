@@ -32,22 +32,10 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from hypervisor.srpc.protocol import network_producer
+
 MAX_EARLY = 64 * 1024
 CONNECT_TIMEOUT = 5
-
-
-def network_producer(transport: Any) -> Optional[IPushProducer]:
-    """
-    The producer that stops reading the connection under C{transport} (the TCP
-    connection under TLS and wrappers), or None.
-    """
-    seen = 0
-    while transport is not None and seen < 8:
-        if IPushProducer.providedBy(transport):
-            return transport  # type: ignore[no-any-return]
-        transport = getattr(transport, "transport", None)
-        seen += 1
-    return None
 
 
 @implementer(IPushProducer)
@@ -167,11 +155,12 @@ class VmPipe(protocol.Protocol):
             on_end(self.farewell)
             self.on_end = None
             return
-        if client_transport is not None and self.transport is not None:
-            take_producer_slot(client_transport, PauseOnly(self.transport))
+        vm_side: Any = self.transport
+        if client_transport is not None and vm_side is not None:
+            take_producer_slot(client_transport, PauseOnly(vm_side))
             producer = network_producer(client_transport)
             if producer is not None:
-                self.transport.registerProducer(PauseOnly(producer), True)
+                vm_side.registerProducer(PauseOnly(producer), True)
 
     def write(self, data: bytes) -> None:
         """
@@ -197,4 +186,4 @@ def open_pipe(reactor: Any, path: str, pipe: VmPipe) -> "Deferred[VmPipe]":
     Connect C{pipe} to the unix socket at C{path} (non-blocking).
     """
     endpoint = UNIXClientEndpoint(reactor, path, timeout=CONNECT_TIMEOUT)
-    return connectProtocol(endpoint, pipe)  # type: ignore[return-value]
+    return connectProtocol(endpoint, pipe)
