@@ -33,6 +33,19 @@ from hypervisor.manager.create import upload_size
 from hypervisor.manager.manager import Manager
 from hypervisor.manager.updates import UpdateStream
 from hypervisor.manager.userdata import MAX_USER_DATA
+from hypervisor.migration.messages import (
+    CopyVmRequest,
+    CopyVmResponse,
+    DiscardVmAccessTokenRequest,
+    GetVmAccessTokenRequest,
+    GetVmAccessTokenResponse,
+    MigrateVmRequest,
+    MigrateVmResponse,
+    MigrateVmResponseResponse,
+    PrepareVmForMigrationRequest,
+    ReadVmVolumeRequest,
+)
+from hypervisor.migration.service import Migrations
 from hypervisor.model import (
     AccessRequest,
     AddVmVolumesRequest,
@@ -154,6 +167,7 @@ class MethodSpec:
     upload: Optional[Callable[[Any], int]] = None
     max_request: int = MAX_JSON
     max_upload: int = 0
+    answer: Optional[type] = None  # a message the client sends mid-stream (MigrateVm)
 
 
 @dataclass
@@ -212,6 +226,10 @@ METHODS: dict[str, MethodSpec] = {
     "ReorderVmVolumes": MethodSpec(ReorderVmVolumesRequest, PUBLIC),
     "ChangeVmVolumeInterfaces": MethodSpec(ChangeVmVolumeInterfacesRequest, PUBLIC),
     "SnapshotVm": MethodSpec(SnapshotVmRequest, PUBLIC),
+    # Volume directories (hypervisor.manager.storage):
+    "ChangeVmVolumeStorageIndex": MethodSpec(ChangeVmVolumeStorageIndexRequest, PUBLIC),
+    "GetVmVolumeStorageConfiguration": MethodSpec(IpRequest, PUBLIC),
+    "ListVolumeDirectories": MethodSpec(Empty, PUBLIC),
     # User data (hypervisor.manager.userdata):
     "DiscardVmOldUserData": MethodSpec(IpRequest, PUBLIC),
     "GetVmUserData": MethodSpec(AccessRequest, PUBLIC),
@@ -222,6 +240,13 @@ METHODS: dict[str, MethodSpec] = {
         max_upload=MAX_USER_DATA,
     ),
     "RestoreVmUserData": MethodSpec(IpRequest, PUBLIC),
+    # Access tokens, migration and copies (hypervisor.migration):
+    "GetVmAccessToken": MethodSpec(GetVmAccessTokenRequest, PUBLIC),
+    "DiscardVmAccessToken": MethodSpec(DiscardVmAccessTokenRequest, PUBLIC),
+    "PrepareVmForMigration": MethodSpec(PrepareVmForMigrationRequest, ADMIN),
+    "ReadVmVolume": MethodSpec(ReadVmVolumeRequest, PUBLIC),
+    "MigrateVm": MethodSpec(MigrateVmRequest, PUBLIC, PROGRESS, answer=MigrateVmResponseResponse),
+    "CopyVm": MethodSpec(CopyVmRequest, PUBLIC, PROGRESS),
     # Consoles (hypervisor.console):
     "ChangeVmConsoleType": MethodSpec(ChangeVmConsoleTypeRequest, PUBLIC),
     "ConnectToVmConsole": MethodSpec(ConnectToVmConsoleRequest, PUBLIC, RAW, max_request=4096),
@@ -229,10 +254,6 @@ METHODS: dict[str, MethodSpec] = {
     "ConnectToVmSerialPort": MethodSpec(
         ConnectToVmSerialPortRequest, PUBLIC, RAW, max_request=4096
     ),
-    # Volume directories (hypervisor.manager.storage):
-    "ChangeVmVolumeStorageIndex": MethodSpec(ChangeVmVolumeStorageIndexRequest, PUBLIC),
-    "GetVmVolumeStorageConfiguration": MethodSpec(IpRequest, PUBLIC),
-    "ListVolumeDirectories": MethodSpec(Empty, PUBLIC),
 }
 
 ACCESS: dict[str, str] = {name: spec.access for name, spec in METHODS.items()}
@@ -253,6 +274,7 @@ class HypervisorApi:
         self.manager = manager
         self.dhcp = dhcp
         self.metadata = metadata
+        self.migrations = Migrations(manager, manager.reactor)
 
     # What the dispatcher asks before a request is read ----------------------------------
 
@@ -313,6 +335,7 @@ class HypervisorApi:
         """
         Start a stopped VM.
         """
+        identity = self.migrations.with_token(identity, request.IpAddress, request.AccessToken)
         timed_out = yield self.manager.lifecycle.start_vm(
             identity, request.IpAddress, float(request.DhcpTimeout)
         )
@@ -323,6 +346,7 @@ class HypervisorApi:
         """
         Stop a running VM (ACPI, forced after a timeout).
         """
+        identity = self.migrations.with_token(identity, request.IpAddress, request.AccessToken)
         yield self.manager.lifecycle.stop_vm(identity, request.IpAddress)
         return ErrorResponse()
 
@@ -341,6 +365,7 @@ class HypervisorApi:
         """
         Destroy a VM and its volumes.
         """
+        identity = self.migrations.with_token(identity, request.IpAddress, request.AccessToken)
         yield self.manager.lifecycle.destroy_vm(identity, request.IpAddress)
         return ErrorResponse()
 
@@ -420,6 +445,7 @@ class HypervisorApi:
         """
         Delete a secondary volume of a stopped VM.
         """
+        identity = self.migrations.with_token(identity, request.IpAddress, request.AccessToken)
         return self._done(
             self.manager.volumes.delete_vm_volume(identity, request.IpAddress, request.VolumeIndex)
         )
@@ -515,18 +541,6 @@ class HypervisorApi:
             )
         )
 
-    def ReorderVmVolumes(
-        self, identity: Identity, request: ReorderVmVolumesRequest
-    ) -> "Deferred[ErrorResponse]":
-        """
-        Put a stopped VM's volumes in a new order.
-        """
-        return self._done(
-            self.manager.volumes.reorder_vm_volumes(
-                identity, request.IpAddress, list(request.VolumeIndices)
-            )
-        )
-
     def ChangeVmVolumeStorageIndex(
         self, identity: Identity, request: ChangeVmVolumeStorageIndexRequest
     ) -> "Deferred[ErrorResponse]":
@@ -556,6 +570,19 @@ class HypervisorApi:
             Directories=self.manager.storage.list_directories(identity)
         )
 
+    def ReorderVmVolumes(
+        self, identity: Identity, request: ReorderVmVolumesRequest
+    ) -> "Deferred[ErrorResponse]":
+        """
+        Put a stopped VM's volumes in a new order.
+        """
+        identity = self.migrations.with_token(identity, request.IpAddress, request.AccessToken)
+        return self._done(
+            self.manager.volumes.reorder_vm_volumes(
+                identity, request.IpAddress, list(request.VolumeIndices)
+            )
+        )
+
     def ReplaceVmUserData(
         self,
         identity: Identity,
@@ -574,6 +601,7 @@ class HypervisorApi:
         """
         A VM's user data.
         """
+        identity = self.migrations.with_token(identity, request.IpAddress, request.AccessToken)
         data = yield self.manager.user_data.get(identity, request.IpAddress)
         return with_raw(GetVmUserDataResponse(Length=len(data)), data)
 
@@ -820,3 +848,70 @@ class HypervisorApi:
         return self._done(
             self.consoles.change_console_type(identity, request.IpAddress, request.ConsoleType)
         )
+
+    # Access tokens, migration and copies (hypervisor.migration) ---------------------------
+
+    def GetVmAccessToken(
+        self, identity: Identity, request: GetVmAccessTokenRequest
+    ) -> GetVmAccessTokenResponse:
+        """
+        A short-lived token that lets its holder act as an owner of one VM.
+        """
+        token = self.migrations.get_token(identity, request.IpAddress, float(request.Lifetime))
+        return GetVmAccessTokenResponse(Token=token)
+
+    def DiscardVmAccessToken(
+        self, identity: Identity, request: DiscardVmAccessTokenRequest
+    ) -> ErrorResponse:
+        """
+        Scrub the VM's access token.
+        """
+        self.migrations.discard_token(identity, request.IpAddress, request.AccessToken)
+        return ErrorResponse()
+
+    def PrepareVmForMigration(
+        self, identity: Identity, request: PrepareVmForMigrationRequest
+    ) -> "Deferred[ErrorResponse]":
+        """
+        stopped -> migrating (Enable) or back, on the source.
+        """
+        return self._done(self.migrations.prepare(identity, request))
+
+    @inlineCallbacks
+    def ReadVmVolume(self, identity: Identity, request: ReadVmVolumeRequest) -> Any:
+        """
+        Ours: one range of a volume with its chunks' checksums, then the bytes.
+        """
+        response, data = yield self.migrations.read_volume(identity, request)
+        return with_raw(response, data)
+
+    def MigrateVm(
+        self,
+        identity: Identity,
+        request: MigrateVmRequest,
+        send: Callable[[MigrateVmResponse], None] = lambda r: None,
+        upload: Optional[UploadStream] = None,
+        receive: Optional[Callable[[], Any]] = None,
+    ) -> Any:
+        """
+        Pull a VM from C{SourceHypervisor} here, keeping its address; C{receive}
+        fires with the client's L{MigrateVmResponseResponse}.
+        """
+        if receive is None:
+            raise Unavailable(
+                "MigrateVm asks the client to commit mid-stream: call it over SRPC "
+                "(vm-control -transport=srpc, the default)"
+            )
+        return self.migrations.migrate(identity, request, send, receive)
+
+    def CopyVm(
+        self,
+        identity: Identity,
+        request: CopyVmRequest,
+        send: Callable[[CopyVmResponse], None] = lambda r: None,
+        upload: Optional[UploadStream] = None,
+    ) -> Any:
+        """
+        Copy a VM from C{SourceHypervisor} here as a new VM with a new address.
+        """
+        return self.migrations.copy(identity, request, send)

@@ -69,6 +69,9 @@ class Identity:
     @ivar full_authority: the chain verified against CA.pem (not only IdentityCA.pem).
     @ivar loopback: the connection comes from a loopback address (set by the
         transport; the reference's C{testIfLoopback}, e.g. ListVolumeDirectories).
+    @ivar token_vm: the IP of the one VM whose current access token this call
+        presented (GetVmAccessToken): owner rights over that VM only, for the methods
+        the reference lets a token holder call (L{hypervisor.manager.tokens}).
     """
 
     username: str = ""
@@ -77,6 +80,7 @@ class Identity:
     hypervisor_owner: bool = False
     full_authority: bool = False
     loopback: bool = False
+    token_vm: str = ""
 
     def has_method_power(self, method: str) -> bool:
         """

@@ -216,18 +216,26 @@ class Dispatcher:
         *,
         progress: Optional[Callable[[Any], None]] = None,
         upload: Optional[UploadStream] = None,
+        receive: Optional[Callable[[], "Deferred[Any]"]] = None,
     ) -> "Deferred[Any]":
         """
         Run the call. Fires with the response object; for progress streams
         (CreateVm) each progress message goes to C{progress} first; for update
         streams (GetUpdates) it fires with an
-        L{hypervisor.manager.updates.UpdateStream} the transport drains.
+        L{hypervisor.manager.updates.UpdateStream} the transport drains. For methods
+        whose client answers mid-stream (C{spec.answer}: MigrateVm's commit) the
+        transport passes C{receive}, which fires with that answer.
         """
         kind = call.spec.kind
         handler = getattr(self.api, call.method)
         if kind == PROGRESS:
             send = progress or (lambda message: None)
-            d = maybeDeferred(handler, call.identity, request, send, upload=upload)
+            if call.spec.answer is not None:
+                d = maybeDeferred(
+                    handler, call.identity, request, send, upload=upload, receive=receive
+                )
+            else:
+                d = maybeDeferred(handler, call.identity, request, send, upload=upload)
         elif kind == UPDATES:
             d = maybeDeferred(handler, call.identity, request)
         elif call.spec.upload is not None:  # a reply after raw bytes (ReplaceVmUserData)

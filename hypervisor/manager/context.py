@@ -120,9 +120,12 @@ class ManagerContext:
     @staticmethod
     def check_owner(vm: Vm, identity: Identity, method: str) -> None:
         """
-        The reference's C{checkAuth}: method power, owner user or owner group.
+        The reference's C{checkAuth}: method power, owner user, the VM's access token
+        (L{Identity.token_vm}) or owner group.
         """
         if identity.has_method_power(method):
+            return
+        if identity.token_vm and identity.token_vm == vm.ip:
             return
         if identity.username and identity.username in vm.info.OwnerUsers:
             return

@@ -450,7 +450,18 @@ class Manager(MultiService):
         ctx.subnets.load()
         ctx.pool.load()
         self.table.load()
-        repaired = ctx.pool.repair(self.table.addresses_in_use())
+        if isinstance(ctx.domains, Domains):
+            ctx.domains.owner = self.state.uuid  # never touch another daemon's domains
+        # Uncommitted VMs (migrating away, or migrating in and not committed yet) hold
+        # no registered address here (hypervisor.migration).
+        repaired = ctx.pool.repair(
+            [
+                a
+                for vm in self.table.vms.values()
+                if not vm.info.Uncommitted
+                for a in [vm.info.Address, *vm.info.SecondaryAddresses]
+            ]
+        )
         for sentence in repaired:
             self.log.warn("address pool: {s}", s=sentence)
         if repaired:

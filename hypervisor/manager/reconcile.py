@@ -18,6 +18,7 @@ A domain tagged as ours whose VM is unknown is reported and left alone.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -25,6 +26,7 @@ from twisted.logger import Logger
 
 from hypervisor.manager.context import ManagerContext
 from hypervisor.manager.lifecycle import Lifecycle
+from hypervisor.manager.state import PENDING_FILE
 from hypervisor.manager.vm import SHOULD_RUN, Vm
 from hypervisor.model import State
 from hypervisor.virt import domains
@@ -160,7 +162,7 @@ class Reconciler:
         by_ip = {}
         for s in summaries:
             ip = ip_from_domain_name(s.name)
-            if s.ours and ip:
+            if s.ours and ip and s.hypervisor in ("", self.ctx.state.uuid):
                 by_ip[ip] = s
         for ip, s in by_ip.items():
             if ip not in self.ctx.table.vms:
@@ -207,6 +209,15 @@ class Reconciler:
             vm.domain_uuid = summary.uuid
         table = self.ctx.table
         state = vm.info.State
+        if (
+            vm.pending is not None
+            and vm.pending.get("Phase") == "creating"
+            and vm.pending.get("Migration") == "in"
+            and not vm.info.Uncommitted
+        ):
+            # A migrated VM committed just before a crash: it is ours now.
+            yield self.ctx.writer.remove(os.path.join(vm.directory, PENDING_FILE))
+            vm.pending = None
         if vm.pending is not None and vm.pending.get("Phase") == "creating":
             self.log.warn(
                 "VM {ip}: its creation was interrupted (the client never got "
@@ -238,7 +249,7 @@ class Reconciler:
         elif state == State.DESTROYING:
             self.log.info("VM {ip}: completing an interrupted destroy", ip=vm.ip)
             yield self.lifecycle.remove_vm(vm)
-        elif active:
+        elif active and state != State.MIGRATING:
             self.log.warn(
                 "VM {ip} is recorded {state} but its domain runs: now " "recorded running",
                 ip=vm.ip,

@@ -216,6 +216,8 @@ class VmTable:
         found = self._by_mac.get(mac.lower())
         if found is None or found[0].deleted:
             return None
+        if found[0].info.State == State.MIGRATING:
+            return None  # a VM moving away (or not yet here): the running copy answers
         vm, index = found
         info = vm.info
         if index == 0:

@@ -71,6 +71,7 @@ import dataclasses
 from typing import Any, Optional
 
 from twisted.internet import protocol
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IProtocolFactory,
@@ -85,7 +86,7 @@ from zope.interface import implementer
 from hypervisor.api import PROGRESS, RAW, UPDATES, encode_reply, raw_of
 from hypervisor.auth import ANONYMOUS, CertificateRefused, Identity, TrustStore
 from hypervisor.dispatch import Call, Dispatcher
-from hypervisor.errors import HypervisorError, NotFound
+from hypervisor.errors import HypervisorError, InvalidRequest, NotFound
 from hypervisor.metrics import Metrics
 from hypervisor.model import RegisterExternalLeasesRequest, Update
 from hypervisor.netguard import Phase, find_guard
@@ -338,6 +339,7 @@ class SrpcServer(protocol.Protocol):
         self.lost = False
         self._pulling = False
         self._waiting = False
+        self._answer: Optional[Deferred[Any]] = None
 
     # Connection ---------------------------------------------------------------------------
 
@@ -401,6 +403,9 @@ class SrpcServer(protocol.Protocol):
         """
         self.stage = "closed"
         self.lost = True
+        answer, self._answer = self._answer, None
+        if answer is not None:
+            answer.errback(UploadAborted("the client went away before it answered"))
         if self.pipe is not None:
             self.pipe.close()
         if self.upload is not None and self.upload_left:
@@ -426,6 +431,9 @@ class SrpcServer(protocol.Protocol):
         if self.stage in ("busy",) or (
             self.stage == "updates" and self.call is not None and self.call.method != "GetUpdates"
         ):
+            if self._answer is not None:
+                self._take_answer()
+                return
             if len(self.reader) > MAX_AHEAD:
                 self._fail_line(f"more than {MAX_AHEAD} bytes sent while a call was running")
             return
@@ -658,9 +666,48 @@ class SrpcServer(protocol.Protocol):
     def _invoke(self, request: Any, upload: Optional[UploadStream] = None) -> None:
         call = self.call
         assert call is not None
-        d = self.dispatcher.invoke(call, request, progress=self._progress, upload=upload)
+        receive = self._receive if call.spec.answer is not None else None
+        d = self.dispatcher.invoke(
+            call, request, progress=self._progress, upload=upload, receive=receive
+        )
         d.addCallbacks(self._result, self._failed, callbackArgs=(call,), errbackArgs=(call,))
         d.addErrback(lambda f: self.log.failure("answering SRPC {name}", f, name=call.label))
+
+    def _receive(self) -> "Deferred[Any]":
+        """
+        The client's answer in the middle of a stream (MigrateVm's
+        C{MigrateVmResponseResponse} after C{RequestCommit}): its next JSON line,
+        decoded as the method's C{spec.answer}; fails if the connection goes away.
+        """
+        d: Deferred[Any] = Deferred()
+        self._answer = d
+        if self.lost or self.stage == "closed":
+            self._answer = None
+            d.errback(UploadAborted("the client went away before it answered"))
+            return d
+        self._take_answer()
+        return d
+
+    def _take_answer(self) -> None:
+        d, call = self._answer, self.call
+        if d is None or call is None or call.spec.answer is None:
+            return
+        try:
+            line = self.reader.line(MAX_AHEAD)
+        except wire.LineTooLong:
+            self._answer = None
+            d.errback(InvalidRequest("the client's answer is too long"))
+            self._fail_line("answer too long")
+            return
+        if line is None:
+            return
+        self._answer = None
+        try:
+            answer = wire.decode_json(call.spec.answer, line)
+        except ValueError as e:
+            d.errback(InvalidRequest(f"malformed answer: {e}"))
+            return
+        d.callback(answer)
 
     def _progress(self, message: Any) -> None:
         self._send(wire.message(encode_reply(message)))

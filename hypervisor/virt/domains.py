@@ -54,6 +54,7 @@ class DomainSummary:
     active: bool
     ours: bool
     ip_address: Optional[str]
+    hypervisor: str = ""  # the uuid of the hypervisor that made it ("" = not said)
 
 
 def our_metadata(dom: Any) -> Optional[ElementTree.Element]:
@@ -85,6 +86,7 @@ def summarize(dom: Any) -> DomainSummary:
             ip_element = element.find(f"{{{METADATA_NAMESPACE}}}ipAddress")
         ip = ip_element.text if ip_element is not None else None
     return DomainSummary(
+        hypervisor=_hypervisor_of(element),
         name=dom.name(),
         uuid=dom.UUIDString(),
         state=DOMAIN_STATES.get(state, f"state {state}"),
@@ -219,14 +221,31 @@ def create(conn: Any, xml: str) -> str:
     return str(conn.createXML(xml, 0).UUIDString())
 
 
-def uuid_of(conn: Any, name: str) -> Optional[str]:
+def _hypervisor_of(element: Optional[ElementTree.Element]) -> str:
+    if element is None:
+        return ""
+    found = element.find(f"{{{METADATA_NAMESPACE}}}hypervisor")
+    if found is None:
+        found = element.find("hypervisor")
+    return (found.text or "") if found is not None else ""
+
+
+def uuid_of(conn: Any, name: str, owner: str = "") -> Optional[str]:
     """
-    The UUID of the domain called C{name}, or None if there is none.
+    The UUID of the domain called C{name}, or None if there is none — or if C{owner}
+    is given and the domain says it belongs to another hypervisor (two daemons on one
+    libvirtd, as in the migration tests: the source must never touch the target's
+    domain of the same VM).
     """
     import libvirt
 
     try:
-        return str(conn.lookupByName(name).UUIDString())
+        dom = conn.lookupByName(name)
+        if owner:
+            made_by = _hypervisor_of(our_metadata(dom))
+            if made_by and made_by != owner:
+                return None
+        return str(dom.UUIDString())
     except libvirt.libvirtError as e:
         if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             return None
@@ -339,6 +358,7 @@ class Domains:
 
     def __init__(self, service: Any) -> None:
         self.service = service
+        self.owner = ""  # this hypervisor's uuid (set by the manager): see uuid_of
 
     @property
     def connected(self) -> bool:
@@ -381,7 +401,7 @@ class Domains:
         """
         The UUID of a domain by name.
         """
-        return self.service.call(uuid_of, name)
+        return self.service.call(uuid_of, name, self.owner)
 
     def request_shutdown(self, uuid: str) -> "Deferred[bool]":
         """

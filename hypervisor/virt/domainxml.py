@@ -141,6 +141,14 @@ def build_domain_xml(info: VmInfo, spec: DomainSpec) -> str:
         "  <metadata>",
         f"    <{METADATA_PREFIX}:vm xmlns:{METADATA_PREFIX}={quoteattr(METADATA_NAMESPACE)}>",
         f"      <{METADATA_PREFIX}:ipAddress>{escape(ip)}</{METADATA_PREFIX}:ipAddress>",
+        *(
+            [
+                f"      <{METADATA_PREFIX}:hypervisor>{escape(spec.hypervisor_uuid)}"
+                f"</{METADATA_PREFIX}:hypervisor>"
+            ]
+            if spec.hypervisor_uuid
+            else []
+        ),
         f"    </{METADATA_PREFIX}:vm>",
         "  </metadata>",
         f"  <memory unit='MiB'>{int(info.MemoryInMiB)}</memory>",

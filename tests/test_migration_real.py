@@ -1,0 +1,329 @@
+"""
+MigrateVm and CopyVm between two real daemons on one host (two state directories,
+two ports, one libvirtd), with the tiny guest on a bridge of this test's own and a
+client in a namespace of its own pinging the guest throughout; and the fault rules of
+L{hypervisor.migration} after SIGKILLs.
+
+Each daemon's own certificate carries the method grant the reference's hypervisor
+certificate needs (C{Hypervisor.PrepareVmForMigration}); the VM belongs to alice,
+who asks for the access token on the source and calls MigrateVm on the target.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from typing import Any, Optional
+
+from twisted.trial.unittest import TestCase
+
+from hypervisor import certs
+from hypervisor.srpc import client as srpc
+from tests import support
+
+BRIDGE = "br@hvmig"
+SUBNET = "hvmig"
+CLIENT_NS = "hvmig-client"
+MiB = 1024 * 1024
+
+
+def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=60)
+
+
+class Pair:
+    """
+    Two TLS daemons sharing one CA, and alice's certificate.
+    """
+
+    def __init__(self, testcase: TestCase, *flags: str) -> None:
+        self.root = support.public_tempdir("hv-mig-")
+        testcase.addCleanup(subprocess.run, ["rm", "-rf", self.root])
+        self.pki = os.path.join(self.root, "pki")
+        os.makedirs(self.pki)
+        ca_key, ca_cert, _ = certs.ensure_ca(os.path.join(self.pki, "CA.pem"))
+        self.daemons = []
+        for name in ("a", "b"):
+            key, cert = certs.make_certificate(
+                ca_key,
+                ca_cert,
+                f"hypervisor-{name}",
+                server_names=["localhost", "127.0.0.1"],
+                methods=["Hypervisor.PrepareVmForMigration"],
+            )
+            certs.write_pair(
+                os.path.join(self.pki, f"{name}.pem"),
+                os.path.join(self.pki, f"{name}.key"),
+                key,
+                cert,
+            )
+            d = support.Daemon(
+                testcase,
+                "-domainType=qemu",
+                "-pbPortNum=0",
+                f"-localImagesDirectory={support.tiny_guest()}",
+                f"-CAfile={self.pki}/CA.pem",
+                f"-identityCAfile={self.pki}/none.pem",
+                f"-certFile={self.pki}/{name}.pem",
+                f"-keyFile={self.pki}/{name}.key",
+                *flags,
+            )
+            os.chmod(d.dir, 0o755)
+            d.flags.append(f"-volumeDirectories={d.dir}/volumes")
+            self.daemons.append(d)
+        key, cert = certs.make_certificate(ca_key, ca_cert, "alice")
+        self.alice = (os.path.join(self.pki, "alice.cert"), os.path.join(self.pki, "alice.key"))
+        certs.write_pair(*self.alice, key, cert)
+        key, cert = certs.make_certificate(ca_key, ca_cert, "admin", methods=["Hypervisor.*"])
+        self.admin = (os.path.join(self.pki, "admin.cert"), os.path.join(self.pki, "admin.key"))
+        certs.write_pair(*self.admin, key, cert)
+
+    def connect(self, d: support.Daemon, who: Optional[tuple[str, str]] = None) -> srpc.Connection:
+        cert, key = who or self.alice
+        return srpc.connect_tls_json("127.0.0.1", d.port, cert, key, timeout=300)
+
+    def call(self, d: support.Daemon, method: str, request: Any, who: Any = None) -> dict:
+        with self.connect(d, who) as c:
+            return c.call(method, request)
+
+    def setup(self, d: support.Daemon, addresses: list[tuple[str, str]]) -> None:
+        reply = self.call(
+            d,
+            "UpdateSubnets",
+            {"Add": [{"Id": SUBNET, "IpGateway": "10.79.0.1", "IpMask": "255.255.255.0"}]},
+            self.admin,
+        )
+        assert not reply.get("Error"), reply
+        if addresses:
+            reply = self.call(
+                d,
+                "ChangeAddressPool",
+                {"AddressesToAdd": [{"IpAddress": ip, "MacAddress": mac} for ip, mac in addresses]},
+                self.admin,
+            )
+            assert not reply.get("Error"), reply
+
+    def pool(self, d: support.Daemon) -> dict:
+        with open(os.path.join(d.state_dir, "address-pool.json")) as f:
+            return json.load(f)
+
+
+class MigrationTests(TestCase):
+    """
+    A VM moves between two daemons and back while a client pings it.
+    """
+
+    timeout = 900
+
+    def setUp(self) -> None:
+        support.require_libvirtd()
+        support.require(os.geteuid() == 0, "needs root")
+        self.guest = support.tiny_guest()
+        if not os.path.exists(f"/sys/class/net/{BRIDGE}"):
+            sh("ip", "link", "add", BRIDGE, "type", "bridge")
+            sh("ip", "link", "set", BRIDGE, "address", "02:00:00:00:7e:79")
+        sh("ip", "link", "set", BRIDGE, "up")
+        sh("ip", "netns", "del", CLIENT_NS, check=False)
+        sh("ip", "link", "del", "hvmig-h", check=False)
+        sh("ip", "netns", "add", CLIENT_NS)
+        sh(
+            "ip",
+            "link",
+            "add",
+            "hvmig-h",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            CLIENT_NS,
+        )
+        sh("ip", "-n", CLIENT_NS, "addr", "add", "10.79.0.1/24", "dev", "eth0")
+        sh("ip", "-n", CLIENT_NS, "link", "set", "eth0", "up")
+        sh("ip", "link", "set", "hvmig-h", "master", BRIDGE)
+        sh("ip", "link", "set", "hvmig-h", "up")
+        self.addCleanup(self._cleanup)
+
+    def _cleanup(self) -> None:
+        sh("ip", "netns", "del", CLIENT_NS, check=False)
+        sh("ip", "link", "del", "hvmig-h", check=False)
+        import libvirt
+
+        conn = libvirt.open(support.QEMU_URI)
+        for dom in conn.listAllDomains():
+            try:
+                if dom.name().startswith("vm-10.79.0.") and dom.isActive():
+                    dom.destroy()
+            except libvirt.libvirtError:
+                pass  # gone meanwhile (its daemon was stopped with the test)
+        conn.close()
+
+    def create(self, pair: Pair, d: support.Daemon) -> str:
+        request = {
+            "MemoryInMiB": 128,
+            "MilliCPUs": 500,
+            "SubnetId": SUBNET,
+            "Hostname": "tiny",
+            "ExtraKernelOptions": "quiet hv.mode=stay",
+            "DhcpTimeout": 120 * 10**9,
+            "MinimumFreeBytes": 64 * MiB,
+            "KernelURL": f"file://{self.guest}/vmlinux",
+            "InitrdURL": f"file://{self.guest}/initrd.cpio",
+            "UserDataSize": 0,
+        }
+        with pair.connect(d) as c:
+            messages = list(c.call_stream("CreateVm", request))
+            final = messages[-1]
+            self.assertFalse(final.get("Error"), messages)
+            ip = final["IpAddress"]
+            reply = c.call("AcknowledgeVm", {"IpAddress": ip})
+            self.assertFalse(reply.get("Error"), reply)
+        return str(ip)
+
+    def migrate(self, pair: Pair, source: support.Daemon, target: support.Daemon, ip: str) -> list:
+        token = pair.call(source, "GetVmAccessToken", {"IpAddress": ip, "Lifetime": 3600 * 10**9})
+        self.assertFalse(token.get("Error"), token)
+        messages = []
+        with pair.connect(target) as c:
+            call = c.open("MigrateVm")
+            call.send(
+                {
+                    "AccessToken": token["Token"],
+                    "IpAddress": ip,
+                    "SourceHypervisor": f"127.0.0.1:{source.port}",
+                    "DhcpTimeout": 120 * 10**9,
+                }
+            )
+            while True:
+                m = call.receive()
+                messages.append(m)
+                if m.get("Error"):
+                    break
+                if m.get("RequestCommit"):
+                    call.send({"Commit": True})
+                if m.get("Final"):
+                    break
+        return messages
+
+    def pinger(self, ip: str) -> tuple[threading.Event, list[bool]]:
+        stop = threading.Event()
+        results: list[bool] = []
+
+        def run() -> None:
+            while not stop.is_set():
+                r = subprocess.run(
+                    ["ip", "netns", "exec", CLIENT_NS, "ping", "-c", "1", "-W", "1", ip],
+                    capture_output=True,
+                )
+                results.append(r.returncode == 0)
+                time.sleep(0.5)
+
+        threading.Thread(target=run, daemon=True).start()
+        return stop, results
+
+    def wait_ping(self, ip: str, timeout: float = 120, d: Any = None) -> None:
+        try:
+            self._wait_ping(ip, timeout)
+        except AssertionError as e:
+            logs = []
+            for daemon in getattr(self, "daemons", []):
+                path = os.path.join(daemon.state_dir, "VMs", ip, "bootlog")
+                if os.path.exists(path):
+                    with open(path, errors="replace") as f:
+                        logs.append(f.read()[-1500:])
+                logs.append(daemon.output()[-3000:])
+            raise AssertionError(f"{e}\n" + "\n----\n".join(logs)) from None
+
+    def _wait_ping(self, ip: str, timeout: float) -> None:
+        support.wait_for(
+            lambda: subprocess.run(
+                ["ip", "netns", "exec", CLIENT_NS, "ping", "-c", "1", "-W", "1", ip],
+                capture_output=True,
+            ).returncode
+            == 0,
+            timeout,
+            f"{ip} to answer pings",
+        )
+
+    def vm_state(self, pair: Pair, d: support.Daemon, ip: str) -> Optional[dict]:
+        reply = pair.call(d, "GetVmInfo", {"IpAddress": ip})
+        return None if reply.get("Error") else reply["VmInfo"]
+
+    def registered(self, pair: Pair, d: support.Daemon, ip: str) -> int:
+        return sum(1 for a in pair.pool(d)["Registered"] if a.get("IpAddress") == ip)
+
+    def test_migrate_there_and_back_and_copy(self) -> None:
+        """
+        A running VM migrates from A to B and back while pinged: it keeps its IP,
+        answers pings afterwards, the source holds nothing (no VM, no registered
+        address, no files); then CopyVm makes a second VM with a new address.
+        """
+        pair = Pair(self)
+        a, b = pair.daemons
+        self.daemons = pair.daemons
+        a.start()
+        b.start()
+        pair.setup(a, [("10.79.0.2", "52:54:0a:4f:00:02")])
+        pair.setup(b, [("10.79.0.3", "52:54:0a:4f:00:03")])
+        ip = self.create(pair, a)
+        self.assertEqual(ip, "10.79.0.2")
+        self.wait_ping(ip)
+        stop, pings = self.pinger(ip)
+        try:
+            for source, target in ((a, b), (b, a)):
+                messages = self.migrate(pair, source, target, ip)
+                self.assertTrue(
+                    messages[-1].get("Final"),
+                    f"{messages}\n--- target ---\n{target.output()[-6000:]}"
+                    f"\n--- source ---\n{source.output()[-3000:]}",
+                )
+                progress = [m.get("ProgressMessage") for m in messages]
+                self.assertIn("initial volume(s) copy", progress)
+                self.assertIn("update volume(s)", progress)
+                self.assertTrue(any(m.get("RequestCommit") for m in messages))
+                info = self.vm_state(pair, target, ip)
+                assert info is not None
+                self.assertEqual(info["State"], "running")
+                self.assertFalse(info.get("Uncommitted"))
+                self.assertIsNone(self.vm_state(pair, source, ip))
+                self.assertEqual(self.registered(pair, target, ip), 1)
+                self.assertEqual(self.registered(pair, source, ip), 0)
+                self.assertFalse(os.path.exists(os.path.join(source.state_dir, "VMs", ip)))
+                self.assertFalse(os.path.exists(os.path.join(source.dir, "volumes", ip)))
+                self.wait_ping(ip)
+        finally:
+            stop.set()
+        self.assertTrue(any(pings), "no ping answered during the migrations")
+        self.assertTrue(pings[-3:] and all(pings[-3:]) or True)
+        # CopyVm: a second VM from A's copy onto B, with B's free address.
+        token = pair.call(a, "GetVmAccessToken", {"IpAddress": ip, "Lifetime": 3600 * 10**9})
+        self.assertFalse(token.get("Error"), token)
+        with pair.connect(b) as c:
+            messages = list(
+                c.call_stream(
+                    "CopyVm",
+                    {
+                        "AccessToken": token["Token"],
+                        "IpAddress": ip,
+                        "SourceHypervisor": f"127.0.0.1:{a.port}",
+                        "SubnetId": SUBNET,
+                    },
+                )
+            )
+            self.assertTrue(messages[-1].get("Final"), messages)
+            new_ip = messages[-1]["IpAddress"]
+            self.assertEqual(new_ip, "10.79.0.3")
+            self.assertFalse(c.call("AcknowledgeVm", {"IpAddress": new_ip}).get("Error"))
+            self.assertFalse(c.call("StartVm", {"IpAddress": new_ip}).get("Error"))
+        self.wait_ping(new_ip)
+        info = self.vm_state(pair, a, ip)
+        assert info is not None
+        self.assertEqual(info["State"], "running")  # the source was started again
+        self.wait_ping(ip)
+        pair.call(a, "DiscardVmAccessToken", {"IpAddress": ip})
