@@ -58,6 +58,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+# Imported with this module (at start-up, when -pbOnion makes the service): txtorcon
+# looks for tor's GeoIP file as it is imported, which must not happen on the reactor.
+import txtorcon
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.application import service
@@ -467,7 +470,6 @@ class OnionService(service.Service):
         return f"{where}: {text}"
 
     async def _connect(self) -> Any:
-        import txtorcon
         from twisted.internet.endpoints import clientFromString
 
         if self.control:
@@ -490,7 +492,6 @@ class OnionService(service.Service):
         Unlike C{txtorcon.launch}, this does not wait for tor to bootstrap: the
         service is added at once and tor publishes it when it reaches the network.
         """
-        import txtorcon
         from twisted.internet.endpoints import UNIXClientEndpoint
 
         directory = self.tor_data_directory

@@ -101,9 +101,9 @@ class KeyTests(SynchronousTestCase):
                 self.assertEqual(f.read(), content)
 
 
-class OfflineTorTests(TestCase):
+class OfflineTorCase(TestCase):
     """
-    The onion service against a real tor with DisableNetwork 1.
+    A real tor with DisableNetwork 1 (not started), a disk pool, and onion services.
     """
 
     timeout = 120
@@ -139,6 +139,12 @@ class OfflineTorTests(TestCase):
         assert tor is not None
         text = await tor.protocol.get_info("onions/current")
         return str(text["onions/current"]).split()
+
+
+class OfflineTorTests(OfflineTorCase):
+    """
+    The onion service against a real tor with DisableNetwork 1.
+    """
 
     async def test_published_with_our_key(self) -> None:
         """
@@ -353,3 +359,50 @@ class CommandTests(SynchronousTestCase):
         result = self.hypervisor("onion-address")
         self.assertEqual(result.returncode, 1)
         self.assertIn("pb.json", result.stderr)
+
+
+class ReactorIoTests(OfflineTorCase):
+    """
+    The onion service does no disk I/O on the reactor thread (the key and the launched
+    tor's files go through the disk threads), watched as L{tests.test_reactor_io}
+    watches the request paths.
+    """
+
+    async def watched(self, **kwargs: Any) -> list[tuple[str, str]]:
+        from tests.test_reactor_io import Monitor
+
+        # Watched from just after start-up (where every listener of the daemon opens
+        # its sockets, before the reactor runs).
+        service = self.service(**kwargs)
+        monitor = Monitor()
+        monitor.install()
+        try:
+            await support.until(lambda: service.state == "publishing", 60, "ADD_ONION")
+            await service.stopService()
+        finally:
+            monitor.uninstall()
+        # spawnProcess checks that its pipes are pipes (fstat of a pipe: no disk).
+        return [
+            (call, stack)
+            for call, stack in monitor.violations
+            if not (call.startswith("os.fstat(") and "internet/process.py" in stack)
+        ]
+
+    async def test_connect_mode(self) -> None:
+        """
+        Key made, tor reached, service added and removed: no disk I/O on the reactor.
+        """
+        self.tor.start()
+        violations = await self.watched(control=self.tor.endpoint)
+        self.assertEqual(violations, [], "\n".join(f"{c}\n{s}" for c, s in violations))
+
+    async def test_launch_mode(self) -> None:
+        """
+        Tor launched (its directory and torrc made), service added, tor stopped: no
+        disk I/O on the reactor.
+        """
+        support.require(shutil.which("tor") is not None, "tor is not installed")
+        violations = await self.watched(
+            tor_data_directory=os.path.join(self.dir, "tor"), tor_config="DisableNetwork 1\n"
+        )
+        self.assertEqual(violations, [], "\n".join(f"{c}\n{s}" for c, s in violations))
