@@ -53,7 +53,6 @@ import json
 import os
 import re
 import shutil
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -320,7 +319,7 @@ class OnionService(service.Service):
     def _set(self, state: str, error: str = "") -> None:
         self.state = state
         self.error = error
-        self.since = time.time()
+        self.since = self.reactor.seconds()
 
     # -- service
 
