@@ -207,8 +207,9 @@ class TransferThreadTests(TestCase):
         self, transfer: TransferThread, done: "Deferred[Optional[str]]"
     ) -> Optional[str]:
         why = await done
+        await self.threads.idle()
         self.assertFalse(transfer.thread.is_alive())
-        self.assertEqual(self.threads.running, set())
+        self.assertEqual((self.threads.running, self.threads.exiting), (set(), set()))
         if isinstance(transfer.reader, BlockingFileReader):
             self.assertEqual(transfer.reader.fd, -1)  # closed by the thread
         return why
@@ -453,6 +454,7 @@ class ServiceTests(TestCase):
                     break
                 await deferLater(reactor, 0.01, lambda: None)
             self.assertEqual(self.service.server.completed, 2)
+            await self.service.transfer_threads.idle()
             self.assertEqual(transfer_threads(), [])
 
         return Deferred.fromCoroutine(go())  # type: ignore[return-value]

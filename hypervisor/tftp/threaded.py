@@ -306,19 +306,27 @@ class TransferThread:
 class TransferThreads:
     """
     At most C{limit} transfer threads at a time.
+
+    @ivar running: transfers whose thread has not reported its end.
+    @ivar exiting: transfers that reported their end, their thread not yet gone
+        (it returns right after; looked at again shortly, never waited for).
     """
+
+    REAP_EVERY = 0.002
 
     def __init__(self, reactor: Any, limit: int) -> None:
         self.reactor = reactor
         self.limit = limit
         self.running: set[TransferThread] = set()
+        self.exiting: set[TransferThread] = set()
         self._idle: list[Deferred[None]] = []
+        self._reaping = False
 
     def available(self) -> bool:
         """
         Whether one more transfer may have a thread.
         """
-        return len(self.running) < self.limit
+        return len(self.running) + len(self.exiting) < self.limit
 
     def start(self, transfer: TransferThread) -> bool:
         """
@@ -331,14 +339,11 @@ class TransferThreads:
 
         def ended(t: TransferThread, why: Optional[str]) -> None:
             self.running.discard(t)
-            t.thread.join()  # it has returned from its loop: at most a moment
+            self.exiting.add(t)
             try:
                 done(t, why)
             finally:
-                if not self.running:
-                    idle, self._idle = self._idle, []
-                    for d in idle:
-                        d.callback(None)
+                self._reap()
 
         transfer.on_done = ended
         try:
@@ -348,6 +353,21 @@ class TransferThreads:
             return False
         self.running.add(transfer)
         return True
+
+    def _reap(self, timer: bool = False) -> None:
+        if timer:
+            self._reaping = False
+        for t in list(self.exiting):
+            if not t.thread.is_alive():
+                self.exiting.discard(t)
+        if self.exiting:
+            if not self._reaping:
+                self._reaping = True
+                self.reactor.callLater(self.REAP_EVERY, self._reap, True)
+        elif not self.running:
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
 
     def stop(self, reason: str) -> "Deferred[None]":
         """
@@ -359,9 +379,9 @@ class TransferThreads:
 
     def idle(self) -> "Deferred[None]":
         """
-        Fires once no thread is running.
+        Fires once no transfer thread is left.
         """
-        if not self.running:
+        if not self.running and not self.exiting:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._idle.append(d)
