@@ -271,6 +271,8 @@ class TransferThread:
         datagram = session.datagram
         monotonic = time.monotonic
         current = self._receive_timeout
+        low, high = current - TIMEOUT_SLACK, current + TIMEOUT_SLACK
+        size = codec.MAX_CLIENT_PACKET
         next_report = monotonic() + REPORT_EVERY
         now = clock.now
         while not session.finished:
@@ -283,11 +285,11 @@ class TransferThread:
                 wait = due - now
             else:
                 wait = IDLE_WAIT
-            if wait < current - TIMEOUT_SLACK or wait > current + TIMEOUT_SLACK:
+            if wait < low or wait > high:
                 self._set_receive_timeout(wait)
-                current = wait
+                low, high = wait - TIMEOUT_SLACK, wait + TIMEOUT_SLACK
             try:
-                data = recv(codec.MAX_CLIENT_PACKET)
+                data = recv(size)
             except BlockingIOError:
                 clock.now = now = monotonic()
                 continue  # the receive timeout: the clock decides
