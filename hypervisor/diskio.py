@@ -143,7 +143,10 @@ def _write(path: str, data: Optional[bytes], mode: int) -> None:
         store.atomic_write(path, data, mode)
 
 
-WriteGroup = Callable[[list[tuple[str, Optional[bytes], int]]], None]
+FileWrite = tuple[str, Optional[bytes], int]
+"""One file of a group: its path, its data (None: remove it), its mode."""
+
+WriteGroup = Callable[[list[FileWrite]], None]
 
 
 @dataclass
@@ -197,7 +200,7 @@ class StateWriter:
         """
         return self._queue(path, None, 0)
 
-    def write_all(self, files: Sequence[tuple[str, Optional[bytes], int]]) -> "Deferred[None]":
+    def write_all(self, files: Sequence[FileWrite]) -> "Deferred[None]":
         """
         Write (data) or remove (C{None}) several files whose order does not matter in
         one job on the runner, with one directory flush per directory
@@ -229,7 +232,7 @@ class StateWriter:
 
         return d.addBoth(done)
 
-    def _one_by_one(self, files: list[tuple[str, Optional[bytes], int]]) -> None:
+    def _one_by_one(self, files: list[FileWrite]) -> None:
         for path, data, mode in files:
             self.write_file(path, data, mode)
 

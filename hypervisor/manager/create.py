@@ -412,6 +412,7 @@ class Creator:
         ctx.table.add(vm)
         vm.creating = True  # the reconciliation leaves it to us until we are done
         reserved = True
+        acknowledgement: Optional[dict[str, Any]] = None  # written with info.json
         yield vm.lock.acquire()
         try:
             yield self._build(
@@ -429,7 +430,10 @@ class Creator:
             ctx.stats.release_volumes(chosen, sizes, used=True)
             reserved = False
             if request.DoNotStart:
-                yield ctx.table.commit_state(vm, State.STOPPED)
+                # Stopped, and awaiting its acknowledgement from now: info.json and
+                # pending.json in one group (one directory flush).
+                path, data, mode, acknowledgement = self.lifecycle.acknowledgement_file(vm)
+                yield ctx.table.commit_state(vm, State.STOPPED, also=[(path, data, mode)])
             else:
                 progress(f"starting VM {ip}")
                 yield self.lifecycle.start_domain(vm)
@@ -447,7 +451,7 @@ class Creator:
         try:
             if vm.deleted:
                 raise WrongState(f"VM {ip} was removed while it was being created")
-            yield self.lifecycle.await_acknowledgement(vm)
+            yield self.lifecycle.await_acknowledgement(vm, acknowledgement)
         except BaseException as e:
             yield self._undo(vm, e)
             raise

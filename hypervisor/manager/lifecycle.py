@@ -205,19 +205,31 @@ class Lifecycle:
 
     # Acknowledgement deadline -----------------------------------------------------------
 
-    @inlineCallbacks
-    def await_acknowledgement(self, vm: Vm) -> Any:
+    def acknowledgement_file(self, vm: Vm) -> tuple[str, bytes, int, dict[str, Any]]:
         """
-        Record that C{vm} must be acknowledged within the acknowledge timeout, and arm
-        the timer (CreateVm, after the VM is complete).
+        C{pending.json} saying C{vm} must be acknowledged within the acknowledge
+        timeout from now: path, content, mode, and the record itself (for
+        L{await_acknowledgement}'s C{written}).
         """
         timeout = self.ctx.settings.acknowledge_timeout
         pending = {"Phase": "acknowledge", "Deadline": self.ctx.reactor.seconds() + timeout}
-        yield self.ctx.writer.write(
-            os.path.join(vm.directory, PENDING_FILE), json.dumps(pending).encode()
-        )
-        vm.pending = pending
-        self.arm_acknowledgement(vm, timeout)
+        path = os.path.join(vm.directory, PENDING_FILE)
+        return path, json.dumps(pending).encode(), 0o644, pending
+
+    @inlineCallbacks
+    def await_acknowledgement(self, vm: Vm, written: Optional[dict[str, Any]] = None) -> Any:
+        """
+        Record that C{vm} must be acknowledged within the acknowledge timeout, and arm
+        the timer (CreateVm, after the VM is complete).
+
+        @param written: the record of L{acknowledgement_file} when the caller wrote it
+            already (with the VM's info.json, in one group): not written again.
+        """
+        if written is None:
+            path, data, mode, written = self.acknowledgement_file(vm)
+            yield self.ctx.writer.write(path, data, mode)
+        vm.pending = written
+        self.arm_acknowledgement(vm, max(0.0, written["Deadline"] - self.ctx.reactor.seconds()))
 
     def arm_acknowledgement(self, vm: Vm, timeout: float) -> None:
         """

@@ -24,14 +24,14 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Protocol
+from typing import Any, Iterable, Optional, Protocol, Sequence
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from hypervisor import codec
-from hypervisor.diskio import StateWriter
+from hypervisor.diskio import FileWrite, StateWriter
 from hypervisor.errors import InvalidRequest, NotFound
 from hypervisor.manager.capacity import Usage
 from hypervisor.manager.network import Subnets
@@ -366,24 +366,33 @@ class VmTable:
         return copy.deepcopy(vm.local)
 
     @inlineCallbacks
-    def commit(self, vm: Vm, new: LocalVmInfo) -> Any:
+    def commit(self, vm: Vm, new: LocalVmInfo, also: Sequence[FileWrite] = ()) -> Any:
         """
         Write C{new} as the VM's info; once it is on disk, make it the VM's info and
         tell everyone. On failure (C{OSError}) nothing changed.
+
+        @param also: other files (path, data, mode) written with info.json as one
+            group (L{StateWriter.write_all}: one directory flush), in no order.
         """
-        yield self.writer.write(self.info_path(vm), codec.encode(new, indent=4))
+        info = codec.encode(new, indent=4)
+        if also:
+            yield self.writer.write_all([(self.info_path(vm), info, 0o644), *also])
+        else:
+            yield self.writer.write(self.info_path(vm), info)
         self._dirty.discard(vm)
         self._apply(vm, new)
 
-    def commit_state(self, vm: Vm, state: State) -> "Deferred[None]":
+    def commit_state(
+        self, vm: Vm, state: State, also: Sequence[FileWrite] = ()
+    ) -> "Deferred[None]":
         """
-        L{commit} a new state (nothing to write if it is the VM's state already).
+        L{commit} a new state (only C{also} to write if it is the VM's state already).
         """
         if vm.info.State == state and not vm.deleted:
-            return succeed(None)
+            return self.writer.write_all(list(also)) if also else succeed(None)
         new = self.copy(vm)
         self._stamp(new, state)
-        return self.commit(vm, new)
+        return self.commit(vm, new, also)
 
     def record(self, vm: Vm, new: LocalVmInfo, persist: bool = True) -> "Deferred[None]":
         """
