@@ -28,7 +28,7 @@ from hypervisor.console.model import (
     ConnectToVmConsoleRequest,
     ConnectToVmSerialPortRequest,
 )
-from hypervisor.errors import AccessDenied, Unavailable
+from hypervisor.errors import AccessDenied, InvalidRequest, Unavailable
 from hypervisor.manager.create import upload_size
 from hypervisor.manager.manager import Manager
 from hypervisor.manager.updates import UpdateStream
@@ -898,7 +898,7 @@ class HypervisorApi:
         fires with the client's L{MigrateVmResponseResponse}.
         """
         if receive is None:
-            raise Unavailable(
+            raise InvalidRequest(
                 "MigrateVm asks the client to commit mid-stream: call it over SRPC "
                 "(vm-control -transport=srpc, the default)"
             )

@@ -94,7 +94,13 @@ VM_OWNER_METHODS = {
     "ChangeVmConsoleType",
     "ConnectToVmConsole",
     "ConnectToVmSerialPort",
+    "GetVmAccessToken",
+    "DiscardVmAccessToken",
+    "ReadVmVolume",
 }
+# Method power does not count, the caller must own the VM (or hold its token) and
+# also hold the power (the reference's PrepareVmForMigration).
+POWER_AND_OWNER_METHODS = {"PrepareVmForMigration"}
 
 # A request body for each method: valid, aimed at the fixture VM where it has one.
 REQUESTS: dict[str, dict[str, Any]] = {
@@ -157,6 +163,15 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "ConnectToVmConsole": {"IpAddress": VM_IP},
     "ConnectToVmManager": {"IpAddress": VM_IP},
     "ConnectToVmSerialPort": {"IpAddress": VM_IP, "PortNumber": 0},
+    # Access tokens and migration (hypervisor.migration): MigrateVm of a VM this
+    # hypervisor holds is refused (409) before any call; CopyVm's source is malformed
+    # (400) so that nothing is dialled.
+    "GetVmAccessToken": {"IpAddress": VM_IP, "Lifetime": 60 * 10**9},
+    "DiscardVmAccessToken": {"IpAddress": VM_IP},
+    "PrepareVmForMigration": {"IpAddress": VM_IP, "Enable": False},
+    "ReadVmVolume": {"IpAddress": VM_IP, "Length": 65536, "ChunkSize": 65536},
+    "MigrateVm": {"IpAddress": VM_IP, "SourceHypervisor": "127.0.0.1:1"},
+    "CopyVm": {"IpAddress": VM_IP, "SourceHypervisor": "nowhere:port"},
 }
 
 
@@ -186,6 +201,8 @@ class Caller:
                 unauthenticated_reads and not self.presented and method in UNAUTHENTICATED_READS
             )
             return "allow" if anonymous_read else "401"
+        if method in POWER_AND_OWNER_METHODS:
+            return "allow" if self.power(method) and self.owner else "403"
         if self.power(method):
             return "allow"
         if ACCESS[method] == ADMIN:

@@ -7,8 +7,8 @@ acts as an owner of that VM, for the methods the reference honours a token in
 PrepareVmForMigration, DiscardVmAccessToken and our ReadVmVolume).
 
 - 32 random bytes from the OS (C{secrets}); one outstanding token per VM ("someone
-  else has the access token" while one is); lifetime 1 minute to 1 day, then the
-  token is scrubbed by a reactor timer.
+  else has the access token" while one is); lifetime 1 minute to 1 day: an expired
+  token matches nothing and is scrubbed when next looked at (no timer per token).
 - A token is bound to the VM object it was made for: a VM destroyed and another
   created at the same IP does not inherit it.
 - Comparison is constant-time (C{hmac.compare_digest}); tokens shorter than 32
@@ -35,10 +35,10 @@ MAX_LIFETIME = 24 * 3600.0
 
 
 class _Token:
-    def __init__(self, vm: Any, value: bytearray, timer: Any) -> None:
+    def __init__(self, vm: Any, value: bytearray, expires: float) -> None:
         self.vm = vm
         self.value = value
-        self.timer = timer
+        self.expires = expires
 
 
 class AccessTokens:
@@ -64,21 +64,27 @@ class AccessTokens:
             raise InvalidRequest("lifetime is less than 1 minute")
         if lifetime > MAX_LIFETIME:
             raise InvalidRequest("lifetime is greater than 1 day")
-        current = self._tokens.get(vm.ip)
+        current = self._current(vm.ip)
         if current is not None and current.vm is vm:
             raise WrongState("someone else has the access token")
         if current is not None:
             self.discard(vm.ip)
         value = bytearray(secrets.token_bytes(TOKEN_BYTES))
-        timer = self.reactor.callLater(lifetime, self.discard, vm.ip)
-        self._tokens[vm.ip] = _Token(vm, value, timer)
+        self._tokens[vm.ip] = _Token(vm, value, self.reactor.seconds() + lifetime)
         return bytes(value)
+
+    def _current(self, ip: str) -> Optional[_Token]:
+        current = self._tokens.get(ip)
+        if current is not None and self.reactor.seconds() >= current.expires:
+            self.discard(ip)
+            return None
+        return current
 
     def valid(self, ip: str, token: bytes) -> bool:
         """
         Whether C{token} is the current token of the VM at C{ip} (constant time).
         """
-        current = self._tokens.get(ip)
+        current = self._current(ip)
         if current is None or len(token) < TOKEN_BYTES:
             return False
         if self.vms(ip) is not current.vm:
@@ -104,14 +110,12 @@ class AccessTokens:
             return
         for i in range(len(current.value)):
             current.value[i] = 0
-        if current.timer is not None and current.timer.active():
-            current.timer.cancel()
 
-    def outstanding(self, ip: str) -> Optional[bool]:
+    def outstanding(self, ip: str) -> bool:
         """
         Whether a token for C{ip} is outstanding (for tests and pages).
         """
-        return ip in self._tokens
+        return self._current(ip) is not None
 
     def clear(self) -> None:
         """

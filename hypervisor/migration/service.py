@@ -172,6 +172,7 @@ class Migrations:
         self.tokens.clear()
 
     def _client(self, address: str) -> SourceClient:
+        host_port(address)  # a malformed address is the caller's error (400)
         if self.credentials is None:
             raise MigrationFailed(
                 "this hypervisor has no certificate of its own for calls to other "
@@ -573,6 +574,7 @@ class Migrations:
         source = request.SourceHypervisor
         if not source:
             raise InvalidRequest("SourceHypervisor is required")
+        host_port(source)
 
         def progress(message: str) -> None:
             send(MigrateVmResponse(ProgressMessage=message))
@@ -751,6 +753,7 @@ class Migrations:
         source = request.SourceHypervisor
         if not ip or not source:
             raise InvalidRequest("IpAddress and SourceHypervisor are required")
+        host_port(source)
 
         def progress(message: str) -> None:
             send(CopyVmResponse(ProgressMessage=message))

@@ -1,0 +1,181 @@
+"""
+Fast tests of the access tokens (L{hypervisor.manager.tokens}) and of the volume
+transfer (L{hypervisor.migration.transfer}) with a source served in memory: ranges,
+checksums, the re-sync that sends only changed chunks, resuming, a corrupted chunk.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from hypervisor import codec
+from hypervisor.auth import Identity
+from hypervisor.errors import InvalidRequest, WrongState
+from hypervisor.manager.tokens import AccessTokens
+from hypervisor.migration import transfer
+from hypervisor.migration.messages import ReadVmVolumeRequest
+
+KiB = 1024
+
+
+class FakeVm:
+    def __init__(self, ip: str) -> None:
+        self.ip = ip
+
+
+class TokenTests(TestCase):
+    """
+    Tokens: one per VM, 32 random bytes, bound to the VM object, expiring.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.vm = FakeVm("10.0.0.2")
+        self.table = {"10.0.0.2": self.vm}
+        self.tokens = AccessTokens(self.clock, self.table.get)
+
+    def test_issue_and_check(self) -> None:
+        """
+        A token matches only its VM; a second one is refused while it lasts.
+        """
+        token = self.tokens.issue(self.vm, 3600)
+        self.assertEqual(len(token), 32)
+        self.assertTrue(self.tokens.valid("10.0.0.2", token))
+        self.assertFalse(self.tokens.valid("10.0.0.3", token))
+        self.assertFalse(self.tokens.valid("10.0.0.2", token[:31]))
+        self.assertFalse(self.tokens.valid("10.0.0.2", bytes(32)))
+        self.assertRaises(WrongState, self.tokens.issue, self.vm, 3600)
+        identity = self.tokens.identity(Identity(username="bob"), "10.0.0.2", token)
+        self.assertEqual(identity.token_vm, "10.0.0.2")
+        self.assertEqual(
+            self.tokens.identity(Identity(username="bob"), "10.0.0.2", b"x" * 32).token_vm, ""
+        )
+
+    def test_lifetime_limits(self) -> None:
+        """
+        1 minute to 1 day, as the reference.
+        """
+        self.assertRaises(InvalidRequest, self.tokens.issue, self.vm, 59)
+        self.assertRaises(InvalidRequest, self.tokens.issue, self.vm, 86401)
+
+    def test_expiry_and_discard(self) -> None:
+        """
+        An expired token matches nothing and a new one may be issued; a discarded one
+        is scrubbed.
+        """
+        token = self.tokens.issue(self.vm, 60)
+        self.clock.advance(60)
+        self.assertFalse(self.tokens.valid("10.0.0.2", token))
+        token = self.tokens.issue(self.vm, 60)
+        held = self.tokens._tokens["10.0.0.2"].value
+        self.tokens.discard("10.0.0.2")
+        self.assertEqual(bytes(held), bytes(32))
+        self.assertFalse(self.tokens.valid("10.0.0.2", token))
+
+    def test_bound_to_the_vm(self) -> None:
+        """
+        A VM destroyed and another made at its IP does not inherit the token.
+        """
+        token = self.tokens.issue(self.vm, 3600)
+        self.table["10.0.0.2"] = FakeVm("10.0.0.2")
+        self.assertFalse(self.tokens.valid("10.0.0.2", token))
+
+
+class TransferTests(TestCase):
+    """
+    ReadVmVolume's two ends, joined in memory.
+    """
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(lambda: __import__("shutil").rmtree(self.dir, True))
+        self.source = os.path.join(self.dir, "source")
+        self.target = os.path.join(self.dir, "target")
+        self.size = 3 * transfer.MAX_READ + 100 * KiB
+        with open(self.source, "wb") as f:
+            f.write(os.urandom(self.size))
+        self.calls = 0
+        self.corrupt = False
+
+    def call(self, request: ReadVmVolumeRequest) -> tuple[dict[str, Any], bytes]:
+        self.calls += 1
+        wire = codec.decode(ReadVmVolumeRequest, codec.encode(request))
+        response, data = transfer.read_range(self.source, wire, self.size)
+        if self.corrupt and data:
+            data = bytes([data[0] ^ 1]) + data[1:]
+        return codec.to_dict(response), data
+
+    def same(self) -> bool:
+        with open(self.source, "rb") as a, open(self.target, "rb") as b:
+            return a.read() == b.read()
+
+    def test_copy_then_resync(self) -> None:
+        """
+        A full copy, then a change of one chunk on the source: the re-sync sends that
+        chunk only.
+        """
+        state = transfer.pull_volume(self.call, ReadVmVolumeRequest(), self.target, self.size)
+        self.assertEqual(state.sent, self.size)
+        self.assertTrue(self.same())
+        with open(self.source, "r+b") as f:
+            f.seek(5 * transfer.CHUNK + 7)
+            f.write(b"changed")
+        state = transfer.pull_volume(
+            self.call, ReadVmVolumeRequest(), self.target, self.size, resync=True
+        )
+        self.assertEqual(state.sent, transfer.CHUNK)
+        self.assertEqual(state.skipped, self.size - transfer.CHUNK)
+        self.assertTrue(self.same())
+
+    def test_resume(self) -> None:
+        """
+        A pull that starts at an offset asks only for the rest.
+        """
+        transfer.pull_volume(self.call, ReadVmVolumeRequest(), self.target, self.size)
+        self.calls = 0
+        state = transfer.pull_volume(
+            self.call, ReadVmVolumeRequest(), self.target, self.size, start=2 * transfer.MAX_READ
+        )
+        self.assertEqual(self.calls, 2)
+        self.assertEqual(state.sent, self.size - 2 * transfer.MAX_READ)
+
+    def test_corrupt_chunk(self) -> None:
+        """
+        A chunk whose bytes do not match its checksum fails the pull.
+        """
+        self.corrupt = True
+        self.assertRaises(
+            transfer.TransferError,
+            transfer.pull_volume,
+            self.call,
+            ReadVmVolumeRequest(),
+            self.target,
+            self.size,
+        )
+
+    def test_bad_ranges(self) -> None:
+        """
+        Out-of-range offsets, over-long ranges, odd chunk sizes and wrong checksum
+        counts are refused.
+        """
+        for request in [
+            ReadVmVolumeRequest(Offset=self.size + 1),
+            ReadVmVolumeRequest(Length=transfer.MAX_READ + 1),
+            ReadVmVolumeRequest(ChunkSize=1),
+            ReadVmVolumeRequest(Length=2 * transfer.CHUNK, Checksums=[b"x" * 32]),
+        ]:
+            self.assertRaises(InvalidRequest, transfer.check_range, request, self.size)
+
+    def test_backed_qcow2_refused(self) -> None:
+        """
+        A qcow2 overlay (backing file offset set) is not sent.
+        """
+        path = os.path.join(self.dir, "overlay")
+        with open(path, "wb") as f:
+            f.write(b"QFI\xfb" + b"\x00\x00\x00\x03" + (1234).to_bytes(8, "big") + bytes(100))
+        self.assertRaises(InvalidRequest, transfer.read_range, path, ReadVmVolumeRequest(), 116)
