@@ -21,9 +21,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests import support
 
-SUBNET = "con17"
-BRIDGE = "br@con17"
-GATEWAY = "10.77.17.1"
+# Names and addresses of this process's own: another run of the suite on the same host
+# (other sessions) must not share the bridge, the subnet or the domain names.
+NET = 10 + os.getpid() % 200
+SUBNET = f"con{NET}"
+BRIDGE = f"br@{SUBNET}"
+GATEWAY = f"10.117.{NET}.1"
 
 
 def read_until(channel, marker: bytes, timeout: float = 60.0) -> bytes:  # type: ignore[no-untyped-def]
@@ -97,7 +100,7 @@ class ShellGuestCase(SynchronousTestCase):
         r = admin("add-subnet", SUBNET, GATEWAY, "255.255.255.0")
         self.assertEqual(r.returncode, 0, r.stderr)
         for i in (20, 21):
-            r = admin("add-address", f"52:54:0a:4d:11:{i:02x}", f"10.77.17.{i}")
+            r = admin("add-address", f"52:54:0a:75:{NET:02x}:{i:02x}", f"10.117.{NET}.{i}")
             self.assertEqual(r.returncode, 0, r.stderr)
         self.pki = os.path.join(self.d.dir, "pki")
         self.ip = shell_vm(self, self.cli, 20, *self.create_flags)
