@@ -381,6 +381,23 @@ class HostileWebSocketTests(SynchronousTestCase):
         _, head = self.handshake(f"Origin: https://127.0.0.1:{self.d.port}\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 101"), head[:200])
 
+    def test_request_is_due(self) -> None:
+        """
+        A WebSocket that opens and never sends its request is closed (4008) after
+        web.console.REQUEST_TIMEOUT seconds.
+        """
+        import struct
+
+        from web.console import REQUEST_LATE, REQUEST_TIMEOUT
+
+        sock, head = self.handshake("")
+        self.assertTrue(head.startswith(b"HTTP/1.1 101"), head[:200])
+        sock.settimeout(REQUEST_TIMEOUT + 10)
+        data = sock.recv(4096)
+        self.assertEqual(data[:1], b"\x88")  # a close frame
+        self.assertEqual(struct.unpack("!H", data[2:4])[0], REQUEST_LATE)
+        self.assertIn(b"no request within", data)
+
     def test_oversized_frame_closes(self) -> None:
         """
         A frame announcing more than 64 KiB ends the connection (autobahn drops it);

@@ -11,7 +11,8 @@ C{ConnectToVmManager}):
    certificate to reach a console), when the client certificate is missing or
    refused (401) or the caller may not call the method (403, L{Dispatcher.admit});
 2. the client's first message is the request JSON (text, at most the method's
-   limit); the first server message is the response JSON (text), C{{"Error":""}}
+   limit, due within L{REQUEST_TIMEOUT} seconds, else the WebSocket is closed with
+   L{REQUEST_LATE}); the first server message is the response JSON (text), C{{"Error":""}}
    when the console is connected;
 3. then binary messages both ways carry the console's raw bytes (at most
    L{MAX_FRAME} per message from the client); when the VM side closes, the serial
@@ -54,6 +55,10 @@ txaio.set_global_log_level("info")  # type: ignore[attr-defined]
 
 WS_PREFIX = "/ws/"
 MAX_FRAME = 64 * 1024
+REQUEST_TIMEOUT = 15.0
+"""Seconds from the WebSocket's opening to its request message."""
+REQUEST_LATE = 4008
+"""The close code then (an application's: autobahn sends 1008 only itself)."""
 
 
 class ConsoleSocket(WebSocketServerProtocol):
@@ -69,6 +74,7 @@ class ConsoleSocket(WebSocketServerProtocol):
         self.call: Optional[Call] = None
         self.pipe: Any = None
         self.stage = "handshake"
+        self.request_timer: Any = None
 
     def onConnect(self, request: Any) -> None:
         """
@@ -100,6 +106,21 @@ class ConsoleSocket(WebSocketServerProtocol):
             guard.enter(Phase.BUSY)  # a console may be quiet for long
         self.stage = "request"
 
+    def onOpen(self) -> None:
+        """
+        The request is due within L{REQUEST_TIMEOUT} seconds.
+        """
+        reactor = self.factory.dispatcher.reactor
+        self.request_timer = reactor.callLater(REQUEST_TIMEOUT, self._no_request)
+
+    def _no_request(self) -> None:
+        self.request_timer = None
+        if self.stage == "request":
+            self.stage = "done"
+            if self.call is not None:
+                self.factory.dispatcher.finish(self.call, ok=False)
+            self.sendClose(REQUEST_LATE, f"no request within {REQUEST_TIMEOUT:.0f} s")
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         """
         The request (first message), then console input.
@@ -110,6 +131,8 @@ class ConsoleSocket(WebSocketServerProtocol):
         if self.stage != "request":
             return  # input before the console is connected is dropped
         self.stage = "connecting"
+        if self.request_timer is not None and self.request_timer.active():
+            self.request_timer.cancel()
         call = self.call
         assert call is not None
         dispatcher = self.factory.dispatcher
@@ -167,6 +190,8 @@ class ConsoleSocket(WebSocketServerProtocol):
         The WebSocket closed: close the VM side.
         """
         self.stage = "done"
+        if self.request_timer is not None and self.request_timer.active():
+            self.request_timer.cancel()
         pipe, self.pipe = self.pipe, None
         if pipe is not None:
             pipe.close()
