@@ -174,11 +174,61 @@ KVM_PROBE_XML = """<domain type='kvm'>
 </domain>"""
 
 
+PROBE_PREFIX = "smallstack-hypervisor-kvm-probe-"
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_probes(conn: Any) -> list[str]:
+    """
+    Destroy the KVM probe guests of daemons that died during their probe: a daemon
+    killed in the second its probe runs leaves a transient guest running with nobody
+    to stop it. A probe is named C{<prefix><pid namespace>-<pid>}; only probes of
+    this PID namespace whose process is gone are destroyed (a live daemon's probe,
+    here or in another PID namespace, is left alone).
+
+    @return: the names of the guests destroyed.
+    """
+    import libvirt
+
+    removed = []
+    mine = _pid_namespace()
+    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        name = dom.name()
+        if not name.startswith(PROBE_PREFIX):
+            continue
+        namespace, _, pid = name[len(PROBE_PREFIX) :].rpartition("-")
+        if namespace != mine or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            dom.destroy()
+        except libvirt.libvirtError:
+            continue  # gone meanwhile
+        removed.append(name)
+    return removed
+
+
 def probe_kvm(conn: Any, settle: float = 1.0) -> tuple[bool, str]:
     """
     Decide whether KVM guests really run here: start a tiny transient KVM domain with
     the host's CPU (as our KVM guests use) and see that it is still running after
-    C{settle} seconds.
+    C{settle} seconds. Probe guests left by daemons killed while probing are
+    destroyed first (L{remove_stale_probes}).
 
     Hosts with a paravirtual (PVM) KVM expose C{/dev/kvm}, but QEMU aborts there with
     the host CPU model; a capability check alone would say yes.
@@ -191,7 +241,8 @@ def probe_kvm(conn: Any, settle: float = 1.0) -> tuple[bool, str]:
         conn.getDomainCapabilities(None, "x86_64", None, "kvm", 0)
     except libvirt.libvirtError as e:
         return False, f"libvirt reports no KVM support: {e.get_error_message()}"
-    name = f"smallstack-hypervisor-kvm-probe-{os.getpid()}"
+    remove_stale_probes(conn)
+    name = f"{PROBE_PREFIX}{_pid_namespace()}-{os.getpid()}"
     try:
         dom = conn.createXML(KVM_PROBE_XML.format(name=name), 0)
     except libvirt.libvirtError as e:
