@@ -213,7 +213,8 @@ def remove_stale_probes(conn: Any) -> list[str]:
         if not name.startswith(PROBE_PREFIX):
             continue
         namespace, _, pid = name[len(PROBE_PREFIX) :].rpartition("-")
-        if namespace != mine or not pid.isdigit() or _alive(int(pid)):
+        # no namespace: named before namespaces were (taken as this one's)
+        if namespace not in (mine, "") or not pid.isdigit() or _alive(int(pid)):
             continue
         try:
             dom.destroy()
