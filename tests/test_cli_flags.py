@@ -196,7 +196,9 @@ class GoHelpTests(SynchronousTestCase):
         A flag marked unused is read by nothing in the tool; every other flag is read
         (by the tool's module or the shared L{tool}).
         """
-        shared = open(str(tool.__file__)).read()
+        from hypervisor.cli import migrate
+
+        shared = open(str(tool.__file__)).read() + open(str(migrate.__file__)).read()
         for program, module in TOOLS:
             source = open(str(module.__file__)).read()
             for flag in module.FLAGS:
@@ -220,7 +222,7 @@ class GoHelpTests(SynchronousTestCase):
             "-transport string",
             "-kernelURL string",
             "get-vm-infos",
-            "migrate-vm: this hypervisor does not serve its method",
+            "patch-vm-image: this hypervisor does not serve its method",
             "-probeTimeout",
         ):
             self.assertIn(words, rest)

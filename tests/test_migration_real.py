@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from typing import Any, Optional
@@ -26,9 +27,9 @@ from hypervisor import certs
 from hypervisor.srpc import client as srpc
 from tests import support
 
-BRIDGE = "br@hvmig"
-SUBNET = "hvmig"
-CLIENT_NS = "hvmig-client"
+BRIDGE = "br@hvmig93"
+SUBNET = "hvmig93"
+CLIENT_NS = "hvmig93-client"
 MiB = 1024 * 1024
 
 
@@ -77,11 +78,42 @@ class Pair:
             d.flags.append(f"-volumeDirectories={d.dir}/volumes")
             self.daemons.append(d)
         key, cert = certs.make_certificate(ca_key, ca_cert, "alice")
-        self.alice = (os.path.join(self.pki, "alice.cert"), os.path.join(self.pki, "alice.key"))
+        os.makedirs(os.path.join(self.pki, "alice"))
+        self.alice = (
+            os.path.join(self.pki, "alice", "alice.cert"),
+            os.path.join(self.pki, "alice", "alice.key"),
+        )
         certs.write_pair(*self.alice, key, cert)
         key, cert = certs.make_certificate(ca_key, ca_cert, "admin", methods=["Hypervisor.*"])
         self.admin = (os.path.join(self.pki, "admin.cert"), os.path.join(self.pki, "admin.key"))
         certs.write_pair(*self.admin, key, cert)
+
+    def vm_control(
+        self, target: support.Daemon, source: support.Daemon, *args: str, stdin: str = ""
+    ) -> subprocess.CompletedProcess[str]:
+        """
+        Our vm-control as alice, aimed at C{target}, the VM found on C{source}.
+        """
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "hypervisor.cli.vm_control",
+                "-hypervisorHostname=127.0.0.1",
+                f"-hypervisorPortNum={target.port}",
+                f"-sourceHypervisor=127.0.0.1:{source.port}",
+                f"-certDirectory={self.pki}/alice",
+                f"-CAfile={self.pki}/CA.pem",
+                "-logDebugLevel=0",
+                *args,
+            ],
+            cwd=support.REPO,
+            env=dict(os.environ, PYTHONPATH=support.REPO),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
     def connect(self, d: support.Daemon, who: Optional[tuple[str, str]] = None) -> srpc.Connection:
         cert, key = who or self.alice
@@ -95,7 +127,7 @@ class Pair:
         reply = self.call(
             d,
             "UpdateSubnets",
-            {"Add": [{"Id": SUBNET, "IpGateway": "10.79.0.1", "IpMask": "255.255.255.0"}]},
+            {"Add": [{"Id": SUBNET, "IpGateway": "10.93.0.1", "IpMask": "255.255.255.0"}]},
             self.admin,
         )
         assert not reply.get("Error"), reply
@@ -124,18 +156,19 @@ class MigrationTests(TestCase):
         support.require_libvirtd()
         support.require(os.geteuid() == 0, "needs root")
         self.guest = support.tiny_guest()
+        self._cleanup()  # what an interrupted run left
         if not os.path.exists(f"/sys/class/net/{BRIDGE}"):
             sh("ip", "link", "add", BRIDGE, "type", "bridge")
-            sh("ip", "link", "set", BRIDGE, "address", "02:00:00:00:7e:79")
+            sh("ip", "link", "set", BRIDGE, "address", "02:00:00:00:7e:93")
         sh("ip", "link", "set", BRIDGE, "up")
         sh("ip", "netns", "del", CLIENT_NS, check=False)
-        sh("ip", "link", "del", "hvmig-h", check=False)
+        sh("ip", "link", "del", "hvmig93-h", check=False)
         sh("ip", "netns", "add", CLIENT_NS)
         sh(
             "ip",
             "link",
             "add",
-            "hvmig-h",
+            "hvmig93-h",
             "type",
             "veth",
             "peer",
@@ -144,21 +177,21 @@ class MigrationTests(TestCase):
             "netns",
             CLIENT_NS,
         )
-        sh("ip", "-n", CLIENT_NS, "addr", "add", "10.79.0.1/24", "dev", "eth0")
+        sh("ip", "-n", CLIENT_NS, "addr", "add", "10.93.0.1/24", "dev", "eth0")
         sh("ip", "-n", CLIENT_NS, "link", "set", "eth0", "up")
-        sh("ip", "link", "set", "hvmig-h", "master", BRIDGE)
-        sh("ip", "link", "set", "hvmig-h", "up")
+        sh("ip", "link", "set", "hvmig93-h", "master", BRIDGE)
+        sh("ip", "link", "set", "hvmig93-h", "up")
         self.addCleanup(self._cleanup)
 
     def _cleanup(self) -> None:
         sh("ip", "netns", "del", CLIENT_NS, check=False)
-        sh("ip", "link", "del", "hvmig-h", check=False)
+        sh("ip", "link", "del", "hvmig93-h", check=False)
         import libvirt
 
         conn = libvirt.open(support.QEMU_URI)
         for dom in conn.listAllDomains():
             try:
-                if dom.name().startswith("vm-10.79.0.") and dom.isActive():
+                if dom.name().startswith("vm-10.93.0.") and dom.isActive():
                     dom.destroy()
             except libvirt.libvirtError:
                 pass  # gone meanwhile (its daemon was stopped with the test)
@@ -269,24 +302,30 @@ class MigrationTests(TestCase):
         self.daemons = pair.daemons
         a.start()
         b.start()
-        pair.setup(a, [("10.79.0.2", "52:54:0a:4f:00:02")])
-        pair.setup(b, [("10.79.0.3", "52:54:0a:4f:00:03")])
+        pair.setup(a, [("10.93.0.2", "52:54:0a:5d:00:02")])
+        pair.setup(b, [("10.93.0.3", "52:54:0a:5d:00:03")])
         ip = self.create(pair, a)
-        self.assertEqual(ip, "10.79.0.2")
+        self.assertEqual(ip, "10.93.0.2")
         self.wait_ping(ip)
         stop, pings = self.pinger(ip)
         try:
             for source, target in ((a, b), (b, a)):
-                messages = self.migrate(pair, source, target, ip)
-                self.assertTrue(
-                    messages[-1].get("Final"),
-                    f"{messages}\n--- target ---\n{target.output()[-6000:]}"
-                    f"\n--- source ---\n{source.output()[-3000:]}",
-                )
-                progress = [m.get("ProgressMessage") for m in messages]
-                self.assertIn("initial volume(s) copy", progress)
-                self.assertIn("update volume(s)", progress)
-                self.assertTrue(any(m.get("RequestCommit") for m in messages))
+                if target is b:  # the SRPC client, as Go's vm-control speaks it
+                    messages = self.migrate(pair, source, target, ip)
+                    self.assertTrue(
+                        messages[-1].get("Final"),
+                        f"{messages}\n--- target ---\n{target.output()[-6000:]}"
+                        f"\n--- source ---\n{source.output()[-3000:]}",
+                    )
+                    progress = [m.get("ProgressMessage") for m in messages]
+                    self.assertIn("initial volume(s) copy", progress)
+                    self.assertIn("update volume(s)", progress)
+                    self.assertTrue(any(m.get("RequestCommit") for m in messages))
+                else:  # our vm-control, answering Go's prompt on standard input
+                    r = pair.vm_control(target, source, "migrate-vm", ip, stdin="commit\n")
+                    self.assertEqual(r.returncode, 0, r.stderr + target.output()[-3000:])
+                    self.assertIn("Commit VM (commit/abandon)", r.stderr)
+                    self.assertIn("update volume(s)", r.stderr)
                 info = self.vm_state(pair, target, ip)
                 assert info is not None
                 self.assertEqual(info["State"], "running")
@@ -301,29 +340,18 @@ class MigrationTests(TestCase):
             stop.set()
         self.assertTrue(any(pings), "no ping answered during the migrations")
         self.assertTrue(pings[-3:] and all(pings[-3:]) or True)
-        # CopyVm: a second VM from A's copy onto B, with B's free address.
-        token = pair.call(a, "GetVmAccessToken", {"IpAddress": ip, "Lifetime": 3600 * 10**9})
-        self.assertFalse(token.get("Error"), token)
-        with pair.connect(b) as c:
-            messages = list(
-                c.call_stream(
-                    "CopyVm",
-                    {
-                        "AccessToken": token["Token"],
-                        "IpAddress": ip,
-                        "SourceHypervisor": f"127.0.0.1:{a.port}",
-                        "SubnetId": SUBNET,
-                    },
-                )
-            )
-            self.assertTrue(messages[-1].get("Final"), messages)
-            new_ip = messages[-1]["IpAddress"]
-            self.assertEqual(new_ip, "10.79.0.3")
-            self.assertFalse(c.call("AcknowledgeVm", {"IpAddress": new_ip}).get("Error"))
-            self.assertFalse(c.call("StartVm", {"IpAddress": new_ip}).get("Error"))
+        # CopyVm with our vm-control: a second VM from A's onto B, with B's free
+        # address (acknowledged by the tool), then started.
+        r = pair.vm_control(b, a, "-memory=128MiB", "-milliCPUs=500", "copy-vm", ip)
+        self.assertEqual(r.returncode, 0, r.stderr + b.output()[-3000:])
+        new_ip = r.stdout.strip()
+        self.assertEqual(new_ip, "10.93.0.3")
+        self.assertFalse(pair.call(b, "StartVm", {"IpAddress": new_ip}).get("Error"))
+        self.assertFalse(
+            pair.call(a, "GetVmAccessToken", {"IpAddress": ip, "Lifetime": 60 * 10**9}).get("Error")
+        )  # the tool discarded its token
         self.wait_ping(new_ip)
         info = self.vm_state(pair, a, ip)
         assert info is not None
         self.assertEqual(info["State"], "running")  # the source was started again
         self.wait_ping(ip)
-        pair.call(a, "DiscardVmAccessToken", {"IpAddress": ip})

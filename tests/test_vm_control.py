@@ -59,7 +59,7 @@ class UsageTests(SynchronousTestCase):
             (["-consoleType", "rdp", "create-vm"], "not one of none, dummy, vnc"),
             (["-transport", "carrier-pigeon", "list-vms"], "not one of srpc, https"),
             (["-milliCPUs"], "flag needs an argument: -milliCPUs"),
-            (["migrate-vm", "10.0.0.1"], "migrate-vm is not available"),
+            (["patch-vm-image", "10.0.0.1"], "patch-vm-image is not available"),
             ([], "no command given"),
         ]:
             code, _, err = self.run_main(vm_control, *argv)

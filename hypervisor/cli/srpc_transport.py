@@ -17,7 +17,7 @@ import json
 import os
 import socket
 import ssl
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet.threads import deferToThread
 
@@ -55,6 +55,8 @@ class SrpcTransport:
         self.address = f"{host}:{port}"
         self.description = f"srpc://{self.address}"
         self._connection: Optional[srpc.Connection] = None
+        # MigrateVm's answer to RequestCommit (vm-control migrate-vm sets it).
+        self.on_commit: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None
 
     def _connect(self) -> srpc.Connection:
         if self._connection is None or self._connection.closed:
@@ -79,6 +81,8 @@ class SrpcTransport:
         uploads = list(zip(*tail)) if tail else []
         try:
             connection = self._connect()
+            if short == "MigrateVm":
+                return self._migrate(connection, method, request, on_message)
             if short in PROGRESS_STREAMS:
                 last: Optional[dict[str, Any]] = None
                 for message in connection.call_stream(method, request, uploads):
@@ -113,6 +117,30 @@ class SrpcTransport:
                 if isinstance(e, OSError) and e.strerror
                 else f"cannot reach {self.host}:{self.port} over SRPC: {e}"
             ) from None
+
+    def _migrate(
+        self,
+        connection: srpc.Connection,
+        method: str,
+        request: bytes,
+        on_message: Optional[OnMessage],
+    ) -> bytes:
+        """
+        MigrateVm: its progress, and the answer to C{RequestCommit} from
+        C{on_commit} (vm-control's prompt) sent mid-stream, as Go's client does.
+        """
+        connection.sock.settimeout(None)  # the target copies volumes meanwhile
+        call = connection.open(method)
+        call.send(request)
+        while True:
+            message = call.receive()
+            if message.get("Error") or message.get("Final"):
+                return _dumps(message)
+            if on_message is not None:
+                on_message(_dumps(message))
+            if message.get("RequestCommit"):
+                answer = self.on_commit(message) if self.on_commit else {"Commit": False}
+                call.send(answer)
 
     async def call(
         self,

@@ -20,12 +20,13 @@ import sys
 from typing import IO, Any, Optional, Sequence
 
 from hypervisor import codec, model
-from hypervisor.cli import goflags, tool
+from hypervisor.cli import goflags, migrate, tool
 from hypervisor.cli.client import ClientError
 from hypervisor.cli.goflags import Command, Flag
 from hypervisor.cli.tool import Tool, decode, show
 from hypervisor.cli.transport import error_of
 from hypervisor.console.model import ChangeVmConsoleTypeRequest
+from hypervisor.migration.messages import PrepareVmForMigrationRequest
 
 NOT_SERVED = "this hypervisor does not serve its method"
 FLEET_ONLY = "talks to a fleet manager's inventory, which this implementation does not query"
@@ -255,6 +256,22 @@ FLAGS: list[Flag] = tool.common_flags() + [
     Flag("vCPUs", "uint", "0", "virtual CPUs (default rounds up milliCPUs)"),
     Flag("vmHostname", "string", "", "Hostname for VM"),
     Flag("vmTags", "value", "", "Tags to apply to VM", goflags.parse_tags),
+    Flag(
+        "sourceHypervisor",
+        "string",
+        "",
+        "migrate-vm, copy-vm: the hypervisor (host:port) the VM is on, when no "
+        "-fleetManagerHostname finds it; the VM moves to -hypervisorHostname",
+        go=False,
+    ),
+    Flag(
+        "commit",
+        "bool",
+        "false",
+        "migrate-vm: commit the migrated VM without asking (else 'commit' or 'abandon' "
+        "is read from standard input, as Go's prompt); MigrateVm needs -transport=srpc",
+        go=False,
+    ),
     Flag("vmTagsToMatch", "value", "", "Tags to match when listing", goflags.parse_match_tags),
     Flag("vncViewer", "string", "vncviewer", "Path to VNC viewer"),
     Flag(
@@ -332,7 +349,7 @@ COMMANDS: list[Command] = [
     _ip("change-vm-volume-size", "changing VM volume size"),
     _ip("connect-to-vm-console", "connecting to VM console"),
     _ip("connect-to-vm-serial-port", "connecting to VM serial port"),
-    _ip("copy-vm", "copying VM", NOT_SERVED),
+    _ip("copy-vm", "copying VM"),
     Command("create-vm", action="creating VM"),
     _ip("debug-vm-image", "debugging VM image", NOT_SERVED),
     _ip("delete-vm-volume", "deleting VM volume"),
@@ -351,7 +368,7 @@ COMMANDS: list[Command] = [
     Command("list-hypervisors", unavailable=FLEET_ONLY, action="listing hypervisors"),
     Command("list-locations", "[TopLocation]", 0, 1, FLEET_ONLY, action="listing locations"),
     Command("list-vms", action="listing VMs"),
-    _ip("migrate-vm", "migrating VM", NOT_SERVED),
+    _ip("migrate-vm", "migrating VM"),
     _ip("patch-vm-image", "patching VM image", NOT_SERVED),
     _ip("probe-vm-port", "probing VM port", NOT_SERVED),
     _ip("reboot-vm", "rebooting VM"),
@@ -363,14 +380,14 @@ COMMANDS: list[Command] = [
     _ip("restore-vm-image", "restoring VM image"),
     _ip("restore-vm-user-data", "restoring VM user data"),
     _ip("reorder-vm-volumes", "reordering VM volumes"),
-    _ip("set-vm-migrating", "setting VM migrating", NOT_SERVED),
+    _ip("set-vm-migrating", "setting VM migrating"),
     _ip("snapshot-vm", "snapshotting VM"),
     Command("save-vm", "IPaddr destination", 2, 2, NOT_SERVED),
     _ip("scan-vm-root", "scanning VM root", NOT_SERVED),
     _ip("start-vm", "starting VM"),
     _ip("stop-vm", "stopping VM"),
     _ip("trace-vm-metadata", "tracing VM metadata"),
-    _ip("unset-vm-migrating", "unsetting VM migrating", NOT_SERVED),
+    _ip("unset-vm-migrating", "unsetting VM migrating"),
     # Later Go vm-control versions have these; v0.3.4 does not:
     _ip("change-vm-hostname", "changing VM hostname", go=False),
     _ip("change-vm-owner-groups", "changing VM owner groups", go=False),
@@ -950,6 +967,17 @@ RUNNERS: dict[str, tool.Runner] = {
         ),
     ),
     "create-vm": create_vm,
+    "migrate-vm": migrate.migrate_vm,
+    "copy-vm": migrate.copy_vm,
+    # Debugging, as Go's changeVmMigrating.go (an admin's own VM, or with its token).
+    "set-vm-migrating": _simple(
+        "Hypervisor.PrepareVmForMigration",
+        lambda v, ip: PrepareVmForMigrationRequest(IpAddress=ip, Enable=True),
+    ),
+    "unset-vm-migrating": _simple(
+        "Hypervisor.PrepareVmForMigration",
+        lambda v, ip: PrepareVmForMigrationRequest(IpAddress=ip, Enable=False),
+    ),
     "get-vm-info": get_vm_info,
     "get-vm-infos": get_vm_infos,
     "get-vm-create-request": get_vm_create_request,
@@ -997,20 +1025,16 @@ RUNNERS: dict[str, tool.Runner] = {
 # The Go commands not run because their method is not served: that method (a test
 # fails when the daemon starts serving one, so that its command gets a runner).
 UNSERVED_METHODS: dict[str, str] = {
-    "copy-vm": "CopyVm",
     "debug-vm-image": "DebugVmImage",
     "export-local-vm": "ExportLocalVm",
     "get-vm-volume": "GetVmVolume",
     "import-local-vm": "ImportLocalVm",
-    "migrate-vm": "MigrateVm",
     "patch-vm-image": "PatchVmImage",
     "probe-vm-port": "ProbeVmPort",
     "replace-vm-credentials": "ReplaceVmCredentials",
     "restore-vm": "GetVmVolume",
     "save-vm": "GetVmVolume",
     "scan-vm-root": "ScanVmRoot",
-    "set-vm-migrating": "PrepareVmForMigration",
-    "unset-vm-migrating": "PrepareVmForMigration",
 }
 
 # Each runnable command's hypervisor method (checked against the daemon's table).
@@ -1036,6 +1060,10 @@ METHODS: dict[str, str] = {
     "restore-vm-user-data": "RestoreVmUserData",
     "snapshot-vm": "SnapshotVm",
     "create-vm": "CreateVm",
+    "migrate-vm": "MigrateVm",
+    "copy-vm": "CopyVm",
+    "set-vm-migrating": "PrepareVmForMigration",
+    "unset-vm-migrating": "PrepareVmForMigration",
     "get-vm-info": "GetVmInfo",
     "get-vm-infos": "GetVmInfos",
     "get-vm-create-request": "GetVmCreateRequest",

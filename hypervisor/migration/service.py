@@ -49,6 +49,7 @@ from hypervisor.migration.transfer import (
     read_range,
 )
 from hypervisor.model import Address, LocalVmInfo, State, VmInfo, VolumeLocation
+from hypervisor.virt.domainxml import root_label
 
 EXTRA_FILES = ("kernel", "initrd")
 RECORD_FILE = "migration.json"
@@ -776,6 +777,14 @@ class Migrations:
             info.MilliCPUs = info.MilliCPUs or source_info.MilliCPUs
             info.SubnetId = info.SubnetId or source_info.SubnetId
             info.Hostname = info.Hostname or source_info.Hostname
+            # What the copied kernel boots with (not among Go's flags copied by vm-control).
+            info.ExtraKernelOptions = info.ExtraKernelOptions or source_info.ExtraKernelOptions
+            # The copied file system keeps the source's label.
+            info.RootFileSystemLabel = (
+                info.RootFileSystemLabel
+                or source_info.RootFileSystemLabel
+                or root_label(source_info.Address.IpAddress)
+            )
             subnet = ctx.subnets.choose(info.SubnetId, identity)
             capacity.check_cpu_and_memory(
                 ctx.stats, ctx.table.usage(), info.MilliCPUs, info.MemoryInMiB
