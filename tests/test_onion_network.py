@@ -233,7 +233,7 @@ class OnionNetworkTests(TestCase):
         # The admin surface sees this session as an onion one.
         clients = self.hyper(f"{self.pki}/admin", "list-clients")
         self.assertEqual(clients.returncode, 0, clients.stderr)
-        sessions = json.loads(clients.stdout)
+        sessions = json.loads(clients.stdout)["Clients"]
         self.assertIn(("admin", "pb-onion"), [(c["Identity"], c["Transport"]) for c in sessions])
 
         refused = self.hyper(f"{self.other}/stranger", "list-subnets")
