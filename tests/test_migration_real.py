@@ -31,6 +31,7 @@ BRIDGE = "br@hvmig93"
 SUBNET = "hvmig93"
 CLIENT_NS = "hvmig93-client"
 MiB = 1024 * 1024
+CHECK = "HYPERVISOR_MIGRATION_CHECK_INTERVAL"
 
 
 def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -141,13 +142,16 @@ class Pair:
             assert not reply.get("Error"), reply
 
     def pool(self, d: support.Daemon) -> dict:
-        with open(os.path.join(d.state_dir, "address-pool.json")) as f:
+        path = os.path.join(d.state_dir, "address-pool.json")
+        if not os.path.exists(path):
+            return {"Free": [], "Registered": []}
+        with open(path) as f:
             return json.load(f)
 
 
-class MigrationTests(TestCase):
+class World(TestCase):
     """
-    A VM moves between two daemons and back while a client pings it.
+    The bridge, the pinging client's namespace, and helpers (no tests of its own).
     """
 
     timeout = 900
@@ -197,7 +201,7 @@ class MigrationTests(TestCase):
                 pass  # gone meanwhile (its daemon was stopped with the test)
         conn.close()
 
-    def create(self, pair: Pair, d: support.Daemon) -> str:
+    def create(self, pair: Pair, d: support.Daemon, root: int = 64 * MiB) -> str:
         request = {
             "MemoryInMiB": 128,
             "MilliCPUs": 500,
@@ -205,7 +209,7 @@ class MigrationTests(TestCase):
             "Hostname": "tiny",
             "ExtraKernelOptions": "quiet hv.mode=stay",
             "DhcpTimeout": 120 * 10**9,
-            "MinimumFreeBytes": 64 * MiB,
+            "MinimumFreeBytes": root,
             "KernelURL": f"file://{self.guest}/vmlinux",
             "InitrdURL": f"file://{self.guest}/initrd.cpio",
             "UserDataSize": 0,
@@ -291,6 +295,12 @@ class MigrationTests(TestCase):
     def registered(self, pair: Pair, d: support.Daemon, ip: str) -> int:
         return sum(1 for a in pair.pool(d)["Registered"] if a.get("IpAddress") == ip)
 
+
+class MigrationTests(World):
+    """
+    A VM moves between two daemons and back while a client pings it.
+    """
+
     def test_migrate_there_and_back_and_copy(self) -> None:
         """
         A running VM migrates from A to B and back while pinged: it keeps its IP,
@@ -355,3 +365,195 @@ class MigrationTests(TestCase):
         assert info is not None
         self.assertEqual(info["State"], "running")  # the source was started again
         self.wait_ping(ip)
+
+
+class FaultTests(World):
+    """
+    The fault invariant of L{hypervisor.migration}: after a failure mid-migration and
+    the restarts, exactly one copy of the VM runs or is stoppable, on one hypervisor,
+    with its address registered exactly once.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        # The source checks its migrating VMs every 2 s instead of 30.
+        old = os.environ.get(CHECK)
+        os.environ[CHECK] = "2"
+        self.addCleanup(
+            lambda: os.environ.pop(CHECK, None) if old is None else os.environ.update({CHECK: old})
+        )
+        self.pair = Pair(self)
+        self.a, self.b = self.daemons = self.pair.daemons
+        self.a.start()
+        self.b.start()
+        self.pair.setup(self.a, [("10.93.0.2", "52:54:0a:5d:00:02")])
+        self.pair.setup(self.b, [])
+
+    def big_vm(self, running: bool) -> str:
+        """
+        A VM whose 2 GiB root takes seconds to copy (stopped unless C{running}).
+        """
+        ip = self.create(self.pair, self.a, root=2048 * MiB)
+        if not running:
+            reply = self.pair.call(self.a, "StopVm", {"IpAddress": ip})
+            self.assertFalse(reply.get("Error"), reply)
+        return ip
+
+    def start_migration(self, ip: str, on_message: Any) -> threading.Thread:
+        """
+        MigrateVm A -> B in a thread; C{on_message(call, message)} sees each message.
+        """
+        token = self.pair.call(
+            self.a, "GetVmAccessToken", {"IpAddress": ip, "Lifetime": 3600 * 10**9}
+        )
+        self.assertFalse(token.get("Error"), token)
+        self.messages: list[Any] = []
+
+        def run() -> None:
+            try:
+                with self.pair.connect(self.b) as c:
+                    call = c.open("MigrateVm")
+                    call.send(
+                        {
+                            "AccessToken": token["Token"],
+                            "IpAddress": ip,
+                            "SourceHypervisor": f"127.0.0.1:{self.a.port}",
+                            "DhcpTimeout": 120 * 10**9,
+                        }
+                    )
+                    while True:
+                        m = call.receive()
+                        self.messages.append(m)
+                        on_message(call, m)
+                        if m.get("Error") or m.get("Final"):
+                            return
+            except Exception as e:  # noqa: BLE001 - the connection dies with a daemon
+                self.messages.append({"Exception": repr(e)})
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    def wait_message(self, predicate: Any, timeout: float = 300) -> None:
+        support.wait_for(
+            lambda: any(predicate(m) for m in list(self.messages)), timeout, "a MigrateVm message"
+        )
+
+    def invariant(self, ip: str, where: support.Daemon, state: str) -> None:
+        """
+        The VM is on C{where} only, in C{state}, committed, its address registered
+        there once and nowhere else; the other daemon has no files of it.
+        """
+        other = self.b if where is self.a else self.a
+        info = self.vm_state(self.pair, where, ip)
+        self.assertIsNotNone(info)
+        assert info is not None
+        self.assertEqual(info["State"], state)
+        self.assertFalse(info.get("Uncommitted"))
+        self.assertIsNone(self.vm_state(self.pair, other, ip))
+        self.assertEqual(self.registered(self.pair, where, ip), 1)
+        self.assertEqual(self.registered(self.pair, other, ip), 0)
+        self.assertFalse(os.path.exists(os.path.join(other.state_dir, "VMs", ip)))
+        self.assertFalse(os.path.exists(os.path.join(other.dir, "volumes", ip)))
+        import libvirt
+
+        conn = libvirt.open(support.QEMU_URI)
+        try:
+            active = [d for d in conn.listAllDomains() if d.name() == f"vm-{ip}" and d.isActive()]
+        finally:
+            conn.close()
+        self.assertEqual(len(active), 1 if state == "running" else 0)
+
+    def wait_state(
+        self, d: support.Daemon, ip: str, state: Optional[str], timeout: float = 120
+    ) -> None:
+        def check() -> bool:
+            try:
+                info = self.vm_state(self.pair, d, ip)
+            except Exception:  # noqa: BLE001 - the daemon is restarting
+                return False
+            return (info is None and state is None) or (
+                info is not None and info["State"] == state and not info.get("Uncommitted")
+            )
+
+        support.wait_for(check, timeout, f"VM {ip} {state or 'gone'} on {d.port}")
+
+    def test_target_killed_during_copy(self) -> None:
+        """
+        The target is SIGKILLed while it copies a stopped (so already migrating)
+        VM: after it restarts it has dropped its uncommitted copy, and the source,
+        asking it, undoes the migration: the VM is stopped on the source only.
+        """
+        ip = self.big_vm(running=False)
+        self.start_migration(ip, lambda call, m: None)
+        self.wait_message(lambda m: "volume 0:" in str(m.get("ProgressMessage")))
+        assert self.b.process is not None
+        self.b.process.send_signal(signal.SIGKILL)
+        self.b.process.wait(30)
+        self.assertEqual(self.vm_state(self.pair, self.a, ip)["State"], "migrating")
+        self.b.start()
+        self.wait_state(self.a, ip, "stopped")
+        self.wait_state(self.b, ip, None)
+        support.wait_for(
+            lambda: not os.path.exists(os.path.join(self.b.state_dir, "VMs", ip)), 60, "B's files"
+        )
+        self.invariant(ip, self.a, "stopped")
+
+    def test_source_killed_during_commit(self) -> None:
+        """
+        The source is SIGKILLed when the target asks the client to commit; the client
+        commits: the VM runs on the target; once the source restarts it asks the
+        target, finds the VM committed there and removes its own copy.
+        """
+        ip = self.big_vm(running=True)
+        self.wait_ping(ip)
+
+        def on_message(call: Any, m: Any) -> None:
+            if m.get("RequestCommit"):
+                assert self.a.process is not None
+                self.a.process.send_signal(signal.SIGKILL)
+                self.a.process.wait(30)
+                call.send({"Commit": True})
+
+        thread = self.start_migration(ip, on_message)
+        thread.join(600)
+        self.assertTrue(self.messages and self.messages[-1].get("Final"), self.messages)
+        self.a.start()
+        self.wait_state(self.a, ip, None)
+        self.invariant(ip, self.b, "running")
+        self.wait_ping(ip)
+
+    def test_network_cut_during_copy(self) -> None:
+        """
+        The source's port stops answering (TCP resets) while the target copies a
+        stopped VM: the target gives up and drops its copy; when the network is back
+        the source, asking the target, undoes the migration.
+        """
+        ip = self.big_vm(running=False)
+        self.start_migration(ip, lambda call, m: None)
+        self.wait_message(lambda m: "volume 0:" in str(m.get("ProgressMessage")))
+        rule = [
+            "INPUT",
+            "-p",
+            "tcp",
+            "-s",
+            "127.0.0.1",
+            "--dport",
+            str(self.a.port),
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
+        ]
+        sh("iptables", "-I", *rule)
+        cut = True
+        try:
+            self.wait_message(lambda m: bool(m.get("Error") or m.get("Exception")), 300)
+            self.wait_state(self.b, ip, None)
+            sh("iptables", "-D", *rule)
+            cut = False
+            self.wait_state(self.a, ip, "stopped")
+        finally:
+            if cut:
+                sh("iptables", "-D", *rule, check=False)
+        self.invariant(ip, self.a, "stopped")
