@@ -490,7 +490,7 @@ class FaultTests(World):
         assert self.b.process is not None
         self.b.process.send_signal(signal.SIGKILL)
         self.b.process.wait(30)
-        self.assertEqual(self.vm_state(self.pair, self.a, ip)["State"], "migrating")
+        self.assertEqual((self.vm_state(self.pair, self.a, ip) or {}).get("State"), "migrating")
         self.b.start()
         self.wait_state(self.a, ip, "stopped")
         self.wait_state(self.b, ip, None)

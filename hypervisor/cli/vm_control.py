@@ -29,6 +29,10 @@ from hypervisor.console.model import ChangeVmConsoleTypeRequest
 from hypervisor.migration.messages import PrepareVmForMigrationRequest
 
 NOT_SERVED = "this hypervisor does not serve its method"
+GOB_ONLY = (
+    "needs GetVmVolume, whose lib/rsync protocol SmallStack speaks over GOB only; "
+    "our daemons move volumes with ReadVmVolume (migrate-vm, copy-vm)"
+)
 FLEET_ONLY = "talks to a fleet manager's inventory, which this implementation does not query"
 LOCAL = "works on local libvirt/Dominator storage, which this implementation does not support"
 
@@ -362,7 +366,7 @@ COMMANDS: list[Command] = [
     Command("get-hypervisors", unavailable=FLEET_ONLY, action="getting hypervisors"),
     _ip("get-vm-info", "getting VM info"),
     _ip("get-vm-user-data", "getting VM user data"),
-    _ip("get-vm-volume", "getting VM volume", NOT_SERVED),
+    _ip("get-vm-volume", "getting VM volume", GOB_ONLY),
     Command("import-local-vm", "info-file root-volume", 2, 2, NOT_SERVED),
     Command("import-virsh-vm", "MACaddr domain [[MAC IP]...]", 2, 1024, LOCAL),
     Command("list-hypervisors", unavailable=FLEET_ONLY, action="listing hypervisors"),
@@ -375,14 +379,14 @@ COMMANDS: list[Command] = [
     _ip("replace-vm-credentials", "replacing VM credentials", NOT_SERVED),
     _ip("replace-vm-image", "replacing VM image"),
     _ip("replace-vm-user-data", "replacing VM user data"),
-    Command("restore-vm", "source", 1, 1, NOT_SERVED),
+    Command("restore-vm", "source", 1, 1, GOB_ONLY),
     _ip("restore-vm-from-snapshot", "restoring VM from snapshot"),
     _ip("restore-vm-image", "restoring VM image"),
     _ip("restore-vm-user-data", "restoring VM user data"),
     _ip("reorder-vm-volumes", "reordering VM volumes"),
     _ip("set-vm-migrating", "setting VM migrating"),
     _ip("snapshot-vm", "snapshotting VM"),
-    Command("save-vm", "IPaddr destination", 2, 2, NOT_SERVED),
+    Command("save-vm", "IPaddr destination", 2, 2, GOB_ONLY),
     _ip("scan-vm-root", "scanning VM root", NOT_SERVED),
     _ip("start-vm", "starting VM"),
     _ip("stop-vm", "stopping VM"),
@@ -1027,13 +1031,10 @@ RUNNERS: dict[str, tool.Runner] = {
 UNSERVED_METHODS: dict[str, str] = {
     "debug-vm-image": "DebugVmImage",
     "export-local-vm": "ExportLocalVm",
-    "get-vm-volume": "GetVmVolume",
     "import-local-vm": "ImportLocalVm",
     "patch-vm-image": "PatchVmImage",
     "probe-vm-port": "ProbeVmPort",
     "replace-vm-credentials": "ReplaceVmCredentials",
-    "restore-vm": "GetVmVolume",
-    "save-vm": "GetVmVolume",
     "scan-vm-root": "ScanVmRoot",
 }
 
