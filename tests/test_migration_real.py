@@ -116,6 +116,35 @@ class Pair:
             timeout=600,
         )
 
+    def migrate(
+        self, source: support.Daemon, target: support.Daemon, ip: str, dhcp_timeout: int = 0
+    ) -> list[dict[str, Any]]:
+        """
+        MigrateVm from C{source} to C{target} over SRPC as alice, with a token from the
+        source, committing when asked; every message, the last Final or with an Error.
+        """
+        token = self.call(source, "GetVmAccessToken", {"IpAddress": ip, "Lifetime": 3600 * 10**9})
+        if token.get("Error"):
+            raise AssertionError(f"GetVmAccessToken: {token['Error']}")
+        messages = []
+        with self.connect(target) as c:
+            call = c.open("MigrateVm")
+            call.send(
+                {
+                    "AccessToken": token["Token"],
+                    "IpAddress": ip,
+                    "SourceHypervisor": f"127.0.0.1:{source.port}",
+                    "DhcpTimeout": dhcp_timeout * 10**9,
+                }
+            )
+            while True:
+                m = call.receive()
+                messages.append(m)
+                if m.get("Error") or m.get("Final"):
+                    return messages
+                if m.get("RequestCommit"):
+                    call.send({"Commit": True})
+
     def connect(self, d: support.Daemon, who: Optional[tuple[str, str]] = None) -> srpc.Connection:
         cert, key = who or self.alice
         return srpc.connect_tls_json("127.0.0.1", d.port, cert, key, timeout=300)
@@ -224,29 +253,7 @@ class World(TestCase):
         return str(ip)
 
     def migrate(self, pair: Pair, source: support.Daemon, target: support.Daemon, ip: str) -> list:
-        token = pair.call(source, "GetVmAccessToken", {"IpAddress": ip, "Lifetime": 3600 * 10**9})
-        self.assertFalse(token.get("Error"), token)
-        messages = []
-        with pair.connect(target) as c:
-            call = c.open("MigrateVm")
-            call.send(
-                {
-                    "AccessToken": token["Token"],
-                    "IpAddress": ip,
-                    "SourceHypervisor": f"127.0.0.1:{source.port}",
-                    "DhcpTimeout": 120 * 10**9,
-                }
-            )
-            while True:
-                m = call.receive()
-                messages.append(m)
-                if m.get("Error"):
-                    break
-                if m.get("RequestCommit"):
-                    call.send({"Commit": True})
-                if m.get("Final"):
-                    break
-        return messages
+        return pair.migrate(source, target, ip, dhcp_timeout=120)
 
     def pinger(self, ip: str) -> tuple[threading.Event, list[bool]]:
         stop = threading.Event()
