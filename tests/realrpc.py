@@ -437,12 +437,24 @@ def stream_call(
     return Reply(response.status, parse_lines(raw), raw)
 
 
+def image_file(path: str) -> str:
+    """
+    The file holding a volume's image bytes: the cached image a qcow2 overlay root is
+    on (uploads and downloads go into the image cache), else the volume itself.
+    """
+    from hypervisor.manager.images import qcow2_backing_file
+
+    backing = qcow2_backing_file(path)
+    return os.path.join(os.path.dirname(path), backing) if backing else path
+
+
 def file_sha256(path: str, length: int) -> str:
     """
-    The SHA-256 of the first C{length} bytes of a file.
+    The SHA-256 of the first C{length} bytes of a file (of the image a qcow2 overlay
+    is on: L{image_file}).
     """
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(image_file(path), "rb") as f:
         left = length
         while left > 0:
             chunk = f.read(min(left, 4 * MiB))

@@ -299,7 +299,9 @@ class RpcDaemonTests(SynchronousTestCase):
             self.assertEqual(f.read(), b"user-data")
         with open(os.path.join(vm_dir, "info.json")) as f:
             root = json.load(f)["VolumeLocations"][0]["Filename"]
-        with open(root, "rb") as f:
+        from tests.realrpc import image_file
+
+        with open(image_file(root), "rb") as f:
             self.assertEqual(f.read(len(image)), image)
         vms_before = sorted(os.listdir(os.path.join(self.daemon.state_dir, "VMs")))
         pool_before = open(os.path.join(self.daemon.state_dir, "address-pool.json")).read()

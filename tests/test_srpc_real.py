@@ -139,7 +139,8 @@ class SrpcRealTests(SynchronousTestCase):
         self.assertIsInstance(info["VmInfo"]["Volumes"][0]["Size"], int)
         # The uploaded bytes are the root volume's start, and the user data is kept.
         digest = hashlib.sha256(image).hexdigest()
-        roots = [p for p in self.volume_files(d) if os.path.getsize(p) >= len(image)]
+        held = [realrpc.image_file(p) for p in self.volume_files(d)]
+        roots = [p for p in held if os.path.getsize(p) >= len(image)]
         self.assertTrue(
             any(realrpc.file_sha256(p, len(image)) == digest for p in roots),
             f"no volume holds the uploaded image: {roots}",
