@@ -142,13 +142,14 @@ def main() -> None:
         ):
             times = results.setdefault(label, [])
             where = a
-            for _ in range(args.n):
+            for _ in range(args.n * 2):
                 other = b if where is a else a
                 times.append(migrate(pair, where, other, ip))
                 where = other
-                other = b if where is a else a
-                times.append(migrate(pair, where, other, ip))
-                where = other
+                if ip == stopped_ip:  # the target starts it, as the reference's does
+                    reply = pair.call(where, "StopVm", {"IpAddress": ip})
+                    if reply.get("Error"):
+                        raise SystemExit(f"StopVm: {reply['Error']}")
         # The peers, on the same file (the stopped VM's root, now on A).
         root = os.path.join(a.dir, "volumes", stopped_ip, "root")
         scratch = tempfile.mkdtemp(prefix="hv-bench-migrate-", dir=a.dir)

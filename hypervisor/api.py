@@ -38,6 +38,7 @@ from hypervisor.migration.messages import (
     CopyVmResponse,
     DiscardVmAccessTokenRequest,
     GetVmAccessTokenRequest,
+    GetRootCookiePathResponse,
     GetVmAccessTokenResponse,
     MigrateVmRequest,
     MigrateVmResponse,
@@ -247,6 +248,7 @@ METHODS: dict[str, MethodSpec] = {
     "ReadVmVolume": MethodSpec(ReadVmVolumeRequest, PUBLIC),
     "MigrateVm": MethodSpec(MigrateVmRequest, PUBLIC, PROGRESS, answer=MigrateVmResponseResponse),
     "CopyVm": MethodSpec(CopyVmRequest, PUBLIC, PROGRESS),
+    "GetRootCookiePath": MethodSpec(Empty, PUBLIC),
     # Consoles (hypervisor.console):
     "ChangeVmConsoleType": MethodSpec(ChangeVmConsoleTypeRequest, PUBLIC),
     "ConnectToVmConsole": MethodSpec(ConnectToVmConsoleRequest, PUBLIC, RAW, max_request=4096),
@@ -859,6 +861,12 @@ class HypervisorApi:
         """
         token = self.migrations.get_token(identity, request.IpAddress, float(request.Lifetime))
         return GetVmAccessTokenResponse(Token=token)
+
+    def GetRootCookiePath(self, identity: Identity, request: object) -> GetRootCookiePathResponse:
+        """
+        The root cookie's path (reading it proves root on this host).
+        """
+        return GetRootCookiePathResponse(Path=self.manager.state.root_cookie_path)
 
     def DiscardVmAccessToken(
         self, identity: Identity, request: DiscardVmAccessTokenRequest

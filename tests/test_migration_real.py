@@ -323,6 +323,11 @@ class MigrationTests(World):
         pair.setup(b, [("10.93.0.3", "52:54:0a:5d:00:03")])
         ip = self.create(pair, a)
         self.assertEqual(ip, "10.93.0.2")
+        # GetRootCookiePath: the cookie a local root reads to prove itself.
+        path = pair.call(a, "GetRootCookiePath", {})["Path"]
+        self.assertEqual(path, os.path.join(a.state_dir, "root-cookie"))
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.assertEqual(os.path.getsize(path), 32)
         self.wait_ping(ip)
         stop, pings = self.pinger(ip)
         try:

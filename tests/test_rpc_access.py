@@ -172,6 +172,7 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "ReadVmVolume": {"IpAddress": VM_IP, "Length": 65536, "ChunkSize": 65536},
     "MigrateVm": {"IpAddress": VM_IP, "SourceHypervisor": "127.0.0.1:1"},
     "CopyVm": {"IpAddress": VM_IP, "SourceHypervisor": "nowhere:port"},
+    "GetRootCookiePath": {},
 }
 
 

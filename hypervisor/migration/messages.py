@@ -130,6 +130,18 @@ class CopyVmResponse:
 
 
 @dataclass
+class GetRootCookiePathResponse:
+    """
+    GetRootCookiePath: where the root cookie is (C{<stateDir>/root-cookie}, 32 random
+    bytes readable by root only, new at each start): a local root proves itself by
+    reading it (the reference's ExportLocalVm/ImportLocalVm rule).
+    """
+
+    Error: MessageText = ""
+    Path: Annotated[str, MaxLen(4096)] = ""
+
+
+@dataclass
 class ReadVmVolumeRequest:
     """
     I{Ours}: read C{Length} bytes of volume C{VolumeIndex} from C{Offset}, in chunks
