@@ -152,9 +152,10 @@ class PbDaemonTests(TestCase):
         updates: list[dict[str, Any]] = []
         subscription = alice.subscribe_updates(updates.append)
         await support.until(lambda: updates, 30, "the first update")
-        listing = json.loads(self.ok("admin", "list-clients"))
-        clients = listing["Clients"]
-        self.assertEqual(listing["UpdateSubscribers"][0]["Identity"], "alice")
+        clients = json.loads(self.ok("admin", "list-clients"))
+        admin = await self.connect_as("admin")
+        listing = await admin.admin("ListClients")
+        self.assertEqual(listing["UpdateSubscribers"], [{"Identity": "alice", "Queued": 0}])
         mine = [c for c in clients if c["Identity"] == "alice"]
         self.assertEqual(len(mine), 1, clients)
         self.assertEqual(mine[0]["Transport"], "pb")
@@ -163,9 +164,10 @@ class PbDaemonTests(TestCase):
         self.ok("admin", "disconnect-client", str(mine[0]["Id"]))
         with self.assertRaises(CallFailed):
             await subscription.done
-        listing = json.loads(self.ok("admin", "list-clients"))
-        self.assertEqual([c for c in listing["Clients"] if c["Identity"] == "alice"], [])
-        self.assertEqual(listing["UpdateSubscribers"], [])
+        clients = json.loads(self.ok("admin", "list-clients"))
+        self.assertEqual([c for c in clients if c["Identity"] == "alice"], [])
+        self.assertEqual((await admin.admin("ListClients"))["UpdateSubscribers"], [])
+        await admin.close()
         missing = self.hyper("admin", "disconnect-client", "99999")
         self.assertEqual(missing.returncode, 1)
         self.assertIn("no connected client 99999", missing.stderr)
