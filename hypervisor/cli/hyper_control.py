@@ -506,11 +506,11 @@ async def log_level(t: Tool, args: list[str]) -> int:
 
 async def list_clients(t: Tool, args: list[str]) -> int:
     """
-    The PB clients connected (a JSON array), with their identity, transport, address,
-    since when, and the streams they hold open. (The admin action ListClients also
-    lists the GetUpdates subscribers of every transport: hypervisor.client's admin().)
+    C{{"Clients": [...], "UpdateSubscribers": [...]}}: the PB clients connected, with
+    their identity, transport, address, since when, and the streams they hold open;
+    and the GetUpdates subscribers of every transport.
     """
-    _print_json((await _pb_admin(t, "ListClients"))["Clients"])
+    _print_json(await _pb_admin(t, "ListClients"))
     return 0
 
 
