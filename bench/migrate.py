@@ -12,7 +12,7 @@ ReadVmVolume, start on the target, commit, source destroyed) and I{running} ones
 (one pass while the source runs, ACPI stop, then the re-sync pass that hashes the
 volume on both sides and sends only changed chunks, start, commit). The peers:
 C{rsync -a} of the source's root file to a fresh file (local, whole-file, as rsync
-does between local paths) and C{rsync --inplace --no-whole-file} onto an existing
+does between local paths) and C{rsync -I --inplace --no-whole-file} onto an existing
 identical copy (its delta algorithm: what our re-sync is to a first pass).
 
 Prints a table: median, min, max seconds and MiB/s. The volume is the guest's thick
@@ -154,7 +154,7 @@ def main() -> None:
         root = os.path.join(a.dir, "volumes", stopped_ip, "root")
         scratch = tempfile.mkdtemp(prefix="hv-bench-migrate-", dir=a.dir)
         full, delta = results.setdefault("rsync -a (new file)", []), results.setdefault(
-            "rsync --inplace --no-whole-file (same file)", []
+            "rsync -I --inplace --no-whole-file (same file)", []
         )
         for _ in range(args.n * 2):
             dest = os.path.join(scratch, "root")
@@ -162,7 +162,9 @@ def main() -> None:
                 os.unlink(dest)
             os.sync()
             full.append(timed(["rsync", "-a", root, dest]))
-            delta.append(timed(["rsync", "-a", "--inplace", "--no-whole-file", root, dest]))
+            # -I: compare every block (rsync's quick check would skip the same-size,
+            # same-mtime file without reading it).
+            delta.append(timed(["rsync", "-a", "-I", "--inplace", "--no-whole-file", root, dest]))
         shutil.rmtree(scratch, ignore_errors=True)
         for ip in (stopped_ip, running_ip):
             for d in (a, b):

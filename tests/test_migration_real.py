@@ -127,7 +127,11 @@ class Pair:
         if token.get("Error"):
             raise AssertionError(f"GetVmAccessToken: {token['Error']}")
         messages = []
-        with self.connect(target) as c:
+        # As Go's vm-control reads: its JSON decoder reads ahead of each message.
+        cert, key = self.alice
+        with srpc.connect_tls_json(
+            "127.0.0.1", target.port, cert, key, timeout=300, go_readahead=True
+        ) as c:
             call = c.open("MigrateVm")
             call.send(
                 {
