@@ -233,7 +233,10 @@ class ToolsEndToEndTests(SynchronousTestCase):
         self.ok(vc, "destroy-vm", ip)
         self.assertEqual(self.ok(vc, "list-vms"), "")
         # Commands whose method is not served, and bad input, change nothing.
-        self.fails(vc, "migrate-vm", ip, words="not available", code=2)
+        self.fails(vc, "patch-vm-image", ip, words="not available", code=2)
+        # As Go's: migrate-vm finds the source through a fleet manager (or our
+        # -sourceHypervisor); tests/test_migration_real.py runs it between two daemons.
+        self.fails(vc, "migrate-vm", ip, words="no fleet manager specified", code=1)
         self.fails(vc, "-memory=lots", "create-vm", words="-memory", code=2)
         self.assertEqual(self.ok(vc, "list-vms"), "")
 
