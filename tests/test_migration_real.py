@@ -27,9 +27,23 @@ from hypervisor import certs
 from hypervisor.srpc import client as srpc
 from tests import support
 
-BRIDGE = "br@hvmig93"
-SUBNET = "hvmig93"
-CLIENT_NS = "hvmig93-client"
+# Names and addresses of this process's own (a parallel run of the suite on the same
+# host, e.g. another session's, must not destroy our domains or share our bridge).
+N = 20 + os.getpid() % 200
+NET = f"10.93.{N}"
+SUBNET = f"hvmig{N}"
+BRIDGE = f"br@{SUBNET}"
+CLIENT_NS = f"{SUBNET}-client"
+VETH = f"{SUBNET}-h"
+
+
+def mac(host: int) -> str:
+    """
+    The MAC of this run's address C{NET.host}.
+    """
+    return f"52:54:0a:5d:{N:02x}:{host:02x}"
+
+
 MiB = 1024 * 1024
 CHECK = "HYPERVISOR_MIGRATION_CHECK_INTERVAL"
 
@@ -161,7 +175,7 @@ class Pair:
         reply = self.call(
             d,
             "UpdateSubnets",
-            {"Add": [{"Id": SUBNET, "IpGateway": "10.93.0.1", "IpMask": "255.255.255.0"}]},
+            {"Add": [{"Id": SUBNET, "IpGateway": f"{NET}.1", "IpMask": "255.255.255.0"}]},
             self.admin,
         )
         assert not reply.get("Error"), reply
@@ -196,16 +210,16 @@ class World(TestCase):
         self._cleanup()  # what an interrupted run left
         if not os.path.exists(f"/sys/class/net/{BRIDGE}"):
             sh("ip", "link", "add", BRIDGE, "type", "bridge")
-            sh("ip", "link", "set", BRIDGE, "address", "02:00:00:00:7e:93")
+            sh("ip", "link", "set", BRIDGE, "address", f"02:00:00:00:7e:{N:02x}")
         sh("ip", "link", "set", BRIDGE, "up")
         sh("ip", "netns", "del", CLIENT_NS, check=False)
-        sh("ip", "link", "del", "hvmig93-h", check=False)
+        sh("ip", "link", "del", VETH, check=False)
         sh("ip", "netns", "add", CLIENT_NS)
         sh(
             "ip",
             "link",
             "add",
-            "hvmig93-h",
+            VETH,
             "type",
             "veth",
             "peer",
@@ -214,25 +228,26 @@ class World(TestCase):
             "netns",
             CLIENT_NS,
         )
-        sh("ip", "-n", CLIENT_NS, "addr", "add", "10.93.0.1/24", "dev", "eth0")
+        sh("ip", "-n", CLIENT_NS, "addr", "add", f"{NET}.1/24", "dev", "eth0")
         sh("ip", "-n", CLIENT_NS, "link", "set", "eth0", "up")
-        sh("ip", "link", "set", "hvmig93-h", "master", BRIDGE)
-        sh("ip", "link", "set", "hvmig93-h", "up")
+        sh("ip", "link", "set", VETH, "master", BRIDGE)
+        sh("ip", "link", "set", VETH, "up")
         self.addCleanup(self._cleanup)
 
     def _cleanup(self) -> None:
         sh("ip", "netns", "del", CLIENT_NS, check=False)
-        sh("ip", "link", "del", "hvmig93-h", check=False)
+        sh("ip", "link", "del", VETH, check=False)
         import libvirt
 
         conn = libvirt.open(support.QEMU_URI)
         for dom in conn.listAllDomains():
             try:
-                if dom.name().startswith("vm-10.93.0.") and dom.isActive():
+                if dom.name().startswith(f"vm-{NET}.") and dom.isActive():
                     dom.destroy()
             except libvirt.libvirtError:
                 pass  # gone meanwhile (its daemon was stopped with the test)
         conn.close()
+        sh("ip", "link", "del", BRIDGE, check=False)
 
     def create(self, pair: Pair, d: support.Daemon, root: int = 64 * MiB) -> str:
         request = {
@@ -323,10 +338,10 @@ class MigrationTests(World):
         self.daemons = pair.daemons
         a.start()
         b.start()
-        pair.setup(a, [("10.93.0.2", "52:54:0a:5d:00:02")])
-        pair.setup(b, [("10.93.0.3", "52:54:0a:5d:00:03")])
+        pair.setup(a, [(f"{NET}.2", mac(2))])
+        pair.setup(b, [(f"{NET}.3", mac(3))])
         ip = self.create(pair, a)
-        self.assertEqual(ip, "10.93.0.2")
+        self.assertEqual(ip, f"{NET}.2")
         # GetRootCookiePath: the cookie a local root reads to prove itself.
         path = pair.call(a, "GetRootCookiePath", {})["Path"]
         self.assertEqual(path, os.path.join(a.state_dir, "root-cookie"))
@@ -371,7 +386,7 @@ class MigrationTests(World):
         r = pair.vm_control(b, a, "-memory=128MiB", "-milliCPUs=500", "copy-vm", ip)
         self.assertEqual(r.returncode, 0, r.stderr + b.output()[-3000:])
         new_ip = r.stdout.strip()
-        self.assertEqual(new_ip, "10.93.0.3")
+        self.assertEqual(new_ip, f"{NET}.3")
         self.assertFalse(pair.call(b, "StartVm", {"IpAddress": new_ip}).get("Error"))
         self.assertFalse(
             pair.call(a, "GetVmAccessToken", {"IpAddress": ip, "Lifetime": 60 * 10**9}).get("Error")
@@ -402,7 +417,7 @@ class FaultTests(World):
         self.a, self.b = self.daemons = self.pair.daemons
         self.a.start()
         self.b.start()
-        self.pair.setup(self.a, [("10.93.0.2", "52:54:0a:5d:00:02")])
+        self.pair.setup(self.a, [(f"{NET}.2", mac(2))])
         self.pair.setup(self.b, [])
 
     def big_vm(self, running: bool) -> str:
