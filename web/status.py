@@ -706,7 +706,8 @@ class StatusPages:
             reconciling=m.reconciler.reconciling is not None,
             num_domains=len(doms),
             num_running=sum(1 for d in doms if d.active),
-            num_ours=sum(1 for d in doms if d.ours),
+            # another daemon's on the same libvirtd is not managed by this one
+            num_ours=sum(1 for d in doms if d.ours and d.hypervisor in ("", m.state.uuid)),
             domain_type=m.domain_type or "not decided yet",
             domain_type_reason=m.domain_type_reason,
             state_dir=m.state.path,
