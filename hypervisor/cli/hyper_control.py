@@ -29,6 +29,10 @@ NOT_SERVED = "this hypervisor does not serve its method"
 MACHINES = "manages physical machines or installers, which this implementation does not do"
 FLEET_ONLY = "talks to a fleet manager, which this implementation does not do for hyper-control"
 UNUSED = "only used by commands this implementation does not run"
+NO_MONITOR = (
+    "QEMU's monitor belongs to libvirt here: the daemon refuses ConnectToVmManager as not "
+    "supported (virsh qemu-monitor-command on the host reaches it)"
+)
 
 
 def parse_addresses(text: str) -> list[model.Address]:
@@ -195,7 +199,7 @@ COMMANDS: list[Command] = [
         action="adding subnet",
     ),
     Command("change-tags", unavailable=FLEET_ONLY),
-    Command("connect-to-vm-manager", "IPaddr", 1, 1, NOT_SERVED),
+    Command("connect-to-vm-manager", "IPaddr", 1, 1, NO_MONITOR),
     Command("disable-hypervisor", action="disabling hypervisor"),
     Command("enable-hypervisor", action="enabling hypervisor"),
     Command("get-capacity", action="getting capacity"),
@@ -575,7 +579,6 @@ RUNNERS: dict[str, tool.Runner] = {
 }
 
 UNSERVED_METHODS: dict[str, str] = {
-    "connect-to-vm-manager": "ConnectToVmManager",
     "hold-lock": "HoldLock",
     "hold-vm-lock": "HoldVmLock",
     "power-off": "PowerOff",
