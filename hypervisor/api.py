@@ -107,7 +107,8 @@ def with_encoding(response: T, data: bytes) -> T:
     return response
 
 
-RAW = "_raw"
+RAW_BYTES = "_raw"
+"""The attribute L{with_raw} sets (not to be confused with L{RAW}, a method kind)."""
 
 
 def with_raw(response: T, data: bytes) -> T:
@@ -118,7 +119,7 @@ def with_raw(response: T, data: bytes) -> T:
     ones (Go's client reads ahead up to 512 bytes past the JSON and loses them
     otherwise: srpc-transcripts README, quirk 1).
     """
-    object.__setattr__(response, RAW, data)
+    object.__setattr__(response, RAW_BYTES, data)
     return response
 
 
@@ -126,7 +127,7 @@ def raw_of(response: Any) -> Optional[bytes]:
     """
     The raw bytes attached by L{with_raw}, or None.
     """
-    return getattr(response, RAW, None)
+    return getattr(response, RAW_BYTES, None)
 
 
 def encode_reply(response: Any) -> bytes:

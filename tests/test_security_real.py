@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from hypervisor.api import METHODS, UNAUTHENTICATED_READS
+from hypervisor.api import METHODS, RAW, UNAUTHENTICATED_READS
 from tests import realrpc, support
 from tests.realrpc import MiB
 
@@ -384,6 +384,10 @@ class MalformedInputTests(SecurityTestCase):
                         anonymous = how != "admin"
                         if anonymous and method not in UNAUTHENTICATED_READS:
                             self.assertEqual(status, 401, where)
+                        elif METHODS[method].kind == RAW:
+                            # a console: pointed at its WebSocket before the body is read
+                            self.assertEqual(status, 400, where)
+                            self.assertIn(b"WebSocket", body, where)
                         else:
                             self.assertEqual(status, 400, where)
                             self.assertIn(b"nested", body, where)
