@@ -51,6 +51,21 @@ def context(testcase: Any, browser: Any, origin: str, user: str, height: int = 8
     )
 
 
+def goto(page: Any, url: str) -> Any:
+    """
+    C{page.goto(url)}, again when Chromium gives up with C{ERR_NETWORK_CHANGED}: it
+    does when an interface appears or goes anywhere on the host (other tests make and
+    remove bridges and namespaces while this one runs), not only on the way to C{url}.
+    """
+    for attempt in range(4):
+        try:
+            return page.goto(url)
+        except Exception as e:  # playwright's Error
+            if "ERR_NETWORK_CHANGED" not in str(e) or attempt == 3:
+                raise
+    raise AssertionError("unreachable")
+
+
 def screenshot(page: Any, name: str) -> None:
     """
     Save the page in C{_trial_temp/screenshots/} for people to look at.
@@ -74,7 +89,7 @@ class BrowserConsoleTests(ShellGuestCase):
         with chromium_with(self) as (browser, expect):
             owner = context(self, browser, origin, "owner", height=700)
             page = owner.new_page()
-            response = page.goto(url)
+            response = goto(page, url)
             assert response is not None
             self.assertEqual(response.status, 200)
             # (expect, not wait_for_function: the page's CSP forbids eval)
@@ -88,17 +103,17 @@ class BrowserConsoleTests(ShellGuestCase):
             screenshot(page, "console.png")
             # The console is taken: a second page is refused, and says so.
             second = owner.new_page()
-            second.goto(url)
+            goto(second, url)
             expect(second.locator("#console-status")).to_have_text(
                 "refused: VM already has a serial port connection", timeout=30000
             )
             # The VM's status page links to its console.
             show = owner.new_page()
-            show.goto(f"{origin}/showVM?{self.ip}")
+            goto(show, f"{origin}/showVM?{self.ip}")
             show.locator(f'a[href="/console?{self.ip}"]').click()
             expect(show.locator("h1")).to_have_text(f"Serial console of VM {self.ip}")
             stranger = context(self, browser, origin, "other")
-            denied = stranger.new_page().goto(url)
+            denied = goto(stranger.new_page(), url)
             assert denied is not None
             self.assertEqual(denied.status, 403)
             self.assertIn("no access to VM", denied.text())
@@ -121,7 +136,7 @@ class BrowserVncTests(ShellGuestCase):
             page = context(self, browser, origin, "owner", height=1100).new_page()
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(f"{origin}/console?{self.ip}")
+            goto(page, f"{origin}/console?{self.ip}")
             expect(page.locator("#vnc-status")).to_have_text("connected", timeout=30000)
             expect(page.locator("#screen canvas")).to_have_count(1)
             expect(page.locator("#console-status")).to_have_text("connected")
