@@ -57,12 +57,6 @@ head, and every method line with its request JSON, are C{HEADERS} (due within it
 deadline), the TLS handshake C{HANDSHAKE}, a call in progress (its upload included)
 C{BUSY}, between calls C{IDLE}. Bytes a client sends while a call runs (it
 should not) are kept up to L{MAX_AHEAD}, beyond which the connection is closed.
-
-Deadlines and caps are the connection guard's (L{hypervisor.netguard}): the CONNECT
-head, and every method line with its request JSON, are C{HEADERS} (due within its
-deadline), the TLS handshake C{HANDSHAKE}, a call in progress (its upload included)
-C{BUSY}, between calls C{IDLE}. Bytes a client sends while a call runs (it
-should not) are kept up to L{MAX_AHEAD}, beyond which the connection is closed.
 """
 
 from __future__ import annotations
