@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Sequence, TypeVar, Union
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -151,7 +151,7 @@ WriteGroup = Callable[[list[FileWrite]], None]
 
 @dataclass
 class _Pending:
-    data: Optional[bytes]
+    data: Union[None, bytes, Callable[[], bytes]]
     mode: int
     waiters: list["Deferred[None]"] = field(default_factory=list)
 
@@ -187,10 +187,18 @@ class StateWriter:
         self._running: set[str] = set()
         self._pending: dict[str, _Pending] = {}
 
-    def write(self, path: str, data: bytes, mode: int = 0o644) -> "Deferred[None]":
+    def write(
+        self, path: str, data: Union[bytes, Callable[[], bytes]], mode: int = 0o644
+    ) -> "Deferred[None]":
         """
         Replace C{path} with C{data} atomically; fires once it is on disk, or fails
         with the C{OSError} (the file then holds its previous content).
+
+        C{data} may be a function making the bytes (on the reactor thread), called
+        when the write starts: writes asked for while one of the same file runs are
+        made once, from the state of that moment (a large file rewritten after each
+        of many changes in a row, such as the address pool, is encoded once per
+        write that reaches the disk, not once per change).
         """
         return self._queue(path, data, mode)
 
@@ -242,7 +250,9 @@ class StateWriter:
         """
         return not self._running and not self._pending
 
-    def _queue(self, path: str, data: Optional[bytes], mode: int) -> "Deferred[None]":
+    def _queue(
+        self, path: str, data: Union[None, bytes, Callable[[], bytes]], mode: int
+    ) -> "Deferred[None]":
         d: Deferred[None] = Deferred()
         pending = self._pending.get(path)
         if pending is None:
@@ -259,7 +269,13 @@ class StateWriter:
         if pending is None:
             return
         self._running.add(path)
-        d = self.runner.run(self.write_file, path, pending.data, pending.mode)
+        d: Deferred[None]
+        try:
+            data = pending.data() if callable(pending.data) else pending.data
+        except Exception:
+            d = fail()
+        else:
+            d = self.runner.run(self.write_file, path, data, pending.mode)
 
         def done(result: Union[None, Failure]) -> None:
             self._running.discard(path)

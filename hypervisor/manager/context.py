@@ -149,7 +149,7 @@ class ManagerContext:
         """
         Write C{address-pool.json} from memory and tell subscribers.
         """
-        yield self.writer.write(self.pool.path, self.pool.encode())
+        yield self.writer.write(self.pool.path, self.pool.encode)
         self.hub.publish(
             Update(
                 HaveAddressPool=True,

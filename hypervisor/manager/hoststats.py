@@ -123,8 +123,12 @@ class HostStats:
         self.snapshot = Snapshot()
         self._cpus = host.num_cpus()
         self._reserved: dict[str, int] = {}
-        # (path, effective size) of every VM volume: set by the manager.
+        # (path, effective size) of every VM volume: set by the manager, with what
+        # says whether it changed (a value that moves whenever any VM's volumes may
+        # have: the per-directory sums are kept until it does; None: never kept).
         self.allocated: Callable[[], Iterable[tuple[str, int]]] = lambda: ()
+        self.allocated_version: Callable[[], object] = lambda: None
+        self._allocations: Optional[tuple[object, tuple[str, ...], dict[int, int]]] = None
         self._refreshing: Optional[Deferred[None]] = None
         self._refresh_again = False
         self._loop: Optional[LoopingCall] = None
@@ -233,7 +237,7 @@ class HostStats:
         entries = self.snapshot.directories
         if [e.Directory for e in entries] != self.directories:
             return [0] * len(self.directories), ["not read yet"] * len(self.directories)
-        allocated = placement.allocations(self.directories, self.allocated())
+        allocated = self.allocations()
         usable, problems = [], []
         for index, entry in enumerate(entries):
             if entry.Error:
@@ -247,12 +251,27 @@ class HostStats:
             problems.append("")
         return usable, problems
 
+    def allocations(self) -> dict[int, int]:
+        """
+        Bytes VM volumes take per storage index (L{placement.allocations}), kept
+        until L{allocated_version} moves (a create would otherwise sum every VM's
+        volumes again).
+        """
+        version = self.allocated_version()
+        directories = tuple(self.directories)
+        kept = self._allocations
+        if version is not None and kept is not None and kept[:2] == (version, directories):
+            return kept[2]
+        allocated = placement.allocations(directories, self.allocated())
+        self._allocations = (version, directories, allocated)
+        return allocated
+
     def storage_infos(self, snapshot: Optional[Snapshot] = None) -> list[StorageInfo]:
         """
         Each volume directory's figures, by storage index (GetVmVolumeStorageConfiguration),
         from C{snapshot} (a fresh L{read_snapshot}) or the cached figures.
         """
-        allocated = placement.allocations(self.directories, self.allocated())
+        allocated = self.allocations()
         return [
             placement.storage_info(e.Size, e.Free, e.Available, allocated.get(i, 0), e.on_root)
             for i, e in enumerate((snapshot or self.snapshot).directories)

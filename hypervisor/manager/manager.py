@@ -208,6 +208,7 @@ class Manager(MultiService):
         self._loaded = False
         self.ctx.domains.add_listener(self)
         self.ctx.stats.allocated = self._volume_allocations
+        self.ctx.stats.allocated_version = lambda: self.table.generation
 
     def _volume_allocations(self) -> list[tuple[str, int]]:
         """

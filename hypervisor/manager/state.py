@@ -121,6 +121,10 @@ class VmTable:
         # ListVMs answers by filter, kept until any VM is added, removed or changed
         # (a listing scans every VM and sorts: repeated calls need not).
         self._listings: dict[Any, list[str]] = {}
+        # Counts changes to the set of VMs or to any VM's info (L{add}, L{forget},
+        # L{_apply}: nothing else replaces a VM's info): what is derived from every VM
+        # (such as the bytes their volumes take per directory) is kept until it moves.
+        self.generation = 0
 
     # Loading ----------------------------------------------------------------------
 
@@ -309,11 +313,15 @@ class VmTable:
             kept = self._listings[key] = [vm.ip for vm in vms]
         return list(kept)
 
+    def _membership_changed(self) -> None:
+        self._listings.clear()
+        self.generation += 1
+
     def add(self, vm: Vm) -> None:
         """
         Hold a new VM in memory (its files are written by the caller).
         """
-        self._listings.clear()
+        self._membership_changed()
         self.vms[vm.ip] = vm
         self._index(vm)
         self._count(vm.info, 1)
@@ -323,7 +331,7 @@ class VmTable:
         Drop a deleted VM from memory and tell subscribers and listeners.
         """
         self._dirty.discard(vm)
-        self._listings.clear()
+        self._membership_changed()
         if self.vms.get(vm.ip) is vm:
             del self.vms[vm.ip]
             if not vm.deleted:
@@ -439,7 +447,7 @@ class VmTable:
             self._count(new.VmInfo, 1)
         vm.local = new
         vm.changed()
-        self._listings.clear()
+        self._membership_changed()
         if readdress:
             self._index(vm)
         if vm.deleted:
