@@ -318,6 +318,44 @@ class StateWriterTests(SynchronousTestCase):
         self.assertEqual(self.writer.writes, 2)
         self.assertEqual(sorted(self.rec.results), [("one", "ok"), ("three", "ok"), ("two", "ok")])
 
+    def test_content_made_when_the_write_starts(self) -> None:
+        """
+        A function given as content is called when its write starts, on the state of
+        that moment: writes asked for while one runs are made once (the function of
+        the newest), and a function that raises fails its waiters and writes nothing.
+        """
+        state = [b"a"]
+        calls: list[bytes] = []
+
+        def make() -> bytes:
+            calls.append(state[0])
+            return state[0]
+
+        self.rec.watch(self.writer.write(self.path(), make), "first")
+        self.assertEqual(calls, [b"a"])  # started at once: nothing else runs
+        for value in (b"b", b"c", b"d"):
+            state[0] = value
+            self.rec.watch(self.writer.write(self.path(), make), value.decode())
+        self.assertEqual(calls, [b"a"])  # waiting: not made yet
+        self.runner.step()
+        self.assertEqual(calls, [b"a", b"d"])  # the three waiting ones, made once
+        self.runner.step()
+        self.assertEqual(self.content(), b"d")
+        self.assertEqual(self.writer.writes, 2)
+        self.assertEqual(len(self.rec.results), 4)
+
+        def broken() -> bytes:
+            raise ValueError("cannot encode")
+
+        self.rec.watch(self.writer.write(self.path(), broken), "broken")
+        self.assertIsInstance(self.rec.of("broken"), ValueError)
+        self.assertEqual(self.runner.queue, [])
+        self.assertEqual(self.content(), b"d")
+        self.assertTrue(self.writer.idle())
+        self.rec.watch(self.writer.write(self.path(), b"e"), "after")
+        self.runner.step()
+        self.assertEqual((self.rec.of("after"), self.content()), ("ok", b"e"))
+
     def test_failed_write_fails_its_waiters_and_keeps_old_content(self) -> None:
         """
         A write that fails (here after its temporary file was written, before the

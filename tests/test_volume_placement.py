@@ -278,6 +278,37 @@ class HostStatsPlacementTests(SynchronousTestCase):
         self.stats.release(self.a, GiB, used=False)  # (reads the figures again)
         self.assertEqual(self.stats.usable()[0][1], GiB)
 
+    def test_allocations_kept_until_the_version_moves(self) -> None:
+        """
+        With a version (the manager's VM table generation), the per-directory sums
+        are kept until it moves: the VMs' volumes are not summed again per create,
+        and any change to them (the version moves with every change to a VM's info)
+        is counted at once.
+        """
+        version = [1]
+        summed = []
+
+        def allocated() -> list[tuple[str, int]]:
+            summed.append(1)
+            return self.volumes
+
+        self.stats.allocated = allocated
+        self.stats.allocated_version = lambda: version[0]
+        self.volumes = [(os.path.join(self.a, "10.0.0.2", "root"), 9 * GiB)]
+        self.assertEqual(self.stats.usable()[0], [MiB, GiB])
+        [where] = self.stats.reserve_volumes([MiB])
+        self.stats.release(where, MiB, used=False)
+        self.assertEqual(len(summed), 1)
+        self.volumes = [(os.path.join(self.a, "10.0.0.2", "root"), 5 * GiB)]
+        self.assertEqual(self.stats.usable()[0], [MiB, GiB])  # the version did not move
+        version[0] += 1
+        self.assertEqual(self.stats.usable()[0], [MiB, 5 * GiB])
+        self.assertEqual(len(summed), 2)
+        self.stats.allocated_version = lambda: None  # no version: summed every time
+        self.stats.usable()
+        self.stats.usable()
+        self.assertEqual(len(summed), 4)
+
     def test_storage_infos(self) -> None:
         """
         GetVmVolumeStorageConfiguration's figures: statvfs's available, free and size,
