@@ -1,7 +1,8 @@
 """
 Kept encodings and indexes never go stale: after every change made through the service
 layer (and by libvirt events), GetVmInfo's kept reply, ListVMs (sorted and filtered),
-GetVmInfos, the kept CPU and memory totals, and the /listVMs page's kept rows and JSON
+GetVmInfos, the kept CPU and memory totals, the bytes VM volumes take per volume
+directory, and the /listVMs page's kept rows and JSON
 equal what a fresh encoding of
 the VMs' current state gives.
 """
@@ -18,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from hypervisor import codec
 from hypervisor.api import encode_reply
 from hypervisor.auth import ROOT, Identity
-from hypervisor.manager import capacity, report
+from hypervisor.manager import capacity, placement, report
 from hypervisor.manager.vm import ip_sort_key, matches
 from hypervisor.model import (
     AccessRequest,
@@ -68,6 +69,12 @@ class CoherenceTests(SynchronousTestCase):
         manager = daemon.manager
         api = daemon.api
         self.assertEqual(manager.table.usage(), capacity.usage(manager.table.infos()))
+        stats = manager.ctx.stats
+        self.assertTrue(stats.track)
+        self.assertEqual(
+            {k: v for k, v in stats.allocations().items() if v},
+            placement.allocations(stats.directories, manager._volume_allocations()),
+        )
         for ip, vm in manager.vms.items():
             reply = api.GetVmInfo(ALICE, IpRequest(ip))
             fresh = codec.encode(GetVmInfoResponse(VmInfo=vm.info))

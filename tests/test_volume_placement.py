@@ -278,14 +278,13 @@ class HostStatsPlacementTests(SynchronousTestCase):
         self.stats.release(self.a, GiB, used=False)  # (reads the figures again)
         self.assertEqual(self.stats.usable()[0][1], GiB)
 
-    def test_allocations_kept_until_the_version_moves(self) -> None:
+    def test_allocations_kept_and_moved_by_changes(self) -> None:
         """
-        With a version (the manager's VM table generation), the per-directory sums
-        are kept until it moves: the VMs' volumes are not summed again per create,
-        and any change to them (the version moves with every change to a VM's info)
-        is counted at once.
+        With C{track} (the manager's VM table tells every change to the VMs' volumes),
+        the per-directory sums are made once and then moved by each change: the VMs'
+        volumes are not summed again per create; a new list of directories sums
+        them again.
         """
-        version = [1]
         summed = []
 
         def allocated() -> list[tuple[str, int]]:
@@ -293,20 +292,29 @@ class HostStatsPlacementTests(SynchronousTestCase):
             return self.volumes
 
         self.stats.allocated = allocated
-        self.stats.allocated_version = lambda: version[0]
-        self.volumes = [(os.path.join(self.a, "10.0.0.2", "root"), 9 * GiB)]
+        self.stats.track = True
+        root = os.path.join(self.a, "10.0.0.2", "root")
+        self.volumes = [(root, 9 * GiB)]
+        self.stats.volumes_changed([], [(root, 9 * GiB)])  # before any use: ignored
         self.assertEqual(self.stats.usable()[0], [MiB, GiB])
         self.stats.reserve_volumes([MiB])
         self.stats.storage_infos()
         self.assertEqual(len(summed), 1)
-        self.volumes = [(os.path.join(self.a, "10.0.0.2", "root"), 5 * GiB)]
-        self.assertEqual(self.stats.usable()[0], [0, GiB])  # the version did not move
-        version[0] += 1
+        self.stats.volumes_changed([(root, 9 * GiB)], [(root, 5 * GiB)])
         self.assertEqual(self.stats.usable()[0], [0, 5 * GiB])
+        other = os.path.join(self.a, "10.0.0.3", "root")
+        self.stats.volumes_changed([], [(other, GiB), ("/elsewhere/10.0.0.3/data", GiB)])
+        self.assertEqual(self.stats.usable()[0], [0, 4 * GiB])
+        self.stats.volumes_changed([(other, GiB)], [])
+        self.assertEqual(self.stats.allocations(), {1: 5 * GiB})
+        self.assertEqual(len(summed), 1)
+        self.volumes = [(root, 5 * GiB)]
+        self.stats.directories = [self.a]
+        self.assertEqual(self.stats.allocations(), {0: 5 * GiB})
         self.assertEqual(len(summed), 2)
-        self.stats.allocated_version = lambda: None  # no version: summed every time
-        self.stats.usable()
-        self.stats.usable()
+        self.stats.track = False  # not tracked: summed on every use
+        self.stats.allocations()
+        self.stats.allocations()
         self.assertEqual(len(summed), 4)
 
     def test_storage_infos(self) -> None:

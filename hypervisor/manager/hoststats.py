@@ -123,12 +123,12 @@ class HostStats:
         self.snapshot = Snapshot()
         self._cpus = host.num_cpus()
         self._reserved: dict[str, int] = {}
-        # (path, effective size) of every VM volume: set by the manager, with what
-        # says whether it changed (a value that moves whenever any VM's volumes may
-        # have: the per-directory sums are kept until it does; None: never kept).
+        # (path, effective size) of every VM volume: set by the manager; with
+        # C{track}, the sums per directory are kept and moved by L{volumes_changed}
+        # (the manager's VM table tells every change), else summed on each use.
         self.allocated: Callable[[], Iterable[tuple[str, int]]] = lambda: ()
-        self.allocated_version: Callable[[], object] = lambda: None
-        self._allocations: Optional[tuple[object, tuple[str, ...], dict[int, int]]] = None
+        self.track = False
+        self._allocations: Optional[tuple[tuple[str, ...], dict[int, int]]] = None
         self._refreshing: Optional[Deferred[None]] = None
         self._refresh_again = False
         self._loop: Optional[LoopingCall] = None
@@ -253,18 +253,33 @@ class HostStats:
 
     def allocations(self) -> dict[int, int]:
         """
-        Bytes VM volumes take per storage index (L{placement.allocations}), kept
-        until L{allocated_version} moves (a create would otherwise sum every VM's
-        volumes again).
+        Bytes VM volumes take per storage index (L{placement.allocations}): with
+        C{track}, summed once per list of directories and then kept up to date by
+        L{volumes_changed} (a create would otherwise sum every VM's volumes again).
         """
-        version = self.allocated_version()
         directories = tuple(self.directories)
         kept = self._allocations
-        if version is not None and kept is not None and kept[:2] == (version, directories):
-            return kept[2]
+        if self.track and kept is not None and kept[0] == directories:
+            return dict(kept[1])
         allocated = placement.allocations(directories, self.allocated())
-        self._allocations = (version, directories, allocated)
-        return allocated
+        self._allocations = (directories, allocated) if self.track else None
+        return dict(allocated)
+
+    def volumes_changed(
+        self, removed: Iterable[tuple[str, int]], added: Iterable[tuple[str, int]]
+    ) -> None:
+        """
+        VM volumes were removed and added (path, effective size): the kept sums move.
+        """
+        kept = self._allocations
+        if kept is None:
+            return
+        directories, sums = kept
+        for sign, pairs in ((-1, removed), (1, added)):
+            for path, size in pairs:
+                index = placement.storage_index(directories, path)
+                if index is not None:
+                    sums[index] = sums.get(index, 0) + sign * size
 
     def storage_infos(self, snapshot: Optional[Snapshot] = None) -> list[StorageInfo]:
         """

@@ -55,7 +55,7 @@ from hypervisor.manager.hoststats import HostStats
 from hypervisor.manager.lifecycle import Lifecycle
 from hypervisor.manager.network import AddressPool, Subnets, discover_bridges
 from hypervisor.manager.reconcile import Reconciler
-from hypervisor.manager.state import IVmListener, Lease, VmTable
+from hypervisor.manager.state import IVmListener, Lease, VmTable, volume_pairs
 from hypervisor.manager.updates import UpdateHub
 from hypervisor.manager.vm import Vm
 from hypervisor.model import Address, CloudInitDatasource, Subnet, VmFilter, VmInfo
@@ -208,17 +208,14 @@ class Manager(MultiService):
         self._loaded = False
         self.ctx.domains.add_listener(self)
         self.ctx.stats.allocated = self._volume_allocations
-        self.ctx.stats.allocated_version = lambda: self.table.generation
+        self.ctx.stats.track = True
+        self.table.volumes_changed = self.ctx.stats.volumes_changed
 
     def _volume_allocations(self) -> list[tuple[str, int]]:
         """
         (path, effective size) of every VM volume: what placement counts as taken.
         """
-        return [
-            (location.Filename, volume.effective_size)
-            for vm in list(self.table.vms.values())
-            for volume, location in zip(vm.info.Volumes, vm.local.VolumeLocations)
-        ]
+        return [pair for vm in list(self.table.vms.values()) for pair in volume_pairs(vm.local)]
 
     def _volume_files(self) -> list[str]:
         """

@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -87,6 +87,19 @@ class Lease:
     vm_ip: str
 
 
+VolumePair = tuple[str, int]
+
+
+def volume_pairs(local: LocalVmInfo) -> list[VolumePair]:
+    """
+    (path, effective size) of each of a VM's volumes: what placement counts as taken.
+    """
+    return [
+        (location.Filename, volume.effective_size)
+        for volume, location in zip(local.VmInfo.Volumes, local.VolumeLocations)
+    ]
+
+
 class VmTable:
     """
     The VMs, their files and indexes.
@@ -121,10 +134,13 @@ class VmTable:
         # ListVMs answers by filter, kept until any VM is added, removed or changed
         # (a listing scans every VM and sorts: repeated calls need not).
         self._listings: dict[Any, list[str]] = {}
-        # Counts changes to the set of VMs or to any VM's info (L{add}, L{forget},
-        # L{_apply}: nothing else replaces a VM's info): what is derived from every VM
-        # (such as the bytes their volumes take per directory) is kept until it moves.
-        self.generation = 0
+        # Told (pairs removed, pairs added) of (volume path, effective size) whenever
+        # the volumes of the VMs held change (L{add}, L{forget} and L{_apply}: nothing
+        # else changes a VM's info or the VMs held): HostStats keeps the bytes VM
+        # volumes take per directory by it, instead of summing every VM per create.
+        self.volumes_changed: Callable[[Sequence[VolumePair], Sequence[VolumePair]], None] = (
+            lambda removed, added: None
+        )
 
     # Loading ----------------------------------------------------------------------
 
@@ -313,15 +329,15 @@ class VmTable:
             kept = self._listings[key] = [vm.ip for vm in vms]
         return list(kept)
 
-    def _membership_changed(self) -> None:
-        self._listings.clear()
-        self.generation += 1
-
     def add(self, vm: Vm) -> None:
         """
         Hold a new VM in memory (its files are written by the caller).
         """
-        self._membership_changed()
+        self._listings.clear()
+        held = self.vms.get(vm.ip)
+        self.volumes_changed(
+            volume_pairs(held.local) if held is not None else (), volume_pairs(vm.local)
+        )
         self.vms[vm.ip] = vm
         self._index(vm)
         self._count(vm.info, 1)
@@ -331,9 +347,10 @@ class VmTable:
         Drop a deleted VM from memory and tell subscribers and listeners.
         """
         self._dirty.discard(vm)
-        self._membership_changed()
+        self._listings.clear()
         if self.vms.get(vm.ip) is vm:
             del self.vms[vm.ip]
+            self.volumes_changed(volume_pairs(vm.local), ())
             if not vm.deleted:
                 self._count(vm.info, -1)
         vm.deleted = True
@@ -442,12 +459,16 @@ class VmTable:
         )
         if readdress:
             self._unindex(vm)
-        if self.vms.get(vm.ip) is vm and not vm.deleted:
-            self._count(vm.info, -1)
-            self._count(new.VmInfo, 1)
+        if self.vms.get(vm.ip) is vm:
+            if not vm.deleted:
+                self._count(vm.info, -1)
+                self._count(new.VmInfo, 1)
+            removed, added = volume_pairs(vm.local), volume_pairs(new)
+            if removed != added:
+                self.volumes_changed(removed, added)
         vm.local = new
         vm.changed()
-        self._membership_changed()
+        self._listings.clear()
         if readdress:
             self._index(vm)
         if vm.deleted:
