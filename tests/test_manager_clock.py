@@ -23,6 +23,7 @@ from hypervisor.api import HypervisorApi
 from hypervisor.auth import ROOT, Identity
 from hypervisor.errors import HypervisorError, WrongState
 from hypervisor.manager.acks import DhcpAcknowledgements
+from hypervisor.manager.create import Creator
 from hypervisor.manager.manager import Manager
 from hypervisor.model import (
     AccessRequest,
@@ -334,6 +335,29 @@ class CreateTests(SynchronousTestCase):
         self.assertEqual(self.d.state(ip), State.STOPPED)
         self.assertEqual(self.d.stored_state(ip), "stopped")
         self.assertEqual(self.d.domains.created, 0)
+
+    def test_bridges_read_again_when_old_or_lacking(self) -> None:
+        """
+        The bridges read for one create serve the next ones for a second; a create
+        whose subnet they lack (a bridge made meanwhile) reads them again at once.
+        """
+        reads: list[dict[str, int]] = []
+        bridges: dict[str, int] = {}
+
+        def read() -> dict[str, int]:
+            reads.append(dict(bridges))
+            return dict(bridges)
+
+        d = ClockDaemon(self, bridges=read).start().network()
+        e = self.assertRaises(HypervisorError, d.create, DoNotStart=True)
+        self.assertIn("no bridge", str(e).lower())
+        bridges["br0"] = 0
+        d.create(DoNotStart=True)
+        d.create(DoNotStart=True)  # (stopped VMs: starting one reads them too)
+        self.assertEqual(reads, [{}, {"br0": 0}])  # the second create read nothing
+        d.clock.advance(Creator.BRIDGES_FRESH)
+        d.create(DoNotStart=True)
+        self.assertEqual(len(reads), 3)
 
     def test_progress_and_final(self) -> None:
         """

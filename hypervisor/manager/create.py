@@ -55,6 +55,7 @@ from hypervisor.model import (
     CreateVmResponse,
     LocalVmInfo,
     State,
+    Subnet,
     Volume,
     VolumeFormat,
     VolumeInterface,
@@ -212,9 +213,37 @@ class Creator:
 
     log = Logger()
 
+    # How long the bridges read for one create may serve the next ones, when they
+    # carry the new VM's subnets (a bridge the subnets lack is always looked for
+    # again at once; one removed meanwhile fails the domain's start, as it would
+    # a moment later anyway).
+    BRIDGES_FRESH = 1.0
+
     def __init__(self, ctx: ManagerContext, lifecycle: Lifecycle) -> None:
         self.ctx = ctx
         self.lifecycle = lifecycle
+        self._bridges: Optional[tuple[float, dict[str, int]]] = None
+
+    @inlineCallbacks
+    def _check_bridges(self, subnets: list[Subnet]) -> Any:
+        """
+        Each subnet has a bridge (L{bridge_for_subnet}), from the bridges read within
+        L{BRIDGES_FRESH} seconds if they do, else read again (off the reactor).
+        """
+        ctx = self.ctx
+        kept = self._bridges
+        if kept is not None and ctx.reactor.seconds() - kept[0] < self.BRIDGES_FRESH:
+            try:
+                for s in subnets:
+                    bridge_for_subnet(s, kept[1])
+                return
+            except InvalidRequest:
+                pass
+        read_at = ctx.reactor.seconds()
+        found = yield ctx.runner.run(ctx.bridges)  # reads /sys: off the reactor
+        self._bridges = (read_at, found)
+        for s in subnets:
+            bridge_for_subnet(s, found)
 
     @inlineCallbacks
     def create_vm(
@@ -266,9 +295,7 @@ class Creator:
         identity_name, identity_expires = check_identity(request, identity.username, ctx.now())
         subnet = ctx.subnets.choose(info.SubnetId, identity)
         secondary = [ctx.subnets.choose(sid, identity) for sid in info.SecondarySubnetIDs]
-        bridges_found = yield ctx.runner.run(ctx.bridges)  # reads /sys: off the reactor
-        for s in [subnet] + secondary:
-            bridge_for_subnet(s, bridges_found)
+        yield self._check_bridges([subnet] + secondary)
         capacity.check_cpu_and_memory(
             ctx.stats, ctx.table.usage(), info.MilliCPUs, info.MemoryInMiB
         )

@@ -290,6 +290,9 @@ class AddressPool:
         # the table grows past twice the registered count).
         self._encodings: dict[tuple[str, str], bytes] = {}
         self._num_free: Optional[tuple[list[Address], dict[str, Any], dict[str, int]]] = None
+        # The registered list's part of the file, kept while that list is the same
+        # object (it is replaced, never changed in place; creates leave it alone).
+        self._registered_json: Optional[tuple[list[Address], bytes]] = None
 
     def load(self) -> None:
         """
@@ -308,9 +311,16 @@ class AddressPool:
         from each address's encoding kept since it was first written: writing the
         pool after each allocation costs a join, not an encoding of every address.
         """
+        registered = self.registered
+        kept = self._registered_json
+        if kept is None or kept[0] is not registered:
+            kept = self._registered_json = (
+                registered,
+                b",".join([self._encoded(a) for a in registered]),
+            )
         return b'{"Free":[%s],"Registered":[%s]}' % (
-            b",".join(self._encoded(a) for a in self.free),
-            b",".join(self._encoded(a) for a in self.registered),
+            b",".join([self._encoded(a) for a in self.free]),
+            kept[1],
         )
 
     def _encoded(self, address: Address) -> bytes:
@@ -485,7 +495,7 @@ class AddressPool:
                     f"no free address in subnet {subnet.Id!r}; add some with " "ChangeAddressPool"
                 )
         free = [x for x in self.free if x is not a]
-        self._commit(free, list(self.registered))
+        self._commit(free, self.registered)  # unchanged (lists are replaced, not changed)
         return Address(IpAddress=a.IpAddress, MacAddress=a.MacAddress)
 
     def release(self, address: Address) -> None:
@@ -496,9 +506,7 @@ class AddressPool:
             return
         if not any(a.MacAddress == address.MacAddress for a in self.registered):
             return
-        self._commit(
-            self.free + [Address(address.IpAddress, address.MacAddress)], list(self.registered)
-        )
+        self._commit(self.free + [Address(address.IpAddress, address.MacAddress)], self.registered)
 
     def register_in_use(self, address: Address) -> None:
         """
