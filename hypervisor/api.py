@@ -33,6 +33,14 @@ from hypervisor.manager.create import upload_size
 from hypervisor.manager.manager import Manager
 from hypervisor.manager.updates import UpdateStream
 from hypervisor.manager.userdata import MAX_USER_DATA
+from hypervisor.migration.local import (
+    LOOPBACK_ONLY,
+    CommitImportedVmRequest,
+    ExportLocalVmRequest,
+    ExportLocalVmResponse,
+    ImportLocalVmRequest,
+    LocalMoves,
+)
 from hypervisor.migration.messages import (
     CopyVmRequest,
     CopyVmResponse,
@@ -250,6 +258,10 @@ METHODS: dict[str, MethodSpec] = {
     "MigrateVm": MethodSpec(MigrateVmRequest, PUBLIC, PROGRESS, answer=MigrateVmResponseResponse),
     "CopyVm": MethodSpec(CopyVmRequest, PUBLIC, PROGRESS),
     "GetRootCookiePath": MethodSpec(Empty, PUBLIC),
+    # Local export and import (hypervisor.migration.local): loopback + root cookie.
+    "ExportLocalVm": MethodSpec(ExportLocalVmRequest, PUBLIC, max_request=16384),
+    "ImportLocalVm": MethodSpec(ImportLocalVmRequest, PUBLIC),
+    "CommitImportedVm": MethodSpec(CommitImportedVmRequest, PUBLIC),
     # Consoles (hypervisor.console):
     "ChangeVmConsoleType": MethodSpec(ChangeVmConsoleTypeRequest, PUBLIC),
     "ConnectToVmConsole": MethodSpec(ConnectToVmConsoleRequest, PUBLIC, RAW, max_request=4096),
@@ -278,6 +290,7 @@ class HypervisorApi:
         self.dhcp = dhcp
         self.metadata = metadata
         self.migrations = Migrations(manager, manager.reactor)
+        self.local_moves = LocalMoves(manager)
 
     # What the dispatcher asks before a request is read ----------------------------------
 
@@ -296,6 +309,8 @@ class HypervisorApi:
             if not identity.username:
                 raise AccessDenied("no authentication data")
             self.manager.ctx.require_enabled()
+        if method in LOOPBACK_ONLY and not identity.loopback:
+            raise AccessDenied(f"{method}: local connection required")
 
     @staticmethod
     def _require_admin(identity: Identity, method: str) -> None:
@@ -868,6 +883,31 @@ class HypervisorApi:
         The root cookie's path (reading it proves root on this host).
         """
         return GetRootCookiePathResponse(Path=self.manager.state.root_cookie_path)
+
+    def ExportLocalVm(
+        self, identity: Identity, request: ExportLocalVmRequest
+    ) -> "Deferred[ExportLocalVmResponse]":
+        """
+        A stopped VM -> exporting; its LocalVmInfo and bridges (loopback, root cookie).
+        """
+        return self.local_moves.export(identity, request)
+
+    def ImportLocalVm(
+        self, identity: Identity, request: ImportLocalVmRequest
+    ) -> "Deferred[ErrorResponse]":
+        """
+        Link local volume files in as a new uncommitted VM and start it (loopback, root
+        cookie).
+        """
+        return self._done(self.local_moves.import_vm(identity, request))
+
+    def CommitImportedVm(
+        self, identity: Identity, request: CommitImportedVmRequest
+    ) -> "Deferred[ErrorResponse]":
+        """
+        Commit an imported VM: its addresses are registered here.
+        """
+        return self._done(self.local_moves.commit(identity, request))
 
     def DiscardVmAccessToken(
         self, identity: Identity, request: DiscardVmAccessTokenRequest

@@ -196,9 +196,9 @@ class GoHelpTests(SynchronousTestCase):
         A flag marked unused is read by nothing in the tool; every other flag is read
         (by the tool's module or the shared L{tool}).
         """
-        from hypervisor.cli import migrate
+        from hypervisor.cli import local, migrate
 
-        shared = open(str(tool.__file__)).read() + open(str(migrate.__file__)).read()
+        shared = "".join(open(str(m.__file__)).read() for m in (tool, migrate, local))
         for program, module in TOOLS:
             source = open(str(module.__file__)).read()
             for flag in module.FLAGS:

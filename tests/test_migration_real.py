@@ -249,6 +249,22 @@ class World(TestCase):
         conn.close()
         sh("ip", "link", "del", BRIDGE, check=False)
 
+    def started_pair(self, b_host: int) -> tuple[Pair, support.Daemon, support.Daemon, str]:
+        """
+        Two daemons started, A's pool C{NET.2} (a VM created on it there: its address
+        is returned), B's pool C{NET.<b_host>}.
+        """
+        pair = Pair(self)
+        a, b = pair.daemons
+        self.daemons = pair.daemons
+        a.start()
+        b.start()
+        pair.setup(a, [(f"{NET}.2", mac(2))])
+        pair.setup(b, [(f"{NET}.{b_host}", mac(b_host))])
+        ip = self.create(pair, a)
+        self.assertEqual(ip, f"{NET}.2")
+        return pair, a, b, ip
+
     def create(self, pair: Pair, d: support.Daemon, root: int = 64 * MiB) -> str:
         request = {
             "MemoryInMiB": 128,
@@ -333,15 +349,7 @@ class MigrationTests(World):
         answers pings afterwards, the source holds nothing (no VM, no registered
         address, no files); then CopyVm makes a second VM with a new address.
         """
-        pair = Pair(self)
-        a, b = pair.daemons
-        self.daemons = pair.daemons
-        a.start()
-        b.start()
-        pair.setup(a, [(f"{NET}.2", mac(2))])
-        pair.setup(b, [(f"{NET}.3", mac(3))])
-        ip = self.create(pair, a)
-        self.assertEqual(ip, f"{NET}.2")
+        pair, a, b, ip = self.started_pair(3)
         # GetRootCookiePath: the cookie a local root reads to prove itself.
         path = pair.call(a, "GetRootCookiePath", {})["Path"]
         self.assertEqual(path, os.path.join(a.state_dir, "root-cookie"))

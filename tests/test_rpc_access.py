@@ -11,6 +11,7 @@ a member of its owner group; a stranger.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -97,6 +98,8 @@ VM_OWNER_METHODS = {
     "GetVmAccessToken",
     "DiscardVmAccessToken",
     "ReadVmVolume",
+    "ExportLocalVm",
+    "CommitImportedVm",
 }
 # Method power does not count, the caller must own the VM (or hold its token) and
 # also hold the power (the reference's PrepareVmForMigration).
@@ -173,6 +176,16 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "MigrateVm": {"IpAddress": VM_IP, "SourceHypervisor": "127.0.0.1:1"},
     "CopyVm": {"IpAddress": VM_IP, "SourceHypervisor": "nowhere:port"},
     "GetRootCookiePath": {},
+    # Local export and import (hypervisor.migration.local): every caller here is on
+    # loopback and presents the root cookie (filled in by start()); the fixture VM
+    # runs (export: 409) and exists (import: 409); it is committed (commit: 409).
+    "ExportLocalVm": {"IpAddress": VM_IP, "VerificationCookie": ""},
+    "ImportLocalVm": {
+        "VerificationCookie": "",
+        "Address": {"IpAddress": VM_IP, "MacAddress": "52:54:0a:08:00:02"},
+        "VolumeFilenames": ["/nonexistent/import/1/root"],
+    },
+    "CommitImportedVm": {"IpAddress": VM_IP},
 }
 
 
@@ -339,6 +352,10 @@ class AccessMatrixTests(TestCase):
         self.manager.startService()
         self.addCleanup(self.libvirt.stopService)
         self.addCleanup(self.manager.stopService)
+        with open(self.manager.state.root_cookie_path, "rb") as f:
+            cookie = base64.b64encode(f.read()).decode()
+        for method in ("ExportLocalVm", "ImportLocalVm"):
+            REQUESTS[method]["VerificationCookie"] = cookie
         # A DHCP server without sockets: its leases and watchers are what the DHCP
         # methods change and read.
         policy = DhcpPolicy(self.manager, reactor)

@@ -20,7 +20,7 @@ import sys
 from typing import IO, Any, Optional, Sequence
 
 from hypervisor import codec, model
-from hypervisor.cli import goflags, migrate, tool
+from hypervisor.cli import goflags, local, migrate, tool
 from hypervisor.cli.client import ClientError
 from hypervisor.cli.goflags import Command, Flag
 from hypervisor.cli.tool import Tool, decode, show
@@ -135,14 +135,12 @@ FLAGS: list[Flag] = tool.common_flags() + [
         "",
         "Command to make local VM when exporting. The VM name is given as the argument."
         " The VM JSON is available on stdin",
-        unused=_unused(),
     ),
     Flag(
         "localVmDestroy",
         "string",
         "",
         "Command to destroy local VM when exporting. The VM name is given as the argument",
-        unused=_unused(),
     ),
     Flag("location", "string", "", "Location to search for hypervisors"),
     Flag("memory", "value", "1GiB", "memory", _size),
@@ -361,13 +359,13 @@ COMMANDS: list[Command] = [
     _ip("discard-vm-old-image", "discarding VM old image"),
     _ip("discard-vm-old-user-data", "discarding VM old user data"),
     _ip("discard-vm-snapshot", "discarding VM snapshot"),
-    _ip("export-local-vm", "exporting local VM", NOT_SERVED),
+    _ip("export-local-vm", "exporting VM"),
     _ip("export-virsh-vm", "exporting VM to virsh", LOCAL),
     Command("get-hypervisors", unavailable=FLEET_ONLY, action="getting hypervisors"),
     _ip("get-vm-info", "getting VM info"),
     _ip("get-vm-user-data", "getting VM user data"),
     _ip("get-vm-volume", "getting VM volume", GOB_ONLY),
-    Command("import-local-vm", "info-file root-volume", 2, 2, NOT_SERVED),
+    Command("import-local-vm", "info-file root-volume", 2, 2, action="importing VM"),
     Command("import-virsh-vm", "MACaddr domain [[MAC IP]...]", 2, 1024, LOCAL),
     Command("list-hypervisors", unavailable=FLEET_ONLY, action="listing hypervisors"),
     Command("list-locations", "[TopLocation]", 0, 1, FLEET_ONLY, action="listing locations"),
@@ -973,6 +971,8 @@ RUNNERS: dict[str, tool.Runner] = {
     "create-vm": create_vm,
     "migrate-vm": migrate.migrate_vm,
     "copy-vm": migrate.copy_vm,
+    "export-local-vm": local.export_local_vm,
+    "import-local-vm": local.import_local_vm,
     # Debugging, as Go's changeVmMigrating.go (an admin's own VM, or with its token).
     "set-vm-migrating": _simple(
         "Hypervisor.PrepareVmForMigration",
@@ -1030,8 +1030,6 @@ RUNNERS: dict[str, tool.Runner] = {
 # fails when the daemon starts serving one, so that its command gets a runner).
 UNSERVED_METHODS: dict[str, str] = {
     "debug-vm-image": "DebugVmImage",
-    "export-local-vm": "ExportLocalVm",
-    "import-local-vm": "ImportLocalVm",
     "patch-vm-image": "PatchVmImage",
     "probe-vm-port": "ProbeVmPort",
     "replace-vm-credentials": "ReplaceVmCredentials",
@@ -1062,6 +1060,8 @@ METHODS: dict[str, str] = {
     "snapshot-vm": "SnapshotVm",
     "create-vm": "CreateVm",
     "migrate-vm": "MigrateVm",
+    "export-local-vm": "ExportLocalVm",
+    "import-local-vm": "ImportLocalVm",
     "copy-vm": "CopyVm",
     "set-vm-migrating": "PrepareVmForMigration",
     "unset-vm-migrating": "PrepareVmForMigration",

@@ -183,6 +183,36 @@ class ManagerContext:
             self.pool_lock.release()
 
     @inlineCallbacks
+    def register_addresses(self, addresses: list[Address]) -> Any:
+        """
+        Make sure addresses held by a VM are registered (and not free); persisted.
+        """
+        yield self.pool_lock.acquire()
+        try:
+            for address in addresses:
+                self.pool.register_in_use(address)
+            yield self.save_pool()
+        finally:
+            self.pool_lock.release()
+
+    @inlineCallbacks
+    def unregister_addresses(self, addresses: list[Address]) -> Any:
+        """
+        Take addresses out of the pool (free and registered): a VM moving away, or
+        gone elsewhere, holds them; persisted.
+        """
+        yield self.pool_lock.acquire()
+        try:
+            macs = {a.MacAddress for a in addresses}
+            self.pool._commit(
+                [a for a in self.pool.free if a.MacAddress not in macs],
+                [a for a in self.pool.registered if a.MacAddress not in macs],
+            )
+            yield self.save_pool()
+        finally:
+            self.pool_lock.release()
+
+    @inlineCallbacks
     def allocate_addresses(self, subnets: list[Any], requested_ip: str = "") -> Any:
         """
         Take one free address in each subnet (the first one C{requested_ip}, if

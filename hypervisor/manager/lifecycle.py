@@ -149,9 +149,20 @@ class Lifecycle:
                 )
             # Even a stopped VM's removal checks that no domain of it runs.
             ctx.require_libvirt()
+            exported = vm.info.State == State.EXPORTING
+            if exported:
+                # ExportLocalVm handed the VM (and its addresses) to something else on
+                # this host: its addresses are unregistered here, never freed for
+                # another VM (reference). Uncommitted first, so that the removal
+                # (even one completed after a crash) does not free them.
+                new = ctx.table.copy(vm)
+                new.VmInfo.Uncommitted = True
+                yield ctx.table.commit(vm, new)
             if vm.info.State != State.DESTROYING:
                 yield ctx.table.commit_state(vm, State.DESTROYING)
             yield self.remove_vm(vm)
+            if exported:
+                yield ctx.unregister_addresses([vm.info.Address] + list(vm.info.SecondaryAddresses))
         finally:
             vm.lock.release()
 

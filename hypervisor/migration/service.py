@@ -260,30 +260,11 @@ class Migrations:
     def _addresses(info: VmInfo) -> list[Address]:
         return [info.Address] + list(info.SecondaryAddresses)
 
-    @inlineCallbacks
     def _unregister(self, addresses: list[Address]) -> Any:
-        ctx = self.ctx
-        yield ctx.pool_lock.acquire()
-        try:
-            macs = {a.MacAddress for a in addresses}
-            ctx.pool._commit(
-                [a for a in ctx.pool.free if a.MacAddress not in macs],
-                [a for a in ctx.pool.registered if a.MacAddress not in macs],
-            )
-            yield ctx.save_pool()
-        finally:
-            ctx.pool_lock.release()
+        return self.ctx.unregister_addresses(addresses)
 
-    @inlineCallbacks
     def _register(self, addresses: list[Address]) -> Any:
-        ctx = self.ctx
-        yield ctx.pool_lock.acquire()
-        try:
-            for address in addresses:
-                ctx.pool.register_in_use(address)
-            yield ctx.save_pool()
-        finally:
-            ctx.pool_lock.release()
+        return self.ctx.register_addresses(addresses)
 
     @inlineCallbacks
     def _roll_back(self, vm: Vm, restart: bool) -> Any:
