@@ -192,9 +192,10 @@ PARAMETERS: list[tuple[str, str, Callable[[str], Any], str]] = [
         "tftpTransferThreads",
         "16",
         _count,
-        f"{SECTION_OURS} TFTP transfers that run on a thread of their own at a time (a "
-        "blocking loop on the transfer's port: the fastest path); the others run on the "
-        "event loop (0: all do)",
+        f"{SECTION_OURS} TFTP transfers that may run on a thread of their own at a time (a "
+        "blocking loop on the transfer's port: the fastest path for a transfer that "
+        "starts when no other is in progress); the others run on the event loop, where "
+        "many transfers together do better (0: all do)",
     ),
     (
         "localImagesDirectory",

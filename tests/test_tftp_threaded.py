@@ -425,8 +425,8 @@ class ServiceTests(TestCase):
 
     def test_bound_then_reactor(self) -> None:
         """
-        With -tftpTransferThreads 1, the first transfer has a thread and the second
-        runs on the reactor; both finish intact; the status shows both meanwhile.
+        The first transfer, alone, has a thread; the second, started while the first
+        runs, is on the reactor; both finish intact; the status shows both meanwhile.
         """
 
         def oack(sock: socket.socket) -> tuple[str, int]:
@@ -435,7 +435,9 @@ class ServiceTests(TestCase):
             return peer
 
         async def go() -> None:
-            a, b = self.request(), self.request()
+            a = self.request()
+            await self.wait_for(1)
+            b = self.request()
             await self.wait_for(2)
             threaded = [t for t in self.service.server.transfers.values() if t.thread]
             self.assertEqual(len(threaded), 1)
@@ -459,6 +461,31 @@ class ServiceTests(TestCase):
 
         return Deferred.fromCoroutine(go())  # type: ignore[return-value]
 
+    def test_not_alone_on_the_reactor(self) -> None:
+        """
+        Transfers that start together run on the reactor even with threads to spare:
+        a transfer has a thread only when no other is in progress.
+        """
+        self.service.transfer_threads.limit = 4
+
+        async def go() -> None:
+            socks = [self.request(), self.request()]
+            await self.wait_for(2)
+            self.assertEqual(
+                [t.thread for t in self.service.server.transfers.values()], [None, None]
+            )
+            self.assertEqual(transfer_threads(), [])
+            for sock in socks:
+                packet, peer = await deferToThread(sock.recvfrom, 2048)
+                self.assertEqual(packet[1], codec.OACK)
+                sock.connect(peer)
+                sock.send(ack(0))
+            for sock in socks:
+                got = await deferToThread(Client(sock, 1024).fetch)
+                self.assertEqual(got, self.data)
+
+        return Deferred.fromCoroutine(go())  # type: ignore[return-value]
+
     def test_stop_mid_transfer(self) -> None:
         """
         Stopping the service in the middle of a threaded and a reactor transfer
@@ -466,7 +493,9 @@ class ServiceTests(TestCase):
         """
 
         async def go() -> None:
-            socks = [self.request(), self.request()]
+            socks = [self.request()]
+            await self.wait_for(1)
+            socks.append(self.request())
             await self.wait_for(2)
             self.assertEqual(len(transfer_threads()), 1)
             for sock in socks:

@@ -4,7 +4,8 @@ The named service C{tftp}: the TFTP server on UDP port C{-tftpPortNum} (69), bou
 in C{privilegedStartService} (before twistd drops root), with its own small thread
 pool for file reads so large transfers never wait behind state writes, and up to
 C{transfer_threads} (C{-tftpTransferThreads}) transfers at a time each on a thread
-of its own (L{hypervisor.tftp.threaded}).
+of its own (L{hypervisor.tftp.threaded}): one that starts when no other transfer is
+in progress (see L{hypervisor.tftp.protocol}).
 """
 
 from __future__ import annotations
