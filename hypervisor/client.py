@@ -36,6 +36,9 @@ for scripts and for C{hyper-control -transport pb}.
 - L{HypervisorClient.upload}: methods followed by raw bytes (CreateVm with image
   data, ReplaceVmImage, ReplaceVmUserData): the bytes from byte strings or files,
   written with flow control.
+- L{HypervisorClient.console}: a console (ConnectToVmSerialPort, ConnectToVmConsole):
+  the VM's bytes to a callback (flow control as for streams), a L{Console} to write
+  to and close (L{hypervisor.pb.console}).
 - L{HypervisorClient.admin}: the runtime admin surface (L{hypervisor.pb.admin}).
 """
 
@@ -45,7 +48,7 @@ import json
 from typing import IO, Any, Callable, Iterable, Optional, Union
 
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
@@ -167,6 +170,53 @@ class Subscription:
         return self.done
 
 
+class _ConsoleObserver(pb.Referenceable):
+    """
+    The client-side object the hypervisor sends a console's bytes to.
+    """
+
+    def __init__(self, on_data: Callable[[bytes], Any], on_closed: Callable[[], Any]) -> None:
+        self.on_data = on_data
+        self.on_closed = on_closed
+
+    def remote_data(self, data: bytes) -> Any:
+        """
+        VM bytes; answered once C{on_data} returned (or its Deferred fired): the
+        hypervisor keeps only a few unanswered (flow control).
+        """
+        return self.on_data(data)
+
+    def remote_closed(self) -> Any:
+        """
+        The VM side ended (after its farewell bytes).
+        """
+        return self.on_closed()
+
+
+class Console:
+    """
+    An open console (L{HypervisorClient.console}): C{write} bytes to the VM, C{close}.
+    """
+
+    def __init__(self, channel: pb.RemoteReference) -> None:
+        self.channel = channel
+
+    def write(self, data: bytes) -> "Deferred[None]":
+        """
+        Bytes to the VM.
+        """
+        return self.channel.callRemote("write", data).addErrback(_translate)
+
+    def close(self) -> "Deferred[None]":
+        """
+        End the console (the VM's console is free again).
+        """
+        try:
+            return self.channel.callRemote("close").addErrback(lambda f: None)
+        except pb.DeadReferenceError:
+            return succeed(None)
+
+
 class HypervisorClient:
     """
     One PB connection to a hypervisor, bound to the certificate presented.
@@ -222,6 +272,25 @@ class HypervisorClient:
         """
         data, _ = await self.call_json(method, request, on_message)
         return data
+
+    async def console(
+        self,
+        method: str,
+        request: Any,
+        on_data: Callable[[bytes], Any],
+        on_closed: Callable[[], Any],
+    ) -> Console:
+        """
+        Open a console (C{ConnectToVmSerialPort}, C{ConnectToVmConsole}): the VM's
+        bytes go to C{on_data} (in order; a Deferred it returns holds the next ones
+        back), its end to C{on_closed}.
+
+        @raise CallFailed: refused (not an owner, the VM not running, its console
+            already taken...).
+        """
+        observer = _ConsoleObserver(on_data, on_closed)
+        reply = await self._remote("console", method, chunks(_request_bytes(request)), observer)
+        return Console(reply["console"])
 
     def subscribe_updates(self, on_update: Callable[[dict[str, Any]], Any]) -> Subscription:
         """

@@ -316,15 +316,7 @@ def tls_daemon(testcase, users: dict[str, str], *flags: str):  # type: ignore[no
 
     def cli(module: str, user: str, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                f"hypervisor.cli.{module}",
-                f"-hypervisorPortNum={d.port}",
-                f"-certDirectory={pki}/{user}",
-                f"-CAfile={pki}/CA.pem",
-                *args,
-            ],
+            tool_argv(module, d.port, pki, user, *args),
             cwd=REPO,
             env=dict(os.environ, PYTHONPATH=REPO),
             capture_output=True,
@@ -333,6 +325,22 @@ def tls_daemon(testcase, users: dict[str, str], *flags: str):  # type: ignore[no
         )
 
     return d, cli
+
+
+def tool_argv(module: str, port: int, pki: str, user: str, *args: str) -> list[str]:
+    """
+    The command line of C{hypervisor.cli.<module>} (vm_control, hyper_control) aimed at
+    the daemon on C{port}, as C{user} (certificates in C{pki/<user>}, the CA in C{pki}).
+    """
+    return [
+        sys.executable,
+        "-m",
+        f"hypervisor.cli.{module}",
+        f"-hypervisorPortNum={port}",
+        f"-certDirectory={pki}/{user}",
+        f"-CAfile={pki}/CA.pem",
+        *args,
+    ]
 
 
 async def until(

@@ -14,7 +14,6 @@ import json
 import os
 import select
 import subprocess
-import sys
 import time
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -84,6 +83,7 @@ class ShellGuestCase(SynchronousTestCase):
     """
 
     create_flags: tuple[str, ...] = ()
+    daemon_flags: tuple[str, ...] = ()
 
     def setUp(self) -> None:
         support.require_libvirtd()
@@ -95,6 +95,7 @@ class ShellGuestCase(SynchronousTestCase):
             {"admin": "Hypervisor.*", "owner": "", "other": ""},
             "-domainType=qemu",
             f"-localImagesDirectory={guest}",
+            *self.daemon_flags,
         )
         admin = lambda *a: self.cli("hyper_control", "admin", *a)  # noqa: E731
         r = admin("add-subnet", SUBNET, GATEWAY, "255.255.255.0")
@@ -137,6 +138,49 @@ class ShellGuestCase(SynchronousTestCase):
             "Hypervisor.ConnectToVmSerialPort",
             request,
         )
+
+    def vm_control_process(self, stdin: int, *args: str) -> "subprocess.Popen[bytes]":
+        """
+        vm-control as the owner with C{args}, stdout and stderr piped (killed at the
+        end of the test if still running).
+        """
+        process = subprocess.Popen(
+            support.tool_argv("vm_control", self.d.port, self.pki, "owner", *args),
+            cwd=support.REPO,
+            env=dict(os.environ, PYTHONPATH=support.REPO),
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        return process
+
+    def vm_control_console(self, n: int, *flags: str) -> None:
+        """
+        vm-control connect-to-vm-serial-port with C{flags} and piped stdin: a command
+        typed, its output on stderr, Control-\\ ends it with status 0.
+        """
+        process = self.vm_control_process(
+            subprocess.PIPE, *flags, "connect-to-vm-serial-port", self.ip
+        )
+        assert process.stdin is not None and process.stderr is not None
+        process.stdin.write(f"echo tool{n}-$((40+2))\n".encode())
+        process.stdin.flush()
+        seen = b""
+        deadline = time.monotonic() + 60
+        while f"tool{n}-42".encode() not in seen and time.monotonic() < deadline:
+            if select.select([process.stderr], [], [], 1)[0]:
+                data = os.read(process.stderr.fileno(), 4096)
+                if not data:
+                    break
+                seen += data
+        self.assertIn(f"tool{n}-42".encode(), seen)
+        process.stdin.write(b"\x1c")
+        process.stdin.flush()
+        self.assertEqual(process.wait(30), 0)
+        process.stdin.close()
+        process.stdout.close()  # type: ignore[union-attr]
+        process.stderr.close()
 
 
 class SerialConsoleTests(ShellGuestCase):
@@ -187,43 +231,7 @@ class SerialConsoleTests(ShellGuestCase):
         a command typed, its output on stderr, Control-\\ ends it with status 0.
         """
         for n, transport in enumerate(("srpc", "https")):
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "hypervisor.cli.vm_control",
-                    f"-hypervisorPortNum={self.d.port}",
-                    f"-certDirectory={self.pki}/owner",
-                    f"-CAfile={self.pki}/CA.pem",
-                    f"-transport={transport}",
-                    "connect-to-vm-serial-port",
-                    self.ip,
-                ],
-                cwd=support.REPO,
-                env=dict(os.environ, PYTHONPATH=support.REPO),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-            self.addCleanup(lambda p=process: p.poll() is None and p.kill())
-            assert process.stdin is not None and process.stderr is not None
-            process.stdin.write(f"echo tool{n}-$((40+2))\n".encode())
-            process.stdin.flush()
-            seen = b""
-            deadline = time.monotonic() + 60
-            while f"tool{n}-42".encode() not in seen and time.monotonic() < deadline:
-                if select.select([process.stderr], [], [], 1)[0]:
-                    data = os.read(process.stderr.fileno(), 4096)
-                    if not data:
-                        break
-                    seen += data
-            self.assertIn(f"tool{n}-42".encode(), seen)
-            process.stdin.write(b"\x1c")
-            process.stdin.flush()
-            self.assertEqual(process.wait(30), 0)
-            process.stdin.close()
-            process.stdout.close()  # type: ignore[union-attr]
-            process.stderr.close()
+            self.vm_control_console(n, f"-transport={transport}")
 
 
 class GraphicalConsoleTests(ShellGuestCase):
@@ -252,25 +260,9 @@ class GraphicalConsoleTests(ShellGuestCase):
         import re
         import socket
 
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "hypervisor.cli.vm_control",
-                f"-hypervisorPortNum={self.d.port}",
-                f"-certDirectory={self.pki}/owner",
-                f"-CAfile={self.pki}/CA.pem",
-                "-vncViewer=",
-                "connect-to-vm-console",
-                self.ip,
-            ],
-            cwd=support.REPO,
-            env=dict(os.environ, PYTHONPATH=support.REPO),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+        process = self.vm_control_process(
+            subprocess.DEVNULL, "-vncViewer=", "connect-to-vm-console", self.ip
         )
-        self.addCleanup(lambda: process.poll() is None and process.kill())
         assert process.stderr is not None and process.stdout is not None
         line = process.stderr.readline().decode()
         m = re.search(r"listening on port (\d+) for VNC connection", line)

@@ -79,10 +79,6 @@ class PbAccessMatrixTests(AccessMatrixTests):
         """
         One call on a new PB connection; (status, JSON) as HTTPS would answer.
         """
-        if METHODS[method].kind == "raw-stream":
-            # Consoles are not served over PB (refused by hypervisor.pb.server): their
-            # access is checked over their WebSocket, as in the HTTPS matrix.
-            return await super().call(caller, method)
         packets = None
         if method == "WatchDhcp":
             packets = LoopingCall(self.dhcp.watchers.publish, "br0", b"\x01" * 240)
@@ -92,6 +88,19 @@ class PbAccessMatrixTests(AccessMatrixTests):
             client = await self._client(caller)
             spec = METHODS[method]
             request = json.dumps(REQUESTS[method]).encode()
+            if spec.kind == "raw-stream":
+                # Consoles over PB (hypervisor.pb.console): opened, then closed. Past
+                # access, the fixture VM has no console socket (test:///default) and
+                # ConnectToVmManager is not supported: as over the WebSocket, those
+                # answers count as admitted (only 401 and 403 are refusals).
+                try:
+                    console = await client.console(method, request, lambda data: None, lambda: None)
+                except CallFailed as e:
+                    if e.status in (401, 403):
+                        raise
+                    return 200, json.dumps({"Error": e.message}).encode()
+                await console.close()
+                return 200, b'{"Error":""}'
             if spec.kind in (PROGRESS, UPDATES):
                 first: Deferred[bytes] = Deferred()
                 messages: list[bytes] = []

@@ -840,6 +840,10 @@ async def _open_console(t: Tool, method: str, request: bytes, ip: str) -> Any:
 
     hv = await t.hypervisor(ip)
     host, _, port = hv.address.rpartition(":")
+    if t.v["transport"] == "pb":
+        from hypervisor.cli.pb_console import open_pb
+
+        return await open_pb(t.reactor, hv, method, request)
     if t.v["transport"] == "srpc":
         channel = await deferToThread(
             console.open_srpc,

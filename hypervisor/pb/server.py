@@ -43,6 +43,8 @@ How a connection goes:
      ReplaceVmImage, ReplaceVmUserData): returns a L{Sink}; C{sink.write(bytes)}
      feeds the call's L{hypervisor.upload.UploadStream} and answers when there is
      room again; C{sink.finish()} answers with the reply;
+   - C{console(method, request_chunks, observer)}: a console (ConnectToVmSerialPort,
+     ConnectToVmConsole), its bytes both ways (L{hypervisor.pb.console});
    - C{cancel(observer)}: end the stream sending to that observer now;
    - C{admin(action, request_json)}: the runtime admin surface
      (L{hypervisor.pb.admin}), for admin certificates only.
@@ -475,7 +477,7 @@ class SessionRoot(pb.Referenceable):
 
     # calls ---------------------------------------------------------------------------
 
-    def _admit(self, method: str, request: Any) -> tuple[Call, Any]:
+    def _admit(self, method: str, request: Any, console: bool = False) -> tuple[Call, Any]:
         identity = self._identity()
         if not isinstance(method, str):
             raise _fail(400, "the method name must be a string")
@@ -489,8 +491,11 @@ class SessionRoot(pb.Referenceable):
             call = self.dispatcher.admit(name, identity, True, transport="pb")
         except HypervisorError as e:
             raise _fail(e.status, str(e))
-        if call.spec.kind == RAW:
-            message = f"{name} (a console) is served over SRPC and the HTTPS WebSocket, not PB"
+        if (call.spec.kind == RAW) != console:
+            if console:
+                message = f"{name} is not a console method: use call()"
+            else:
+                message = f"{name} is a console: use console() (hypervisor.pb.console)"
             status, message = self.dispatcher.classify(call, Failure(InvalidRequest(message)))
             raise _fail(status, message)
         try:
@@ -499,7 +504,7 @@ class SessionRoot(pb.Referenceable):
             except ValueError as e:
                 raise InvalidRequest(f"malformed request: {e}")
             parsed = self.dispatcher.decode(call, data)
-            if call.spec.kind in (PROGRESS, UPDATES) or call.spec.upload is not None:
+            if console or call.spec.kind in (PROGRESS, UPDATES) or call.spec.upload is not None:
                 if len(self.session.streams) >= MAX_STREAMS:
                     raise Unavailable(
                         f"too many streams and uploads open on this connection "
@@ -547,6 +552,59 @@ class SessionRoot(pb.Referenceable):
         self._begin()
         d = ensureDeferred(self._run(call, parsed, observer, upload))
         return d.addBoth(self._end)
+
+    def remote_console(
+        self, method: str, request: Any = b"", observer: Optional[pb.RemoteReference] = None
+    ) -> "Deferred[dict[str, Any]]":
+        """
+        Open a console (C{ConnectToVmSerialPort}, C{ConnectToVmConsole}): the answer's
+        C{console} is a L{hypervisor.pb.console.ConsoleChannel}; the VM's bytes go to
+        C{observer.data(bytes)}, its end to C{observer.closed()}.
+        """
+        call, parsed = self._admit(method, request, console=True)
+        if observer is None:
+            self.dispatcher.classify(
+                call, Failure(InvalidRequest(f"{call.method} needs an observer"))
+            )
+            raise _fail(400, f"{call.method} sends the console to an observer: pass one")
+        self._begin()
+        return ensureDeferred(self._console(call, parsed, observer)).addBoth(self._end)
+
+    async def _console(
+        self, call: Call, parsed: Any, observer: pb.RemoteReference
+    ) -> dict[str, Any]:
+        from hypervisor.console.model import ConsoleResponse
+        from hypervisor.pb.console import ConsoleChannel
+
+        try:
+            pipe = await self.dispatcher.invoke(call, parsed)
+        except BaseException as e:  # noqa: B036 - every failure is classified
+            status, message = self.dispatcher.classify(call, Failure(e))
+            raise _fail(status, message)
+        self.dispatcher.finish(call, ok=True)
+        if self.session.broker is None:
+            pipe.close()  # the client went away meanwhile
+            raise _fail(503, "the connection is closing")
+        stream_id = self.factory.sessions.new_stream_id()
+        self.session.streams[stream_id] = StreamInfo(
+            stream_id, call.method, self.factory.clock.seconds()
+        )
+        self.session.closers[stream_id] = pipe.close
+
+        def activity() -> None:
+            broker = self.session.broker
+            if broker is not None:
+                broker.activity()
+
+        def closed(_: Any) -> None:
+            self.session.streams.pop(stream_id, None)
+            self.session.closers.pop(stream_id, None)
+            activity()
+
+        pipe.closed.addCallback(closed)
+        channel = ConsoleChannel(pipe, observer, activity)
+        channel.start()
+        return {"json": chunks(encode_reply(ConsoleResponse())), "console": channel}
 
     def _upload_size(self, call: Call, parsed: Any) -> int:
         try:
