@@ -159,6 +159,7 @@ class LocalExportTests(World):
         os.makedirs(staging)
         for name in ("root", "kernel", "initrd"):
             os.link(os.path.join(os.path.dirname(root), name), os.path.join(staging, name))
+        os.symlink(root, os.path.join(staging, "link"))
         info = {k: v for k, v in exported.items() if k not in ("Bridges", "VolumeLocations")}
         request = dict(info, VerificationCookie=cookie_b, VolumeFilenames=[f"{staging}/root"])
         pool_b = pair.pool(b)
@@ -167,6 +168,7 @@ class LocalExportTests(World):
             (dict(request, VolumeFilenames=[root]), "not in a volume directory"),
             (dict(request, VolumeFilenames=[f"{staging}/../test/root"]), "clean absolute"),
             (dict(request, VolumeFilenames=[f"{staging}/nothing"]), "No such file"),
+            (dict(request, VolumeFilenames=[f"{staging}/link"]), "symbolic link"),
             (
                 dict(request, Address={"IpAddress": f"{NET}.5", "MacAddress": mac(5)}),
                 "is in address pool",

@@ -144,26 +144,29 @@ def read_cookie(path: str) -> bytes:
 
 def check_import_files(
     filenames: list[str], directories: list[str], ip: str
-) -> tuple[list[tuple[str, int, str]], dict[str, str]]:
+) -> tuple[list[tuple[str, int, str]], dict[str, str], dict[str, tuple[int, int]]]:
     """
     Check the files to import (on a disk thread): each a regular file, no symbolic
-    link in its path, three levels below a volume directory, and C{<that
-    directory>/<ip>} not there yet.
+    link in its path below the volume directory, three levels below a volume
+    directory, and C{<that directory>/<ip>} not there yet.
 
-    @return: (file, size, the directory its link goes to) for each volume, and the
-        C{kernel}/C{initrd} found beside the first file.
+    @return: (file, size, the directory its link goes to) for each volume; the
+        C{kernel}/C{initrd} found beside the first file; the (device, inode) of every
+        file checked (L{link_files} makes sure it links those).
     @raise InvalidRequest: a file that does not qualify.
     @raise WrongState: the VM's volume directory exists already.
     """
     known = {os.path.normpath(d) for d in directories}
     out: list[tuple[str, int, str]] = []
+    seen: dict[str, tuple[int, int]] = {}
     for filename in filenames:
         if not os.path.isabs(filename) or os.path.normpath(filename) != filename:
             raise InvalidRequest(f"{filename} is not a clean absolute path")
         volume_directory = os.path.dirname(os.path.dirname(os.path.dirname(filename)))
         if volume_directory not in known:
             raise InvalidRequest(f"{filename} not in a volume directory")
-        if os.path.realpath(filename) != filename:
+        below = os.path.relpath(filename, volume_directory)
+        if os.path.realpath(filename) != os.path.join(os.path.realpath(volume_directory), below):
             raise InvalidRequest(f"{filename} has a symbolic link in its path")
         try:
             st = os.lstat(filename)
@@ -175,6 +178,7 @@ def check_import_files(
         if os.path.lexists(target):
             raise WrongState(f"{target} exists already")
         out.append((filename, st.st_size, target))
+        seen[filename] = (st.st_dev, st.st_ino)
     extras: dict[str, str] = {}
     if filenames:
         for name in EXTRA_FILES:
@@ -185,13 +189,18 @@ def check_import_files(
                 continue
             if stat.S_ISREG(st.st_mode):
                 extras[name] = path
-    return out, extras
+                seen[path] = (st.st_dev, st.st_ino)
+    return out, extras, seen
 
 
-def link_files(links: list[tuple[str, str]], directories: list[str]) -> None:
+def link_files(
+    links: list[tuple[str, str]], directories: list[str], seen: dict[str, tuple[int, int]]
+) -> None:
     """
-    Create the VM's volume directories and hard-link each C{(source, destination)};
-    on any failure what this made is removed again and the error raised.
+    Create the VM's volume directories and hard-link each C{(source, destination)}
+    (never following a symbolic link); each link must be the regular file checked
+    (C{seen}: a file swapped meanwhile is refused). On any failure what this made is
+    removed again and the error raised.
     """
     made: list[str] = []
     try:
@@ -199,7 +208,10 @@ def link_files(links: list[tuple[str, str]], directories: list[str]) -> None:
             os.makedirs(directory, mode=0o755, exist_ok=False)
             made.append(directory)
         for source, destination in links:
-            os.link(source, destination)
+            os.link(source, destination, follow_symlinks=False)
+            st = os.lstat(destination)
+            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != seen.get(source):
+                raise OSError(f"{source} changed while it was imported")
     except OSError as e:
         for directory in made:
             images.remove_tree(directory)
@@ -305,7 +317,7 @@ class LocalMoves:
         self._check_addresses(info)
         ctx.require_enabled()
         ctx.require_libvirt()
-        files, extras = yield ctx.runner.run(
+        files, extras, seen = yield ctx.runner.run(
             check_import_files,
             list(request.VolumeFilenames),
             list(self.manager.storage.directories),
@@ -352,7 +364,7 @@ class LocalMoves:
             yield ctx.writer.write(
                 os.path.join(vm.directory, INFO_FILE), codec.encode(vm.local, indent=4)
             )
-            yield ctx.runner.run(link_files, links, directories)
+            yield ctx.runner.run(link_files, links, directories, seen)
             yield vm.lock.acquire()
             try:
                 yield self.manager.lifecycle.start_domain(vm)
