@@ -4,7 +4,8 @@ port, the tiny guest with a shell on its serial port under the real libvirtd, an
 real PB clients (L{hypervisor.client} through vm-control's L{PbChannel}, and
 C{vm-control -transport pb connect-to-vm-serial-port}): a command typed, its output
 read; a second connection refused on PB and on SRPC while one is open (the same lock
-as every transport); strangers refused; the VM's end ("VM serial port closed").
+as every transport); strangers refused; the VM's end ("VM serial port closed"); and
+the graphical console (VNC) through C{vm-control -transport pb connect-to-vm-console}.
 """
 
 from __future__ import annotations
@@ -112,4 +113,22 @@ class PbSerialConsoleTests(ShellGuestCase, TestCase):
             "-transport=pb",
             "-hypervisorHostname=localhost",
             f"-pbEndpoint=tcp:127.0.0.1:{PB_PORT}",
+        )
+
+
+class PbVncTests(ShellGuestCase):
+    """
+    The graphical console over PB: a VM created with ConsoleType vnc, reached with
+    vm-control -transport pb connect-to-vm-console.
+    """
+
+    daemon_flags = (f"-pbPortNum={PB_PORT}",)
+    create_flags = ("-consoleType", "vnc")
+
+    def test_vnc_over_pb(self) -> None:
+        """
+        The localhost port vm-control opens relays the guest's RFB server (its banner).
+        """
+        self.vnc_with_vm_control(
+            "-transport=pb", "-hypervisorHostname=localhost", f"-pbEndpoint=tcp:127.0.0.1:{PB_PORT}"
         )

@@ -155,6 +155,31 @@ class ShellGuestCase(SynchronousTestCase):
         self.addCleanup(lambda: process.poll() is None and process.kill())
         return process
 
+    def vnc_with_vm_control(self, *flags: str) -> None:
+        """
+        vm-control connect-to-vm-console -vncViewer= (Go's way without a viewer), with
+        C{flags}: it logs the localhost port, a VNC client there gets the guest's RFB
+        server.
+        """
+        import re
+        import socket
+
+        process = self.vm_control_process(
+            subprocess.DEVNULL, *flags, "-vncViewer=", "connect-to-vm-console", self.ip
+        )
+        assert process.stderr is not None and process.stdout is not None
+        line = process.stderr.readline().decode()
+        m = re.search(r"listening on port (\d+) for VNC connection", line)
+        self.assertIsNotNone(m, line)
+        assert m is not None
+        viewer = socket.create_connection(("localhost", int(m.group(1))), 10)
+        viewer.settimeout(30)
+        self.assertEqual(viewer.recv(12), b"RFB 003.008\n")
+        viewer.close()
+        self.assertEqual(process.wait(30), 0)
+        process.stdout.close()
+        process.stderr.close()
+
     def vm_control_console(self, n: int, *flags: str) -> None:
         """
         vm-control connect-to-vm-serial-port with C{flags} and piped stdin: a command
@@ -251,30 +276,6 @@ class GraphicalConsoleTests(ShellGuestCase):
             f"Hypervisor.{method}",
             json.dumps({"IpAddress": self.ip}).encode(),
         )
-
-    def vnc_with_vm_control(self) -> None:
-        """
-        vm-control connect-to-vm-console -vncViewer= (Go's way without a viewer): it
-        logs the localhost port, a VNC client there gets the guest's RFB server.
-        """
-        import re
-        import socket
-
-        process = self.vm_control_process(
-            subprocess.DEVNULL, "-vncViewer=", "connect-to-vm-console", self.ip
-        )
-        assert process.stderr is not None and process.stdout is not None
-        line = process.stderr.readline().decode()
-        m = re.search(r"listening on port (\d+) for VNC connection", line)
-        self.assertIsNotNone(m, line)
-        assert m is not None
-        viewer = socket.create_connection(("localhost", int(m.group(1))), 10)
-        viewer.settimeout(30)
-        self.assertEqual(viewer.recv(12), b"RFB 003.008\n")
-        viewer.close()
-        self.assertEqual(process.wait(30), 0)
-        process.stdout.close()
-        process.stderr.close()
 
     def test_vnc(self) -> None:
         """
