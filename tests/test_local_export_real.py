@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from typing import Any
 
 from hypervisor.srpc import client as srpc
@@ -189,6 +190,37 @@ class LocalExportTests(World):
             self.assertEqual(pair.pool(b), pool_b)
             self.assertTrue(os.path.exists(f"{staging}/root"))
         self.assertEqual(self.domains_of(ip), 0)
+        # B killed in the middle of an import: at its next start the reconciliation
+        # removes the unfinished VM (its pending.json says creating) and its domain.
+        pending = os.path.join(b.state_dir, "VMs", ip, "pending.json")
+        outcome: list[Any] = []
+
+        def call() -> None:
+            try:
+                outcome.append(pair.call(b, "ImportLocalVm", request))
+            except Exception as e:  # noqa: BLE001 - the connection dies with the daemon
+                outcome.append(e)
+
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        support.wait_for(lambda: os.path.exists(pending), 60, "the import to begin", 0.002)
+        assert b.process is not None
+        b.process.send_signal(signal.SIGKILL)
+        b.wait()
+        caller.join(30)
+        self.assertFalse(outcome and isinstance(outcome[0], dict) and not outcome[0].get("Error"))
+        b.start()
+        support.wait_for(
+            lambda: self.vm_state(pair, b, ip) is None and self.files(b, ip) == [],
+            120,
+            "the unfinished import to be removed",
+        )
+        support.wait_for(lambda: self.domains_of(ip) == 0, 60, "its domain to be gone")
+        self.assertRegex(
+            b.output(), "its creation was interrupted|an interrupted VM creation or removal"
+        )
+        self.assertEqual(pair.pool(b), pool_b)
+        self.assertTrue(os.path.exists(f"{staging}/root"))
         subprocess.run(["rm", "-rf", os.path.dirname(staging)], check=True)
 
         # 5. The local upgrade, as an operator runs it: vm-control export-local-vm on
