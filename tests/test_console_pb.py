@@ -14,9 +14,12 @@ import time
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests import support
 from tests.test_console_real import ShellGuestCase, read_until
@@ -132,3 +135,86 @@ class PbVncTests(ShellGuestCase):
         self.vnc_with_vm_control(
             "-transport=pb", "-hypervisorHostname=localhost", f"-pbEndpoint=tcp:127.0.0.1:{PB_PORT}"
         )
+
+
+class ConsoleChannelFlowTests(SynchronousTestCase):
+    """
+    L{hypervisor.pb.console.ConsoleChannel}'s flow control with a fake VM side (in
+    addition to the real tests above): the VM socket is not read while the client has
+    L{WINDOW} data messages unanswered; the client's writes wait while the VM socket's
+    send buffer is full.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet.testing import StringTransport
+
+        from hypervisor.console.pipe import VmPipe
+        from hypervisor.pb.console import ConsoleChannel
+
+        self.vm = StringTransport()
+        self.pipe = VmPipe(b"bye\n")
+        self.pipe.makeConnection(self.vm)
+        self.observer = _Observer()
+        self.channel = ConsoleChannel(self.pipe, self.observer, lambda: None)  # type: ignore[arg-type]
+        self.channel.start()
+
+    def test_window(self) -> None:
+        """
+        The VM side pauses at WINDOW unanswered messages, resumes at half of it.
+        """
+        from hypervisor.pb.console import WINDOW
+
+        for i in range(WINDOW):
+            self.pipe.dataReceived(b"x%d" % i)
+        self.assertEqual(self.vm.producerState, "paused")
+        self.assertEqual(
+            [a for _, a in self.observer.calls], [(b"x%d" % i,) for i in range(WINDOW)]
+        )
+        for d in self.observer.pending[: WINDOW // 2 - 1]:
+            d.callback(None)
+        self.assertEqual(self.vm.producerState, "paused")
+        self.observer.pending[WINDOW // 2 - 1].callback(None)
+        self.assertEqual(self.vm.producerState, "producing")
+
+    def test_writes_wait_for_room(self) -> None:
+        """
+        A write while the VM socket's buffer is full is answered once it drained.
+        """
+        self.assertIs(self.vm.producer, self.channel)
+        self.successResultOf(self.channel.remote_write(b"ls\n"))  # room: answered at once
+        self.channel.pauseProducing()
+        waiting = self.channel.remote_write(b"more\n")
+        self.assertNoResult(waiting)
+        self.channel.resumeProducing()
+        self.successResultOf(waiting)
+        self.assertEqual(self.vm.value(), b"ls\nmore\n")
+
+    def test_end(self) -> None:
+        """
+        The VM side's end: the farewell, then closed(); later writes are refused.
+        """
+        from hypervisor.pb.wire import CallError
+
+        self.channel.pauseProducing()
+        waiting = self.channel.remote_write(b"x")
+        self.pipe.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(waiting)
+        self.assertEqual([m for m, _ in self.observer.calls], ["data", "closed"])
+        self.assertEqual(self.observer.calls[0][1], (b"bye\n",))
+        self.assertRaises(CallError, self.channel.remote_write, b"y")
+
+
+class _Observer:
+    """
+    A fake client observer: remembers calls, answers when told.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.pending: list[Deferred[None]] = []
+
+    def callRemote(self, method: str, *args: Any) -> "Deferred[None]":
+        self.calls.append((method, args))
+        d: Deferred[None] = Deferred()
+        self.pending.append(d)
+        return d

@@ -12,8 +12,10 @@ The answer is C{{"json": <ConsoleResponse chunks>, "console": <ConsoleChannel>}}
   longer read (QEMU's chardev then waits: the same flow control as the other
   transports). When the VM side ends: the farewell (C{"VM serial port closed\\n"})
   as a last C{data}, then C{observer.closed()}.
-- client -> VM: C{channel.write(bytes)} (answered at once: a PB message is bounded
-  by the server's message limit); C{channel.close()} ends the console.
+- client -> VM: C{channel.write(bytes)}, answered once the VM socket's send buffer
+  has room (the channel is that socket's producer: a guest that does not read holds
+  the client's writes back instead of filling the daemon's memory);
+  C{channel.close()} ends the console.
 
 The console counts as one of the session's streams; the connection's loss closes
 the VM socket (and releases the VM's console lock).
@@ -23,9 +25,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.spread import pb
+from zope.interface import implementer
 
 from hypervisor.pb.wire import CallError
 
@@ -35,6 +40,7 @@ PIECE = 64 * 1024
 """Bytes of one data message at most."""
 
 
+@implementer(IPushProducer)
 class ConsoleChannel(pb.Referenceable):
     """
     The client's handle on one console; relays a L{hypervisor.console.pipe.VmPipe}.
@@ -51,12 +57,40 @@ class ConsoleChannel(pb.Referenceable):
         self.in_flight = 0
         self.paused = False
         self.ended = False
+        self.writes_paused = False
+        self._room: list[Deferred[None]] = []
 
     def start(self) -> None:
         """
         Begin relaying (the VM bytes kept since the connection come first).
         """
         self.pipe.attach(self._output, self._ended)
+        side = self._vm_side()
+        if side is not None and not self.ended:
+            side.registerProducer(self, True)
+
+    # The VM socket's producer (its send buffer full: the client's writes wait) --------
+
+    def pauseProducing(self) -> None:
+        """
+        The VM socket's send buffer is full.
+        """
+        self.writes_paused = True
+
+    def resumeProducing(self) -> None:
+        """
+        There is room again: answer the waiting writes.
+        """
+        self.writes_paused = False
+        room, self._room = self._room, []
+        for d in room:
+            d.callback(None)
+
+    def stopProducing(self) -> None:
+        """
+        The VM socket closed: waiting writes are answered (the end follows).
+        """
+        self.resumeProducing()
 
     # VM -> client ---------------------------------------------------------------------
 
@@ -98,15 +132,17 @@ class ConsoleChannel(pb.Referenceable):
 
     def _ended(self, farewell: bytes) -> None:
         self.ended = True
+        self.resumeProducing()
         if farewell:
             self._send("data", farewell)
         self._send("closed")
 
     # client -> VM ---------------------------------------------------------------------
 
-    def remote_write(self, data: bytes) -> None:
+    def remote_write(self, data: bytes) -> "Deferred[None]":
         """
-        Bytes typed by the client, to the VM.
+        Bytes typed by the client, to the VM; answered when the VM socket can take
+        more.
         """
         if not isinstance(data, bytes):
             raise CallError("400 console data must be bytes")
@@ -114,6 +150,11 @@ class ConsoleChannel(pb.Referenceable):
             raise CallError("409 the console is closed")
         self.pipe.write(data)
         self.activity()
+        if self.writes_paused and not self.ended:
+            d: Deferred[None] = Deferred()
+            self._room.append(d)
+            return d
+        return succeed(None)
 
     def remote_close(self) -> None:
         """
