@@ -9,6 +9,7 @@ L{ClockDaemon} is the harness; tests of the dispatcher and the HTTP adapter use 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -358,6 +359,42 @@ class CreateTests(SynchronousTestCase):
         d.clock.advance(Creator.BRIDGES_FRESH)
         d.create(DoNotStart=True)
         self.assertEqual(len(reads), 3)
+
+    def test_out_of_descriptors_at_the_first_file_leaves_nothing(self) -> None:
+        """
+        A create whose first file cannot be opened (EMFILE) leaves no VM directory
+        behind, although the directory cannot be listed either then: an empty one is
+        removed without listing it. The address is free again.
+        """
+        vms = os.path.join(self.d.root, "state", "VMs")
+        free = self.d.free_ips()
+
+        def no_descriptor(*args: Any) -> Any:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        writer = self.d.manager.ctx.writer
+        real_write = writer.write_file
+
+        def write_file(path: str, data: Optional[bytes], mode: int) -> None:
+            if data is not None:  # a removal opens nothing when the file is missing
+                no_descriptor()
+            real_write(path, data, mode)
+
+        self.patch(writer, "write_file", write_file)
+        real_listdir = os.listdir
+
+        def listdir(path: Any = ".") -> list[str]:
+            if str(path).startswith(vms + "/"):
+                no_descriptor()
+            return real_listdir(path)
+
+        self.patch(os, "listdir", listdir)
+        e = self.assertRaises(OSError, self.d.create)
+        self.assertEqual(e.errno, errno.EMFILE)
+        self.d.settle()
+        self.assertEqual(real_listdir(vms), [])
+        self.assertEqual(self.d.manager.vms, {})
+        self.assertEqual(self.d.free_ips(), free)
 
     def test_progress_and_final(self) -> None:
         """

@@ -130,7 +130,19 @@ def remove_all_but(path: str, *keep: str) -> None:
     (missing is fine): a VM's directory is emptied before its C{info.json} goes, so
     that a crash in between leaves a VM that is still known (and its removal
     completed at start).
+
+    An empty directory (a creation that failed at its first file, e.g. with no
+    file descriptor left) is removed at once, which needs no descriptor (listing
+    it would); a crash before that reaches the disk leaves an empty directory,
+    which start-up removes.
     """
+    try:
+        os.rmdir(path)
+        return
+    except FileNotFoundError:
+        return
+    except OSError:
+        pass  # not empty
     try:
         names = os.listdir(path)
     except FileNotFoundError:
