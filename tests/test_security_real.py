@@ -368,7 +368,8 @@ class MalformedInputTests(SecurityTestCase):
     def test_deep_json_to_every_method(self) -> None:
         """
         JSON nested 1,000 and 100,000 deep (arrays, objects, inside a field) to
-        every method: 400 with a sentence about the nesting for the admin; without
+        every method: 400 with a sentence about the nesting for the admin (413 for a
+        body over the method's own limit: not read at all); without
         a certificate (plain HTTP and TLS, C{-allowUnauthenticatedReads}) 400 for
         the unauthenticated reads and 401 for the rest. Never 500; no traceback.
         """
@@ -388,6 +389,10 @@ class MalformedInputTests(SecurityTestCase):
                             # a console: pointed at its WebSocket before the body is read
                             self.assertEqual(status, 400, where)
                             self.assertIn(b"WebSocket", body, where)
+                        elif len(data) > METHODS[method].max_request:
+                            # over the method's own limit: refused before it is read
+                            self.assertEqual(status, 413, where)
+                            self.assertIn(b"limit", body, where)
                         else:
                             self.assertEqual(status, 400, where)
                             self.assertIn(b"nested", body, where)
