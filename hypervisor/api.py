@@ -259,7 +259,7 @@ METHODS: dict[str, MethodSpec] = {
     "CopyVm": MethodSpec(CopyVmRequest, PUBLIC, PROGRESS),
     "GetRootCookiePath": MethodSpec(Empty, PUBLIC),
     # Local export and import (hypervisor.migration.local): loopback + root cookie.
-    "ExportLocalVm": MethodSpec(ExportLocalVmRequest, PUBLIC, max_request=16384),
+    "ExportLocalVm": MethodSpec(ExportLocalVmRequest, PUBLIC),
     "ImportLocalVm": MethodSpec(ImportLocalVmRequest, PUBLIC),
     "CommitImportedVm": MethodSpec(CommitImportedVmRequest, PUBLIC),
     # Consoles (hypervisor.console):
