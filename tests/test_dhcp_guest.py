@@ -11,6 +11,7 @@ manager through the acknowledgement seam.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -173,8 +174,9 @@ class GuestLeaseTests(TestCase):
         self.assertEqual(ip, "10.78.0.2")
         self.assertFalse(response.DhcpTimedOut, self.bootlog(ip)[-2000:])
         await api.AcknowledgeVm(ALICE, IpRequest(ip))
+        # the whole line (the serial console may deliver it in pieces)
         await until(
-            lambda: "tiny-guest: dhcp" in self.bootlog(ip),
+            lambda: re.search(r"tiny-guest: dhcp [^\n]*\n", self.bootlog(ip)) is not None,
             60,
             f"the guest's DHCP (bootlog: {self.bootlog(ip)[-800:]!r})",
         )
