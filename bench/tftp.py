@@ -304,7 +304,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if os.path.exists(out):
                     os.unlink(out)
         small: dict[str, tuple[float, list[float]]] = {}
-        for kind in servers:
+        for kind in servers if args.small > 0 else ():
             try:
                 small[kind] = many_small(
                     running[kind].port, names, small_size, args.small, args.concurrency
@@ -342,21 +342,26 @@ def main(argv: Optional[list[str]] = None) -> int:
             row += f"{text:>24}"
         print(row)
     print()
-    print(
-        f"{args.small} fetches of 64 KiB (blksize 1428, lock-step), {args.concurrency} in "
-        "flight, one raw UDP client"
+    if args.small > 0:  # --small 0: throughput only
+        print(
+            f"{args.small} fetches of 64 KiB (blksize 1428, lock-step), {args.concurrency} in "
+            "flight, one raw UDP client"
+        )
+        header = f"{'':<24}" + "".join(f"{k:>14}" for k in servers)
+        print(header)
+        print("-" * len(header))
+    rows = (
+        []
+        if args.small <= 0
+        else [
+            ("transfers/s", lambda s: f"{args.small / s[0]:.0f}"),
+            ("median transfer ms", lambda s: f"{statistics.median(s[1]) * 1000:.1f}"),
+            (
+                "p99 transfer ms",
+                lambda s: f"{sorted(s[1])[max(0, int(len(s[1]) * 0.99) - 1)] * 1000:.1f}",
+            ),
+        ]
     )
-    header = f"{'':<24}" + "".join(f"{k:>14}" for k in servers)
-    print(header)
-    print("-" * len(header))
-    rows = [
-        ("transfers/s", lambda s: f"{args.small / s[0]:.0f}"),
-        ("median transfer ms", lambda s: f"{statistics.median(s[1]) * 1000:.1f}"),
-        (
-            "p99 transfer ms",
-            lambda s: f"{sorted(s[1])[max(0, int(len(s[1]) * 0.99) - 1)] * 1000:.1f}",
-        ),
-    ]
     for label, show in rows:
         print(
             f"{label:<24}"

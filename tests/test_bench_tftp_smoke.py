@@ -43,3 +43,18 @@ class SmokeTests(TestCase):
         self.assertNotIn("BAD", text)
         self.assertRegex(text, r"transfers/s +[0-9]+")
         self.assertIsNotNone(re.search(r"p99 transfer ms +[0-9.]+", text))
+
+    def test_throughput_only(self) -> None:
+        """
+        C{--small 0} measures throughput only: no small-transfer table, exit 0.
+        """
+        support.require(shutil.which("atftp") is not None, "atftp is not installed (Debian atftp)")
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            status = bench.main(
+                ["--servers", "ours", "--size-mib", "1", "--runs", "1"] + ["--small", "0"]
+            )
+        text = out.getvalue()
+        self.assertEqual(status, 0, text)
+        self.assertRegex(text, r"\n1 +[0-9.]+ \([0-9]+-[0-9]+\)\n")
+        self.assertNotIn("transfers/s", text)
