@@ -104,6 +104,33 @@ def start_libvirtd(timeout: float = 60.0) -> None:
     )
 
 
+def destroy_domains(names: "list[str]", uri: str = QEMU_URI) -> int:
+    """
+    Destroy and undefine the domains of these names, if they exist (what an
+    interrupted earlier run of a test left behind); how many there were.
+    """
+    import libvirt
+
+    conn = libvirt.open(uri)
+    count = 0
+    try:
+        for dom in conn.listAllDomains():
+            if dom.name() not in names:
+                continue
+            count += 1
+            try:
+                persistent = dom.isPersistent()  # a transient domain is gone once destroyed
+                if dom.isActive():
+                    dom.destroy()
+                if persistent:
+                    dom.undefine()
+            except libvirt.libvirtError:
+                pass
+    finally:
+        conn.close()
+    return count
+
+
 def free_port() -> int:
     """
     A TCP port free on 127.0.0.1 right now.

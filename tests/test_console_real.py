@@ -87,6 +87,8 @@ class ShellGuestCase(SynchronousTestCase):
 
     def setUp(self) -> None:
         support.require_libvirtd()
+        # An interrupted earlier run in a process of the same NET may have left them.
+        support.destroy_domains([f"vm-10.117.{NET}.{i}" for i in (20, 21)])
         guest = support.tiny_guest()
         support.ensure_bridge(BRIDGE)
         self.addCleanup(subprocess.run, ["ip", "link", "del", BRIDGE], capture_output=True)
