@@ -144,6 +144,106 @@ class TransferTests(TestCase):
         self.assertEqual(self.calls, 2)
         self.assertEqual(state.sent, self.size - 2 * transfer.MAX_READ)
 
+    def senders(self, n: int, corrupt: int = -1) -> tuple[list[Any], dict[str, int]]:
+        """
+        C{n} thread-safe senders (sender C{corrupt} flips a bit of what it gets), and
+        counts: calls per sender, most calls in flight at once.
+        """
+        import threading
+        import time
+
+        lock = threading.Lock()
+        seen = {"in_flight": 0, "most": 0}
+
+        def sender(i: int) -> Any:
+            def call(request: ReadVmVolumeRequest) -> tuple[dict[str, Any], bytes]:
+                with lock:
+                    seen[f"calls{i}"] = seen.get(f"calls{i}", 0) + 1
+                    seen["in_flight"] += 1
+                    seen["most"] = max(seen["most"], seen["in_flight"])
+                try:
+                    time.sleep(0.05)  # the network: lets the other senders start
+                    wire = codec.decode(ReadVmVolumeRequest, codec.encode(request))
+                    response, data = transfer.read_range(self.source, wire, self.size)
+                    if i == corrupt and data:
+                        data = bytes([data[0] ^ 1]) + data[1:]
+                    return codec.to_dict(response), data
+                finally:
+                    with lock:
+                        seen["in_flight"] -= 1
+
+            return call
+
+        return [sender(i) for i in range(n)], seen
+
+    def test_ranges_in_flight_at_once(self) -> None:
+        """
+        With extra senders, ranges are fetched by all of them at once (never more
+        than one each), the copy is exact, the verified offset only moves forward and
+        ends at the size; a re-sync with them sends only the changed chunk.
+        """
+        (first, *rest), seen = self.senders(3)
+        offsets: list[int] = []
+        state = transfer.pull_volume(
+            first,
+            ReadVmVolumeRequest(),
+            self.target,
+            self.size,
+            extra_calls=rest,
+            progress=lambda state, size: offsets.append(state.offset),
+        )
+        self.assertTrue(self.same())
+        self.assertEqual((state.sent, state.offset), (self.size, self.size))
+        self.assertEqual(seen["most"], 3)
+        self.assertEqual(sum(seen[f"calls{i}"] for i in range(3)), 4)  # 4 ranges
+        self.assertEqual(offsets, sorted(offsets))
+        self.assertEqual(offsets[-1], self.size)
+        with open(self.source, "r+b") as f:
+            f.seek(2 * transfer.MAX_READ + 3)
+            f.write(b"changed")
+        state = transfer.pull_volume(
+            first, ReadVmVolumeRequest(), self.target, self.size, resync=True, extra_calls=rest
+        )
+        self.assertEqual((state.sent, state.skipped), (transfer.CHUNK, self.size - transfer.CHUNK))
+        self.assertTrue(self.same())
+
+    def test_one_sender_failing_fails_the_pull(self) -> None:
+        """
+        A checksum mismatch on one of three senders fails the pull with that error;
+        the others take no range after it.
+        """
+        (first, *rest), seen = self.senders(3, corrupt=1)
+        error = self.assertRaises(
+            transfer.TransferError,
+            transfer.pull_volume,
+            first,
+            ReadVmVolumeRequest(),
+            self.target,
+            self.size,
+            extra_calls=rest,
+        )
+        self.assertIn("fails its checksum", str(error))
+        self.assertEqual(seen["calls1"], 1)
+        self.assertEqual(seen["in_flight"], 0)  # every thread returned
+
+    def test_more_senders_than_ranges(self) -> None:
+        """
+        A volume of one range uses one sender (no thread for the others).
+        """
+        small = os.path.join(self.dir, "small")
+        with open(small, "wb") as f:
+            f.write(os.urandom(100 * KiB))
+        self.source, self.size = small, 100 * KiB
+        (first, *rest), seen = self.senders(3)
+        state = transfer.pull_volume(
+            first, ReadVmVolumeRequest(), self.target, self.size, extra_calls=rest
+        )
+        self.assertEqual(state.sent, 100 * KiB)
+        self.assertTrue(self.same())
+        self.assertEqual(
+            (seen.get("calls0"), seen.get("calls1"), seen.get("calls2")), (1, None, None)
+        )
+
     def test_corrupt_chunk(self) -> None:
         """
         A chunk whose bytes do not match its checksum fails the pull.

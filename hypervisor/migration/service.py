@@ -42,6 +42,7 @@ from hypervisor.migration.messages import (
 )
 from hypervisor.migration.transfer import (
     MAX_READ,
+    PULL_CONNECTIONS,
     MiB,
     TransferError,
     VolumeProgress,
@@ -88,8 +89,15 @@ class SourceClient:
     def __init__(self, address: str, cert: str, key: str, timeout: float = 60.0) -> None:
         from hypervisor.srpc import client as srpc
 
+        self.address, self.cert, self.key, self.timeout = address, cert, key, timeout
         host, port = host_port(address)
         self.connection = srpc.connect_tls_json(host, port, cert, key, timeout=timeout)
+
+    def sibling(self) -> "SourceClient":
+        """
+        Another connection to the same hypervisor, with the same certificate.
+        """
+        return SourceClient(self.address, self.cert, self.key, self.timeout)
 
     def call(self, method: str, request: Any) -> dict[str, Any]:
         """
@@ -466,8 +474,37 @@ class Migrations:
         report: Callable[[str], None],
     ) -> list[VolumeProgress]:
         """
-        Pull every volume (blocking, on a worker thread).
+        Pull every volume (blocking, on a worker thread), with up to
+        L{PULL_CONNECTIONS} ranges in flight (the others on connections of their own,
+        closed at the end).
         """
+        siblings: list[SourceClient] = []
+        try:
+            for _ in range(PULL_CONNECTIONS - 1):
+                siblings.append(client.sibling())
+        except Exception as e:  # fewer ranges in flight, not a failed migration
+            self.log.warn(
+                "VM {ip}: another connection to the source failed ({e}): pulling with {n}",
+                ip=source_ip,
+                e=e,
+                n=len(siblings) + 1,
+            )
+        try:
+            return self._pull_volumes(client, siblings, source_ip, token, vm, resync, report)
+        finally:
+            for sibling in siblings:
+                sibling.close()
+
+    def _pull_volumes(
+        self,
+        client: SourceClient,
+        siblings: list[SourceClient],
+        source_ip: str,
+        token: bytes,
+        vm: Vm,
+        resync: bool,
+        report: Callable[[str], None],
+    ) -> list[VolumeProgress]:
         out = []
         for index, (volume, location) in enumerate(zip(vm.info.Volumes, vm.local.VolumeLocations)):
             last = [0.0]
@@ -489,6 +526,10 @@ class Migrations:
                     volume.Size,
                     resync=resync,
                     progress=progress,
+                    extra_calls=[
+                        lambda req, c=c: c.download("ReadVmVolume", req)  # type: ignore[misc]
+                        for c in siblings
+                    ],
                 )
             )
         if not resync:  # the kernel and initrd of a direct kernel boot, once

@@ -18,6 +18,11 @@ only (reference §1.2) and no JSON peer can decode it, hence a protocol of our o
   daemon restarted) continues from L{VolumeProgress.offset} rather than from zero.
 - Disk I/O runs on threads: the source reads through the manager's disk runner, the
   target pulls on the migration's worker thread (L{pull_volume} blocks).
+- Pipelined: the target keeps up to L{PULL_CONNECTIONS} ranges in flight, one per
+  connection to the source, so that the source reading and hashing one range, the
+  network carrying another and the target verifying and writing a third overlap
+  instead of taking turns. Each range is written where it belongs; the verified
+  offset moves over the ranges done in a row.
 
 qcow2 overlays on a cached image (C{CreateVm} with C{ImageURL}/C{ImageName}) are
 refused: their backing file lives in the source's image cache.
@@ -29,8 +34,9 @@ import base64
 import hashlib
 import os
 import struct
+import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from hypervisor.errors import InvalidRequest
 from hypervisor.migration.messages import (
@@ -47,6 +53,8 @@ MIN_CHUNK = 64 * KiB
 MAX_CHUNK = 8 * MiB
 MAX_READ = 8 * MiB
 """Bytes of one ReadVmVolume range (and so of one reply's raw tail)."""
+PULL_CONNECTIONS = 3
+"""Ranges a pull keeps in flight (one connection to the source each)."""
 
 
 class TransferError(Exception):
@@ -145,18 +153,78 @@ class VolumeProgress:
 Caller = Callable[[ReadVmVolumeRequest], tuple[dict[str, Any], bytes]]
 
 
-def _local_checksums(f: Any, offset: int, length: int, chunk: int) -> list[bytes]:
+def _local_checksums(fd: int, offset: int, length: int, chunk: int) -> list[bytes]:
     sums = []
-    f.seek(offset)
     position = offset
     while position < offset + length:
         n = min(chunk, offset + length - position)
-        data = f.read(n)
+        data = os.pread(fd, n, position)
         if len(data) < n:
             data += bytes(n - len(data))
         sums.append(checksum(data))
         position += n
     return sums
+
+
+def _write_at(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _pull_range(
+    call: Caller,
+    fd: int,
+    request: ReadVmVolumeRequest,
+    size: int,
+    offset: int,
+    chunk: int,
+    resync: bool,
+) -> tuple[int, int]:
+    """
+    Fetch, verify and write the range at C{offset}; (bytes sent, bytes unchanged).
+    """
+    length = min(MAX_READ, size - offset)
+    ask = ReadVmVolumeRequest(
+        AccessToken=request.AccessToken,
+        IpAddress=request.IpAddress,
+        VolumeIndex=request.VolumeIndex,
+        Offset=offset,
+        Length=length,
+        ChunkSize=chunk,
+        Checksums=_local_checksums(fd, offset, length, chunk) if resync else [],
+    )
+    reply, raw = call(ask)
+    if reply.get("Error"):
+        raise TransferError(str(reply["Error"]))
+    if int(reply.get("Size") or 0) != size:
+        raise TransferError(
+            f"volume {request.VolumeIndex} is {reply.get('Size')} bytes on the "
+            f"source, {size} expected"
+        )
+    sent = skipped = 0
+    position = 0
+    expected = offset
+    for item in reply.get("Chunks") or []:
+        at, n = int(item["Offset"]), int(item["Length"])
+        if at != expected or n <= 0:
+            raise TransferError(f"chunk at {at} out of order")
+        expected += n
+        if not item.get("Sent"):
+            skipped += n
+            continue
+        data = raw[position : position + n]
+        position += n
+        want = base64.b64decode(item.get("Checksum") or "")
+        if len(data) != n or checksum(data) != want:
+            raise TransferError(f"volume {request.VolumeIndex}: chunk at {at} fails its checksum")
+        _write_at(fd, data, at)
+        sent += n
+    if expected != offset + length or position != len(raw):
+        raise TransferError(f"volume {request.VolumeIndex}: the source answered a different range")
+    return sent, skipped
 
 
 def pull_volume(
@@ -169,6 +237,7 @@ def pull_volume(
     progress: Optional[Callable[[VolumeProgress, int], None]] = None,
     start: int = 0,
     chunk: int = CHUNK,
+    extra_calls: Sequence[Caller] = (),
 ) -> VolumeProgress:
     """
     The target's side (blocking: run it on a worker thread): make the file at
@@ -176,65 +245,66 @@ def pull_volume(
 
     @param call: sends one L{ReadVmVolumeRequest} and returns the reply (as a dict)
         and its raw tail.
+    @param extra_calls: more such senders, each on a connection of its own, each used
+        by a thread of its own: one range in flight per sender.
     @param resync: send our checksums of every range, so that only changed chunks
         come (the final pass after the source stopped).
     @param start: resume from here (bytes before it are verified already).
-    @raise TransferError: the source's error, a short tail or a checksum mismatch.
+    @raise TransferError: the source's error, a short tail or a checksum mismatch
+        (the first failure of any sender; the others stop after their range).
     """
     state = VolumeProgress(offset=start)
-    flags = os.O_RDWR | os.O_CREAT
-    fd = os.open(path, flags, 0o600)
-    with os.fdopen(fd, "r+b") as f:
-        if os.fstat(f.fileno()).st_size != size:
-            f.truncate(size)
-        while state.offset < size:
-            length = min(MAX_READ, size - state.offset)
-            sums = _local_checksums(f, state.offset, length, chunk) if resync else []
-            ask = ReadVmVolumeRequest(
-                AccessToken=request.AccessToken,
-                IpAddress=request.IpAddress,
-                VolumeIndex=request.VolumeIndex,
-                Offset=state.offset,
-                Length=length,
-                ChunkSize=chunk,
-                Checksums=sums,
-            )
-            reply, raw = call(ask)
-            if reply.get("Error"):
-                raise TransferError(str(reply["Error"]))
-            if int(reply.get("Size") or 0) != size:
-                raise TransferError(
-                    f"volume {request.VolumeIndex} is {reply.get('Size')} bytes on the "
-                    f"source, {size} expected"
-                )
-            position = 0
-            expected = state.offset
-            for item in reply.get("Chunks") or []:
-                offset, n = int(item["Offset"]), int(item["Length"])
-                if offset != expected or n <= 0:
-                    raise TransferError(f"chunk at {offset} out of order")
-                expected += n
-                if not item.get("Sent"):
-                    state.skipped += n
-                    continue
-                data = raw[position : position + n]
-                position += n
-                want = base64.b64decode(item.get("Checksum") or "")
-                if len(data) != n or checksum(data) != want:
-                    raise TransferError(
-                        f"volume {request.VolumeIndex}: chunk at {offset} fails its checksum"
-                    )
-                f.seek(offset)
-                f.write(data)
-                state.sent += n
-            if expected != state.offset + length or position != len(raw):
-                raise TransferError(
-                    f"volume {request.VolumeIndex}: the source answered a different range"
-                )
-            f.flush()
-            state.offset = expected
-            if progress is not None:
-                progress(state, size)
-        f.flush()
-        os.fsync(f.fileno())
+    offsets = iter(range(start, size, MAX_READ))
+    done: set[int] = set()
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def pull(sender: Caller) -> None:
+        while True:
+            with lock:
+                offset = None if failures else next(offsets, None)
+            if offset is None:
+                return
+            try:
+                sent, skipped = _pull_range(sender, fd, request, size, offset, chunk, resync)
+            except BaseException as e:
+                with lock:
+                    failures.append(e)
+                return
+            with lock:
+                state.sent += sent
+                state.skipped += skipped
+                done.add(offset)
+                moved = False
+                while state.offset in done:  # the verified prefix grows over ranges in a row
+                    done.discard(state.offset)
+                    state.offset = min(size, state.offset + MAX_READ)
+                    moved = True
+                if moved and progress is not None:
+                    progress(state, size)
+
+    try:
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+        ranges = -(-(size - start) // MAX_READ) if size > start else 0
+        helpers = [
+            threading.Thread(target=pull, args=(sender,), name="volume-pull", daemon=True)
+            for sender in list(extra_calls)[: max(0, ranges - 1)]
+        ]
+        started = []
+        for helper in helpers:
+            try:
+                helper.start()
+            except RuntimeError:  # no thread to give: fewer ranges in flight
+                break
+            started.append(helper)
+        pull(call)
+        for helper in started:
+            helper.join()
+        if failures:
+            raise failures[0]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return state

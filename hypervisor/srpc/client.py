@@ -161,12 +161,22 @@ class Connection:
         """
         Exactly C{n} bytes from the connection.
         """
-        out = bytearray()
-        while len(out) < n:
-            self._fill()
-            take = min(n - len(out), len(self._buffer))
-            out += self._buffer[:take]
-            del self._buffer[:take]
+        take = min(n, len(self._buffer))
+        out = bytearray(self._buffer[:take])
+        del self._buffer[:take]
+        if take == n:
+            return bytes(out)
+        # The rest straight from the socket into place (a raw tail can be megabytes):
+        # never past n, so nothing of what follows is taken.
+        out.extend(bytes(n - take))
+        view = memoryview(out)
+        got = take
+        while got < n:
+            k = self.sock.recv_into(view[got:], n - got)
+            if not k:
+                raise SrpcError("EOF")
+            got += k
+        view.release()
         return bytes(out)
 
     def read_line(self, limit: int = MAX_MESSAGE) -> bytes:
