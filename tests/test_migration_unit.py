@@ -244,6 +244,81 @@ class TransferTests(TestCase):
             (seen.get("calls0"), seen.get("calls1"), seen.get("calls2")), (1, None, None)
         )
 
+    def zero_filled(self, *data_chunks: int) -> None:
+        """
+        Make the source all zeros but for random bytes in chunks C{data_chunks}.
+        """
+        with open(self.source, "r+b") as f:
+            f.write(bytes(self.size))
+            for i in data_chunks:
+                f.seek(i * transfer.CHUNK)
+                f.write(os.urandom(transfer.CHUNK))
+
+    def test_zero_chunks_are_not_sent(self) -> None:
+        """
+        Chunks of zeros travel as a flag: no bytes; the copy is exact and fully
+        allocated (thick, as the source). A re-sync after the source zeroed a chunk
+        the copy has data in zeroes it there; the copy's zero chunks that stay zero
+        are unchanged.
+        """
+        self.zero_filled(1, 9)
+        raw: list[int] = []
+
+        def call(request: ReadVmVolumeRequest) -> tuple[dict[str, Any], bytes]:
+            reply, data = self.call(request)
+            raw.append(len(data))
+            return reply, data
+
+        state = transfer.pull_volume(call, ReadVmVolumeRequest(), self.target, self.size)
+        self.assertTrue(self.same())
+        self.assertEqual(sum(raw), 2 * transfer.CHUNK)
+        self.assertEqual((state.sent, state.zero), (2 * transfer.CHUNK, self.size - state.sent))
+        self.assertGreaterEqual(os.stat(self.target).st_blocks * 512, self.size)
+        with open(self.source, "r+b") as f:
+            f.seek(9 * transfer.CHUNK)
+            f.write(bytes(transfer.CHUNK))
+        state = transfer.pull_volume(
+            call, ReadVmVolumeRequest(), self.target, self.size, resync=True
+        )
+        self.assertTrue(self.same())
+        self.assertEqual((state.sent, state.zero), (0, transfer.CHUNK))
+        self.assertEqual(state.skipped, self.size - transfer.CHUNK)
+
+    def test_zero_chunk_over_old_data(self) -> None:
+        """
+        A copy resumed over a file holding other bytes gets zeros written where the
+        source's chunks are zero.
+        """
+        self.zero_filled(0)
+        with open(self.target, "wb") as f:
+            f.write(os.urandom(self.size))
+        state = transfer.pull_volume(self.call, ReadVmVolumeRequest(), self.target, self.size)
+        self.assertTrue(self.same())
+        self.assertEqual(state.zero, self.size - transfer.CHUNK)
+
+    def test_zero_chunks_only_to_callers_that_ask(self) -> None:
+        """
+        A caller that does not say C{ZeroChunks} (an older one) gets every chunk's
+        bytes and checksum; the wire leaves both flags out when false.
+        """
+        self.zero_filled()
+        response, data = transfer.read_range(
+            self.source, ReadVmVolumeRequest(Length=2 * transfer.CHUNK), self.size
+        )
+        self.assertEqual(len(data), 2 * transfer.CHUNK)
+        self.assertEqual([(c.Sent, c.Zero) for c in response.Chunks], [(True, False)] * 2)
+        self.assertEqual(response.Chunks[0].Checksum, transfer.checksum(bytes(transfer.CHUNK)))
+        self.assertNotIn(b"Zero", codec.encode(response))
+        self.assertNotIn(b"ZeroChunks", codec.encode(ReadVmVolumeRequest()))
+        response, data = transfer.read_range(
+            self.source,
+            ReadVmVolumeRequest(Length=2 * transfer.CHUNK, ZeroChunks=True),
+            self.size,
+        )
+        self.assertEqual(data, b"")
+        self.assertEqual([(c.Sent, c.Zero) for c in response.Chunks], [(False, True)] * 2)
+        self.assertEqual(response.Chunks[0].Checksum, transfer.checksum(bytes(transfer.CHUNK)))
+
     def test_corrupt_chunk(self) -> None:
         """
         A chunk whose bytes do not match its checksum fails the pull.

@@ -150,6 +150,9 @@ class ReadVmVolumeRequest:
     after the source stopped, and resuming after a broken transfer). C{ExtraFile}
     (C{kernel} or C{initrd}) reads that file of the root volume's directory instead
     (Go's C{GetVmVolume} C{ExtraFiles}): a VM booted from its own kernel.
+    C{ZeroChunks}: the caller makes a chunk zero itself when told it is all zeros
+    (L{VolumeChunk.Zero}), so such chunks are neither hashed nor sent; a caller that
+    does not say so gets every chunk's bytes.
     """
 
     AccessToken: TokenBytes = b""
@@ -162,19 +165,23 @@ class ReadVmVolumeRequest:
         default_factory=list
     )
     ExtraFile: Annotated[str, MaxLen(16)] = field(omitempty=True, default="")
+    ZeroChunks: bool = field(omitempty=True, default=False)
 
 
 @dataclass
 class VolumeChunk:
     """
     One chunk of a L{ReadVmVolumeResponse}: where, how long, its SHA-256, and whether
-    its bytes follow (C{Sent}) or the caller's copy already matches.
+    its bytes follow (C{Sent}), or it is all zeros (C{Zero}, only to a caller that
+    asked with C{ZeroChunks}: nothing follows, the caller zeroes its copy), or the
+    caller's copy already matches (neither).
     """
 
     Offset: Uint64 = 0
     Length: Uint64 = 0
     Checksum: bytes = b""
     Sent: bool = False
+    Zero: bool = field(omitempty=True, default=False)
 
 
 @dataclass

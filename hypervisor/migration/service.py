@@ -515,7 +515,8 @@ class Migrations:
                     last[0] = now
                     report(
                         f"volume {index}: {state.offset // MiB} of {size // MiB} MiB "
-                        f"({state.sent // MiB} MiB sent, {state.skipped // MiB} MiB unchanged)"
+                        f"({state.sent // MiB} MiB sent, {state.zero // MiB} MiB of zeros, "
+                        f"{state.skipped // MiB} MiB unchanged)"
                     )
 
             out.append(

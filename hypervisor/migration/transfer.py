@@ -18,6 +18,12 @@ only (reference §1.2) and no JSON peer can decode it, hence a protocol of our o
   daemon restarted) continues from L{VolumeProgress.offset} rather than from zero.
 - Disk I/O runs on threads: the source reads through the manager's disk runner, the
   target pulls on the migration's worker thread (L{pull_volume} blocks).
+- Zero chunks elided: volumes are thick (every block allocated, mostly zeros in a
+  young VM), so a target that says it can (C{ZeroChunks}) is told which chunks are
+  all zeros instead of getting their bytes and checksums; it allocates the whole file
+  first (C{fallocate}, so an unwritten region reads as zeros and the copy stays thick
+  and fails at once on a full disk) and writes zeros only where its copy is not zero
+  already (a resumed or re-synced copy).
 - Pipelined: the target keeps up to L{PULL_CONNECTIONS} ranges in flight, one per
   connection to the source, so that the source reading and hashing one range, the
   network carrying another and the target verifying and writing a third overlap
@@ -31,6 +37,7 @@ refused: their backing file lives in the source's image cache.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import os
 import struct
@@ -68,6 +75,34 @@ def checksum(data: bytes) -> bytes:
     A chunk's checksum (SHA-256).
     """
     return hashlib.sha256(data).digest()
+
+
+_zeros: dict[int, bytes] = {}
+_zero_sums: dict[int, bytes] = {}
+
+
+def zeros(n: int) -> bytes:
+    """
+    C{n} zero bytes (kept: chunks come in one or two sizes).
+    """
+    z = _zeros.get(n)
+    if z is None:
+        if len(_zeros) >= 4:
+            _zeros.clear()
+        z = _zeros[n] = bytes(n)
+    return z
+
+
+def zero_checksum(n: int) -> bytes:
+    """
+    The checksum of C{n} zero bytes.
+    """
+    digest = _zero_sums.get(n)
+    if digest is None:
+        if len(_zero_sums) >= 4:
+            _zero_sums.clear()
+        digest = _zero_sums[n] = checksum(zeros(n))
+    return digest
 
 
 def check_range(request: ReadVmVolumeRequest, size: int) -> tuple[int, int, int]:
@@ -128,12 +163,18 @@ def read_range(
             data = f.read(n)
             if len(data) < n:  # a file shorter than its recorded size reads as zeros
                 data += bytes(n - len(data))
-            digest = checksum(data)
             have = request.Checksums[index] if request.Checksums else b""
-            sent = digest != have
-            if sent:
-                out += data
-            chunks.append(VolumeChunk(Offset=position, Length=n, Checksum=digest, Sent=sent))
+            if request.ZeroChunks and data == zeros(n):  # memcmp: ends at a first non-zero
+                digest = zero_checksum(n)
+                chunks.append(
+                    VolumeChunk(Offset=position, Length=n, Checksum=digest, Zero=digest != have)
+                )
+            else:
+                digest = checksum(data)
+                sent = digest != have
+                if sent:
+                    out += data
+                chunks.append(VolumeChunk(Offset=position, Length=n, Checksum=digest, Sent=sent))
             position += n
             index += 1
     return ReadVmVolumeResponse(Size=size, Chunks=chunks, Length=len(out)), bytes(out)
@@ -148,6 +189,7 @@ class VolumeProgress:
     offset: int = 0
     sent: int = 0
     skipped: int = 0
+    zero: int = 0
 
 
 Caller = Callable[[ReadVmVolumeRequest], tuple[dict[str, Any], bytes]]
@@ -166,6 +208,15 @@ def _local_checksums(fd: int, offset: int, length: int, chunk: int) -> list[byte
     return sums
 
 
+def _make_zero(fd: int, offset: int, n: int) -> None:
+    """
+    Make C{n} bytes at C{offset} zero, writing only if they are not already (an
+    allocated, never written region reads as zeros at no disk cost).
+    """
+    if os.pread(fd, n, offset) != zeros(n):
+        _write_at(fd, zeros(n), offset)
+
+
 def _write_at(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
@@ -182,9 +233,10 @@ def _pull_range(
     offset: int,
     chunk: int,
     resync: bool,
-) -> tuple[int, int]:
+) -> tuple[int, int, int]:
     """
-    Fetch, verify and write the range at C{offset}; (bytes sent, bytes unchanged).
+    Fetch, verify and write the range at C{offset}; (bytes sent, bytes unchanged,
+    bytes of zeros made here).
     """
     length = min(MAX_READ, size - offset)
     ask = ReadVmVolumeRequest(
@@ -195,6 +247,7 @@ def _pull_range(
         Length=length,
         ChunkSize=chunk,
         Checksums=_local_checksums(fd, offset, length, chunk) if resync else [],
+        ZeroChunks=True,
     )
     reply, raw = call(ask)
     if reply.get("Error"):
@@ -204,7 +257,7 @@ def _pull_range(
             f"volume {request.VolumeIndex} is {reply.get('Size')} bytes on the "
             f"source, {size} expected"
         )
-    sent = skipped = 0
+    sent = skipped = zero = 0
     position = 0
     expected = offset
     for item in reply.get("Chunks") or []:
@@ -212,6 +265,10 @@ def _pull_range(
         if at != expected or n <= 0:
             raise TransferError(f"chunk at {at} out of order")
         expected += n
+        if item.get("Zero"):
+            _make_zero(fd, at, n)
+            zero += n
+            continue
         if not item.get("Sent"):
             skipped += n
             continue
@@ -224,7 +281,22 @@ def _pull_range(
         sent += n
     if expected != offset + length or position != len(raw):
         raise TransferError(f"volume {request.VolumeIndex}: the source answered a different range")
-    return sent, skipped
+    return sent, skipped, zero
+
+
+def _allocate(fd: int, size: int) -> None:
+    """
+    Allocate every block of the copy (as the source's thick volume), keeping what it
+    holds. On a file system without C{fallocate} the copy keeps holes where the
+    source has zero chunks (they read as zeros all the same).
+
+    @raise OSError: not enough space (before anything is transferred).
+    """
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
 
 
 def pull_volume(
@@ -267,7 +339,7 @@ def pull_volume(
             if offset is None:
                 return
             try:
-                sent, skipped = _pull_range(sender, fd, request, size, offset, chunk, resync)
+                sent, skipped, zero = _pull_range(sender, fd, request, size, offset, chunk, resync)
             except BaseException as e:
                 with lock:
                     failures.append(e)
@@ -275,6 +347,7 @@ def pull_volume(
             with lock:
                 state.sent += sent
                 state.skipped += skipped
+                state.zero += zero
                 done.add(offset)
                 moved = False
                 while state.offset in done:  # the verified prefix grows over ranges in a row
@@ -287,6 +360,8 @@ def pull_volume(
     try:
         if os.fstat(fd).st_size != size:
             os.ftruncate(fd, size)
+        if size:
+            _allocate(fd, size)
         ranges = -(-(size - start) // MAX_READ) if size > start else 0
         helpers = [
             threading.Thread(target=pull, args=(sender,), name="volume-pull", daemon=True)
