@@ -96,16 +96,7 @@ def wait_booted(d: support.Daemon, ip: str) -> None:
     Wait until the guest at C{ip} on C{d} has booted (it then obeys ACPI's power
     button).
     """
-    bootlog = os.path.join(d.state_dir, "VMs", ip, "bootlog")
-
-    def booted() -> bool:
-        try:
-            with open(bootlog, errors="replace") as f:
-                return "tiny-guest: booted" in f.read()
-        except FileNotFoundError:
-            return False
-
-    support.wait_for(booted, 180, f"the guest at {ip} to boot")
+    support.wait_booted(os.path.join(d.state_dir, "VMs", ip, "bootlog"), 180)
 
 
 def fill_random(path: str, size: int) -> None:

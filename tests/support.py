@@ -125,10 +125,26 @@ def destroy_domains(names: "list[str]", uri: str = QEMU_URI) -> int:
                 if persistent:
                     dom.undefine()
             except libvirt.libvirtError:
-                pass
+                pass  # gone meanwhile (its own daemon removed it): nothing left to do
     finally:
         conn.close()
     return count
+
+
+def wait_booted(bootlog: str, timeout: float = 120.0) -> None:
+    """
+    Wait until the tiny guest whose boot log is at C{bootlog} says it booted (from
+    then on it obeys ACPI's power button).
+    """
+
+    def booted() -> bool:
+        try:
+            with open(bootlog, errors="replace") as f:
+                return "tiny-guest: booted" in f.read()
+        except FileNotFoundError:
+            return False
+
+    wait_for(booted, timeout, f"the guest to boot ({bootlog})")
 
 
 def free_port() -> int:

@@ -354,3 +354,54 @@ class TransferTests(TestCase):
         with open(path, "wb") as f:
             f.write(b"QFI\xfb" + b"\x00\x00\x00\x03" + (1234).to_bytes(8, "big") + bytes(100))
         self.assertRaises(InvalidRequest, transfer.read_range, path, ReadVmVolumeRequest(), 116)
+
+
+class MoreConnectionsTests(TestCase):
+    """
+    L{service.more_connections}: extra connections to the source for a pull.
+    """
+
+    class Client:
+        def __init__(self, opened: list["MoreConnectionsTests.Client"], fail_after: int) -> None:
+            self.opened = opened
+            self.fail_after = fail_after
+            self.closed = False
+
+        def sibling(self) -> "MoreConnectionsTests.Client":
+            if len(self.opened) >= self.fail_after:
+                raise OSError("connection refused")
+            other = MoreConnectionsTests.Client(self.opened, self.fail_after)
+            self.opened.append(other)
+            return other
+
+        def close(self) -> None:
+            self.closed = True
+
+    def test_all_opened_and_closed(self) -> None:
+        """
+        Two more connections are opened, handed over, and closed at the end.
+        """
+        from hypervisor.migration import service
+
+        opened: list[Any] = []
+        with service.more_connections(self.Client(opened, 10), 2, "10.0.0.2") as more:  # type: ignore[arg-type]
+            self.assertEqual(more, opened)
+            self.assertEqual(len(more), 2)
+            self.assertFalse(any(c.closed for c in opened))
+        self.assertTrue(all(c.closed for c in opened))
+
+    def test_one_that_fails_leaves_fewer(self) -> None:
+        """
+        A connection that cannot be opened is not a failure: the pull gets the ones
+        that opened (and a log line says so); they are closed even if the pull fails.
+        """
+        from hypervisor.migration import service
+
+        opened: list[Any] = []
+        with self.assertRaises(RuntimeError):
+            with service.more_connections(self.Client(opened, 1), 2, "10.0.0.2") as more:  # type: ignore[arg-type]
+                self.assertEqual(len(more), 1)
+                raise RuntimeError("the pull failed")
+        self.assertEqual(len(opened), 1)
+        self.assertTrue(opened[0].closed)
+        self.flushLoggedErrors()

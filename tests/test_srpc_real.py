@@ -160,16 +160,7 @@ class SrpcRealTests(SynchronousTestCase):
         self.assertEqual(reply.get("Error", ""), "")
         self.assertEqual(c.call_download("GetVmUserData", {"IpAddress": ip})[1], new_data)
         # The guest boots from it.
-        bootlog = os.path.join(d.state_dir, "VMs", ip, "bootlog")
-
-        def booted() -> bool:
-            try:
-                with open(bootlog, errors="replace") as f:
-                    return "tiny-guest: booted" in f.read()
-            except FileNotFoundError:
-                return False
-
-        support.wait_for(booted, 120, "the guest to boot")
+        support.wait_booted(os.path.join(d.state_dir, "VMs", ip, "bootlog"))
         reply = c.call("DestroyVm", {"IpAddress": ip})
         self.assertEqual(reply.get("Error", ""), "")
         self.assertEqual(c.call("ListVMs", {})["IpAddresses"], [])

@@ -16,8 +16,9 @@ import copy
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall
@@ -116,6 +117,33 @@ class SourceClient:
         Close the connection.
         """
         self.connection.close()
+
+
+@contextmanager
+def more_connections(
+    client: SourceClient, count: int, source_ip: str
+) -> Iterator[list[SourceClient]]:
+    """
+    Up to C{count} more connections to C{client}'s hypervisor (blocking: on a worker
+    thread), closed at the end. One that cannot be opened leaves fewer ranges in
+    flight, with a log line, not a failed migration.
+    """
+    more: list[SourceClient] = []
+    try:
+        for _ in range(count):
+            more.append(client.sibling())
+    except Exception as e:
+        Migrations.log.warn(
+            "VM {ip}: another connection to the source failed ({e}): pulling with {n}",
+            ip=source_ip,
+            e=e,
+            n=len(more) + 1,
+        )
+    try:
+        yield more
+    finally:
+        for sibling in more:
+            sibling.close()
 
 
 def _checked(reply: dict[str, Any], what: str) -> dict[str, Any]:
@@ -475,25 +503,10 @@ class Migrations:
     ) -> list[VolumeProgress]:
         """
         Pull every volume (blocking, on a worker thread), with up to
-        L{PULL_CONNECTIONS} ranges in flight (the others on connections of their own,
-        closed at the end).
+        L{PULL_CONNECTIONS} ranges in flight (L{more_connections}).
         """
-        siblings: list[SourceClient] = []
-        try:
-            for _ in range(PULL_CONNECTIONS - 1):
-                siblings.append(client.sibling())
-        except Exception as e:  # fewer ranges in flight, not a failed migration
-            self.log.warn(
-                "VM {ip}: another connection to the source failed ({e}): pulling with {n}",
-                ip=source_ip,
-                e=e,
-                n=len(siblings) + 1,
-            )
-        try:
-            return self._pull_volumes(client, siblings, source_ip, token, vm, resync, report)
-        finally:
-            for sibling in siblings:
-                sibling.close()
+        with more_connections(client, PULL_CONNECTIONS - 1, source_ip) as more:
+            return self._pull_volumes(client, more, source_ip, token, vm, resync, report)
 
     def _pull_volumes(
         self,
