@@ -88,6 +88,16 @@ def _tftp_block_size(text: str) -> int:
     return value
 
 
+def _spin_microseconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 10000:
+        raise ValueError(f"{text!r} is not a number of microseconds from 0 to 10000")
+    return value
+
+
 def _domain_type(text: str) -> str:
     if text not in DOMAIN_TYPES:
         raise ValueError(f"{text!r} is not one of {', '.join(DOMAIN_TYPES)}")
@@ -196,6 +206,14 @@ PARAMETERS: list[tuple[str, str, Callable[[str], Any], str]] = [
         "blocking loop on the transfer's port: the fastest path for a transfer that "
         "starts when no other is in progress); the others run on the event loop, where "
         "many transfers together do better (0: all do)",
+    ),
+    (
+        "tftpSpinMicroseconds",
+        "200",
+        _spin_microseconds,
+        f"{SECTION_OURS} how long a TFTP transfer thread polls for the client's next ACK "
+        "before it sleeps (0 to 10000; 0: never polls): a sleeping thread's wakeup is most "
+        "of a lock-step round trip on a fast link; given up while the client is slower",
     ),
     (
         "localImagesDirectory",

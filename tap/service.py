@@ -185,6 +185,7 @@ def _make_tftp_service(
         stats=metrics.tftp if metrics is not None else None,
         max_blksize=options["tftpMaxBlockSize"],
         transfer_threads=options["tftpTransferThreads"],
+        spin_microseconds=options["tftpSpinMicroseconds"],
         enabled=options["tftpPortNum"] != 0,
     )
 

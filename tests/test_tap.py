@@ -47,7 +47,7 @@ class MakeServiceTests(SynchronousTestCase):
         options = tap.Options(flags_directory=tempfile.mkdtemp())
         options.parseOptions(
             ["-stateDir=/tmp/hv-tap-test", "-tftpPortNum=6969", "-tftpbootDirectory=/srv/tftp"]
-            + ["-tftpMaxBlockSize=1024", "-tftpTransferThreads=3"]
+            + ["-tftpMaxBlockSize=1024", "-tftpTransferThreads=3", "-tftpSpinMicroseconds=50"]
         )
         service = tap.makeService(options, reactor=MemoryReactorClock())
         tftp = service.getServiceNamed("tftp")
@@ -59,17 +59,19 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsNotNone(tftp.server.backend.directory)
         self.assertEqual(tftp.server.max_blksize, 1024)
         self.assertEqual(tftp.transfer_threads.limit, 3)
+        self.assertEqual(tftp.transfer_threads.spinner.seconds, 50e-6)
         options = tap.Options(flags_directory=tempfile.mkdtemp())
         options.parseOptions(["-stateDir=/tmp/hv-tap-test", "-tftpPortNum=0"])
         tftp = tap.makeService(options, reactor=MemoryReactorClock()).getServiceNamed("tftp")
         self.assertFalse(tftp.enabled)
         self.assertEqual(tftp.server.max_blksize, 65464)
-        for bad in ("7", "65465", "x"):
+        self.assertEqual(tftp.transfer_threads.spinner.seconds, 200e-6)
+        for flag, bad in [("-tftpMaxBlockSize", v) for v in ("7", "65465", "x")] + [
+            ("-tftpSpinMicroseconds", v) for v in ("-1", "10001", "x")
+        ]:
             with self.assertRaises(UsageError) as e:
-                tap.Options(flags_directory=tempfile.mkdtemp()).parseOptions(
-                    [f"-tftpMaxBlockSize={bad}"]
-                )
-            self.assertIn("-tftpMaxBlockSize", str(e.exception))
+                tap.Options(flags_directory=tempfile.mkdtemp()).parseOptions([f"{flag}={bad}"])
+            self.assertIn(flag, str(e.exception))
         self.assertIsNone(tftp.server.backend.directory)
 
 

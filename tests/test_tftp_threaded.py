@@ -112,12 +112,13 @@ class Client:
         stop_after: int = 0,
         error_after: int = 0,
         lose_data: tuple[int, ...] = (),
+        delay: float = 0.0,
     ) -> bytes:
         """
         Receive the file: the ACKs of blocks in C{drop_ack} are not sent the first
         time, those in C{duplicate_ack} twice; stop answering (C{stop_after}) or send
         an ERROR (C{error_after}) after that many blocks; blocks in C{lose_data} are
-        ignored the first time (windowed).
+        ignored the first time (windowed); each ACK waits C{delay} seconds first.
         """
         expected = 1
         dropped: set[int] = set()
@@ -146,6 +147,8 @@ class Client:
                 del self.content[len(self.content) - (len(packet) - 4) :]
                 continue  # no ACK: the block comes again after the timeout
             if expected % self.window == 0 or last:
+                if delay:
+                    time.sleep(delay)
                 self.sock.send(ack(expected))
                 if expected in duplicate_ack:
                     self.sock.send(ack(expected))
@@ -169,13 +172,15 @@ class Client:
 
 class TransferThreadTests(TestCase):
     """
-    One transfer on its own thread, over real sockets.
+    One transfer on its own thread, over real sockets (its thread blocks at once
+    for each packet: no polling).
     """
 
     timeout = 60
+    spin = 0.0
 
     def setUp(self) -> None:
-        self.threads = TransferThreads(reactor, 4)
+        self.threads = TransferThreads(reactor, 4, spin=self.spin)
         self.dir = tempfile.mkdtemp(prefix="hv-tftp-threaded-")
         self.addCleanup(shutil.rmtree, self.dir, True)
 
@@ -199,6 +204,7 @@ class TransferThreadTests(TestCase):
             negotiated,
             retries=retries,
             on_done=lambda t, why: done.callback(why),
+            spinner=self.threads.spinner,
         )
         self.assertTrue(self.threads.start(transfer))
         return transfer, client, done
@@ -369,6 +375,113 @@ class TransferThreadTests(TestCase):
         return Deferred.fromCoroutine(go())  # type: ignore[return-value]
 
 
+class PollingTransferThreadTests(TransferThreadTests):
+    """
+    The same transfers with their thread polling for a moment before it blocks; how
+    polling is given up for a slow client, and shared.
+    """
+
+    spin = 0.002
+
+    def test_polls_catch(self) -> None:
+        """
+        A client that answers at once: its ACKs are caught by polling.
+        """
+        data = os.urandom(300 * 512)
+        transfer, sock, done = self.start(MemoryReader(data), Negotiated())
+        client = Client(sock, 512)
+
+        async def go() -> None:
+            self.assertEqual(await deferToThread(client.fetch), data)
+            self.assertIsNone(await self.finish(transfer, done))
+            spinner = self.threads.spinner
+            self.assertGreater(spinner.caught, 0)
+            self.assertLessEqual(spinner.caught + spinner.missed, 302)
+
+        return Deferred.fromCoroutine(go())  # type: ignore[return-value]
+
+    def test_slow_client_waited_for_asleep(self) -> None:
+        """
+        A client slower than the polling moment (5 ms an ACK): after 8 misses the
+        thread blocks for 64 waits, after 8 more for 128: 16 polls of 151 waits.
+        """
+        data = os.urandom(150 * 512)
+        transfer, sock, done = self.start(MemoryReader(data), Negotiated())
+        client = Client(sock, 512)
+
+        async def go() -> None:
+            self.assertEqual(await deferToThread(client.fetch, delay=0.005), data)
+            self.assertIsNone(await self.finish(transfer, done))
+            spinner = self.threads.spinner
+            # A caught ACK (a wait the client's sleep happened to cover) starts the
+            # count again: at most 8 more misses each.
+            self.assertGreaterEqual(spinner.missed, 8)
+            self.assertLessEqual(spinner.missed, 16 + 8 * spinner.caught)
+            self.assertLessEqual(spinner.caught, 2)
+
+        return Deferred.fromCoroutine(go())  # type: ignore[return-value]
+
+    def test_one_poller(self) -> None:
+        """
+        While another thread polls (holds the spinner's lock), a transfer blocks at
+        once for every packet, and completes.
+        """
+        data = os.urandom(50 * 512)
+        spinner = self.threads.spinner
+        spinner.lock.acquire()
+        self.addCleanup(spinner.lock.release)
+        transfer, sock, done = self.start(MemoryReader(data), Negotiated())
+        client = Client(sock, 512)
+
+        async def go() -> None:
+            self.assertEqual(await deferToThread(client.fetch), data)
+            self.assertIsNone(await self.finish(transfer, done))
+            self.assertEqual((spinner.caught, spinner.missed), (0, 0))
+
+        return Deferred.fromCoroutine(go())  # type: ignore[return-value]
+
+    def test_not_alone(self) -> None:
+        """
+        While other transfers are in progress (on the reactor), the thread does not
+        poll.
+        """
+        data = os.urandom(50 * 512)
+        spinner = self.threads.spinner
+        spinner.alone = False
+        transfer, sock, done = self.start(MemoryReader(data), Negotiated())
+        client = Client(sock, 512)
+
+        async def go() -> None:
+            self.assertEqual(await deferToThread(client.fetch), data)
+            self.assertIsNone(await self.finish(transfer, done))
+            self.assertEqual((spinner.caught, spinner.missed), (0, 0))
+
+        return Deferred.fromCoroutine(go())  # type: ignore[return-value]
+
+    def test_stop_while_polling(self) -> None:
+        """
+        A stop reaches a thread in the middle of a long poll at once (the socket's
+        read side shut down ends the poll as it ends a blocking receive).
+        """
+        self.threads.spinner.seconds = 30.0
+        transfer, sock, done = self.start(MemoryReader(os.urandom(9000)), Negotiated(timeout=60))
+        client = Client(sock, 512)
+
+        async def go() -> None:
+            await deferToThread(client.fetch, stop_after=2)
+            await deferLater(reactor, 0.1, lambda: None)
+            started = time.monotonic()
+            self.threads.stop("the server is stopping")
+            why = await self.finish(transfer, done)
+            self.assertLess(time.monotonic() - started, 5)
+            self.assertEqual(why, "the server is stopping")
+            await deferToThread(client.drain, 0.3)
+            assert client.error is not None
+            self.assertIn(b"the server is stopping", client.error)
+
+        return Deferred.fromCoroutine(go())  # type: ignore[return-value]
+
+
 def transfer_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("tftp 127.0.0.1:")]
 
@@ -441,6 +554,8 @@ class ServiceTests(TestCase):
             await self.wait_for(2)
             threaded = [t for t in self.service.server.transfers.values() if t.thread]
             self.assertEqual(len(threaded), 1)
+            # The thread does not poll while another transfer needs the reactor.
+            self.assertFalse(self.service.transfer_threads.spinner.alone)
             self.assertEqual(len(transfer_threads()), 1)
             rows = self.service.status()["transfers"]
             self.assertEqual(sorted(r["blksize"] for r in rows), [1024, 1024])
@@ -456,6 +571,7 @@ class ServiceTests(TestCase):
                     break
                 await deferLater(reactor, 0.01, lambda: None)
             self.assertEqual(self.service.server.completed, 2)
+            self.assertTrue(self.service.transfer_threads.spinner.alone)
             await self.service.transfer_threads.idle()
             self.assertEqual(transfer_threads(), [])
 

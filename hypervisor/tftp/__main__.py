@@ -2,7 +2,7 @@
 The TFTP server alone, serving a directory (benchmarks, tests, trying it out):
 
     python -m hypervisor.tftp --root DIR [--port 69] [--interface ADDR]
-        [--file IP=NAME=PATH ...] [--transfer-threads N]
+        [--file IP=NAME=PATH ...] [--transfer-threads N] [--spin-microseconds 200]
 
 C{--file} registers a per-client file as NetbootMachine does (C{NAME} for client
 C{IP}, with the content of C{PATH}). It prints C{ready PORT} once it listens.
@@ -30,6 +30,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--file", action="append", default=[])
     parser.add_argument("--log", action="store_true", help="log to stderr")
     parser.add_argument("--transfer-threads", type=int, default=16)
+    parser.add_argument("--spin-microseconds", type=int, default=200)
     args = parser.parse_args(argv)
     files: dict[str, dict[str, bytes]] = {}
     for spec in args.file:
@@ -45,6 +46,7 @@ def main(argv: list[str]) -> int:
         port=args.port,
         interface=args.interface,
         transfer_threads=args.transfer_threads,
+        spin_microseconds=args.spin_microseconds,
     )
     service.privilegedStartService()
     service.startService()

@@ -347,6 +347,7 @@ class TftpServer:
             on_progress=lambda sent, again: setattr(transfer, "progress", (sent, again)),
             on_done=lambda t, why: self._thread_done(transfer, t, why),
             name=f"tftp {transfer.client[0]}:{transfer.client[1]}",
+            spinner=threads.spinner,
         )
         transfer.thread = thread
         transfer.negotiated = negotiated
@@ -401,6 +402,7 @@ class TftpServer:
         self.transfers[transfer.client] = transfer
         ip = transfer.client[0]
         self._per_client[ip] = self._per_client.get(ip, 0) + 1
+        self._alone()
 
     def _remove(self, transfer: Transfer) -> None:
         if self.transfers.get(transfer.client) is not transfer:
@@ -412,6 +414,13 @@ class TftpServer:
             self._per_client[ip] = left
         else:
             self._per_client.pop(ip, None)
+        self._alone()
+
+    def _alone(self) -> None:
+        # A transfer thread polls only while it is the only transfer: the others
+        # run on the reactor, which needs the GIL a polling thread keeps.
+        if self.threads is not None:
+            self.threads.spinner.alone = len(self.transfers) <= 1
 
     def stop(self) -> None:
         """

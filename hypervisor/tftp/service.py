@@ -5,7 +5,8 @@ in C{privilegedStartService} (before twistd drops root), with its own small thre
 pool for file reads so large transfers never wait behind state writes, and up to
 C{transfer_threads} (C{-tftpTransferThreads}) transfers at a time each on a thread
 of its own (L{hypervisor.tftp.threaded}): one that starts when no other transfer is
-in progress (see L{hypervisor.tftp.protocol}).
+in progress (see L{hypervisor.tftp.protocol}). Such a thread polls for the client's
+next ACK for C{spin_microseconds} (C{-tftpSpinMicroseconds}) before it sleeps.
 """
 
 from __future__ import annotations
@@ -53,11 +54,14 @@ class TftpService(Service):
         max_windowsize: int = 64,
         threads: int = 2,
         transfer_threads: int = 16,
+        spin_microseconds: int = 200,
         enabled: bool = True,
     ) -> None:
         self.reactor = reactor
         self.runner = ThreadPoolRunner(reactor, "tftp", size=threads)
-        self.transfer_threads = TransferThreads(reactor, transfer_threads)
+        self.transfer_threads = TransferThreads(
+            reactor, transfer_threads, spin=spin_microseconds / 1e6
+        )
         self.directory = directory
         backend = TftpBackend(
             files_for, DirectoryBackend(directory, self.runner) if directory else None
