@@ -296,6 +296,39 @@ class TransferTests(TestCase):
         self.assertTrue(self.same())
         self.assertEqual(state.zero, self.size - transfer.CHUNK)
 
+    def test_no_fallocate(self) -> None:
+        """
+        On a file system without fallocate (EOPNOTSUPP, or EINVAL as some say) the
+        copy is made all the same, holes where the source has zeros; a full disk
+        (ENOSPC) fails the pull before anything is asked of the source.
+        """
+        import errno
+
+        self.zero_filled(2)
+        for code in (errno.EOPNOTSUPP, errno.EINVAL):
+
+            def unsupported(fd: int, offset: int, length: int, code: int = code) -> None:
+                raise OSError(code, os.strerror(code))
+
+            self.patch(os, "posix_fallocate", unsupported)
+            if os.path.exists(self.target):
+                os.unlink(self.target)
+            state = transfer.pull_volume(self.call, ReadVmVolumeRequest(), self.target, self.size)
+            self.assertTrue(self.same())
+            self.assertEqual(state.sent, transfer.CHUNK)
+            self.assertLess(os.stat(self.target).st_blocks * 512, self.size // 2)
+
+        def full(fd: int, offset: int, length: int) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        self.patch(os, "posix_fallocate", full)
+        os.unlink(self.target)
+        calls = self.calls
+        with self.assertRaises(OSError) as e:
+            transfer.pull_volume(self.call, ReadVmVolumeRequest(), self.target, self.size)
+        self.assertEqual(e.exception.errno, errno.ENOSPC)
+        self.assertEqual(self.calls, calls)
+
     def test_zero_chunks_only_to_callers_that_ask(self) -> None:
         """
         A caller that does not say C{ZeroChunks} (an older one) gets every chunk's
