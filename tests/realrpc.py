@@ -483,10 +483,12 @@ def subnet_domains(prefix: str) -> list[tuple[str, bool]]:
         conn.close()
 
 
-def destroy_domains(prefix: str) -> None:
+def destroy_domains(prefix: str, within: str = "") -> None:
     """
     Destroy and undefine every domain named C{vm-<prefix>.*} (test cleanup; waits
-    for libvirtd if it is being restarted).
+    for libvirtd if it is being restarted). With C{within} (a daemon's directory),
+    only those whose definition names a file under it: the domains of that daemon,
+    not those of a test running beside it (C{trial -j}) on the same addresses.
     """
     import libvirt
 
@@ -501,6 +503,8 @@ def destroy_domains(prefix: str) -> None:
             if not dom.name().startswith(f"vm-{prefix}."):
                 continue
             try:
+                if within and within.rstrip("/") + "/" not in dom.XMLDesc(0):
+                    continue
                 if dom.isActive():
                     dom.destroy()
                 if dom.isPersistent():

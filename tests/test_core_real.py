@@ -96,7 +96,7 @@ class CoreRealTests(SynchronousTestCase):
         are destroyed in cleanup.
         """
         d = realrpc.TlsDaemon(self, {"admin": "*.*", "alice": ""}, "-domainType=qemu", **kwargs)
-        self.addCleanup(realrpc.destroy_domains, prefix)
+        self.addCleanup(realrpc.destroy_domains, prefix, d.dir)
         return d
 
     def assert_no_traceback(self, d: realrpc.TlsDaemon) -> None:

@@ -62,7 +62,7 @@ class SrpcRealTests(SynchronousTestCase):
             self, {"admin": "Hypervisor.*", "alice": ""}, "-domainType=qemu", *flags
         )
         d.start(healthy=True)
-        self.addCleanup(realrpc.destroy_domains, PREFIX)
+        self.addCleanup(realrpc.destroy_domains, PREFIX, d.dir)
         return d
 
     def connect(self, d: realrpc.TlsDaemon, user: str = "admin", **kw: Any) -> srpc.Connection:
