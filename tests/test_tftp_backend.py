@@ -25,6 +25,7 @@ from hypervisor.tftp.backend import (
     FileNotFound,
     FileReader,
     IReader,
+    MemoryReader,
     TftpBackend,
     netascii,
     normalise,
@@ -114,6 +115,27 @@ class DirectoryTests(SynchronousTestCase):
             assert not isinstance(reader, Failure), (name, reader)
             self.assertEqual(read_all(reader), b"inside")
             reader.close()
+
+    def test_small_files_read_whole(self) -> None:
+        """
+        A file of one chunk or less is read whole as it is opened (a MemoryReader;
+        its descriptor closed at once); a larger one is read by chunks as it is sent.
+        """
+        backend = DirectoryBackend(self.root, SynchronousRunner(), chunk=1000)  # type: ignore[arg-type]
+        for size in (0, 1, 1000, 1001):
+            data = os.urandom(size)
+            with open(os.path.join(self.root, "f"), "wb") as f:
+                f.write(data)
+            descriptors = len(os.listdir("/proc/self/fd"))
+            reader = result_of(backend.open("10.0.0.1", "f"))
+            assert not isinstance(reader, Failure), reader
+            self.assertIsInstance(reader, MemoryReader if size <= 1000 else FileReader, size)
+            self.assertEqual(
+                len(os.listdir("/proc/self/fd")), descriptors + (0 if size <= 1000 else 1)
+            )
+            self.assertEqual((reader.size, read_all(reader)), (size, data))
+            reader.close()
+            self.assertEqual(len(os.listdir("/proc/self/fd")), descriptors)
 
     def test_escapes(self) -> None:
         """
