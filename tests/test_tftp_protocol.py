@@ -7,18 +7,20 @@ metrics and shown in the status, the block size clamped to the path MTU, stoppin
 
 from __future__ import annotations
 
+import socket
 from typing import Any, Optional
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
-from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from hypervisor.metrics import TftpMetrics
 from hypervisor.tftp import codec
 from hypervisor.tftp.backend import TftpBackend
-from hypervisor.tftp.protocol import SessionProtocol, TftpServer
+from hypervisor.tftp.protocol import SessionPorts, SessionProtocol, TftpServer, UdpSessionPort
 
 CLIENT = ("10.0.0.5", 40000)
 
@@ -299,3 +301,97 @@ class HostileTests(SynchronousTestCase):
         self.assertEqual(h.server.transfers, {})
         self.assertTrue(all(p.closed for p in h.ports))
         self.assertEqual(h.clock.getDelayedCalls(), [])
+
+
+class Collecting(SessionProtocol):
+    """
+    A transfer socket's protocol that keeps what it is given (or fails on it).
+    """
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.got: list[bytes] = []
+        self.errors: list[OSError] = []
+        self.fail = fail
+        self.deliver = self.collect
+
+    def collect(self, datagram: bytes) -> None:
+        if self.fail:
+            raise RuntimeError("a bug in a session")
+        self.got.append(datagram)
+
+    def failed(self, error: OSError) -> None:
+        self.errors.append(error)
+
+
+class SessionPortsTests(TestCase):
+    """
+    The reactor's transfer sockets behind one epoll set, on the real reactor and
+    real sockets on 127.0.0.1.
+    """
+
+    def test_many_sockets_one_reader(self) -> None:
+        """
+        The reactor watches one descriptor for every transfer socket, and only while
+        there is one; each socket's packets reach its own protocol; a socket whose
+        reading fails is closed (its transfer told), the others go on.
+        """
+        from twisted.internet import reactor
+
+        ports = SessionPorts(reactor)
+        readers = lambda: [r for r in reactor.getReaders() if r is ports]  # noqa: E731
+        clients, protocols, sockets = [], [], []
+        for i in range(4):
+            client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            client.bind(("127.0.0.1", 0))
+            self.addCleanup(client.close)
+            protocol = Collecting(fail=i == 2)
+            port = UdpSessionPort(reactor, client.getsockname(), protocol, ports)
+            self.addCleanup(port.close)
+            client.connect(port.socket.getsockname())
+            clients.append(client)
+            protocols.append(protocol)
+            sockets.append(port)
+        self.assertEqual(len(readers()), 1)
+        self.assertNotIn(sockets[0], reactor.getReaders())
+        for i, client in enumerate(clients):
+            client.send(b"packet %d" % i)
+            client.send(b"again %d" % i)
+
+        async def go() -> None:
+            for _ in range(500):
+                if all(len(p.got) == 2 for i, p in enumerate(protocols) if i != 2):
+                    break
+                await deferLater(reactor, 0.01, lambda: None)
+            for i, protocol in enumerate(protocols):
+                if i == 2:
+                    self.assertEqual((protocol.got, len(protocol.errors)), ([], 1))
+                    self.assertTrue(sockets[i].closed)
+                else:
+                    self.assertEqual(protocol.got, [b"packet %d" % i, b"again %d" % i])
+                    self.assertEqual(protocol.errors, [])
+            self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+            self.assertEqual(len(readers()), 1)
+            for port in sockets:
+                port.close()
+            self.assertEqual(readers(), [])
+            self.assertEqual(ports.ports, {})
+
+        return Deferred.fromCoroutine(go())  # type: ignore[return-value]
+
+    def test_detach(self) -> None:
+        """
+        A socket handed to a thread is no longer read here, and stays open.
+        """
+        from twisted.internet import reactor
+
+        ports = SessionPorts(reactor)
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        client.bind(("127.0.0.1", 0))
+        self.addCleanup(client.close)
+        port = UdpSessionPort(reactor, client.getsockname(), Collecting(), ports)
+        detached = port.detach()
+        self.addCleanup(detached.close)
+        self.assertEqual((ports.ports, port in reactor.getReaders()), ({}, False))
+        self.assertNotIn(ports, reactor.getReaders())
+        self.assertGreaterEqual(detached.fileno(), 0)

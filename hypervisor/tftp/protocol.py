@@ -23,6 +23,7 @@ L{ReadSession}.
 
 from __future__ import annotations
 
+import select
 import socket
 from typing import Any, Callable, Optional, Protocol
 
@@ -498,17 +499,99 @@ class SessionProtocol:
 
 
 @implementer(IReadDescriptor)
+class SessionPorts:
+    """
+    The reactor's transfer sockets behind one descriptor the reactor watches: an
+    epoll set of their own, read when it is readable, each ready socket handed its
+    packets in turn. With many transfers at once the reactor then dispatches once a
+    turn, not once a socket (its dispatch, with its log context, was as long as a
+    session's work on a packet).
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.epoll = select.epoll()
+        self.ports: dict[int, "UdpSessionPort"] = {}
+
+    def fileno(self) -> int:
+        """
+        The epoll set's descriptor.
+        """
+        return self.epoll.fileno()
+
+    def logPrefix(self) -> str:
+        """
+        How the reactor names this descriptor in logs.
+        """
+        return "TFTP transfers"
+
+    def add(self, port: "UdpSessionPort") -> None:
+        """
+        Read C{port} (watched from now on).
+        """
+        if not self.ports:
+            self.reactor.addReader(self)
+        self.epoll.register(port._fileno, select.EPOLLIN)
+        self.ports[port._fileno] = port
+
+    def remove(self, port: "UdpSessionPort") -> None:
+        """
+        No longer read C{port} (before its socket closes or goes to a thread).
+        """
+        if self.ports.pop(port._fileno, None) is None:
+            return
+        try:
+            self.epoll.unregister(port._fileno)
+        except OSError:
+            pass
+        if not self.ports:
+            self.reactor.removeReader(self)
+
+    def doRead(self) -> None:
+        """
+        Hand each ready socket its packets; a socket whose reading fails is closed
+        (and its transfer ends), the others go on.
+        """
+        for fd, _ in self.epoll.poll(0):
+            port = self.ports.get(fd)
+            if port is None:
+                continue
+            try:
+                port.doRead()
+            except Exception:
+                self.log.failure("TFTP transfer socket failed")
+                port.protocol.failed(OSError(0, "internal error"))
+                port.close()
+
+    def connectionLost(self, reason: Failure) -> None:
+        """
+        The reactor dropped the epoll set (it stops): every socket closes.
+        """
+        for port in list(self.ports.values()):
+            port.close()
+
+
+@implementer(IReadDescriptor)
 class UdpSessionPort:
     """
     A transfer's socket on the real reactor: an ephemeral port connected to the
-    client, read by the reactor directly (no C{udp.Port}: that logs two lines per
-    socket, which is per transfer here).
+    client, read through L{SessionPorts} (or by the reactor directly without one; no
+    C{udp.Port}: that logs two lines per socket, which is per transfer here).
     """
 
-    def __init__(self, reactor: Any, client: Address, protocol: "SessionProtocol") -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        client: Address,
+        protocol: "SessionProtocol",
+        ports: Optional[SessionPorts] = None,
+    ) -> None:
         self.reactor = reactor
         self.client = client
         self.protocol = protocol
+        self.ports = ports
         family = socket.AF_INET6 if ":" in client[0] else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_DGRAM)
         self.closed = False
@@ -525,7 +608,10 @@ class UdpSessionPort:
             raise
         self._fileno = self.socket.fileno()
         self.detached = False
-        reactor.addReader(self)
+        if ports is not None:
+            ports.add(self)
+        else:
+            reactor.addReader(self)
 
     def fileno(self) -> int:
         """
@@ -589,16 +675,22 @@ class UdpSessionPort:
         port no longer sends, and L{close} leaves it to the thread.
         """
         if not self.closed:
-            self.reactor.removeReader(self)
+            self._unwatch()
             self.closed = self.detached = True
         return self.socket
+
+    def _unwatch(self) -> None:
+        if self.ports is not None:
+            self.ports.remove(self)
+        else:
+            self.reactor.removeReader(self)
 
     def close(self) -> None:
         """
         Close the socket.
         """
         if not self.closed:
-            self.reactor.removeReader(self)
+            self._unwatch()
             self.closed = True
             self.socket.close()
 
@@ -627,4 +719,5 @@ def session_ports(reactor: Any) -> Callable[[Address, SessionProtocol], ISession
     """
     The real L{TftpServer.open_port}.
     """
-    return lambda client, protocol: UdpSessionPort(reactor, client, protocol)
+    ports = SessionPorts(reactor)
+    return lambda client, protocol: UdpSessionPort(reactor, client, protocol, ports)
