@@ -58,44 +58,28 @@ DOMAIN_TYPES = ("auto", "kvm", "qemu")
 DATASOURCES = ("openstack", "nocloud", "none")
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise ValueError(f"{text!r} is not a port number (0 to 65535)")
-    return value
+def _integer(low: int, high: Optional[int], what: str) -> Callable[[str], int]:
+    """
+    A flag's integer from C{low} to C{high} (None: no upper bound); any other text is
+    refused as not being C{what}.
+    """
+
+    def coerce(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not {what}") from None
+        if value < low or (high is not None and value > high):
+            raise ValueError(f"{text!r} is not {what}")
+        return value
+
+    return coerce
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ValueError(f"{text!r} is not a non-negative number")
-    return value
-
-
-def _tftp_block_size(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 8 <= value <= 65464:
-        raise ValueError(f"{text!r} is not a TFTP block size (8 to 65464)")
-    return value
-
-
-def _spin_microseconds(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 10000:
-        raise ValueError(f"{text!r} is not a number of microseconds from 0 to 10000")
-    return value
+_port = _integer(0, 65535, "a port number (0 to 65535)")
+_count = _integer(0, None, "a non-negative number")
+_tftp_block_size = _integer(8, 65464, "a TFTP block size (8 to 65464)")
+_spin_microseconds = _integer(0, 10000, "a number of microseconds from 0 to 10000")
 
 
 def _domain_type(text: str) -> str:

@@ -485,10 +485,8 @@ def subnet_domains(prefix: str) -> list[tuple[str, bool]]:
 
 def destroy_domains(prefix: str, within: str = "") -> None:
     """
-    Destroy and undefine every domain named C{vm-<prefix>.*} (test cleanup; waits
-    for libvirtd if it is being restarted). With C{within} (a daemon's directory),
-    only those whose definition names a file under it: the domains of that daemon,
-    not those of a test running beside it (C{trial -j}) on the same addresses.
+    L{support.destroy_domains} of C{vm-<prefix>.*} (within a daemon's directory if
+    given) as a test's cleanup: waits for libvirtd if it is being restarted.
     """
     import libvirt
 
@@ -497,22 +495,7 @@ def destroy_domains(prefix: str, within: str = "") -> None:
     except AssertionError:
         return
     libvirt.registerErrorHandler(lambda ctx, err: None, None)  # errors are exceptions
-    conn = libvirt.open(support.QEMU_URI)
-    try:
-        for dom in conn.listAllDomains():
-            if not dom.name().startswith(f"vm-{prefix}."):
-                continue
-            try:
-                if within and within.rstrip("/") + "/" not in dom.XMLDesc(0):
-                    continue
-                if dom.isActive():
-                    dom.destroy()
-                if dom.isPersistent():
-                    dom.undefine()
-            except libvirt.libvirtError:
-                pass
-    finally:
-        conn.close()
+    support.destroy_domains(prefix=prefix, within=within)
 
 
 def traceback_excerpt(daemon: TlsDaemon) -> str:

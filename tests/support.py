@@ -104,10 +104,15 @@ def start_libvirtd(timeout: float = 60.0) -> None:
     )
 
 
-def destroy_domains(names: "list[str]", uri: str = QEMU_URI) -> int:
+def destroy_domains(
+    names: Optional[list[str]] = None, *, prefix: str = "", within: str = "", uri: str = QEMU_URI
+) -> int:
     """
-    Destroy and undefine the domains of these names, if they exist (what an
-    interrupted earlier run of a test left behind); how many there were.
+    Destroy and undefine the domains of these C{names}, or named C{vm-<prefix>.*}, if
+    they exist (what a test, or an interrupted earlier run of it, left behind); how
+    many there were. With C{within} (a daemon's directory), only those whose
+    definition names a file under it: that daemon's, not those of a test running
+    beside it (C{trial -j}) on the same addresses.
     """
     import libvirt
 
@@ -115,10 +120,13 @@ def destroy_domains(names: "list[str]", uri: str = QEMU_URI) -> int:
     count = 0
     try:
         for dom in conn.listAllDomains():
-            if dom.name() not in names:
+            name = dom.name()
+            if not (name in names if names is not None else name.startswith(f"vm-{prefix}.")):
                 continue
-            count += 1
             try:
+                if within and within.rstrip("/") + "/" not in dom.XMLDesc(0):
+                    continue
+                count += 1
                 persistent = dom.isPersistent()  # a transient domain is gone once destroyed
                 if dom.isActive():
                     dom.destroy()

@@ -379,6 +379,21 @@ class SessionPortsTests(TestCase):
 
         return Deferred.fromCoroutine(go())  # type: ignore[return-value]
 
+    def test_socket_closed_elsewhere(self) -> None:
+        """
+        A socket closed behind the set's back (its descriptor gone from the epoll set
+        with it) is still forgotten by L{SessionPorts.remove}, and the reactor stops
+        watching the set.
+        """
+        from twisted.internet import reactor
+
+        ports = SessionPorts(reactor)
+        port = UdpSessionPort(reactor, ("127.0.0.1", 9), Collecting(), ports)
+        port.socket.close()
+        ports.remove(port)
+        self.assertEqual(ports.ports, {})
+        self.assertNotIn(ports, reactor.getReaders())
+
     def test_detach(self) -> None:
         """
         A socket handed to a thread is no longer read here, and stays open.

@@ -421,15 +421,12 @@ class PollingTransferThreadTests(TransferThreadTests):
 
         return Deferred.fromCoroutine(go())  # type: ignore[return-value]
 
-    def test_one_poller(self) -> None:
+    def assert_never_polls(self) -> "Deferred[None]":
         """
-        While another thread polls (holds the spinner's lock), a transfer blocks at
-        once for every packet, and completes.
+        A transfer started now blocks at once for every packet, and completes.
         """
         data = os.urandom(50 * 512)
         spinner = self.threads.spinner
-        spinner.lock.acquire()
-        self.addCleanup(spinner.lock.release)
         transfer, sock, done = self.start(MemoryReader(data), Negotiated())
         client = Client(sock, 512)
 
@@ -438,25 +435,23 @@ class PollingTransferThreadTests(TransferThreadTests):
             self.assertIsNone(await self.finish(transfer, done))
             self.assertEqual((spinner.caught, spinner.missed), (0, 0))
 
-        return Deferred.fromCoroutine(go())  # type: ignore[return-value]
+        return Deferred.fromCoroutine(go())
+
+    def test_one_poller(self) -> None:
+        """
+        While another thread polls (holds the spinner's lock), a transfer does not.
+        """
+        self.threads.spinner.lock.acquire()
+        self.addCleanup(self.threads.spinner.lock.release)
+        return self.assert_never_polls()  # type: ignore[return-value]
 
     def test_not_alone(self) -> None:
         """
         While other transfers are in progress (on the reactor), the thread does not
         poll.
         """
-        data = os.urandom(50 * 512)
-        spinner = self.threads.spinner
-        spinner.alone = False
-        transfer, sock, done = self.start(MemoryReader(data), Negotiated())
-        client = Client(sock, 512)
-
-        async def go() -> None:
-            self.assertEqual(await deferToThread(client.fetch), data)
-            self.assertIsNone(await self.finish(transfer, done))
-            self.assertEqual((spinner.caught, spinner.missed), (0, 0))
-
-        return Deferred.fromCoroutine(go())  # type: ignore[return-value]
+        self.threads.spinner.alone = False
+        return self.assert_never_polls()  # type: ignore[return-value]
 
     def test_stop_while_polling(self) -> None:
         """

@@ -545,6 +545,8 @@ class SessionPorts:
         try:
             self.epoll.unregister(port._fileno)
         except OSError:
+            # Its socket was closed already (not by us): the kernel dropped it
+            # from the set with its last descriptor; nothing is left to unregister.
             pass
         if not self.ports:
             self.reactor.removeReader(self)
